@@ -1,0 +1,132 @@
+package datapath
+
+import (
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// Counters are the datapath's global counters, summed over CPUs. Each field
+// counts events since the maps were created (they survive agent restarts).
+type Counters struct {
+	RedirectedV4     uint64 // connects rewritten to the IPv4 proxy (v4-mapped included)
+	RedirectedV6     uint64 // connects rewritten to the IPv6 proxy
+	Excluded         uint64 // selected, destination excluded
+	ProxyDirect      uint64 // selected, destination is the proxy itself
+	FailedClosed     uint64 // proxy not ready, fail-closed: connect refused
+	BypassNotReady   uint64 // proxy not ready, fail-open: went direct
+	OrigStoreFailed  uint64 // original destination could not be stored
+	Published        uint64 // client 4-tuple published at ESTABLISHED
+	PublishFailed    uint64 // 4-tuple or claim storage could not be written
+	Claimed          uint64 // proxy socket claimed its original destination
+	ClaimMissed      uint64 // proxy socket established with no entry (direct connection)
+	StaleCleared     uint64 // an unredirected connection cleared a stale entry
+	OrigDstAnswered  uint64 // SO_ORIGINAL_DST answered
+	OrigDstUnknown   uint64 // SO_ORIGINAL_DST asked on a socket with no entry
+	PeernameRewrites uint64 // getpeername answered with the original destination
+}
+
+// fields lists the counters in the order of the BPF enum counter.
+func (c *Counters) fields() []*uint64 {
+	return []*uint64{
+		egressdCounterCOUNTER_REDIRECTED_V4:     &c.RedirectedV4,
+		egressdCounterCOUNTER_REDIRECTED_V6:     &c.RedirectedV6,
+		egressdCounterCOUNTER_EXCLUDED:          &c.Excluded,
+		egressdCounterCOUNTER_PROXY_DIRECT:      &c.ProxyDirect,
+		egressdCounterCOUNTER_FAILED_CLOSED:     &c.FailedClosed,
+		egressdCounterCOUNTER_BYPASS_NOT_READY:  &c.BypassNotReady,
+		egressdCounterCOUNTER_ORIG_STORE_FAILED: &c.OrigStoreFailed,
+		egressdCounterCOUNTER_PUBLISHED:         &c.Published,
+		egressdCounterCOUNTER_PUBLISH_FAILED:    &c.PublishFailed,
+		egressdCounterCOUNTER_CLAIMED:           &c.Claimed,
+		egressdCounterCOUNTER_CLAIM_MISSED:      &c.ClaimMissed,
+		egressdCounterCOUNTER_STALE_CLEARED:     &c.StaleCleared,
+		egressdCounterCOUNTER_ORIG_ANSWERED:     &c.OrigDstAnswered,
+		egressdCounterCOUNTER_ORIG_UNKNOWN:      &c.OrigDstUnknown,
+		egressdCounterCOUNTER_PEER_REWRITTEN:    &c.PeernameRewrites,
+	}
+}
+
+// CounterNames are stable snake_case names of the Counters fields, in the
+// same order as Counters.Values; metrics and `egressd status` use them.
+var CounterNames = []string{
+	"redirected_ipv4", "redirected_ipv6", "excluded", "proxy_direct",
+	"failed_closed", "bypass_not_ready", "orig_store_failed", "published",
+	"publish_failed", "claimed", "claim_missed", "stale_cleared",
+	"orig_dst_answered", "orig_dst_unknown", "peername_rewrites",
+}
+
+// Values returns the counters in CounterNames order.
+func (c Counters) Values() []uint64 {
+	var out []uint64
+	for _, p := range c.fields() {
+		out = append(out, *p)
+	}
+	return out
+}
+
+// Counters reads and sums the per-CPU counters.
+func (d *Datapath) Counters() (Counters, error) {
+	var c Counters
+	var perCPU []uint64
+	for i, p := range c.fields() {
+		if err := d.maps.Counters.Lookup(uint32(i), &perCPU); err != nil {
+			return c, fmt.Errorf("read counter %s: %w", CounterNames[i], err)
+		}
+		for _, v := range perCPU {
+			*p += v
+		}
+	}
+	return c, nil
+}
+
+// WorkloadStats are one workload's counters, summed over CPUs.
+type WorkloadStats struct {
+	Redirected   uint64
+	FailedClosed uint64
+}
+
+// WorkloadStats reads the per-workload counters, keyed by workload id.
+func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
+	out := map[uint32]WorkloadStats{}
+	var (
+		k      uint32
+		perCPU []egressdWorkloadStats
+	)
+	it := d.maps.WlStats.Iterate()
+	for it.Next(&k, &perCPU) {
+		var s WorkloadStats
+		for _, v := range perCPU {
+			s.Redirected += v.Redirected
+			s.FailedClosed += v.FailedClosed
+		}
+		out[k] = s
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("read workload counters: %w", err)
+	}
+	return out, nil
+}
+
+// InFlight reports how many entries the connection-tracking maps hold: the
+// original destinations of open redirected sockets, and 4-tuples published
+// but not yet claimed by the proxy. Tests and status use it to show that no
+// entry outlives its socket.
+func (d *Datapath) InFlight() (origDsts, pendingTuples int, err error) {
+	count := func(m *ebpf.Map) (int, error) {
+		n := 0
+		var k, v []byte
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			n++
+		}
+		return n, it.Err()
+	}
+	if origDsts, err = count(d.maps.OrigDsts); err != nil {
+		return 0, 0, fmt.Errorf("count original destinations: %w", err)
+	}
+	if pendingTuples, err = count(d.maps.PendingTuples); err != nil {
+		return 0, 0, fmt.Errorf("count pending tuples: %w", err)
+	}
+	return origDsts, pendingTuples, nil
+}

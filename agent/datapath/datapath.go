@@ -1,0 +1,349 @@
+// Package datapath owns egressd's eBPF programs: it loads them, attaches them
+// to a cgroup v2 directory with bpf_link, pins everything under a bpffs
+// directory so the datapath outlives the agent, and offers typed access to the
+// maps the agent programs (workloads, proxy address, exclusions, counters).
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
+)
+
+// Defaults for production nodes.
+const (
+	DefaultBPFFS   = "/sys/fs/bpf"
+	DefaultPinPath = DefaultBPFFS + "/egressd"
+)
+
+var (
+	// ErrNotInstalled is returned when no pinned datapath exists.
+	ErrNotInstalled = errors.New("datapath not installed")
+	// ErrIncompatiblePins is returned when pinned maps were made by a
+	// version whose map layout differs from this one.
+	ErrIncompatiblePins = errors.New("pinned datapath is incompatible with this version")
+	// ErrOtherCgroup is returned when the pinned links are attached to a
+	// different cgroup than the one asked for.
+	ErrOtherCgroup = errors.New("pinned datapath is attached to another cgroup")
+)
+
+// attachments lists every program and where it hooks. The link pin of each
+// is named "link_<program>" in the pin directory.
+var attachments = []struct {
+	prog   string
+	attach ebpf.AttachType
+}{
+	{"eg_connect4", ebpf.AttachCGroupInet4Connect},
+	{"eg_connect6", ebpf.AttachCGroupInet6Connect},
+	{"eg_sockops", ebpf.AttachCGroupSockOps},
+	{"eg_getsockopt", ebpf.AttachCGroupGetsockopt},
+	{"eg_getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	{"eg_getpeername6", ebpf.AttachCgroupInet6GetPeername},
+}
+
+func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
+
+// Config says where to attach and where to pin.
+type Config struct {
+	// CgroupPath is the cgroup v2 directory the programs attach to: the
+	// cgroup2 mount root on a node (see Cgroup2Mount), a child in tests.
+	CgroupPath string
+	// PinPath is the bpffs directory holding our pins (DefaultPinPath).
+	// Its parent must be on a bpffs; see EnsureBPFFS.
+	PinPath string
+}
+
+// Datapath is a handle on the installed, pinned datapath. Closing it releases
+// the handle only: the programs stay attached until Uninstall.
+type Datapath struct {
+	pinPath string
+	maps    egressdMaps
+	links   map[string]link.Link // by program name; nil for read-only handles
+	progs   map[string]*ebpf.Program
+
+	mu sync.Mutex // serialises read-modify-write of the config entry
+}
+
+// objects are the maps and programs we load; the generated egressdObjects
+// also names the .bss variable that loadSpec drops.
+type objects struct {
+	egressdMaps
+	egressdPrograms
+}
+
+// loadSpec returns the embedded collection spec, minus the .bss section that
+// only exists to keep the counter enum in BTF for bpf2go.
+func loadSpec() (*ebpf.CollectionSpec, error) {
+	spec, err := loadEgressd()
+	if err != nil {
+		return nil, fmt.Errorf("load embedded BPF object: %w", err)
+	}
+	delete(spec.Maps, ".bss")
+	delete(spec.Variables, "unused_counter")
+	return spec, nil
+}
+
+// Open installs the datapath, or, when pins from an earlier run exist, reopens
+// them: the maps are reused as they are (entries survive), and each pinned
+// link is atomically switched to this binary's program with link.Update, so a
+// restart or upgrade never detaches anything. Links missing from the pins (a
+// program added by an upgrade) are attached.
+func Open(cfg Config) (*Datapath, error) {
+	if cfg.CgroupPath == "" || cfg.PinPath == "" {
+		return nil, errors.New("datapath: CgroupPath and PinPath are required")
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, fmt.Errorf("remove memlock limit: %w", err)
+	}
+	spec, err := loadSpec()
+	if err != nil {
+		return nil, err
+	}
+	for range 2 {
+		if _, err := os.Stat(cfg.PinPath); err == nil {
+			return reopen(spec, cfg)
+		}
+		d, err := install(spec, cfg)
+		if errors.Is(err, errLostRace) {
+			continue // another agent installed it between Stat and rename
+		}
+		return d, err
+	}
+	return nil, fmt.Errorf("install datapath at %s: %w", cfg.PinPath, errLostRace)
+}
+
+var (
+	errLostRace = errors.New("pin directory appeared during install")
+	errNotEmpty = syscall.ENOTEMPTY
+)
+
+// install loads, pins into a temporary directory next to PinPath (bpffs
+// forbids dots in names, hence no dot-file), attaches,
+// and renames the directory into place, so PinPath either holds a complete
+// datapath or nothing.
+func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
+	tmp, err := os.MkdirTemp(filepath.Dir(cfg.PinPath), filepath.Base(cfg.PinPath)+"-installing-")
+	if err != nil {
+		return nil, fmt.Errorf("create temporary pin directory: %w", err)
+	}
+	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}}
+	defer func() {
+		if err != nil {
+			// Unpin before closing so that closing the links detaches them.
+			os.RemoveAll(tmp)
+			d.Close()
+		}
+	}()
+
+	var objs objects
+	if err := spec.LoadAndAssign(&objs, nil); err != nil {
+		return nil, fmt.Errorf("load BPF programs: %w", describeVerifierError(err))
+	}
+	d.maps = objs.egressdMaps
+	d.progs = programsOf(&objs.egressdPrograms)
+	for name, m := range d.mapsByName() {
+		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
+			return nil, fmt.Errorf("pin map %s: %w", name, err)
+		}
+	}
+	for _, a := range attachments {
+		l, err := attach(cfg.CgroupPath, a.attach, d.progs[a.prog])
+		if err != nil {
+			return nil, err
+		}
+		d.links[a.prog] = l
+		if err := l.Pin(linkPin(tmp, a.prog)); err != nil {
+			return nil, fmt.Errorf("pin link %s: %w", a.prog, err)
+		}
+	}
+	if err := os.Rename(tmp, cfg.PinPath); err != nil {
+		if errors.Is(err, os.ErrExist) || errors.Is(err, errNotEmpty) {
+			return nil, errLostRace
+		}
+		return nil, fmt.Errorf("move pins into %s: %w", cfg.PinPath, err)
+	}
+	return d, nil
+}
+
+func attach(cgroupPath string, typ ebpf.AttachType, prog *ebpf.Program) (link.Link, error) {
+	l, err := link.AttachCgroup(link.CgroupOptions{Path: cgroupPath, Attach: typ, Program: prog})
+	if err != nil {
+		return nil, fmt.Errorf("attach %s to %s: %w", typ, cgroupPath, err)
+	}
+	return l, nil
+}
+
+// reopen takes over an existing pinned datapath.
+func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
+	cgroupID, err := CgroupID(cfg.CgroupPath)
+	if err != nil {
+		return nil, err
+	}
+	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}}
+	defer func() {
+		if err != nil {
+			d.Close()
+		}
+	}()
+
+	replacements := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range replacements {
+			m.Close()
+		}
+	}()
+	for name, ms := range spec.Maps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(cfg.PinPath, name), nil)
+		if err != nil {
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		replacements[name] = m
+		if err := ms.Compatible(m); err != nil {
+			return nil, fmt.Errorf("map %s: %w: %w (run 'egressd uninstall' first)", name, ErrIncompatiblePins, err)
+		}
+	}
+	var objs objects
+	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replacements}); err != nil {
+		return nil, fmt.Errorf("load BPF programs: %w", describeVerifierError(err))
+	}
+	d.maps = objs.egressdMaps
+	d.progs = programsOf(&objs.egressdPrograms)
+
+	for _, a := range attachments {
+		pin := linkPin(cfg.PinPath, a.prog)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			// A program this version adds: attach it now.
+			if l, err = attach(cfg.CgroupPath, a.attach, d.progs[a.prog]); err != nil {
+				return nil, err
+			}
+			d.links[a.prog] = l
+			if err := l.Pin(pin); err != nil {
+				return nil, fmt.Errorf("pin link %s: %w", a.prog, err)
+			}
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("open pinned link %s: %w", a.prog, err)
+		}
+		d.links[a.prog] = l
+		info, err := l.Info()
+		if err != nil {
+			return nil, fmt.Errorf("inspect pinned link %s: %w", a.prog, err)
+		}
+		if cg := info.Cgroup(); cg != nil && cg.CgroupId != cgroupID {
+			return nil, fmt.Errorf("link %s: %w (cgroup id %d, want %d for %s)",
+				a.prog, ErrOtherCgroup, cg.CgroupId, cgroupID, cfg.CgroupPath)
+		}
+		// Atomic replacement: the hook never runs without a program.
+		if err := l.Update(d.progs[a.prog]); err != nil {
+			return nil, fmt.Errorf("upgrade program %s: %w", a.prog, err)
+		}
+	}
+	return d, nil
+}
+
+// OpenPinned opens the pinned maps of an installed datapath without loading or
+// attaching anything: for `egressd status` and tools, whether or not an agent
+// runs.
+func OpenPinned(pinPath string) (*Datapath, error) {
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %w", pinPath, ErrNotInstalled)
+	}
+	spec, err := loadSpec()
+	if err != nil {
+		return nil, err
+	}
+	d := &Datapath{pinPath: pinPath}
+	ms := map[string]**ebpf.Map{}
+	for name, p := range d.mapFields() {
+		ms[name] = p
+	}
+	for name := range spec.Maps {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), nil)
+		if err != nil {
+			d.Close()
+			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
+		}
+		if p, ok := ms[name]; ok {
+			*p = m
+		} else {
+			m.Close()
+		}
+	}
+	return d, nil
+}
+
+// PinPath is where this datapath is pinned.
+func (d *Datapath) PinPath() string { return d.pinPath }
+
+// Close releases this handle's file descriptors. Pinned programs stay attached
+// and pinned maps keep their entries.
+func (d *Datapath) Close() error {
+	var errs []error
+	for _, l := range d.links {
+		errs = append(errs, l.Close())
+	}
+	for _, p := range d.progs {
+		errs = append(errs, p.Close())
+	}
+	for _, m := range d.mapsByName() {
+		errs = append(errs, m.Close())
+	}
+	d.links, d.progs = nil, nil
+	return errors.Join(errs...)
+}
+
+func programsOf(p *egressdPrograms) map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{
+		"eg_connect4":     p.EgConnect4,
+		"eg_connect6":     p.EgConnect6,
+		"eg_sockops":      p.EgSockops,
+		"eg_getsockopt":   p.EgGetsockopt,
+		"eg_getpeername4": p.EgGetpeername4,
+		"eg_getpeername6": p.EgGetpeername6,
+	}
+}
+
+// mapFields maps each BPF map name to its field in d.maps.
+func (d *Datapath) mapFields() map[string]**ebpf.Map {
+	return map[string]**ebpf.Map{
+		"workloads":      &d.maps.Workloads,
+		"config":         &d.maps.Config,
+		"excluded_v4":    &d.maps.ExcludedV4,
+		"excluded_v6":    &d.maps.ExcludedV6,
+		"excluded_ports": &d.maps.ExcludedPorts,
+		"orig_dsts":      &d.maps.OrigDsts,
+		"pending_tuples": &d.maps.PendingTuples,
+		"claimed":        &d.maps.Claimed,
+		"counters":       &d.maps.Counters,
+		"wl_stats":       &d.maps.WlStats,
+	}
+}
+
+func (d *Datapath) mapsByName() map[string]*ebpf.Map {
+	out := map[string]*ebpf.Map{}
+	for name, p := range d.mapFields() {
+		if *p != nil {
+			out[name] = *p
+		}
+	}
+	return out
+}
+
+// describeVerifierError keeps the tail of the verifier log, which says why a
+// program was rejected, instead of a one-line summary.
+func describeVerifierError(err error) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("%+v", ve)
+	}
+	return err
+}

@@ -1,0 +1,359 @@
+package datapath
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+
+	"github.com/cilium/ebpf"
+)
+
+// FailMode says what happens to a selected workload's connections while the
+// proxy is not ready.
+type FailMode uint8
+
+const (
+	// FailOpen lets connections go direct, unredirected.
+	FailOpen FailMode = iota
+	// FailClosed refuses connect() with EPERM.
+	FailClosed
+)
+
+func (m FailMode) String() string {
+	if m == FailClosed {
+		return "closed"
+	}
+	return "open"
+}
+
+const flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
+
+// Workload is the datapath's view of a selected workload.
+type Workload struct {
+	// ID is the agent's stable id of the workload; it keys the per-workload
+	// counters and is carried with each original destination.
+	ID       uint32
+	FailMode FailMode
+}
+
+// Proxy is the node-local proxy's address. An invalid address disables that
+// family: its connections are treated as if the proxy were not ready.
+type Proxy struct {
+	IPv4 netip.Addr
+	IPv6 netip.Addr
+	Port uint16
+}
+
+// be32 returns the uint32 whose in-memory bytes are a's (network order), as
+// the BPF side reads an __be32.
+func be32(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }
+
+func be16(port uint16) uint16 {
+	var b [2]byte
+	binary.BigEndian.PutUint16(b[:], port)
+	return binary.NativeEndian.Uint16(b[:])
+}
+
+func fromBE16(v uint16) uint16 {
+	var b [2]byte
+	binary.NativeEndian.PutUint16(b[:], v)
+	return binary.BigEndian.Uint16(b[:])
+}
+
+func addr6Words(a netip.Addr) [4]uint32 {
+	b := a.As16()
+	return [4]uint32{be32(b[0:4]), be32(b[4:8]), be32(b[8:12]), be32(b[12:16])}
+}
+
+func wordsAddr6(w [4]uint32) netip.Addr {
+	var b [16]byte
+	for i, v := range w {
+		binary.NativeEndian.PutUint32(b[i*4:], v)
+	}
+	return netip.AddrFrom16(b)
+}
+
+func wordAddr4(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+func (d *Datapath) config() (egressdProxyConfig, error) {
+	var c egressdProxyConfig
+	if err := d.maps.Config.Lookup(uint32(0), &c); err != nil {
+		return c, fmt.Errorf("read proxy config: %w", err)
+	}
+	return c, nil
+}
+
+func (d *Datapath) updateConfig(f func(*egressdProxyConfig)) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	c, err := d.config()
+	if err != nil {
+		return err
+	}
+	f(&c)
+	if err := d.maps.Config.Update(uint32(0), &c, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write proxy config: %w", err)
+	}
+	return nil
+}
+
+// SetProxy sets where redirected connections go. It leaves readiness as is.
+func (d *Datapath) SetProxy(p Proxy) error {
+	if p.IPv4.IsValid() && !p.IPv4.Is4() {
+		return fmt.Errorf("proxy IPv4 address %s is not IPv4", p.IPv4)
+	}
+	if p.IPv6.IsValid() && (!p.IPv6.Is6() || p.IPv6.Is4In6()) {
+		return fmt.Errorf("proxy IPv6 address %s is not IPv6", p.IPv6)
+	}
+	if p.Port == 0 {
+		return errors.New("proxy port must not be 0")
+	}
+	return d.updateConfig(func(c *egressdProxyConfig) {
+		c.Addr4, c.Addr6 = 0, [4]uint32{}
+		if p.IPv4.IsValid() {
+			b := p.IPv4.As4()
+			c.Addr4 = be32(b[:])
+		}
+		if p.IPv6.IsValid() {
+			c.Addr6 = addr6Words(p.IPv6)
+		}
+		c.Port = be16(p.Port)
+	})
+}
+
+// SetReady sets the proxy-ready flag the datapath consults on every connect.
+func (d *Datapath) SetReady(ready bool) error {
+	return d.updateConfig(func(c *egressdProxyConfig) {
+		c.Ready = 0
+		if ready {
+			c.Ready = 1
+		}
+	})
+}
+
+// ProxyState is the proxy configuration as the datapath holds it.
+type ProxyState struct {
+	Proxy
+	Ready bool
+}
+
+// ProxyState reads back the proxy configuration.
+func (d *Datapath) ProxyState() (ProxyState, error) {
+	c, err := d.config()
+	if err != nil {
+		return ProxyState{}, err
+	}
+	s := ProxyState{Ready: c.Ready != 0, Proxy: Proxy{Port: fromBE16(c.Port)}}
+	if c.Addr4 != 0 {
+		s.IPv4 = wordAddr4(c.Addr4)
+	}
+	if c.Addr6 != [4]uint32{} {
+		s.IPv6 = wordsAddr6(c.Addr6)
+	}
+	return s, nil
+}
+
+// SetWorkload selects the cgroup with the given id (see CgroupID), or updates
+// its settings. Its counters are created first, so the programs never see a
+// workload without them.
+func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
+	zero := make([]egressdWorkloadStats, ebpf.MustPossibleCPU())
+	if err := d.maps.WlStats.Update(w.ID, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("create counters of workload %d: %w", w.ID, err)
+	}
+	v := egressdWorkload{Id: w.ID}
+	if w.FailMode == FailClosed {
+		v.Flags |= flagFailClosed
+	}
+	if err := d.maps.Workloads.Update(cgroupID, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("select cgroup %d: %w", cgroupID, err)
+	}
+	return nil
+}
+
+// DeleteWorkload deselects a cgroup. The workload's counters go with it unless
+// another selected cgroup carries the same workload id.
+func (d *Datapath) DeleteWorkload(cgroupID uint64) error {
+	var v egressdWorkload
+	if err := d.maps.Workloads.Lookup(cgroupID, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil
+	} else if err != nil {
+		return fmt.Errorf("look up cgroup %d: %w", cgroupID, err)
+	}
+	if err := d.maps.Workloads.Delete(cgroupID); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("deselect cgroup %d: %w", cgroupID, err)
+	}
+	all, err := d.Workloads()
+	if err != nil {
+		return err
+	}
+	for _, w := range all {
+		if w.ID == v.Id {
+			return nil
+		}
+	}
+	if err := d.maps.WlStats.Delete(v.Id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete counters of workload %d: %w", v.Id, err)
+	}
+	return nil
+}
+
+// Workloads returns every selected cgroup id with its settings.
+func (d *Datapath) Workloads() (map[uint64]Workload, error) {
+	out := map[uint64]Workload{}
+	var (
+		k uint64
+		v egressdWorkload
+	)
+	it := d.maps.Workloads.Iterate()
+	for it.Next(&k, &v) {
+		w := Workload{ID: v.Id}
+		if v.Flags&flagFailClosed != 0 {
+			w.FailMode = FailClosed
+		}
+		out[k] = w
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list workloads: %w", err)
+	}
+	return out, nil
+}
+
+// DefaultExclusions are destinations never redirected whatever the agent
+// adds: loopback and link-local (the proxy address itself is checked before
+// exclusions, so a link-local proxy still works).
+var DefaultExclusions = []netip.Prefix{
+	netip.MustParsePrefix("127.0.0.0/8"),
+	netip.MustParsePrefix("169.254.0.0/16"),
+	netip.MustParsePrefix("::1/128"),
+	netip.MustParsePrefix("fe80::/10"),
+}
+
+func lpm4(p netip.Prefix) egressdLpmV4Key {
+	b := p.Masked().Addr().As4()
+	return egressdLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: be32(b[:])}
+}
+
+func lpm6(p netip.Prefix) egressdLpmV6Key {
+	return egressdLpmV6Key{Prefixlen: uint32(p.Bits()), Addr: addr6Words(p.Masked().Addr())}
+}
+
+// SetExclusions makes the excluded destination prefixes exactly prefixes.
+// Entries are added before stale ones are removed, so a destination present
+// in both the old and new sets is never redirected in between.
+func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
+	want4, want6 := map[egressdLpmV4Key]bool{}, map[egressdLpmV6Key]bool{}
+	for _, p := range prefixes {
+		if !p.IsValid() {
+			return fmt.Errorf("invalid exclusion prefix %v", p)
+		}
+		if p.Addr().Is4() {
+			want4[lpm4(p)] = true
+		} else if p.Addr().Is4In6() {
+			// Exclusions apply to v4-mapped destinations as IPv4.
+			want4[lpm4(netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0)))] = true
+		} else {
+			want6[lpm6(p)] = true
+		}
+	}
+	if err := syncSet(d.maps.ExcludedV4, want4); err != nil {
+		return fmt.Errorf("IPv4 exclusions: %w", err)
+	}
+	if err := syncSet(d.maps.ExcludedV6, want6); err != nil {
+		return fmt.Errorf("IPv6 exclusions: %w", err)
+	}
+	return nil
+}
+
+// Exclusions returns the excluded prefixes, sorted.
+func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var k4 egressdLpmV4Key
+	var v uint8
+	it := d.maps.ExcludedV4.Iterate()
+	for it.Next(&k4, &v) {
+		out = append(out, netip.PrefixFrom(wordAddr4(k4.Addr), int(k4.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list IPv4 exclusions: %w", err)
+	}
+	var k6 egressdLpmV6Key
+	it = d.maps.ExcludedV6.Iterate()
+	for it.Next(&k6, &v) {
+		out = append(out, netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list IPv6 exclusions: %w", err)
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return out, nil
+}
+
+// SetExcludedPorts makes the set of destination ports never redirected
+// exactly ports.
+func (d *Datapath) SetExcludedPorts(ports []uint16) error {
+	want := map[uint16]bool{}
+	for _, p := range ports {
+		want[p] = true
+	}
+	if err := syncSet(d.maps.ExcludedPorts, want); err != nil {
+		return fmt.Errorf("excluded ports: %w", err)
+	}
+	return nil
+}
+
+// ExcludedPorts returns the excluded destination ports, sorted.
+func (d *Datapath) ExcludedPorts() ([]uint16, error) {
+	var out []uint16
+	var k uint16
+	var v uint8
+	it := d.maps.ExcludedPorts.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, k)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list excluded ports: %w", err)
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// syncSet makes the keys of a set-like map (value 1) exactly want: it adds
+// first, then removes what is no longer wanted.
+func syncSet[K comparable](m *ebpf.Map, want map[K]bool) error {
+	one := uint8(1)
+	for k := range want {
+		if err := m.Update(k, one, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("add %v: %w", k, err)
+		}
+	}
+	var stale []K
+	var k K
+	var v uint8
+	it := m.Iterate()
+	for it.Next(&k, &v) {
+		if !want[k] {
+			stale = append(stale, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, k := range stale {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("remove %v: %w", k, err)
+		}
+	}
+	return nil
+}

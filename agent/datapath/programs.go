@@ -1,0 +1,54 @@
+package datapath
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// ProgramStatus describes one attached program as the kernel reports it.
+type ProgramStatus struct {
+	Name       string
+	AttachType string
+	LinkID     link.ID
+	ProgramID  ebpf.ProgramID
+	Tag        string // the kernel's hash of the loaded instructions
+	CgroupID   uint64
+	Err        error // set when the pinned link could not be read
+}
+
+// Programs reports the pinned links of the datapath at pinPath, whether or
+// not an agent is running.
+func Programs(pinPath string) []ProgramStatus {
+	var out []ProgramStatus
+	for _, a := range attachments {
+		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
+		l, err := link.LoadPinnedLink(linkPin(pinPath, a.prog), &ebpf.LoadPinOptions{ReadOnly: true})
+		if err != nil {
+			s.Err = fmt.Errorf("open %s: %w", filepath.Base(linkPin(pinPath, a.prog)), err)
+			out = append(out, s)
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil {
+			s.Err = fmt.Errorf("link info: %w", err)
+			out = append(out, s)
+			continue
+		}
+		s.LinkID, s.ProgramID = info.ID, info.Program
+		if cg := info.Cgroup(); cg != nil {
+			s.CgroupID = cg.CgroupId
+		}
+		if p, err := ebpf.NewProgramFromID(info.Program); err == nil {
+			if pi, err := p.Info(); err == nil {
+				s.Tag = pi.Tag
+			}
+			p.Close()
+		}
+		out = append(out, s)
+	}
+	return out
+}

@@ -1,0 +1,117 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// Proxy address defaults. 169.254.77.1 is link-local, like NodeLocal
+// DNSCache's 169.254.20.10: every pod reaches it through its default route and
+// the node delivers it locally. The IPv6 default is a ULA whose global ID
+// spells "egressd" in hex.
+var (
+	DefaultProxyIPv4 = netip.MustParseAddr("169.254.77.1")
+	DefaultProxyIPv6 = netip.MustParseAddr("fd65:6772:6573:7364::1")
+)
+
+const (
+	// DefaultProxyPort is where the proxy's listener binds.
+	DefaultProxyPort = 15001
+	// ProxyInterface is the dummy interface that carries the proxy address.
+	ProxyInterface = "egressd0"
+)
+
+// ProxyAddrs puts the proxy's addresses on the node through a netlink handle
+// (a network namespace; netlink.Handle{} for the current one).
+type ProxyAddrs struct {
+	Handle *netlink.Handle
+}
+
+func (p ProxyAddrs) h() *netlink.Handle {
+	if p.Handle != nil {
+		return p.Handle
+	}
+	return &netlink.Handle{}
+}
+
+// Ensure puts addrs (host routes: /32 and /128) on the dummy interface
+// egressd0, creating it, or on lo when the kernel has no dummy interfaces
+// (CONFIG_DUMMY off). It is idempotent and returns the interface it used.
+func (p ProxyAddrs) Ensure(addrs ...netip.Addr) (string, error) {
+	link, err := p.proxyLink()
+	if err != nil {
+		return "", err
+	}
+	if err := p.h().LinkSetUp(link); err != nil {
+		return "", fmt.Errorf("set %s up: %w", link.Attrs().Name, err)
+	}
+	for _, a := range addrs {
+		if !a.IsValid() {
+			continue
+		}
+		addr := hostAddr(a)
+		if a.Is6() {
+			// The proxy must bind at once: skip duplicate address detection.
+			addr.Flags = unix.IFA_F_NODAD
+		}
+		if err := p.h().AddrReplace(link, addr); err != nil {
+			return "", fmt.Errorf("add %s to %s: %w", a, link.Attrs().Name, err)
+		}
+	}
+	return link.Attrs().Name, nil
+}
+
+func hostAddr(a netip.Addr) *netlink.Addr {
+	return &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
+}
+
+func (p ProxyAddrs) proxyLink() (netlink.Link, error) {
+	if l, err := p.h().LinkByName(ProxyInterface); err == nil {
+		return l, nil
+	}
+	dummy := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: ProxyInterface}}
+	err := p.h().LinkAdd(dummy)
+	if err == nil || errors.Is(err, unix.EEXIST) {
+		return p.h().LinkByName(ProxyInterface)
+	}
+	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) {
+		return nil, fmt.Errorf("create %s: %w", ProxyInterface, err)
+	}
+	// No dummy support in this kernel: fall back to lo.
+	l, lerr := p.h().LinkByName("lo")
+	if lerr != nil {
+		return nil, fmt.Errorf("no dummy interfaces (%v) and no lo: %w", err, lerr)
+	}
+	return l, nil
+}
+
+// Remove takes addrs off egressd0 or lo, wherever Ensure put them, and
+// deletes egressd0 if it exists. Addresses already gone are not an error.
+func (p ProxyAddrs) Remove(addrs ...netip.Addr) error {
+	var errs []error
+	for _, name := range []string{ProxyInterface, "lo"} {
+		l, err := p.h().LinkByName(name)
+		if err != nil {
+			continue
+		}
+		for _, a := range addrs {
+			if !a.IsValid() {
+				continue
+			}
+			if err := p.h().AddrDel(l, hostAddr(a)); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
+				errs = append(errs, fmt.Errorf("remove %s from %s: %w", a, name, err))
+			}
+		}
+		if name == ProxyInterface {
+			if err := p.h().LinkDel(l); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,57 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/cilium/ebpf/link"
+)
+
+// Uninstall detaches egressd's programs and removes its pins. It only touches
+// the pins egressd creates in pinPath (its links and maps, by name): programs
+// that others attached to the same cgroup are never affected, and unknown
+// files in pinPath are left in place and reported. Uninstalling a datapath
+// that is not installed is not an error.
+func Uninstall(pinPath string) error {
+	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	var errs []error
+	for _, a := range attachments {
+		pin := linkPin(pinPath, a.prog)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open pinned link %s: %w", a.prog, err))
+			continue
+		}
+		// Detach now, even if a running agent still holds the link open;
+		// kernels without BPF_LINK_DETACH detach when the last reference
+		// (the pin and our fd) goes.
+		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", a.prog, err))
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", a.prog, err))
+		}
+		l.Close()
+	}
+	for name := range (&Datapath{}).mapFields() {
+		if err := os.Remove(filepath.Join(pinPath, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("unpin map %s: %w", name, err))
+		}
+	}
+	if err := os.Remove(pinPath); err != nil {
+		left, _ := os.ReadDir(pinPath)
+		var names []string
+		for _, e := range left {
+			names = append(names, e.Name())
+		}
+		errs = append(errs, fmt.Errorf("remove %s (left: %v): %w", pinPath, names, err))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,683 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/* Copyright The egressd Authors. */
+
+/*
+ * egressd datapath: steer the outbound TCP connections of selected cgroups to
+ * a node-local proxy and let that proxy recover each connection's original
+ * destination with getsockopt(SO_ORIGINAL_DST), without iptables or conntrack.
+ *
+ *   cgroup/connect4|6   selected task, TCP, not excluded: remember the original
+ *                       destination under the socket cookie, rewrite to the proxy.
+ *   sockops (client)    TCP_CONNECT: ask for state callbacks on that socket.
+ *                       ACTIVE_ESTABLISHED: publish 4-tuple -> original dst.
+ *                       STATE(CLOSE): forget the cookie and any unclaimed tuple.
+ *   sockops (proxy)     PASSIVE_ESTABLISHED on the proxy address: move the tuple
+ *                       entry into the accepted socket's sk_storage and delete it.
+ *   cgroup/getsockopt   (SOL_IP|SOL_IPV6, 80) on a claimed socket: answer it.
+ *   cgroup/getpeername  the redirected application sees its original peer.
+ *
+ * Why claim-and-delete: a tuple entry that nobody consumes would answer a later
+ * connection that reuses the same 4-tuple, even one that was never redirected.
+ * The client's ACTIVE_ESTABLISHED callback runs before it sends the final ACK
+ * of the handshake, so the proxy's PASSIVE_ESTABLISHED callback (run when that
+ * ACK arrives) always finds the entry of its own connection. An unredirected
+ * connection to the proxy clears any entry for its tuple for the same reason.
+ */
+
+#include "egressd.h"
+
+char __license[] SEC("license") = "Dual BSD/GPL";
+
+/* Keep the counter enum in BTF so bpf2go can mirror it. */
+const enum counter *unused_counter __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_WORKLOADS);
+	__type(key, __u64); /* cgroup v2 id */
+	__type(value, struct workload);
+} workloads SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct proxy_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_EXCLUSIONS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u8);
+} excluded_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_EXCLUSIONS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6_key);
+	__type(value, __u8);
+} excluded_v6 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_EXCLUDED_PORTS);
+	__type(key, __u16); /* destination port, host order */
+	__type(value, __u8);
+} excluded_ports SEC(".maps");
+
+/*
+ * Original destination per client socket cookie, from connect() until the
+ * socket closes (sockops STATE_CB deletes it). LRU, so a socket whose connect
+ * failed before TCP_CONNECT (no route, no local port) cannot leak an entry
+ * forever; an evicted entry only ever means "unknown", never a wrong answer.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_INFLIGHT);
+	__type(key, __u64);
+	__type(value, struct orig_dst);
+} orig_dsts SEC(".maps");
+
+/* 4-tuple -> original destination, between client ESTABLISHED and proxy claim. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_INFLIGHT);
+	__type(key, struct tuple_key);
+	__type(value, struct orig_dst);
+} pending_tuples SEC(".maps");
+
+/* The claimed original destination of a proxy-side socket; dies with it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct orig_dst);
+} claimed SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, COUNTER_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+/* Per-workload counters. The agent creates an entry with each workload. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, MAX_WORKLOADS);
+	__type(key, __u32); /* workload.id */
+	__type(value, struct workload_stats);
+} wl_stats SEC(".maps");
+
+static __always_inline void count(enum counter c)
+{
+	__u32 key = c;
+	__u64 *v = bpf_map_lookup_elem(&counters, &key);
+
+	if (v)
+		*v += 1; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline struct workload_stats *stats_of(const struct workload *w)
+{
+	__u32 id = w->id;
+
+	return bpf_map_lookup_elem(&wl_stats, &id);
+}
+
+static __always_inline struct proxy_config *get_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+/*
+ * The workload of the calling task: its own cgroup, else the deepest selected
+ * ancestor. bpf_get_current_ancestor_cgroup_id returns 0 past the task's own
+ * level, which ends the walk.
+ */
+static __always_inline struct workload *current_workload(void)
+{
+	struct workload *found = NULL, *w;
+	__u64 id = bpf_get_current_cgroup_id();
+
+	w = bpf_map_lookup_elem(&workloads, &id);
+	if (w)
+		return w;
+
+	for (int level = 1; level <= MAX_ANCESTOR_LEVEL; level++) {
+		id = bpf_get_current_ancestor_cgroup_id(level);
+		if (!id)
+			break;
+		w = bpf_map_lookup_elem(&workloads, &id);
+		if (w)
+			found = w;
+	}
+	return found;
+}
+
+static __always_inline int excluded4(__be32 addr, __u16 port)
+{
+	struct lpm_v4_key key = { .prefixlen = 32, .addr = addr };
+
+	if (bpf_map_lookup_elem(&excluded_ports, &port))
+		return 1;
+	return bpf_map_lookup_elem(&excluded_v4, &key) != NULL;
+}
+
+static __always_inline int excluded6(const __be32 addr[4], __u16 port)
+{
+	struct lpm_v6_key key = { .prefixlen = 128 };
+
+	if (bpf_map_lookup_elem(&excluded_ports, &port))
+		return 1;
+	key.addr[0] = addr[0];
+	key.addr[1] = addr[1];
+	key.addr[2] = addr[2];
+	key.addr[3] = addr[3];
+	return bpf_map_lookup_elem(&excluded_v6, &key) != NULL;
+}
+
+static __always_inline int is_v4mapped(const __be32 a[4])
+{
+	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline int proxy_has_v6(const struct proxy_config *cfg)
+{
+	return cfg->addr6[0] | cfg->addr6[1] | cfg->addr6[2] | cfg->addr6[3];
+}
+
+/*
+ * Outcome of the policy checks shared by connect4 and connect6.
+ * DIRECT: leave the connect alone. REFUSE: fail it with EPERM.
+ * REDIRECT: rewrite the destination to the proxy.
+ */
+enum verdict { DIRECT, REFUSE, REDIRECT };
+
+static __always_inline enum verdict not_ready(const struct workload *w)
+{
+	struct workload_stats *s;
+
+	if (!(w->flags & WORKLOAD_FAIL_CLOSED)) {
+		count(COUNTER_BYPASS_NOT_READY);
+		return DIRECT;
+	}
+	count(COUNTER_FAILED_CLOSED);
+	s = stats_of(w);
+	if (s)
+		s->failed_closed++;
+	return REFUSE;
+}
+
+/* Remember dst for this socket; on failure follow the workload's fail mode. */
+static __always_inline enum verdict remember(void *ctx, const struct workload *w,
+					     struct orig_dst *dst)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct workload_stats *s;
+
+	dst->workload_id = w->id;
+	if (bpf_map_update_elem(&orig_dsts, &cookie, dst, BPF_ANY)) {
+		count(COUNTER_ORIG_STORE_FAILED);
+		return not_ready(w);
+	}
+	s = stats_of(w);
+	if (s)
+		s->redirected++;
+	return REDIRECT;
+}
+
+SEC("cgroup/connect4")
+int eg_connect4(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst dst = {};
+	struct proxy_config *cfg;
+	struct workload *w;
+	__be32 daddr;
+	__u16 dport;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	w = current_workload();
+	if (!w)
+		return 1;
+	cfg = get_config();
+	if (!cfg)
+		return 1;
+
+	daddr = ctx->user_ip4;
+	dport = bpf_ntohs((__u16)ctx->user_port); /* user_port: network order, low 16 bits */
+	if (cfg->addr4 && daddr == cfg->addr4) {
+		count(COUNTER_PROXY_DIRECT);
+		return 1;
+	}
+	if (excluded4(daddr, dport)) {
+		count(COUNTER_EXCLUDED);
+		return 1;
+	}
+	if (!cfg->ready || !cfg->addr4)
+		return not_ready(w) == REFUSE ? 0 : 1;
+
+	dst.family = AF_INET;
+	dst.addr[0] = daddr;
+	dst.port = (__be16)ctx->user_port;
+	switch (remember(ctx, w, &dst)) {
+	case REFUSE:
+		return 0;
+	case DIRECT:
+		return 1;
+	default:
+		break;
+	}
+	ctx->user_ip4 = cfg->addr4;
+	ctx->user_port = cfg->port;
+	count(COUNTER_REDIRECTED_V4);
+	return 1;
+}
+
+SEC("cgroup/connect6")
+int eg_connect6(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst dst = {};
+	struct proxy_config *cfg;
+	struct workload *w;
+	__be32 daddr[4];
+	__u16 dport;
+	int mapped;
+
+	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
+		return 1;
+	w = current_workload();
+	if (!w)
+		return 1;
+	cfg = get_config();
+	if (!cfg)
+		return 1;
+
+	daddr[0] = ctx->user_ip6[0];
+	daddr[1] = ctx->user_ip6[1];
+	daddr[2] = ctx->user_ip6[2];
+	daddr[3] = ctx->user_ip6[3];
+	dport = bpf_ntohs((__u16)ctx->user_port);
+	/*
+	 * An AF_INET6 socket connecting to ::ffff:a.b.c.d lands here, not in
+	 * connect4 (Java and others do this by default). Treat it as IPv4: the
+	 * IPv4 exclusions and proxy apply, and the original destination is
+	 * recovered as IPv4.
+	 */
+	mapped = is_v4mapped(daddr);
+	if (mapped) {
+		if (cfg->addr4 && daddr[3] == cfg->addr4) {
+			count(COUNTER_PROXY_DIRECT);
+			return 1;
+		}
+		if (excluded4(daddr[3], dport)) {
+			count(COUNTER_EXCLUDED);
+			return 1;
+		}
+		if (!cfg->ready || !cfg->addr4)
+			return not_ready(w) == REFUSE ? 0 : 1;
+		dst.family = AF_INET;
+		dst.addr[0] = daddr[3];
+	} else {
+		if (daddr[0] == cfg->addr6[0] && daddr[1] == cfg->addr6[1] &&
+		    daddr[2] == cfg->addr6[2] && daddr[3] == cfg->addr6[3] &&
+		    proxy_has_v6(cfg)) {
+			count(COUNTER_PROXY_DIRECT);
+			return 1;
+		}
+		if (excluded6(daddr, dport)) {
+			count(COUNTER_EXCLUDED);
+			return 1;
+		}
+		if (!cfg->ready || !proxy_has_v6(cfg))
+			return not_ready(w) == REFUSE ? 0 : 1;
+		dst.family = AF_INET6;
+		dst.addr[0] = daddr[0];
+		dst.addr[1] = daddr[1];
+		dst.addr[2] = daddr[2];
+		dst.addr[3] = daddr[3];
+	}
+	dst.port = (__be16)ctx->user_port;
+	switch (remember(ctx, w, &dst)) {
+	case REFUSE:
+		return 0;
+	case DIRECT:
+		return 1;
+	default:
+		break;
+	}
+	if (mapped) {
+		ctx->user_ip6[3] = cfg->addr4;
+		count(COUNTER_REDIRECTED_V4);
+	} else {
+		ctx->user_ip6[0] = cfg->addr6[0];
+		ctx->user_ip6[1] = cfg->addr6[1];
+		ctx->user_ip6[2] = cfg->addr6[2];
+		ctx->user_ip6[3] = cfg->addr6[3];
+		count(COUNTER_REDIRECTED_V6);
+	}
+	ctx->user_port = cfg->port;
+	return 1;
+}
+
+/*
+ * The addresses of a sockops socket, IPv4 written v4-mapped. Every context
+ * field is read exactly once, in straight-line code: when the same field is
+ * read on several paths, clang likes to keep "ctx + offset" in a register,
+ * and the verifier rejects loads through a modified context pointer.
+ */
+struct sk_view {
+	__be32 local[4];
+	__be32 remote[4];
+	__u16 local_port;  /* host order */
+	__u16 remote_port; /* host order */
+};
+
+static __always_inline void read_view(const struct bpf_sock_ops *skops, __u32 family,
+				      struct sk_view *v)
+{
+	/*
+	 * volatile: each load happens as written. Without it clang folds the
+	 * two branches below into one load through a selected "ctx + off".
+	 */
+#define CTX(f) (*(volatile __u32 *)&skops->f)
+	__u32 l0 = CTX(local_ip6[0]), l1 = CTX(local_ip6[1]);
+	__u32 l2 = CTX(local_ip6[2]), l3 = CTX(local_ip6[3]);
+	__u32 r0 = CTX(remote_ip6[0]), r1 = CTX(remote_ip6[1]);
+	__u32 r2 = CTX(remote_ip6[2]), r3 = CTX(remote_ip6[3]);
+	__u32 l4 = CTX(local_ip4), r4 = CTX(remote_ip4);
+	__u32 lport = CTX(local_port), rport = CTX(remote_port);
+#undef CTX
+
+	/*
+	 * Byte orders differ between the two port fields: local_port is host
+	 * order; remote_port holds the network-order port in its upper 16 bits
+	 * (the kernel loads skc_dport and shifts it left by 16).
+	 */
+	v->local_port = (__u16)lport;
+	v->remote_port = bpf_ntohs((__u16)(rport >> 16));
+	if (family == AF_INET) {
+		v->local[0] = 0;
+		v->local[1] = 0;
+		v->local[2] = bpf_htonl(0x0000ffff);
+		v->local[3] = l4;
+		v->remote[0] = 0;
+		v->remote[1] = 0;
+		v->remote[2] = bpf_htonl(0x0000ffff);
+		v->remote[3] = r4;
+	} else {
+		v->local[0] = l0;
+		v->local[1] = l1;
+		v->local[2] = l2;
+		v->local[3] = l3;
+		v->remote[0] = r0;
+		v->remote[1] = r1;
+		v->remote[2] = r2;
+		v->remote[3] = r3;
+	}
+}
+
+static __always_inline int is_proxy(const struct proxy_config *cfg, const __be32 a[4],
+				    __u16 port_host)
+{
+	if (port_host != bpf_ntohs(cfg->port))
+		return 0;
+	if (is_v4mapped(a))
+		return cfg->addr4 && a[3] == cfg->addr4;
+	return proxy_has_v6(cfg) && a[0] == cfg->addr6[0] && a[1] == cfg->addr6[1] &&
+	       a[2] == cfg->addr6[2] && a[3] == cfg->addr6[3];
+}
+
+/* Client side: the tuple of a connection from this socket to the proxy. */
+static __always_inline int client_tuple(const struct sk_view *v,
+					const struct proxy_config *cfg,
+					struct tuple_key *key)
+{
+	if (!is_proxy(cfg, v->remote, v->remote_port))
+		return 0;
+	__builtin_memcpy(key->client, v->local, sizeof(key->client));
+	__builtin_memcpy(key->proxy, v->remote, sizeof(key->proxy));
+	key->client_port = v->local_port;
+	key->proxy_port = v->remote_port;
+	return 1;
+}
+
+static __always_inline void on_active_established(struct bpf_sock_ops *skops,
+						  const struct sk_view *v,
+						  const struct proxy_config *cfg, __u64 cookie)
+{
+	struct tuple_key key = {};
+	struct orig_dst *dst;
+
+	if (!client_tuple(v, cfg, &key))
+		return;
+	dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+	if (!dst) {
+		/*
+		 * A connection straight to the proxy (not redirected). It owns
+		 * this 4-tuple now, so whatever an older connection left under it
+		 * is stale: drop it before the proxy could claim it.
+		 */
+		if (!bpf_map_delete_elem(&pending_tuples, &key))
+			count(COUNTER_STALE_CLEARED);
+		return;
+	}
+	if (bpf_map_update_elem(&pending_tuples, &key, dst, BPF_ANY)) {
+		count(COUNTER_PUBLISH_FAILED);
+		return;
+	}
+	count(COUNTER_PUBLISHED);
+}
+
+static __always_inline void on_passive_established(struct bpf_sock *sk,
+						   const struct sk_view *v,
+						   const struct proxy_config *cfg)
+{
+	struct tuple_key key = {};
+	struct orig_dst *dst, *slot;
+
+	if (!is_proxy(cfg, v->local, v->local_port))
+		return;
+	__builtin_memcpy(key.client, v->remote, sizeof(key.client));
+	__builtin_memcpy(key.proxy, v->local, sizeof(key.proxy));
+	key.client_port = v->remote_port;
+	key.proxy_port = v->local_port;
+
+	dst = bpf_map_lookup_elem(&pending_tuples, &key);
+	if (!dst) {
+		count(COUNTER_CLAIM_MISSED);
+		return;
+	}
+	if (!sk)
+		return;
+	slot = bpf_sk_storage_get(&claimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (slot)
+		*slot = *dst;
+	bpf_map_delete_elem(&pending_tuples, &key);
+	if (slot)
+		count(COUNTER_CLAIMED);
+	else
+		count(COUNTER_PUBLISH_FAILED);
+}
+
+static __always_inline void on_close(const struct sk_view *v,
+				     const struct proxy_config *cfg, __u64 cookie)
+{
+	struct tuple_key key = {};
+
+	bpf_map_delete_elem(&orig_dsts, &cookie);
+	/* Closed before the proxy claimed it (aborted, or never accepted). */
+	if (client_tuple(v, cfg, &key))
+		bpf_map_delete_elem(&pending_tuples, &key);
+}
+
+SEC("sockops")
+int eg_sockops(struct bpf_sock_ops *skops)
+{
+	__u32 family = skops->family, op = skops->op;
+	struct bpf_sock *sk = skops->sk;
+	struct proxy_config *cfg;
+	struct sk_view v = {};
+	__u64 cookie;
+
+	if (family != AF_INET && family != AF_INET6)
+		return 1;
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	cfg = get_config();
+	if (!cfg)
+		return 1;
+	cookie = bpf_get_socket_cookie(skops);
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		/* Redirected sockets need the CLOSE callback to clean up. */
+		if (bpf_map_lookup_elem(&orig_dsts, &cookie))
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+								 BPF_SOCK_OPS_STATE_CB_FLAG);
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		read_view(skops, family, &v);
+		on_active_established(skops, &v, cfg, cookie);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		read_view(skops, family, &v);
+		on_passive_established(sk, &v, cfg);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE) {
+			read_view(skops, family, &v);
+			on_close(&v, cfg, cookie);
+		}
+		break;
+	}
+	return 1;
+}
+
+struct sockaddr_in_ {
+	__u16 sin_family;
+	__be16 sin_port;
+	__be32 sin_addr;
+	__u8 zero[8];
+};
+
+struct sockaddr_in6_ {
+	__u16 sin6_family;
+	__be16 sin6_port;
+	__be32 sin6_flowinfo;
+	__be32 sin6_addr[4];
+	__u32 sin6_scope_id;
+};
+
+/*
+ * Answer SO_ORIGINAL_DST for proxy sockets that claimed an entry. Every other
+ * call is left exactly as the kernel answered it: this hook sees every
+ * getsockopt in the cgroup, and rewriting lengths of calls that are not ours
+ * breaks unrelated programs (iptables reads large buffers this way).
+ *
+ * The hook runs after the protocol handler whatever that returned (ENOENT when
+ * nf_conntrack is not loaded); setting retval to 0 overrides it.
+ */
+SEC("cgroup/getsockopt")
+int eg_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct orig_dst *dst;
+	__u8 *optval, *end;
+
+	if (ctx->optname != SO_ORIGINAL_DST)
+		return 1;
+	if (ctx->level != SOL_IP && ctx->level != SOL_IPV6)
+		return 1;
+	if (!ctx->sk)
+		return 1;
+	dst = bpf_sk_storage_get(&claimed, ctx->sk, 0, 0);
+	if (!dst) {
+		count(COUNTER_ORIG_UNKNOWN);
+		return 1;
+	}
+
+	optval = ctx->optval;
+	end = ctx->optval_end;
+	if (ctx->level == SOL_IP) {
+		struct sockaddr_in_ *sin = (void *)optval;
+
+		if (dst->family != AF_INET || (void *)(sin + 1) > (void *)end)
+			return 1;
+		sin->sin_family = AF_INET;
+		sin->sin_port = dst->port;
+		sin->sin_addr = dst->addr[0];
+		__builtin_memset(sin->zero, 0, sizeof(sin->zero));
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct sockaddr_in6_ *sin6 = (void *)optval;
+
+		if ((void *)(sin6 + 1) > (void *)end)
+			return 1;
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = dst->port;
+		sin6->sin6_flowinfo = 0;
+		sin6->sin6_scope_id = 0;
+		if (dst->family == AF_INET) {
+			sin6->sin6_addr[0] = 0;
+			sin6->sin6_addr[1] = 0;
+			sin6->sin6_addr[2] = bpf_htonl(0x0000ffff);
+			sin6->sin6_addr[3] = dst->addr[0];
+		} else {
+			sin6->sin6_addr[0] = dst->addr[0];
+			sin6->sin6_addr[1] = dst->addr[1];
+			sin6->sin6_addr[2] = dst->addr[2];
+			sin6->sin6_addr[3] = dst->addr[3];
+		}
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	count(COUNTER_ORIG_ANSWERED);
+	return 1;
+}
+
+/* Transparency: a redirected socket's peer is its original destination. */
+SEC("cgroup/getpeername4")
+int eg_getpeername4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+
+	if (!dst || dst->family != AF_INET)
+		return 1;
+	ctx->user_ip4 = dst->addr[0];
+	ctx->user_port = dst->port;
+	count(COUNTER_PEER_REWRITTEN);
+	return 1;
+}
+
+SEC("cgroup/getpeername6")
+int eg_getpeername6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_socket_cookie(ctx);
+	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+
+	if (!dst)
+		return 1;
+	if (dst->family == AF_INET) {
+		/* AF_INET6 socket that connected to a v4-mapped address. */
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = dst->addr[0];
+	} else {
+		ctx->user_ip6[0] = dst->addr[0];
+		ctx->user_ip6[1] = dst->addr[1];
+		ctx->user_ip6[2] = dst->addr[2];
+		ctx->user_ip6[3] = dst->addr[3];
+	}
+	ctx->user_port = dst->port;
+	count(COUNTER_PEER_REWRITTEN);
+	return 1;
+}

@@ -1,0 +1,116 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/* Copyright The egressd Authors. */
+
+/*
+ * Types and maps shared by the egressd datapath programs. The Go side gets
+ * mirrors of the structs below from bpf2go (-type), never hand-written ones.
+ */
+#ifndef __EGRESSD_H
+#define __EGRESSD_H
+
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOCK_STREAM 1
+#define IPPROTO_TCP 6
+#define SOL_IP 0
+#define SOL_IPV6 41
+/* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share 80. */
+#define SO_ORIGINAL_DST 80
+
+/*
+ * The datapath matches the cgroup of the task calling connect() and its
+ * ancestors at absolute levels 1..MAX_ANCESTOR_LEVEL (level 0 is the root,
+ * never matched). Kubelet pod cgroups live at levels 2-3 and containers one
+ * below, so 16 leaves ample room for nested runtimes.
+ */
+#define MAX_ANCESTOR_LEVEL 16
+
+/* Upper bounds of the maps; see docs/datapath.md for what exhaustion does. */
+#define MAX_WORKLOADS 16384
+#define MAX_INFLIGHT 65536
+#define MAX_EXCLUSIONS 16384
+#define MAX_EXCLUDED_PORTS 1024
+
+/* Bits of workload.flags. */
+#define WORKLOAD_FAIL_CLOSED (1U << 0)
+
+/* Selected workload: key is a cgroup v2 id. */
+struct workload {
+	__u32 id;    /* stable id the agent assigns, keys wl_counters */
+	__u32 flags; /* WORKLOAD_* */
+};
+
+/* Proxy address and readiness; one entry, written by the agent. */
+struct proxy_config {
+	__be32 addr4;    /* 0: no IPv4 proxy */
+	__be32 addr6[4]; /* all zero: no IPv6 proxy */
+	__be16 port;
+	__u8 ready; /* the proxy answers /ready; see fail modes */
+	__u8 _pad;
+};
+
+/*
+ * An original destination. IPv4 lives in addr[0] (network order) with the
+ * rest zero; family says which.
+ */
+struct orig_dst {
+	__be32 addr[4];
+	__be16 port;
+	__u16 family;
+	__u32 workload_id;
+};
+
+/*
+ * A connection between a client and the proxy, as both ends see it. IPv4
+ * addresses are stored v4-mapped (::ffff:a.b.c.d) so that an AF_INET6
+ * client talking to an AF_INET listener (or the reverse) produces the same
+ * key on both ends. Ports are in host order.
+ */
+struct tuple_key {
+	__be32 client[4];
+	__be32 proxy[4];
+	__u16 client_port;
+	__u16 proxy_port;
+};
+
+struct lpm_v4_key {
+	__u32 prefixlen;
+	__be32 addr;
+};
+
+struct lpm_v6_key {
+	__u32 prefixlen;
+	__be32 addr[4];
+};
+
+struct workload_stats {
+	__u64 redirected;
+	__u64 failed_closed;
+};
+
+/* Indexes of the global per-CPU counters. Keep in sync with docs. */
+enum counter {
+	COUNTER_REDIRECTED_V4 = 0,  /* connect rewritten to the IPv4 proxy */
+	COUNTER_REDIRECTED_V6,      /* connect rewritten to the IPv6 proxy */
+	COUNTER_EXCLUDED,           /* selected, destination excluded */
+	COUNTER_PROXY_DIRECT,       /* selected, destination is the proxy itself */
+	COUNTER_FAILED_CLOSED,      /* proxy not ready, connect refused */
+	COUNTER_BYPASS_NOT_READY,   /* proxy not ready, fail-open: went direct */
+	COUNTER_ORIG_STORE_FAILED,  /* could not remember the original dst */
+	COUNTER_PUBLISHED,          /* 4-tuple published at ACTIVE_ESTABLISHED */
+	COUNTER_PUBLISH_FAILED,     /* 4-tuple map update failed */
+	COUNTER_CLAIMED,            /* proxy socket claimed its entry */
+	COUNTER_CLAIM_MISSED,       /* proxy socket established with no entry */
+	COUNTER_STALE_CLEARED,      /* unredirected connection cleared an old entry */
+	COUNTER_ORIG_ANSWERED,      /* SO_ORIGINAL_DST answered */
+	COUNTER_ORIG_UNKNOWN,       /* SO_ORIGINAL_DST asked on an unknown socket */
+	COUNTER_PEER_REWRITTEN,     /* getpeername answered the original dst */
+	COUNTER_MAX,
+};
+
+#endif /* __EGRESSD_H */

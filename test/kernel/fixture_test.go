@@ -1,0 +1,184 @@
+// Package kernel holds the privileged datapath tests: they load the real
+// programs, attach them to a test cgroup, and send real connections between
+// network namespaces, checking what the external server and the proxy saw.
+package kernel
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/standin"
+	"github.com/egressd/egressd/test/testbed"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+)
+
+func TestMain(m *testing.M) {
+	testbed.Main(m, map[string]testbed.Role{"proxy": standin.Main})
+}
+
+const (
+	serverPort   = 8080
+	excludedPort = 9090
+)
+
+var (
+	proxyV4 = datapath.DefaultProxyIPv4
+	proxyV6 = datapath.DefaultProxyIPv6
+)
+
+type fixture struct {
+	tb      *testbed.Testbed
+	dp      *datapath.Datapath
+	cfg     datapath.Config
+	records string
+	echo    *testbed.EchoServer
+	proxy   *testbed.Daemon
+}
+
+// setup builds a testbed with pods, installs the datapath on its root cgroup,
+// puts the proxy address on the node's lo, starts echo servers on the
+// external addresses and the stand-in proxy in its own cgroup on the node.
+func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
+	t.Helper()
+	tb := testbed.New(t, pods)
+	f := &fixture{tb: tb}
+
+	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
+		t.Fatal(err)
+	}
+	f.cfg = datapath.Config{
+		CgroupPath: tb.Root.Path,
+		PinPath:    filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID),
+	}
+	dp, err := datapath.Open(f.cfg)
+	if err != nil {
+		t.Fatalf("open datapath: %v", err)
+	}
+	f.dp = dp
+	t.Cleanup(func() {
+		f.dp.Close()
+		if err := datapath.Uninstall(f.cfg.PinPath); err != nil {
+			t.Errorf("uninstall: %v", err)
+		}
+	})
+	if err := dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: datapath.DefaultProxyPort}); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.SetExclusions(datapath.DefaultExclusions); err != nil {
+		t.Fatal(err)
+	}
+	if err := dp.SetReady(true); err != nil {
+		t.Fatal(err)
+	}
+
+	nodeNS, err := netns.GetFromName(tb.Node.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nodeNS.Close()
+	h, err := netlink.NewHandleAt(nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(proxyV4, proxyV6); err != nil {
+		t.Fatalf("proxy address: %v", err)
+	}
+
+	f.echo = testbed.ServeEcho(t)
+	for _, a := range append(append([]netip.Addr{}, testbed.ExternalV4...), testbed.ExternalV6...) {
+		for _, port := range []uint16{serverPort, excludedPort} {
+			f.echo.Add(tb.External.Listen(t, "tcp", netip.AddrPortFrom(a, port).String()))
+		}
+	}
+
+	f.records = filepath.Join(t.TempDir(), "proxy.jsonl")
+	args := append([]string{
+		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", proxyV4, datapath.DefaultProxyPort, proxyV6, datapath.DefaultProxyPort),
+		"-records", f.records,
+	}, proxyArgs...)
+	f.proxy = testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", args...)
+	return f
+}
+
+func (f *fixture) selectPod(t *testing.T, p *testbed.Pod, id uint32, mode datapath.FailMode) {
+	t.Helper()
+	cgid, err := datapath.CgroupID(p.Cgroup.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.dp.SetWorkload(cgid, datapath.Workload{ID: id, FailMode: mode}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// dial runs the client role in cgroup cg and pod p's network namespace.
+func (f *fixture) dial(t *testing.T, cg *testbed.Cgroup, p *testbed.Pod, specs ...string) []testbed.DialResult {
+	t.Helper()
+	out := testbed.Run(t, 30*time.Second, cg, p.Netns, "client", specs...)
+	res := testbed.Dial(t, out)
+	if len(res) != len(specs) {
+		t.Fatalf("got %d results for %d specs", len(res), len(specs))
+	}
+	return res
+}
+
+// proxyRecords returns what the stand-in proxy recorded so far.
+func (f *fixture) proxyRecords(t *testing.T) []standin.Record {
+	t.Helper()
+	b, err := os.ReadFile(f.records)
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
+	var out []standin.Record
+	s := bufio.NewScanner(strings.NewReader(string(b)))
+	s.Buffer(nil, 1<<20)
+	for s.Scan() {
+		var r standin.Record
+		if err := json.Unmarshal(s.Bytes(), &r); err != nil {
+			t.Fatalf("proxy record %q: %v", s.Text(), err)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+// recordFor waits briefly for the proxy's record of the connection from client.
+func (f *fixture) recordFor(t *testing.T, client string) standin.Record {
+	t.Helper()
+	want, err := netip.ParseAddrPort(client)
+	if err != nil {
+		t.Fatalf("client address %q: %v", client, err)
+	}
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		for _, r := range f.proxyRecords(t) {
+			if got, err := netip.ParseAddrPort(r.Client); err == nil &&
+				got.Addr().Unmap() == want.Addr().Unmap() && got.Port() == want.Port() {
+				return r
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("proxy recorded no connection from %s; records: %+v", client, f.proxyRecords(t))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (f *fixture) counters(t *testing.T) datapath.Counters {
+	t.Helper()
+	c, err := f.dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}

@@ -1,0 +1,256 @@
+// Package standin is a stand-in for Envoy's original_dst listener, for tests
+// and the demo on machines where Envoy cannot be installed. Per connection it
+// does what Envoy does: getsockopt(SO_ORIGINAL_DST) at SOL_IP on IPv4 sockets
+// and SOL_IPV6 (IP6T_SO_ORIGINAL_DST) on IPv6 sockets into a sockaddr_storage
+// buffer, closes the connection when no original destination is known (Envoy
+// would route it to itself, which egressd's config closes), else dials the
+// original destination and splices bytes both ways. It records what it
+// recovered, one JSON line per connection.
+package standin
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Record is what the proxy saw of one connection.
+type Record struct {
+	Client   string `json:"client"`
+	Listener string `json:"listener"`
+	// OrigDst is the recovered original destination; empty when unknown.
+	OrigDst string `json:"orig_dst,omitempty"`
+	// Want is, in verify mode, the destination the client says it dialed
+	// ("none" when it connected to the proxy directly).
+	Want   string `json:"want,omitempty"`
+	Asked  bool   `json:"asked"`
+	Result string `json:"result"` // forwarded, unknown-closed, loop-closed, dial-failed, match, mismatch, skipped
+	Err    string `json:"err,omitempty"`
+}
+
+// SOOriginalDst is SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
+const SOOriginalDst = 80
+
+// OriginalDst asks the kernel (answered by egressd's getsockopt program) for
+// the original destination of an accepted connection, as Envoy does.
+func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
+	raw, err := c.SyscallConn()
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	level := unix.SOL_IP
+	if local.Addr().Is6() && !local.Addr().Is4In6() {
+		level = unix.SOL_IPV6
+	}
+	var buf [128]byte // sizeof(struct sockaddr_storage)
+	n := uint32(len(buf))
+	var errno syscall.Errno
+	err = raw.Control(func(fd uintptr) {
+		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), SOOriginalDst,
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+	})
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	if errno != 0 {
+		return netip.AddrPort{}, errno
+	}
+	return parseSockaddr(buf[:n])
+}
+
+func parseSockaddr(b []byte) (netip.AddrPort, error) {
+	if len(b) < 2 {
+		return netip.AddrPort{}, fmt.Errorf("short sockaddr (%d bytes)", len(b))
+	}
+	switch binary.NativeEndian.Uint16(b) {
+	case unix.AF_INET:
+		if len(b) < 8 {
+			return netip.AddrPort{}, errors.New("short sockaddr_in")
+		}
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:4])), nil
+	case unix.AF_INET6:
+		if len(b) < 24 {
+			return netip.AddrPort{}, errors.New("short sockaddr_in6")
+		}
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:4])), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("unknown address family %d", binary.NativeEndian.Uint16(b))
+}
+
+// Proxy is a running stand-in proxy.
+type Proxy struct {
+	Verify    bool // read "WANT <addr>|none" from the client and compare; never dial
+	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
+	Log       io.Writer
+
+	mu    sync.Mutex
+	n     int
+	enc   *json.Encoder
+	addrs map[netip.AddrPort]bool
+}
+
+func (p *Proxy) record(r Record) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.enc == nil {
+		p.enc = json.NewEncoder(p.Log)
+	}
+	p.enc.Encode(r)
+}
+
+// Serve accepts on l until it is closed.
+func (p *Proxy) Serve(l net.Listener) error {
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			return err
+		}
+		go p.handle(c.(*net.TCPConn))
+	}
+}
+
+func (p *Proxy) handle(c *net.TCPConn) {
+	defer c.Close()
+	r := Record{Client: c.RemoteAddr().String(), Listener: c.LocalAddr().String()}
+	p.mu.Lock()
+	p.n++
+	skip := p.Verify && p.SkipEvery > 0 && p.n%p.SkipEvery == 0
+	p.mu.Unlock()
+
+	var br *bufio.Reader
+	if p.Verify {
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		br = bufio.NewReader(c)
+		line, _ := br.ReadString('\n')
+		r.Want = strings.TrimSpace(strings.TrimPrefix(line, "WANT "))
+	}
+	if skip {
+		r.Result = "skipped"
+		p.record(r)
+		return
+	}
+	r.Asked = true
+	dst, err := OriginalDst(c)
+	if err == nil {
+		r.OrigDst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()).String()
+	} else {
+		r.Err = err.Error()
+	}
+	if p.Verify {
+		got := r.OrigDst
+		if got == "" {
+			got = "none"
+		}
+		r.Result = "match"
+		if got != r.Want {
+			r.Result = "mismatch"
+		}
+		p.record(r)
+		fmt.Fprintln(c, r.Result)
+		return
+	}
+	if err != nil {
+		r.Result = "unknown-closed"
+		p.record(r)
+		return
+	}
+	if p.addrs[dst] || p.addrs[netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())] {
+		r.Result = "loop-closed"
+		p.record(r)
+		return
+	}
+	d := net.Dialer{Timeout: 3 * time.Second}
+	d.SetMultipathTCP(false)
+	up, err := d.Dial("tcp", r.OrigDst)
+	if err != nil {
+		r.Result, r.Err = "dial-failed", err.Error()
+		p.record(r)
+		return
+	}
+	defer up.Close()
+	r.Result = "forwarded"
+	p.record(r)
+	splice(c, up.(*net.TCPConn))
+}
+
+// splice copies both ways until both directions are done, half-closing as
+// each ends, as tcp_proxy does.
+func splice(a, b *net.TCPConn) {
+	var wg sync.WaitGroup
+	wg.Add(2)
+	cp := func(dst, src *net.TCPConn) {
+		defer wg.Done()
+		io.Copy(dst, src)
+		dst.CloseWrite()
+	}
+	go cp(a, b)
+	go cp(b, a)
+	wg.Wait()
+}
+
+// Main runs the stand-in proxy as a program: it listens on every -listen
+// address, prints READY on stdout, and serves until SIGTERM/SIGINT.
+func Main(args []string) int {
+	fs := flag.NewFlagSet("standin-proxy", flag.ContinueOnError)
+	listen := fs.String("listen", "169.254.77.1:15001,[fd65:6772:6573:7364::1]:15001", "comma-separated addresses to listen on")
+	records := fs.String("records", "", "append one JSON record per connection to this file (default stderr)")
+	verify := fs.Bool("verify", false, "test mode: read 'WANT <addr>|none' from each client, compare with the recovered original destination, answer match/mismatch, never dial")
+	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	p := &Proxy{Verify: *verify, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	if *records != "" {
+		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "standin-proxy:", err)
+			return 1
+		}
+		defer f.Close()
+		p.Log = f
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	lc := net.ListenConfig{}
+	// Go listeners are MPTCP by default since 1.24; Envoy's are plain TCP.
+	lc.SetMultipathTCP(false)
+	for _, a := range strings.Split(*listen, ",") {
+		ap, err := netip.ParseAddrPort(strings.TrimSpace(a))
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "standin-proxy: -listen %q: %v\n", a, err)
+			return 2
+		}
+		network := "tcp4"
+		if ap.Addr().Is6() {
+			network = "tcp6"
+		}
+		l, err := lc.Listen(ctx, network, ap.String())
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "standin-proxy:", err)
+			return 1
+		}
+		defer l.Close()
+		p.addrs[ap] = true
+		go p.Serve(l)
+	}
+	fmt.Println("READY")
+	<-ctx.Done()
+	return 0
+}

@@ -1,0 +1,150 @@
+package testbed
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Role is a program the test binary can become when re-executed inside a
+// pod's cgroup and network namespace (see Main and Start).
+type Role func(args []string) int
+
+const roleEnv = "EGRESSD_TESTBED_ROLE"
+
+// Main is the TestMain of packages that use the testbed: when the binary was
+// started as a role it runs that role and exits; otherwise it runs the tests.
+// The "client" role is always available.
+func Main(m interface{ Run() int }, roles map[string]Role) {
+	if name := os.Getenv(roleEnv); name != "" {
+		all := map[string]Role{"client": clientMain, "hold": holdMain}
+		for k, v := range roles {
+			all[k] = v
+		}
+		r, ok := all[name]
+		if !ok {
+			fmt.Fprintf(os.Stderr, "unknown testbed role %q\n", name)
+			os.Exit(2)
+		}
+		os.Exit(r(os.Args[1:]))
+	}
+	os.Exit(m.Run())
+}
+
+// Command returns a command that runs role (this test binary, re-executed)
+// in cgroup cg and network namespace ns. The process is placed in the cgroup
+// at clone time (CLONE_INTO_CGROUP), before it creates any socket, and only
+// then enters the namespace: `ip netns exec` would remount /sys and hide the
+// cgroup2 mount.
+func Command(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...string) *exec.Cmd {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatalf("find test binary: %v", err)
+	}
+	dir, err := os.Open(cg.Path)
+	if err != nil {
+		t.Fatalf("open cgroup: %v", err)
+	}
+	t.Cleanup(func() { dir.Close() })
+	cmd := exec.Command("nsenter", append([]string{"--net=" + ns.Path(), "--", self}, args...)...)
+	cmd.Env = append(os.Environ(), roleEnv+"="+role)
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		UseCgroupFD: true,
+		CgroupFD:    int(dir.Fd()),
+		Pdeathsig:   syscall.SIGKILL,
+	}
+	return cmd
+}
+
+// Run runs a role to completion (at most timeout) and returns its stdout.
+func Run(t testing.TB, timeout time.Duration, cg *Cgroup, ns *Netns, role string, args ...string) []byte {
+	t.Helper()
+	cmd := Command(t, cg, ns, role, args...)
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", role, err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s %v: %v\nstderr: %s", role, args, err, stderr.String())
+		}
+	case <-time.After(timeout):
+		cmd.Process.Kill()
+		<-done
+		t.Fatalf("%s %v: still running after %v\nstderr: %s", role, args, timeout, stderr.String())
+	}
+	return stdout.Bytes()
+}
+
+// Daemon is a role running in the background until the test ends.
+type Daemon struct {
+	Cmd    *exec.Cmd
+	Stderr *bytes.Buffer
+	done   chan error
+	once   sync.Once
+}
+
+// StartDaemon starts a role that prints "READY" on its stdout once it serves,
+// waits for that line, and kills the process (by PID) when the test ends.
+func StartDaemon(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...string) *Daemon {
+	t.Helper()
+	cmd := Command(t, cg, ns, role, args...)
+	d := &Daemon{Cmd: cmd, Stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	cmd.Stderr = d.Stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", role, err)
+	}
+	go func() { d.done <- cmd.Wait() }()
+	t.Cleanup(d.Stop)
+
+	ready := make(chan bool, 1)
+	go func() {
+		s := bufio.NewScanner(out)
+		ok := false
+		for s.Scan() {
+			if f := strings.Fields(s.Text()); len(f) > 0 && f[0] == "READY" {
+				ok = true
+				break
+			}
+		}
+		ready <- ok
+		io.Copy(io.Discard, out)
+	}()
+	select {
+	case ok := <-ready:
+		if !ok {
+			t.Fatalf("%s exited before READY: %s", role, d.Stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s not READY after 10s: %s", role, d.Stderr.String())
+	}
+	return d
+}
+
+// Stop kills the daemon and waits for it; calling it twice is fine.
+func (d *Daemon) Stop() {
+	d.once.Do(func() {
+		d.Cmd.Process.Kill()
+		select {
+		case <-d.done:
+		case <-time.After(5 * time.Second):
+		}
+	})
+}
