@@ -10,7 +10,9 @@
  *                       destination under the socket cookie, rewrite to the proxy.
  *   sockops (client)    TCP_CONNECT: ask for state callbacks on that socket.
  *                       ACTIVE_ESTABLISHED: publish 4-tuple -> original dst.
- *                       STATE(CLOSE): forget the cookie and any unclaimed tuple.
+ *                       STATE(CLOSE): forget any tuple the proxy did not claim.
+ *   cgroup/sock_release the socket is gone: forget its original destination
+ *                       (also when connect() failed after connect4 ran).
  *   sockops (proxy)     PASSIVE_ESTABLISHED on the proxy address: move the tuple
  *                       entry into the accepted socket's sk_storage and delete it.
  *   cgroup/getsockopt   (SOL_IP|SOL_IPV6, 80) on a claimed socket: answer it.
@@ -70,9 +72,11 @@ struct {
 
 /*
  * Original destination per client socket cookie, from connect() until the
- * socket closes (sockops STATE_CB deletes it). LRU, so a socket whose connect
- * failed before TCP_CONNECT (no route, no local port) cannot leak an entry
- * forever; an evicted entry only ever means "unknown", never a wrong answer.
+ * socket is released (cgroup/sock_release deletes it). Socket cookies are
+ * never reused, so an entry can only ever answer for its own socket. LRU as a
+ * second line of defence: should an entry escape deletion, it is evicted
+ * rather than filling the map; an evicted entry only ever means "unknown",
+ * never a wrong answer.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -507,11 +511,10 @@ static __always_inline void on_passive_established(struct bpf_sock *sk,
 }
 
 static __always_inline void on_close(const struct sk_view *v,
-				     const struct proxy_config *cfg, __u64 cookie)
+				     const struct proxy_config *cfg)
 {
 	struct tuple_key key = {};
 
-	bpf_map_delete_elem(&orig_dsts, &cookie);
 	/* Closed before the proxy claimed it (aborted, or never accepted). */
 	if (client_tuple(v, cfg, &key))
 		bpf_map_delete_elem(&pending_tuples, &key);
@@ -554,10 +557,27 @@ int eg_sockops(struct bpf_sock_ops *skops)
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			read_view(skops, family, &v);
-			on_close(&v, cfg, cookie);
+			on_close(&v, cfg);
 		}
 		break;
 	}
+	return 1;
+}
+
+/*
+ * Every TCP socket released in the cgroup drops its original destination,
+ * if it had one: this covers connects that failed after connect4 ran
+ * (EADDRNOTAVAIL, no route), which never reach a sockops callback.
+ */
+SEC("cgroup/sock_release")
+int eg_sock_release(struct bpf_sock *sk)
+{
+	__u64 cookie;
+
+	if (sk->type != SOCK_STREAM)
+		return 1;
+	cookie = bpf_get_socket_cookie(sk);
+	bpf_map_delete_elem(&orig_dsts, &cookie);
 	return 1;
 }
 

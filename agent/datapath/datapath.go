@@ -46,6 +46,7 @@ var attachments = []struct {
 	{"eg_getsockopt", ebpf.AttachCGroupGetsockopt},
 	{"eg_getpeername4", ebpf.AttachCgroupInet4GetPeername},
 	{"eg_getpeername6", ebpf.AttachCgroupInet6GetPeername},
+	{"eg_sock_release", ebpf.AttachCgroupInetSockRelease},
 }
 
 func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
@@ -309,6 +310,7 @@ func programsOf(p *egressdPrograms) map[string]*ebpf.Program {
 		"eg_getsockopt":   p.EgGetsockopt,
 		"eg_getpeername4": p.EgGetpeername4,
 		"eg_getpeername6": p.EgGetpeername6,
+		"eg_sock_release": p.EgSockRelease,
 	}
 }
 

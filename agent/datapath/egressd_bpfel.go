@@ -102,6 +102,7 @@ const (
 	egressdProgEgGetpeername4 = "eg_getpeername4"
 	egressdProgEgGetpeername6 = "eg_getpeername6"
 	egressdProgEgGetsockopt   = "eg_getsockopt"
+	egressdProgEgSockRelease  = "eg_sock_release"
 	egressdProgEgSockops      = "eg_sockops"
 	egressdVarUnusedCounter   = "unused_counter"
 )
@@ -153,6 +154,7 @@ type egressdProgramSpecs struct {
 	EgGetpeername4 *ebpf.ProgramSpec `ebpf:"eg_getpeername4"`
 	EgGetpeername6 *ebpf.ProgramSpec `ebpf:"eg_getpeername6"`
 	EgGetsockopt   *ebpf.ProgramSpec `ebpf:"eg_getsockopt"`
+	EgSockRelease  *ebpf.ProgramSpec `ebpf:"eg_sock_release"`
 	EgSockops      *ebpf.ProgramSpec `ebpf:"eg_sockops"`
 }
 
@@ -242,6 +244,7 @@ type egressdPrograms struct {
 	EgGetpeername4 *ebpf.Program `ebpf:"eg_getpeername4"`
 	EgGetpeername6 *ebpf.Program `ebpf:"eg_getpeername6"`
 	EgGetsockopt   *ebpf.Program `ebpf:"eg_getsockopt"`
+	EgSockRelease  *ebpf.Program `ebpf:"eg_sock_release"`
 	EgSockops      *ebpf.Program `ebpf:"eg_sockops"`
 }
 
@@ -252,6 +255,7 @@ func (p *egressdPrograms) Close() error {
 		p.EgGetpeername4,
 		p.EgGetpeername6,
 		p.EgGetsockopt,
+		p.EgSockRelease,
 		p.EgSockops,
 	)
 }

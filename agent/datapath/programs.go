@@ -25,7 +25,7 @@ func Programs(pinPath string) []ProgramStatus {
 	var out []ProgramStatus
 	for _, a := range attachments {
 		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
-		l, err := link.LoadPinnedLink(linkPin(pinPath, a.prog), &ebpf.LoadPinOptions{ReadOnly: true})
+		l, err := link.LoadPinnedLink(linkPin(pinPath, a.prog), nil)
 		if err != nil {
 			s.Err = fmt.Errorf("open %s: %w", filepath.Base(linkPin(pinPath, a.prog)), err)
 			out = append(out, s)

@@ -158,8 +158,12 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		if got == "" {
 			got = "none"
 		}
-		r.Result = "match"
-		if got != r.Want {
+		switch {
+		case r.Want == "":
+			r.Result = "client-aborted" // reset before saying what it dialed
+		case got == r.Want:
+			r.Result = "match"
+		default:
 			r.Result = "mismatch"
 		}
 		p.record(r)

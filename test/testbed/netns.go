@@ -38,6 +38,11 @@ func newNetns(t testing.TB, name string) *Netns {
 		}
 	})
 	ns.IP(t, "link", "set", "lo", "up")
+	// Interfaces created from now on skip IPv6 duplicate address detection:
+	// a tentative link-local address stalls neighbour discovery for about a
+	// second, and these links are point-to-point veths we address ourselves.
+	ns.Sysctl(t, "net.ipv6.conf.default.accept_dad", "0")
+	ns.Sysctl(t, "net.ipv6.conf.all.accept_dad", "0")
 	return ns
 }
 

@@ -1,0 +1,193 @@
+package kernel
+
+import (
+	"bufio"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/testbed"
+)
+
+// An agent restart closes its datapath handle and reopens the pins (which
+// also swaps in this binary's programs with link.Update). A redirected
+// connection opened before keeps working across it, and new connections are
+// still redirected; the maps keep their entries.
+func TestPrivilegedRestartKeepsConnections(t *testing.T) {
+	f := setup(t, 1)
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 7, datapath.FailClosed)
+
+	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "hold", "tcp4:"+hostport(ext4, serverPort))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	next := func() string {
+		t.Helper()
+		got := make(chan string, 1)
+		go func() {
+			if lines.Scan() {
+				got <- lines.Text()
+			} else {
+				got <- "EOF"
+			}
+		}()
+		select {
+		case l := <-got:
+			return l
+		case <-time.After(5 * time.Second):
+			t.Fatal("hold client silent for 5s")
+			return ""
+		}
+	}
+	if l := next(); l != "READY peer="+testbed.NodeV4.String() {
+		t.Fatalf("long-lived connection: %q, want it redirected through the proxy", l)
+	}
+
+	// Restart: drop every fd we hold, then open again from the pins.
+	if err := f.dp.Close(); err != nil {
+		t.Fatal(err)
+	}
+	dp, err := datapath.Open(f.cfg)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	f.dp = dp
+
+	stdin.Write([]byte("still-there\n"))
+	if l := next(); l != "echo: still-there" {
+		t.Fatalf("open connection after restart: %q", l)
+	}
+	ws, err := dp.Workloads()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ws) != 1 {
+		t.Fatalf("workloads after restart: %v, want the one selected before", ws)
+	}
+	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+hostport(ext4b, serverPort))[0]
+	if r.Reply != "peer="+testbed.NodeV4.String() {
+		t.Fatalf("new connection after restart: %+v, want it redirected", r)
+	}
+	if rec := f.recordFor(t, r.Local); rec.OrigDst != hostport(ext4b, serverPort) {
+		t.Errorf("proxy recovered %q after restart", rec.OrigDst)
+	}
+	for _, p := range datapath.Programs(f.cfg.PinPath) {
+		if p.Err != nil {
+			t.Errorf("program %s: %v", p.Name, p.Err)
+		}
+	}
+}
+
+// While the proxy is not ready, fail-open workloads go direct and fail-closed
+// workloads get their connect refused; when it is ready again both are
+// redirected.
+func TestPrivilegedProxyNotReady(t *testing.T) {
+	f := setup(t, 2)
+	open, closed := f.tb.Pods[0], f.tb.Pods[1]
+	f.selectPod(t, open, 1, datapath.FailOpen)
+	f.selectPod(t, closed, 2, datapath.FailClosed)
+	if err := f.dp.SetReady(false); err != nil {
+		t.Fatal(err)
+	}
+	before := f.counters(t)
+
+	for _, spec := range []string{"tcp4:" + hostport(ext4, serverPort), "tcp6:" + hostport(ext6, serverPort)} {
+		r := f.dial(t, open.Cgroup, open, spec)[0]
+		want := "peer=" + open.IPv4.String()
+		if strings.HasPrefix(spec, "tcp6") {
+			want = "peer=" + open.IPv6.String()
+		}
+		if r.Reply != want {
+			t.Errorf("fail-open %s while not ready: %+v, want direct (%s)", spec, r, want)
+		}
+		r = f.dial(t, closed.Cgroup, closed, spec)[0]
+		if !strings.Contains(r.Err, "operation not permitted") {
+			t.Errorf("fail-closed %s while not ready: %+v, want connect refused (EPERM)", spec, r)
+		}
+	}
+	after := f.counters(t)
+	if d := after.BypassNotReady - before.BypassNotReady; d != 2 {
+		t.Errorf("bypass_not_ready counted %d, want 2", d)
+	}
+	if d := after.FailedClosed - before.FailedClosed; d != 2 {
+		t.Errorf("failed_closed counted %d, want 2", d)
+	}
+	ws, err := f.dp.WorkloadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws[2].FailedClosed != 2 || ws[1].FailedClosed != 0 {
+		t.Errorf("per-workload failed_closed: %+v", ws)
+	}
+
+	if err := f.dp.SetReady(true); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []*testbed.Pod{open, closed} {
+		r := f.dial(t, p.Cgroup, p, "tcp4:"+hostport(ext4, serverPort))[0]
+		if r.Reply != "peer="+testbed.NodeV4.String() {
+			t.Errorf("%s once ready: %+v, want redirected", p.Name, r)
+		}
+	}
+}
+
+// The counters account for every connection made: N redirected connections
+// give N redirects, publishes, claims and answers, and the per-workload
+// counter of the pod says N.
+func TestPrivilegedCountersMatchConnections(t *testing.T) {
+	f := setup(t, 1)
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 3, datapath.FailClosed)
+	before := f.counters(t)
+
+	const n = 40
+	var specs []string
+	for i := range n {
+		if i%2 == 0 {
+			specs = append(specs, "tcp4:"+hostport(ext4, serverPort))
+		} else {
+			specs = append(specs, "tcp6:"+hostport(ext6, serverPort))
+		}
+	}
+	for _, r := range f.dial(t, pod.Cgroup, pod, specs...) {
+		if r.Err != "" || !strings.HasPrefix(r.Reply, "peer=") {
+			t.Fatalf("connection failed: %+v", r)
+		}
+	}
+	after := f.counters(t)
+	for name, d := range map[string]uint64{
+		"redirected_ipv4":   after.RedirectedV4 - before.RedirectedV4,
+		"redirected_ipv6":   after.RedirectedV6 - before.RedirectedV6,
+		"published/2":       (after.Published - before.Published) / 2,
+		"claimed/2":         (after.Claimed - before.Claimed) / 2,
+		"orig_dst_answered": (after.OrigDstAnswered - before.OrigDstAnswered) / 2,
+	} {
+		if d != n/2 {
+			t.Errorf("%s = %d, want %d", name, d, n/2)
+		}
+	}
+	// The client calls getpeername once itself and once more through
+	// net.FileConn: every call on a redirected socket is answered.
+	if d := after.PeernameRewrites - before.PeernameRewrites; d != 2*n {
+		t.Errorf("peername_rewrites = %d, want %d (two calls per connection)", d, 2*n)
+	}
+	ws, err := f.dp.WorkloadStats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ws[3].Redirected != n {
+		t.Errorf("workload 3 redirected = %d, want %d", ws[3].Redirected, n)
+	}
+}
