@@ -22,13 +22,15 @@ type Netns struct {
 // Path is the namespace's bind mount, for nsenter --net=.
 func (n *Netns) Path() string { return "/run/netns/" + n.Name }
 
-func randomID() string {
+// RandomID returns 8 random hex digits for unique test object names.
+func RandomID() string {
 	var b [4]byte
 	rand.Read(b[:])
 	return hex.EncodeToString(b[:])
 }
 
-func newNetns(t testing.TB, name string) *Netns {
+// NewNetns creates a network namespace with lo up, deleted by t.Cleanup.
+func NewNetns(t testing.TB, name string) *Netns {
 	t.Helper()
 	ns := &Netns{Name: name}
 	mustRun(t, "ip", "netns", "add", name)

@@ -1,0 +1,100 @@
+package datapath
+
+import (
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestFindMount(t *testing.T) {
+	const mi = `22 1 0:21 / /proc rw,nosuid - proc proc rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime shared:9 - tmpfs tmpfs rw,mode=755
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:10 - cgroup2 cgroup2 rw
+50 23 0:40 / /sys/fs/bpf\040x rw - bpf bpf rw
+`
+	got, err := findMount(strings.NewReader(mi), "cgroup2")
+	if err != nil || got != "/sys/fs/cgroup/unified" {
+		t.Errorf("cgroup2 = %q, %v; want /sys/fs/cgroup/unified", got, err)
+	}
+	got, err = findMount(strings.NewReader(mi), "bpf")
+	if err != nil || got != "/sys/fs/bpf x" {
+		t.Errorf("bpf = %q, %v; want the unescaped path", got, err)
+	}
+	if _, err := findMount(strings.NewReader(mi), "xfs"); err == nil {
+		t.Error("found a filesystem that is not mounted")
+	}
+}
+
+func TestByteOrders(t *testing.T) {
+	// A port as the BPF side stores an __be16: the bytes in memory are
+	// big-endian whatever the host.
+	v := be16(15001)
+	if fromBE16(v) != 15001 {
+		t.Errorf("be16 round trip: %d", fromBE16(v))
+	}
+	a := netip.MustParseAddr("169.254.77.1")
+	b := a.As4()
+	if wordAddr4(be32(b[:])) != a {
+		t.Errorf("be32 round trip: %v", wordAddr4(be32(b[:])))
+	}
+	a6 := netip.MustParseAddr("fd65:6772:6573:7364::1")
+	if wordsAddr6(addr6Words(a6)) != a6 {
+		t.Errorf("IPv6 round trip: %v", wordsAddr6(addr6Words(a6)))
+	}
+}
+
+func TestLPMKeysAreMasked(t *testing.T) {
+	k := lpm4(netip.MustParsePrefix("10.1.2.3/8"))
+	if k.Prefixlen != 8 || wordAddr4(k.Addr) != netip.MustParseAddr("10.0.0.0") {
+		t.Errorf("lpm4 = %+v", k)
+	}
+	k6 := lpm6(netip.MustParsePrefix("2001:db8::1/32"))
+	if k6.Prefixlen != 32 || wordsAddr6(k6.Addr) != netip.MustParseAddr("2001:db8::") {
+		t.Errorf("lpm6 = %+v", k6)
+	}
+}
+
+func TestCounterNamesCoverEveryCounter(t *testing.T) {
+	var c Counters
+	if n := len(c.fields()); n != int(egressdCounterCOUNTER_MAX) || n != len(CounterNames) {
+		t.Fatalf("%d counter fields, %d names, BPF has %d", n, len(CounterNames), egressdCounterCOUNTER_MAX)
+	}
+	for i, p := range c.fields() {
+		*p = uint64(i + 1)
+	}
+	if !slices.Equal(c.Values(), []uint64{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}) {
+		t.Errorf("Values out of order: %v", c.Values())
+	}
+}
+
+func TestAttachmentsMatchPrograms(t *testing.T) {
+	spec, err := loadSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(spec.Programs) != len(attachments) {
+		t.Errorf("object has %d programs, %d attachments", len(spec.Programs), len(attachments))
+	}
+	for _, a := range attachments {
+		ps, ok := spec.Programs[a.prog]
+		if !ok {
+			t.Errorf("attachment names unknown program %s", a.prog)
+			continue
+		}
+		if ps.AttachType != a.attach {
+			t.Errorf("%s: section attach type %s, attachment %s", a.prog, ps.AttachType, a.attach)
+		}
+		if len(a.prog) > 15 {
+			t.Errorf("%s: longer than the kernel's 15-character object names", a.prog)
+		}
+	}
+	if _, ok := spec.Maps[".bss"]; ok {
+		t.Error(".bss should be dropped from the spec")
+	}
+	for name := range spec.Maps {
+		if _, ok := (&Datapath{}).mapFields()[name]; !ok {
+			t.Errorf("map %s has no field: it would be neither pinned nor uninstalled", name)
+		}
+	}
+}
