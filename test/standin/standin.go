@@ -97,6 +97,7 @@ func parseSockaddr(b []byte) (netip.AddrPort, error) {
 // Proxy is a running stand-in proxy.
 type Proxy struct {
 	Verify    bool // read "WANT <addr>|none" from the client and compare; never dial
+	Sink      bool // ask for the original destination, then close: no dial, no record (benchmarks)
 	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
 	Log       io.Writer
 
@@ -148,6 +149,9 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	}
 	r.Asked = true
 	dst, err := OriginalDst(c)
+	if p.Sink {
+		return
+	}
 	if err == nil {
 		r.OrigDst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port()).String()
 	} else {
@@ -217,10 +221,11 @@ func Main(args []string) int {
 	records := fs.String("records", "", "append one JSON record per connection to this file (default stderr)")
 	verify := fs.Bool("verify", false, "test mode: read 'WANT <addr>|none' from each client, compare with the recovered original destination, answer match/mismatch, never dial")
 	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")
+	sink := fs.Bool("sink", false, "benchmark mode: ask for each original destination, then close; no dial, no record")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	p := &Proxy{Verify: *verify, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	p := &Proxy{Verify: *verify, Sink: *sink, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *records != "" {
 		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
@@ -257,4 +262,21 @@ func Main(args []string) int {
 	fmt.Println("READY")
 	<-ctx.Done()
 	return 0
+}
+
+// ReadRecords reads the records a proxy wrote with -records; lines that do
+// not parse (a record being written) are skipped.
+func ReadRecords(path string) []Record {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var out []Record
+	for _, line := range strings.Split(string(b), "\n") {
+		var r Record
+		if json.Unmarshal([]byte(line), &r) == nil {
+			out = append(out, r)
+		}
+	}
+	return out
 }
