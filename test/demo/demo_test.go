@@ -48,7 +48,11 @@ func TestDemo(t *testing.T) {
 	pin := filepath.Join(datapath.DefaultBPFFS, "egressd-demo-"+tb.ID)
 	dp, err := datapath.Open(datapath.Config{CgroupPath: tb.Root.Path, PinPath: pin})
 	must(err)
-	t.Cleanup(func() { dp.Close(); must(datapath.Uninstall(pin)); say("torn down: programs detached, pins, namespaces and cgroups removed") })
+	t.Cleanup(func() {
+		dp.Close()
+		must(datapath.Uninstall(pin))
+		say("torn down: programs detached, pins, namespaces and cgroups removed")
+	})
 	must(dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, IPv6: datapath.DefaultProxyIPv6, Port: datapath.DefaultProxyPort}))
 	must(dp.SetExclusions(datapath.DefaultExclusions))
 	cgid, err := datapath.CgroupID(selected.Cgroup.Path)
