@@ -9,12 +9,17 @@ type Capability struct {
 	Why   string
 }
 
-// Capabilities are what the agent needs to install and run the datapath. The
-// DaemonSet grants exactly these; TestPrivilegedCapabilities runs the
-// datapath with nothing else.
+// Capabilities are what the agent needs to install, program and uninstall the
+// datapath when bpffs is already mounted (the DaemonSet mounts the host's).
+// TestPrivilegedCapabilities runs the datapath with these alone and shows
+// that each is necessary.
 var Capabilities = []Capability{
 	{"CAP_BPF", unix.CAP_BPF, "create maps and load programs (kernel 5.8+)"},
 	{"CAP_NET_ADMIN", unix.CAP_NET_ADMIN, "attach cgroup socket programs; add the proxy address"},
-	{"CAP_SYS_ADMIN", unix.CAP_SYS_ADMIN, "mount bpffs when absent; read program tags by id for status"},
 	{"CAP_SYS_RESOURCE", unix.CAP_SYS_RESOURCE, "raise RLIMIT_MEMLOCK on kernels before 5.11 (memlock-accounted maps)"},
+}
+
+// OptionalCapabilities are needed only in some situations.
+var OptionalCapabilities = []Capability{
+	{"CAP_SYS_ADMIN", unix.CAP_SYS_ADMIN, "mount bpffs when it is absent; let `egressd status` read program tags by id; kernels before 5.8 (no CAP_BPF)"},
 }
