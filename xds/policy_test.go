@@ -1,0 +1,159 @@
+package xds
+
+import (
+	"errors"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestParseAllowList(t *testing.T) {
+	p := netip.MustParsePrefix
+	cases := []struct {
+		in   string
+		want []Rule
+	}{
+		{"", nil},
+		{"api.github.com", []Rule{{Host: "api.github.com"}}},
+		{"API.GitHub.com.:443", []Rule{{Host: "api.github.com", Port: 443}}},
+		{"*.googleapis.com", []Rule{{Host: "*.googleapis.com"}}},
+		{"203.0.113.0/24:5432", []Rule{{Prefix: p("203.0.113.0/24"), Port: 5432}}},
+		{"203.0.113.7", []Rule{{Prefix: p("203.0.113.7/32")}}},
+		{"[2001:db8::/32]:443", []Rule{{Prefix: p("2001:db8::/32"), Port: 443}}},
+		{"2001:db8::/32", []Rule{{Prefix: p("2001:db8::/32")}}},
+		{"[2001:db8::1]", []Rule{{Prefix: p("2001:db8::1/128")}}},
+		{"::ffff:192.0.2.1", []Rule{{Prefix: p("192.0.2.1/32")}}},
+		{" a.example.com ,\n\n b.example.com:80,\r\n", []Rule{{Host: "a.example.com"}, {Host: "b.example.com", Port: 80}}},
+		{"localhost", []Rule{{Host: "localhost"}}},
+	}
+	for _, c := range cases {
+		got, err := ParseAllowList(c.in)
+		if err != nil {
+			t.Errorf("%q: %v", c.in, err)
+			continue
+		}
+		if !slices.Equal(got, c.want) {
+			t.Errorf("%q = %+v, want %+v", c.in, got, c.want)
+		}
+	}
+}
+
+func TestParseAllowListErrors(t *testing.T) {
+	cases := []struct{ in, want string }{
+		{"api..github.com", `entry 1 "api..github.com": empty label`},
+		{"ok.com,bad_host.com", `entry 2 "bad_host.com": character '_' is not allowed`},
+		{"*.com", "at least two labels"},
+		{"foo.*.com", "'*' is only allowed as the whole first label"},
+		{"*", "'*' is only allowed"},
+		{"example.com:0", "port 0 is not in 1-65535"},
+		{"example.com:65536", "not in 1-65535"},
+		{"example.com:080", "not in 1-65535"},
+		{"example.com:https", `port "https" is not a number`},
+		{"example.com:", "empty port"},
+		{"203.0.113.1/24", "host bits set; did you mean 203.0.113.0/24?"},
+		{"203.0.113.300", "not a valid IP address"},
+		{"10.0.0.0/33", "not a valid CIDR"},
+		{"2001:db8::/32:443", "[addr]:port"},
+		{"[2001:db8::/32", "missing ']'"},
+		{"[203.0.113.0/24]:80", "brackets are for IPv6"},
+		{"[2001:db8::1]x", "unexpected text after ']'"},
+		{"[fe80::1%eth0]", "zones are not allowed"},
+		{"bücher.de", "punycode"},
+		{"-a.example.com", "starts or ends with '-'"},
+		{strings.Repeat("a", 64) + ".com", "longer than 63"},
+	}
+	for _, c := range cases {
+		rules, err := ParseAllowList(c.in)
+		if err == nil {
+			t.Errorf("%q accepted as %+v", c.in, rules)
+			continue
+		}
+		if !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: error %q, want it to say %q", c.in, err, c.want)
+		}
+		var ee *EntryError
+		if !errors.As(err, &ee) {
+			t.Errorf("%q: %v is not an *EntryError", c.in, err)
+		}
+		if rules != nil {
+			t.Errorf("%q: rules %v returned with an error", c.in, rules)
+		}
+	}
+	many := strings.Repeat("a.example.com,", MaxAllowEntries+1)
+	if _, err := ParseAllowList(many); err == nil || !strings.Contains(err.Error(), "more than 1024 entries") {
+		t.Errorf("too many entries: %v", err)
+	}
+	if _, err := ParseAllowList(strings.Repeat("x", MaxAllowBytes+1)); err == nil {
+		t.Error("oversized annotation accepted")
+	}
+}
+
+func TestParsePolicySafestOnError(t *testing.T) {
+	cases := []struct {
+		name       string
+		labels     map[string]string
+		allow      string
+		wantMode   Mode
+		wantRules  int
+		wantClosed bool
+		wantErr    bool
+	}{
+		{"default audit", nil, "", Audit, 0, false, false},
+		{"audit with list", map[string]string{LabelMode: "audit"}, "a.example.com", Audit, 1, false, false},
+		{"enforce", map[string]string{LabelMode: "enforce"}, "a.example.com,10.0.0.0/8", Enforce, 2, true, false},
+		{"enforce fail-open override", map[string]string{LabelMode: "enforce", LabelFailMode: "open"}, "a.example.com", Enforce, 1, false, false},
+		{"audit fail-closed override", map[string]string{LabelFailMode: "closed"}, "", Audit, 0, true, false},
+		{"enforce, one bad entry: deny-all", map[string]string{LabelMode: "enforce"}, "a.example.com,bad_", Enforce, 0, true, true},
+		{"audit, bad entry: still audited", nil, "bad_", Audit, 0, false, true},
+		{"unknown mode: deny-all", map[string]string{LabelMode: "enforcing"}, "a.example.com", Enforce, 0, true, true},
+		{"unknown mode cannot fail open", map[string]string{LabelMode: "block", LabelFailMode: "open"}, "", Enforce, 0, true, true},
+		{"bad fail mode", map[string]string{LabelMode: "enforce", LabelFailMode: "maybe"}, "a.example.com", Enforce, 0, true, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p, err := ParsePolicy(c.labels, map[string]string{AnnotationAllow: c.allow})
+			if (err != nil) != c.wantErr {
+				t.Fatalf("err = %v, want error: %v", err, c.wantErr)
+			}
+			if p.Mode != c.wantMode || len(p.Allow) != c.wantRules || p.FailClosed != c.wantClosed {
+				t.Errorf("policy = %+v, want mode %s, %d rules, fail-closed %v", p, c.wantMode, c.wantRules, c.wantClosed)
+			}
+		})
+	}
+}
+
+// FuzzParseAllowList: the parser never panics, and what it accepts is within
+// the grammar: valid hostnames or masked prefixes, ports in range, and every
+// rule renders back to text that parses to the same rule.
+func FuzzParseAllowList(f *testing.F) {
+	for _, s := range []string{"api.github.com:443", "*.googleapis.com", "203.0.113.0/24:5432",
+		"[2001:db8::/32]:443", "2001:db8::1", "a,b\nc", "[::1]", "bücher.de", "1.2.3.4:65535"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		rules, err := ParseAllowList(s)
+		if err != nil {
+			if rules != nil {
+				t.Fatalf("rules with an error: %v", rules)
+			}
+			return
+		}
+		for _, r := range rules {
+			if r.IsHost() == r.Prefix.IsValid() {
+				t.Fatalf("rule is neither or both host and prefix: %+v", r)
+			}
+			if r.IsHost() {
+				if h, reason := parseHost(r.Host); reason != "" || h != r.Host {
+					t.Fatalf("accepted host %q is not canonical (%s)", r.Host, reason)
+				}
+			} else if r.Prefix.Masked() != r.Prefix || r.Prefix.Addr().Zone() != "" || r.Prefix.Addr().Is4In6() {
+				t.Fatalf("accepted prefix %v is not canonical", r.Prefix)
+			}
+			back, err := ParseAllowList(r.String())
+			if err != nil || len(back) != 1 || back[0] != r {
+				t.Fatalf("%+v renders as %q which parses to %+v, %v", r, r.String(), back, err)
+			}
+		}
+	})
+}
