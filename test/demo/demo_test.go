@@ -95,7 +95,7 @@ func TestDemo(t *testing.T) {
 		out := testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", specs...)
 		for _, r := range testbed.Dial(t, out) {
 			orig, redirected := "-", "no"
-			if rec, ok := recordFor(t, records, r.Local); ok {
+			if rec, ok := standin.FindRecord(records, r.Local, time.Second); ok {
 				redirected, orig = "yes", rec.OrigDst
 			}
 			seen := strings.TrimPrefix(r.Reply, "peer=")
@@ -119,23 +119,6 @@ func TestDemo(t *testing.T) {
 	}
 	say("\nnot shown yet: allow/deny policy (xDS server, issue 3) and the agent with a workload file (issue 4)")
 	say("demo took %.1fs", time.Since(start).Seconds())
-}
-
-func recordFor(t *testing.T, path, client string) (standin.Record, bool) {
-	want, err := netip.ParseAddrPort(client)
-	if err != nil {
-		return standin.Record{}, false
-	}
-	deadline := time.Now().Add(time.Second)
-	for time.Now().Before(deadline) {
-		for _, r := range standin.ReadRecords(path) {
-			if got, err := netip.ParseAddrPort(r.Client); err == nil && got.Addr().Unmap() == want.Addr().Unmap() && got.Port() == want.Port() {
-				return r, true
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return standin.Record{}, false
 }
 
 func kernel() string {

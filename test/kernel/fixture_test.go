@@ -4,13 +4,9 @@
 package kernel
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
 	"net/netip"
-	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -134,44 +130,17 @@ func (f *fixture) dial(t *testing.T, cg *testbed.Cgroup, p *testbed.Pod, specs .
 
 // proxyRecords returns what the stand-in proxy recorded so far.
 func (f *fixture) proxyRecords(t *testing.T) []standin.Record {
-	t.Helper()
-	b, err := os.ReadFile(f.records)
-	if err != nil && !os.IsNotExist(err) {
-		t.Fatal(err)
-	}
-	var out []standin.Record
-	s := bufio.NewScanner(strings.NewReader(string(b)))
-	s.Buffer(nil, 1<<20)
-	for s.Scan() {
-		var r standin.Record
-		if err := json.Unmarshal(s.Bytes(), &r); err != nil {
-			t.Fatalf("proxy record %q: %v", s.Text(), err)
-		}
-		out = append(out, r)
-	}
-	return out
+	return standin.ReadRecords(f.records)
 }
 
 // recordFor waits briefly for the proxy's record of the connection from client.
 func (f *fixture) recordFor(t *testing.T, client string) standin.Record {
 	t.Helper()
-	want, err := netip.ParseAddrPort(client)
-	if err != nil {
-		t.Fatalf("client address %q: %v", client, err)
+	r, ok := standin.FindRecord(f.records, client, 3*time.Second)
+	if !ok {
+		t.Fatalf("proxy recorded no connection from %s; records: %+v", client, f.proxyRecords(t))
 	}
-	deadline := time.Now().Add(3 * time.Second)
-	for {
-		for _, r := range f.proxyRecords(t) {
-			if got, err := netip.ParseAddrPort(r.Client); err == nil &&
-				got.Addr().Unmap() == want.Addr().Unmap() && got.Port() == want.Port() {
-				return r
-			}
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("proxy recorded no connection from %s; records: %+v", client, f.proxyRecords(t))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return r
 }
 
 func (f *fixture) counters(t *testing.T) datapath.Counters {

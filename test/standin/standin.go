@@ -280,3 +280,26 @@ func ReadRecords(path string) []Record {
 	}
 	return out
 }
+
+// FindRecord returns the record of the connection from client (the address
+// the client saw as its local one; v4-mapped or not), waiting up to wait for
+// the proxy to write it.
+func FindRecord(path, client string, wait time.Duration) (Record, bool) {
+	want, err := netip.ParseAddrPort(client)
+	if err != nil {
+		return Record{}, false
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		for _, r := range ReadRecords(path) {
+			got, err := netip.ParseAddrPort(r.Client)
+			if err == nil && got.Addr().Unmap() == want.Addr().Unmap() && got.Port() == want.Port() {
+				return r, true
+			}
+		}
+		if time.Now().After(deadline) {
+			return Record{}, false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
