@@ -454,13 +454,15 @@ static __always_inline int client_tuple(const struct sk_view *v,
 
 static __always_inline void on_active_established(struct bpf_sock_ops *skops,
 						  const struct sk_view *v,
-						  const struct proxy_config *cfg, __u64 cookie)
+						  const struct proxy_config *cfg)
 {
 	struct tuple_key key = {};
 	struct orig_dst *dst;
+	__u64 cookie;
 
 	if (!client_tuple(v, cfg, &key))
 		return;
+	cookie = bpf_get_socket_cookie(skops);
 	dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
 	if (!dst) {
 		/*
@@ -537,18 +539,18 @@ int eg_sockops(struct bpf_sock_ops *skops)
 	cfg = get_config();
 	if (!cfg)
 		return 1;
-	cookie = bpf_get_socket_cookie(skops);
 
 	switch (op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB:
 		/* Redirected sockets need the CLOSE callback to clean up. */
+		cookie = bpf_get_socket_cookie(skops);
 		if (bpf_map_lookup_elem(&orig_dsts, &cookie))
 			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
 								 BPF_SOCK_OPS_STATE_CB_FLAG);
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
-		on_active_established(skops, &v, cfg, cookie);
+		on_active_established(skops, &v, cfg);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
