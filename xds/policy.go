@@ -125,9 +125,6 @@ func ParsePolicy(labels, annotations map[string]string) (Policy, error) {
 	case "closed":
 		p.FailClosed = true
 	case "open":
-		if p.Mode == Enforce && len(errs) > 0 {
-			break // a broken policy does not get to fail open
-		}
 		p.FailClosed = false
 	default:
 		errs = append(errs, fmt.Errorf("label %s=%q: want open or closed; keeping fail-%s", LabelFailMode, f, map[bool]string{true: "closed", false: "open"}[p.FailClosed]))
@@ -137,9 +134,9 @@ func ParsePolicy(labels, annotations map[string]string) (Policy, error) {
 		errs = append(errs, err)
 	}
 	if len(errs) > 0 {
+		// No allow entries: deny-all in enforce mode, which never fails open.
 		if p.Mode == Enforce {
 			p.FailClosed = true
-			return p, errors.Join(errs...) // deny-all: no allow entries
 		}
 		return p, errors.Join(errs...)
 	}
