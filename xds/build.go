@@ -1,0 +1,197 @@
+package xds
+
+import (
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"strings"
+
+	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// Resource names that Envoy sees and operators grep for.
+const (
+	ListenerName           = "egressd"
+	OriginalDstClusterName = "egressd_original_dst"
+	DenyClusterName        = "egressd_deny"
+)
+
+// Resources is one complete configuration for the node's Envoy.
+type Resources struct {
+	Listeners []*listener.Listener
+	Clusters  []*cluster.Cluster
+}
+
+// messages lists every resource, listeners first.
+func (r *Resources) messages() []proto.Message {
+	var out []proto.Message
+	for _, l := range r.Listeners {
+		out = append(out, l)
+	}
+	for _, c := range r.Clusters {
+		out = append(out, c)
+	}
+	return out
+}
+
+// Issue is something about one workload the agent should report (as a
+// Kubernetes Event, metric and log line): the configuration was built, but
+// the workload is served more strictly than it asked, or not at all.
+type Issue struct {
+	Workload string // namespace/name
+	Reason   string
+}
+
+// group is the unit the proxy tells apart: the workloads that share a set
+// of source addresses. Nearly always one workload; several when workloads
+// share an address (hostNetwork pods share the node's), in which case the
+// proxy cannot tell them apart and they get one merged policy.
+type group struct {
+	key       string // workload IDs joined with "+"
+	namespace string
+	name      string
+	ips       []netip.Addr
+	policy    Policy
+	// policyError is shown in the logs of denied connections.
+	policyError string
+}
+
+// Build turns the desired state into Envoy resources. It is a pure
+// function: the same state gives byte-for-byte the same resources, whatever
+// the order of workloads in it. Issues list workloads served more strictly
+// than they asked (or not at all); they do not make Build fail.
+func Build(s State) (*Resources, []Issue, error) {
+	if err := s.check(); err != nil {
+		return nil, nil, fmt.Errorf("invalid state: %w", err)
+	}
+	groups, issues := groupWorkloads(s)
+	b := &builder{state: s}
+	lis := b.listener(groups)
+	clusters := []*cluster.Cluster{b.originalDstCluster(), b.denyCluster()}
+	if b.err != nil {
+		return nil, nil, b.err
+	}
+	return &Resources{Listeners: []*listener.Listener{lis}, Clusters: clusters}, issues, nil
+}
+
+func groupWorkloads(s State) ([]*group, []Issue) {
+	ws := slices.Clone(s.Workloads)
+	for i := range ws {
+		ws[i].Namespace = sanitize(ws[i].Namespace, 253)
+		ws[i].Name = sanitize(ws[i].Name, 253)
+	}
+	slices.SortFunc(ws, func(a, b Workload) int { return strings.Compare(a.ID(), b.ID()) })
+
+	var issues []Issue
+	owners := map[netip.Addr][]int{}
+	for i, w := range ws {
+		if len(w.IPs) == 0 {
+			issues = append(issues, Issue{w.ID(), "no IP address: the proxy cannot tell its connections apart and closes them"})
+		}
+		seen := map[netip.Addr]bool{}
+		for _, ip := range w.IPs {
+			ip = ip.Unmap().WithZone("")
+			if !ip.IsValid() || seen[ip] {
+				continue
+			}
+			seen[ip] = true
+			owners[ip] = append(owners[ip], i)
+		}
+	}
+
+	byKey := map[string]*group{}
+	var groups []*group
+	ips := slices.SortedFunc(maps.Keys(owners), func(a, b netip.Addr) int { return a.Compare(b) })
+	for _, ip := range ips {
+		idx := owners[ip]
+		var ids []string
+		for _, i := range idx {
+			ids = append(ids, ws[i].ID())
+		}
+		key := strings.Join(ids, "+")
+		g := byKey[key]
+		if g == nil {
+			g = newGroup(key, ws, idx)
+			if len(idx) > 1 {
+				for _, i := range idx {
+					issues = append(issues, Issue{ws[i].ID(), fmt.Sprintf("shares source address %s with %s; %s", ip, key, g.sharedNote())})
+				}
+			}
+			byKey[key] = g
+			groups = append(groups, g)
+		}
+		g.ips = append(g.ips, ip)
+	}
+	slices.SortFunc(groups, func(a, b *group) int { return strings.Compare(a.key, b.key) })
+	slices.SortFunc(issues, func(a, b Issue) int {
+		if c := strings.Compare(a.Workload, b.Workload); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Reason, b.Reason)
+	})
+	return groups, slices.Compact(issues)
+}
+
+func newGroup(key string, ws []Workload, idx []int) *group {
+	first := ws[idx[0]]
+	g := &group{key: key, namespace: first.Namespace, name: first.Name, policy: first.Policy, policyError: first.PolicyError}
+	if len(idx) == 1 {
+		return g
+	}
+	g.name = key
+	g.namespace = ""
+	g.policyError = ""
+	for _, i := range idx[1:] {
+		if !samePolicy(first.Policy, ws[i].Policy) {
+			// The proxy cannot tell these workloads apart, and their
+			// policies differ: the only policy that widens none of them
+			// is deny-all.
+			g.policy = Policy{Mode: Enforce, FailClosed: true}
+			g.policyError = "workloads sharing this address declare different policies; denying all"
+			return g
+		}
+	}
+	return g
+}
+
+func (g *group) sharedNote() string {
+	if g.policy.Mode == Enforce && len(g.policy.Allow) == 0 && g.policyError != "" {
+		return "their policies differ, so the address is denied everything"
+	}
+	return "their policies are the same, so they share it"
+}
+
+func samePolicy(a, b Policy) bool {
+	return a.Mode == b.Mode && slices.Equal(a.Allow, b.Allow)
+}
+
+// builder collects the first error of a build, so the builders read as
+// straight-line code.
+type builder struct {
+	state State
+	err   error
+}
+
+// any packs m deterministically: map fields (access log formats are
+// protobuf Structs) are ordered, so the same input gives the same bytes.
+func (b *builder) any(m proto.Message) *anypb.Any {
+	a := &anypb.Any{}
+	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil && b.err == nil {
+		b.err = fmt.Errorf("pack %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
+	}
+	return a
+}
+
+// sanitize makes outside text safe to put in a protobuf string (which must
+// be valid UTF-8) and short enough for a log line.
+func sanitize(s string, max int) string {
+	s = strings.ToValidUTF8(s, "?")
+	if len(s) > max {
+		s = strings.ToValidUTF8(s[:max], "") + "..."
+	}
+	return s
+}

@@ -1,0 +1,268 @@
+package xds
+
+import (
+	"bytes"
+	"flag"
+	"math/rand/v2"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/proto"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden from the current builders")
+
+var testProxy = Proxy{
+	IPv4: netip.MustParseAddr("169.254.77.1"),
+	IPv6: netip.MustParseAddr("fd65:6772:6573:7364::1"),
+	Port: 15001,
+}
+
+func ips(ss ...string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range ss {
+		out = append(out, netip.MustParseAddr(s))
+	}
+	return out
+}
+
+// pod builds a workload the way the agent does: ParsePolicy on its labels
+// and annotation, the error kept for the logs.
+func pod(ns, name, mode, allow string, addrs ...string) Workload {
+	labels := map[string]string{LabelRedirect: "true"}
+	if mode != "" {
+		labels[LabelMode] = mode
+	}
+	p, err := ParsePolicy(labels, map[string]string{AnnotationAllow: allow})
+	w := Workload{Namespace: ns, Name: name, IPs: ips(addrs...), Policy: p}
+	if err != nil {
+		w.PolicyError = err.Error()
+	}
+	return w
+}
+
+// goldenCases are representative policies; their YAML is in
+// testdata/golden, reviewed by hand against Envoy's documentation.
+var goldenCases = []struct {
+	name       string
+	state      State
+	wantIssues []string
+}{
+	{
+		name:  "audit",
+		state: State{Proxy: testProxy, Workloads: []Workload{pod("shop", "web-7d9f", "audit", "", "10.244.1.5", "fd00:244:1::5")}},
+	},
+	{
+		name: "enforce-hostnames",
+		state: State{Proxy: testProxy, Workloads: []Workload{
+			pod("shop", "checkout", "enforce", "api.stripe.com:443, *.googleapis.com, status.example.com:80, status.example.com:8080", "10.244.1.6"),
+		}},
+	},
+	{
+		name: "enforce-cidrs",
+		state: State{Proxy: testProxy, Workloads: []Workload{
+			pod("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443", "10.244.1.7", "fd00:244:1::7"),
+		}},
+	},
+	{
+		name: "ipv6-only",
+		state: State{Proxy: Proxy{IPv6: testProxy.IPv6, Port: 15001}, Workloads: []Workload{
+			pod("v6", "client", "enforce", "[2001:db8:77::/48]:443, ipv6.example.com", "fd00:244:2::9"),
+		}},
+	},
+	{
+		name: "malformed",
+		state: State{Proxy: testProxy, Workloads: []Workload{
+			pod("shop", "broken", "enforce", "api.github.com, bad_host.com, 10.0.0.1/8", "10.244.1.8"),
+		}},
+	},
+	{
+		name: "many",
+		state: State{Proxy: testProxy, Workloads: []Workload{
+			pod("a", "one", "audit", "", "10.244.2.1"),
+			pod("a", "two", "enforce", "one.example.com:443", "10.244.2.2"),
+			pod("b", "three", "enforce", "10.96.0.0/12", "10.244.2.3"),
+			pod("b", "four", "enforce", "", "10.244.2.4"),
+			// hostNetwork pods share the node's address: different
+			// policies, so the address is denied everything.
+			pod("kube-system", "agent-x", "audit", "", "192.0.2.10"),
+			pod("kube-system", "agent-y", "enforce", "x.example.com", "192.0.2.10"),
+			// No address (not yet known): reported.
+			pod("c", "pending", "audit", ""),
+		}},
+		wantIssues: []string{
+			"c/pending: no IP address",
+			"kube-system/agent-x: shares source address 192.0.2.10",
+			"kube-system/agent-y: shares source address 192.0.2.10",
+		},
+	},
+}
+
+func TestGolden(t *testing.T) {
+	for _, tc := range goldenCases {
+		t.Run(tc.name, func(t *testing.T) {
+			r, issues, err := Build(tc.state)
+			if err != nil {
+				t.Fatalf("Build: %v", err)
+			}
+			if err := Validate(r); err != nil {
+				t.Fatalf("generated resources do not validate:\n%v", err)
+			}
+			var got []string
+			for _, is := range issues {
+				got = append(got, is.Workload+": "+is.Reason)
+			}
+			if len(got) != len(tc.wantIssues) {
+				t.Fatalf("issues = %q, want %d starting with %q", got, len(tc.wantIssues), tc.wantIssues)
+			}
+			for i := range got {
+				if !strings.HasPrefix(got[i], tc.wantIssues[i]) {
+					t.Errorf("issue %d = %q, want prefix %q", i, got[i], tc.wantIssues[i])
+				}
+			}
+			y, err := r.YAML()
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join("testdata", "golden", tc.name+".yaml")
+			if *update {
+				if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, y, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./xds -run TestGolden -update to create it)", err)
+			}
+			if !bytes.Equal(y, want) {
+				t.Errorf("%s differs from the builders' output; review the change and run go test ./xds -run TestGolden -update\n%s", path, firstDiff(string(want), string(y)))
+			}
+		})
+	}
+}
+
+func firstDiff(a, b string) string {
+	al, bl := strings.Split(a, "\n"), strings.Split(b, "\n")
+	for i := 0; i < len(al) && i < len(bl); i++ {
+		if al[i] != bl[i] {
+			return "line " + itoa(i+1) + ":\n  golden: " + al[i] + "\n  built:  " + bl[i]
+		}
+	}
+	return "lengths differ: golden " + itoa(len(al)) + " lines, built " + itoa(len(bl))
+}
+
+func itoa(i int) string { return portString(uint16(i)) }
+
+// The same state in any order gives the same bytes: versions change only
+// when the configuration does.
+func TestBuildDeterministic(t *testing.T) {
+	s := goldenCases[len(goldenCases)-1].state
+	want := marshalAll(t, s)
+	for i := 0; i < 20; i++ {
+		shuffled := s
+		shuffled.Workloads = slices.Clone(s.Workloads)
+		rand.Shuffle(len(shuffled.Workloads), func(i, j int) {
+			shuffled.Workloads[i], shuffled.Workloads[j] = shuffled.Workloads[j], shuffled.Workloads[i]
+		})
+		if got := marshalAll(t, shuffled); !bytes.Equal(got, want) {
+			t.Fatalf("shuffle %d: different bytes for the same state", i)
+		}
+	}
+}
+
+func marshalAll(t testing.TB, s State) []byte {
+	t.Helper()
+	r, _, err := Build(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []byte
+	opts := proto.MarshalOptions{Deterministic: true}
+	for _, m := range r.messages() {
+		b, err := opts.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, b...)
+	}
+	return out
+}
+
+// Every chain the matcher names exists and every chain is reachable from
+// the matcher (or is the default): nothing generated is dead or dangling.
+func TestChainsMatchMatcher(t *testing.T) {
+	for _, tc := range goldenCases {
+		r, _, err := Build(tc.state)
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := r.Listeners[0]
+		named := map[string]bool{}
+		walkAny("", l.GetFilterChainMatcher(), func(_ string, m proto.Message) {
+			if sv, ok := m.(interface{ GetValue() string }); ok && m.ProtoReflect().Descriptor().FullName() == "google.protobuf.StringValue" {
+				named[sv.GetValue()] = true
+			}
+		}, func(string, error) {})
+		for _, c := range l.GetFilterChains() {
+			if !named[c.GetName()] {
+				t.Errorf("%s: chain %q is never chosen by the matcher", tc.name, c.GetName())
+			}
+			delete(named, c.GetName())
+		}
+		for n := range named {
+			t.Errorf("%s: matcher names chain %q, which is not generated", tc.name, n)
+		}
+	}
+}
+
+func TestBuildRejectsBadState(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		state State
+		want  string
+	}{
+		{"no proxy address", State{Proxy: Proxy{Port: 1}}, "proxy has no address"},
+		{"no port", State{Proxy: Proxy{IPv4: testProxy.IPv4}}, "proxy port is 0"},
+		{"v6 as v4", State{Proxy: Proxy{IPv4: testProxy.IPv6, Port: 1}}, "is not IPv4"},
+		{"duplicate", State{Proxy: testProxy, Workloads: []Workload{{Namespace: "a", Name: "b"}, {Namespace: "a", Name: "b"}}}, "appears twice"},
+		{"unnamed", State{Proxy: testProxy, Workloads: []Workload{{Namespace: "a"}}}, "has no name"},
+	} {
+		if _, _, err := Build(tc.state); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: err = %v, want %q", tc.name, err, tc.want)
+		}
+	}
+}
+
+// A pod with no workloads beside it: the listener still closes everything.
+func TestEmptyStateClosesEverything(t *testing.T) {
+	r, _, err := Build(State{Proxy: testProxy})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Validate(r); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range r.Listeners[0].GetFilterChains() {
+		if !isDenyChain(c) {
+			t.Errorf("chain %q forwards with no workloads selected", c.GetName())
+		}
+	}
+}
+
+func isDenyChain(c *listener.FilterChain) bool {
+	var tp tcpproxy.TcpProxy
+	if err := c.GetFilters()[0].GetTypedConfig().UnmarshalTo(&tp); err != nil {
+		return false
+	}
+	return tp.GetCluster() == DenyClusterName
+}

@@ -1,0 +1,162 @@
+package xds
+
+import (
+	"net/netip"
+	"strconv"
+
+	xdscore "github.com/cncf/xds/go/xds/core/v3"
+	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	httpinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/http_inspector/v3"
+	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
+	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
+	"google.golang.org/protobuf/types/known/durationpb"
+)
+
+// Canonical extension names. Envoy picks an extension by the type URL of
+// its typed_config; the names are what its admin output and logs show, and
+// the validator holds us to the real ones.
+const (
+	originalDstFilterName   = "envoy.filters.listener.original_dst"
+	tlsInspectorFilterName  = "envoy.filters.listener.tls_inspector"
+	httpInspectorFilterName = "envoy.filters.listener.http_inspector"
+)
+
+// Names of the filter chains that are not per workload. Per-workload chains
+// are named "<kind>|<namespace>/<name>[|<port>]"; '|' never occurs in a
+// Kubernetes name, so the two kinds cannot collide.
+const (
+	chainLoop          = "loop"
+	chainUnknownSource = "unknown-source"
+	chainDefault       = "no-match"
+)
+
+// listener builds the single listener: the proxy addresses, the listener
+// filters that recover the original destination and sniff SNI and HTTP, a
+// filter-chain matcher that looks at the source address first, and one set
+// of filter chains per group of workloads.
+func (b *builder) listener(groups []*group) *listener.Listener {
+	addrs := b.state.Proxy.Addrs()
+	port := uint32(b.state.Proxy.Port)
+	timeout := b.state.ListenerFiltersTimeout
+	if timeout == 0 {
+		timeout = DefaultListenerFiltersTimeout
+	}
+	l := &listener.Listener{
+		Name:    ListenerName,
+		Address: socketAddress(addrs[0], port),
+		ListenerFilters: []*listener.ListenerFilter{
+			// original_dst first: it asks the kernel (our
+			// cgroup/getsockopt program) for SO_ORIGINAL_DST and makes
+			// that the connection's local address, which is what the
+			// matcher, the access log and the ORIGINAL_DST cluster see.
+			{Name: originalDstFilterName, ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: b.any(&originaldst.OriginalDst{})}},
+			{Name: tlsInspectorFilterName, ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: b.any(&tlsinspector.TlsInspector{})}},
+			{Name: httpInspectorFilterName, ConfigType: &listener.ListenerFilter_TypedConfig{TypedConfig: b.any(&httpinspector.HttpInspector{})}},
+		},
+		ListenerFiltersTimeout:           durationpb.New(timeout),
+		ContinueOnListenerFiltersTimeout: true,
+		FilterChainMatcher:               b.filterChainMatcher(groups),
+		DefaultFilterChain:               b.denyChain(chainDefault, nil, "no filter chain matched"),
+		StatPrefix:                       ListenerName,
+	}
+	for _, a := range addrs[1:] {
+		l.AdditionalAddresses = append(l.AdditionalAddresses, &listener.AdditionalAddress{Address: socketAddress(a, port)})
+	}
+	l.FilterChains = append(l.FilterChains,
+		b.denyChain(chainLoop, nil, "destination is the proxy itself or loopback"),
+		b.denyChain(chainUnknownSource, nil, "source is not a selected workload"),
+	)
+	for _, g := range groups {
+		l.FilterChains = append(l.FilterChains, b.groupChains(g)...)
+	}
+	return l
+}
+
+func socketAddress(a netip.Addr, port uint32) *core.Address {
+	return &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
+		Protocol:      core.SocketAddress_TCP,
+		Address:       a.String(),
+		PortSpecifier: &core.SocketAddress_PortValue{PortValue: port},
+	}}}
+}
+
+// loopRanges are destinations the proxy never connects to: its own
+// addresses (a connection whose original destination could not be
+// recovered keeps the proxy address as its local address, and forwarding it
+// would loop) and loopback (Envoy's admin listens there).
+func (b *builder) loopRanges() []netip.Prefix {
+	var out []netip.Prefix
+	for _, a := range b.state.Proxy.Addrs() {
+		out = append(out, netip.PrefixFrom(a, a.BitLen()))
+	}
+	return append(out, netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128"))
+}
+
+// filterChainMatcher selects a chain per connection. Envoy's classic
+// filter_chain_match compares server names before source addresses and
+// never backtracks, which would route one pod's TLS by another pod's SNI
+// rules; the matcher API lets us test the destination (loops) and then the
+// source address before anything else:
+//
+//	destination in loopRanges        -> loop (closed)
+//	source in a workload's addresses -> audit chain, or the enforce matcher
+//	anything else                    -> unknown-source (closed)
+func (b *builder) filterChainMatcher(groups []*group) *matcher.Matcher {
+	bySource := &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainUnknownSource)}}
+	if len(groups) > 0 {
+		var ranges []*matcher.IPMatcher_IPRangeMatcher
+		for _, g := range groups {
+			ranges = append(ranges, &matcher.IPMatcher_IPRangeMatcher{
+				Ranges:    cidrRanges(hostPrefixes(g.ips)),
+				OnMatch:   b.groupOnMatch(g),
+				Exclusive: true,
+			})
+		}
+		bySource = &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Matcher{Matcher: &matcher.Matcher{
+			MatcherType: &matcher.Matcher_MatcherTree_{MatcherTree: &matcher.Matcher_MatcherTree{
+				Input:    b.input("source_ip", &sourceIPInput),
+				TreeType: &matcher.Matcher_MatcherTree_CustomMatch{CustomMatch: b.ipTrie(ranges)},
+			}},
+			OnNoMatch: &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainUnknownSource)}},
+		}}}
+	}
+	return &matcher.Matcher{
+		MatcherType: &matcher.Matcher_MatcherTree_{MatcherTree: &matcher.Matcher_MatcherTree{
+			Input: b.input("destination_ip", &destinationIPInput),
+			TreeType: &matcher.Matcher_MatcherTree_CustomMatch{CustomMatch: b.ipTrie([]*matcher.IPMatcher_IPRangeMatcher{{
+				Ranges:    cidrRanges(b.loopRanges()),
+				OnMatch:   &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainLoop)}},
+				Exclusive: true,
+			}})},
+		}},
+		OnNoMatch: bySource,
+	}
+}
+
+func hostPrefixes(ips []netip.Addr) []netip.Prefix {
+	out := make([]netip.Prefix, len(ips))
+	for i, ip := range ips {
+		out[i] = netip.PrefixFrom(ip, ip.BitLen())
+	}
+	return out
+}
+
+func cidrRanges(ps []netip.Prefix) []*xdscore.CidrRange {
+	var out []*xdscore.CidrRange
+	for _, p := range ps {
+		out = append(out, &xdscore.CidrRange{AddressPrefix: p.Addr().String(), PrefixLen: wrapU32(p.Bits())})
+	}
+	return out
+}
+
+func envoyCidrRanges(ps []netip.Prefix) []*core.CidrRange {
+	var out []*core.CidrRange
+	for _, p := range ps {
+		out = append(out, &core.CidrRange{AddressPrefix: p.Addr().String(), PrefixLen: wrapU32(p.Bits())})
+	}
+	return out
+}
+
+func portString(p uint16) string { return strconv.Itoa(int(p)) }
