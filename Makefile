@@ -4,6 +4,7 @@ GO ?= go
 BIN := bin
 CLANG ?= clang-14
 GOTEST_FLAGS ?= -count=1
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 export CGO_ENABLED ?= 0
 
 .DEFAULT_GOAL := build
@@ -16,6 +17,7 @@ help:
 ## build: build the binaries into bin/
 .PHONY: build
 build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/egressd
 	$(GO) build -o $(BIN)/ ./test/cmd/standin-proxy
 
 ## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter)
@@ -58,6 +60,10 @@ test-unit:
 bench: deps-test
 	mkdir -p bench/out
 	set -o pipefail; EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
+	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
+	{ echo; echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
+	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \
+	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; } >> bench/out/report.md
 	@echo "report: bench/out/report.md"
 
 ## demo: throwaway node/pod testbed on this kernel showing redirection end to end (root)

@@ -1,0 +1,96 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+
+	"github.com/egressd/egressd/xds"
+	"google.golang.org/protobuf/encoding/protojson"
+)
+
+// Default paths shared by the agent and the bootstrap.
+const defaultXDSSocket = "/run/egressd/xds.sock"
+
+func defaultNodeID() string {
+	if n := os.Getenv("NODE_NAME"); n != "" {
+		return n
+	}
+	if h, err := os.Hostname(); err == nil {
+		return h
+	}
+	return "egressd"
+}
+
+func runBootstrap(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("bootstrap", `Print the Envoy bootstrap that makes Envoy take its listeners and clusters
+from this node's agent over ADS (the unix socket below), with Envoy's admin on
+loopback only; its /ready is the readiness probe. Start Envoy with
+  envoy -c <file>.yaml
+The configuration is validated before it is printed.`, stderr)
+	nodeID := fs.String("node-id", defaultNodeID(), "node id Envoy reports; the default is $NODE_NAME if set, else the host name")
+	socket := fs.String("xds-socket", defaultXDSSocket, "the agent's ADS unix socket")
+	admin := fs.String("admin-address", xds.DefaultAdminAddress.String(), "Envoy admin address, loopback only")
+	format := fs.String("format", "yaml", "output format: yaml or json")
+	output := fs.String("output", "-", "file to write (written atomically), or - for stdout")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("bootstrap takes no arguments, got %q: %w", fs.Args(), errUsage)
+	}
+	adminAddr, err := netip.ParseAddrPort(*admin)
+	if err != nil {
+		return fmt.Errorf("--admin-address %q: want ip:port: %w", *admin, err)
+	}
+	bs, err := xds.Bootstrap(xds.BootstrapConfig{NodeID: *nodeID, SocketPath: *socket, AdminAddress: adminAddr})
+	if err != nil {
+		return err
+	}
+	var out []byte
+	switch *format {
+	case "yaml":
+		out, err = xds.MarshalYAML(bs)
+	case "json":
+		out, err = protojson.MarshalOptions{UseProtoNames: true, Multiline: true}.Marshal(bs)
+		out = append(out, '\n')
+	default:
+		return fmt.Errorf("--format %q: want yaml or json", *format)
+	}
+	if err != nil {
+		return err
+	}
+	if *output == "-" {
+		_, err = stdout.Write(out)
+		return err
+	}
+	return writeFileAtomic(*output, out)
+}
+
+// writeFileAtomic writes through a temporary file in the same directory and
+// renames it, so a reader (Envoy starting) never sees half a file.
+func writeFileAtomic(path string, data []byte) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Chmod(0o644); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
