@@ -266,3 +266,37 @@ func isDenyChain(c *listener.FilterChain) bool {
 	}
 	return tp.GetCluster() == DenyClusterName
 }
+
+// Whatever a pod writes in its labels and annotation, the configuration
+// built from it validates, and an enforce pod never gets a chain that
+// forwards unless it declared an entry that parses.
+func FuzzBuildFromPod(f *testing.F) {
+	for _, s := range []string{"api.github.com:443", "*.googleapis.com, 10.0.0.0/8", "[2001:db8::/32]:443", "bad_host", "a.b:80,a.b:8080,a.b"} {
+		f.Add("enforce", s, "shop", "web")
+		f.Add("audit", s, "ns", "pod")
+	}
+	f.Fuzz(func(t *testing.T, mode, allow, ns, name string) {
+		if name == "" {
+			return
+		}
+		p, err := ParsePolicy(map[string]string{LabelMode: mode}, map[string]string{AnnotationAllow: allow})
+		w := Workload{Namespace: ns, Name: name, IPs: ips("10.244.1.5"), Policy: p}
+		if err != nil {
+			w.PolicyError = err.Error()
+		}
+		r, _, err := Build(State{Proxy: testProxy, Workloads: []Workload{w}})
+		if err != nil {
+			t.Fatalf("Build: %v", err)
+		}
+		if err := Validate(r); err != nil {
+			t.Fatalf("mode %q allow %q: invalid configuration: %v", mode, allow, err)
+		}
+		if p.Mode == Enforce && len(p.Allow) == 0 {
+			for _, c := range r.Listeners[0].GetFilterChains() {
+				if strings.HasPrefix(c.GetName(), "tcp|") || strings.HasPrefix(c.GetName(), "tls|") || strings.HasPrefix(c.GetName(), "audit|") {
+					t.Fatalf("deny-all pod got forwarding chain %q", c.GetName())
+				}
+			}
+		}
+	})
+}
