@@ -1,0 +1,103 @@
+package agent
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+)
+
+// CgroupDriver is the kubelet's --cgroup-driver.
+type CgroupDriver string
+
+const (
+	DriverSystemd  CgroupDriver = "systemd"
+	DriverCgroupfs CgroupDriver = "cgroupfs"
+)
+
+// QoS classes as in a pod's status.qosClass.
+const (
+	QoSGuaranteed = "Guaranteed"
+	QoSBurstable  = "Burstable"
+	QoSBestEffort = "BestEffort"
+)
+
+// PodCgroupLayout says where the kubelet puts pod cgroups: the cgroup v2
+// mount, the kubelet's --cgroup-root and its driver.
+type PodCgroupLayout struct {
+	// Mount is the cgroup v2 mount point, e.g. /sys/fs/cgroup.
+	Mount string
+	// KubeletRoot is the kubelet's --cgroup-root ("/" by default; kind
+	// uses "/kubelet" or "/kubelet.slice").
+	KubeletRoot string
+	Driver      CgroupDriver
+}
+
+// PodCgroup returns the cgroup v2 directory of a pod, the way the kubelet
+// names it (pkg/kubelet/cm): the pod cgroup sits under "kubepods", below a
+// QoS-class cgroup for Burstable and BestEffort pods, named "pod<uid>".
+//
+//	cgroupfs: <mount>/<root>/kubepods/burstable/pod<uid>
+//	systemd:  <mount>/<root…>/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid with _>.slice
+//
+// With the systemd driver each level is a slice named after all of its
+// ancestors joined with '-', and '-' inside a component is written '_'.
+// Containers are children of the pod cgroup; the datapath selects them
+// through the pod's (an ancestor) cgroup, whatever the runtime names them.
+func (l PodCgroupLayout) PodCgroup(uid, qosClass string) (string, error) {
+	if uid == "" {
+		return "", fmt.Errorf("pod has no uid")
+	}
+	if strings.ContainsAny(uid, "/.") {
+		return "", fmt.Errorf("pod uid %q is not a uid", uid)
+	}
+	if l.Mount == "" {
+		return "", fmt.Errorf("no cgroup mount")
+	}
+	names := rootComponents(l.KubeletRoot)
+	names = append(names, "kubepods")
+	switch qosClass {
+	case QoSGuaranteed:
+	case QoSBurstable:
+		names = append(names, "burstable")
+	case QoSBestEffort:
+		names = append(names, "besteffort")
+	default:
+		return "", fmt.Errorf("pod qos class %q: want %s, %s or %s (is status.qosClass set yet?)", qosClass, QoSGuaranteed, QoSBurstable, QoSBestEffort)
+	}
+	names = append(names, "pod"+uid)
+	switch l.Driver {
+	case DriverCgroupfs:
+		return filepath.Join(append([]string{l.Mount}, names...)...), nil
+	case DriverSystemd:
+		parts := []string{l.Mount}
+		var prefix []string
+		for _, n := range names {
+			prefix = append(prefix, strings.ReplaceAll(n, "-", "_"))
+			parts = append(parts, strings.Join(prefix, "-")+".slice")
+		}
+		return filepath.Join(parts...), nil
+	default:
+		return "", fmt.Errorf("cgroup driver %q: want %s or %s", l.Driver, DriverSystemd, DriverCgroupfs)
+	}
+}
+
+// rootComponents turns a kubelet --cgroup-root into cgroup name components,
+// accepting both spellings: "/kubelet" (cgroupfs) and "/kubelet.slice" or
+// "/a.slice/a-b.slice" (systemd, where the last '-' separated part of each
+// slice is its own name).
+func rootComponents(root string) []string {
+	var out []string
+	for _, p := range strings.Split(root, "/") {
+		if p == "" {
+			continue
+		}
+		if s, ok := strings.CutSuffix(p, ".slice"); ok {
+			if i := strings.LastIndex(s, "-"); i >= 0 {
+				s = s[i+1:]
+			}
+			p = s
+		}
+		out = append(out, p)
+	}
+	return out
+}
