@@ -1,0 +1,340 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+)
+
+// Datapath is what the reconciler needs of the pinned datapath
+// (*datapath.Datapath); an interface so its decisions are testable
+// without a kernel.
+type Datapath interface {
+	SetWorkload(cgroupID uint64, w datapath.Workload) error
+	DeleteWorkload(cgroupID uint64) error
+	Workloads() (map[uint64]datapath.Workload, error)
+}
+
+// XDS is what the reconciler needs of the xDS server (*xds.Server).
+type XDS interface {
+	Update(ctx context.Context, st xds.State) (string, []xds.Issue, error)
+}
+
+// Reporter tells people about a workload: a Kubernetes Event on the pod, a
+// log line, a metric. reason is a CamelCase word (PolicyError,
+// CgroupNotFound, SharedAddress).
+type Reporter interface {
+	Warn(key, reason, message string)
+}
+
+// selected is what the agent has programmed for one workload.
+type selected struct {
+	w        Workload
+	cgroupID uint64
+	id       uint32
+	policy   xds.Policy
+	perr     error
+}
+
+// Reconciler programs the datapath and the xDS server from workloads. Its
+// methods are safe for concurrent use; sources call Upsert and Remove per
+// workload (or Replace with a whole set) and Sync once they have delivered
+// their first full view.
+type Reconciler struct {
+	dp       Datapath
+	xds      XDS
+	proxy    xds.Proxy
+	report   Reporter
+	log      *slog.Logger
+	cgroupID func(string) (uint64, error)
+
+	mu      sync.Mutex
+	byKey   map[string]*selected
+	byID    map[uint32]string // per-workload counter id -> key
+	adopt   map[uint64]uint32 // pinned at start, not yet claimed: cgroup id -> counter id
+	pending chan struct{}     // an xDS update is wanted
+	issues  map[string]string // last reported xDS issue per key
+}
+
+// ReconcilerConfig wires a Reconciler.
+type ReconcilerConfig struct {
+	Datapath Datapath
+	XDS      XDS
+	Proxy    xds.Proxy
+	Reporter Reporter
+	Logger   *slog.Logger
+	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
+	CgroupID func(string) (uint64, error)
+}
+
+// NewReconciler adopts the workloads already in the pinned datapath (their
+// counter ids stay theirs) without touching them; Sync removes the ones no
+// source claims.
+func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
+	r := &Reconciler{
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), issues: map[string]string{},
+	}
+	if r.log == nil {
+		r.log = slog.Default()
+	}
+	if r.cgroupID == nil {
+		r.cgroupID = datapath.CgroupID
+	}
+	pinned, err := r.dp.Workloads()
+	if err != nil {
+		return nil, err
+	}
+	for cg, w := range pinned {
+		r.byID[w.ID] = "" // taken, owner not known until a source claims it
+		r.adopt[cg] = w.ID
+	}
+	return r, nil
+}
+
+// Upsert selects a workload or updates it. An error (its cgroup does not
+// exist yet, say) leaves the workload as it was; the caller retries.
+func (r *Reconciler) Upsert(w Workload) error {
+	cg, err := r.cgroupID(w.CgroupPath)
+	if err != nil {
+		return fmt.Errorf("%s: %w", w.Key(), err)
+	}
+	policy, perr := xds.ParsePolicy(w.Labels, w.Annotations)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cur := r.byKey[w.Key()]
+	if cur != nil && cur.cgroupID == cg && cur.w.Equal(w) {
+		return nil
+	}
+	id := r.idFor(w.Key(), cg, cur)
+	fail := datapath.FailOpen
+	if policy.FailClosed {
+		fail = datapath.FailClosed
+	}
+	if err := r.dp.SetWorkload(cg, datapath.Workload{ID: id, FailMode: fail}); err != nil {
+		return fmt.Errorf("%s: %w", w.Key(), err)
+	}
+	if cur != nil && cur.cgroupID != cg {
+		// The workload moved to a new cgroup (a restarted service gets a
+		// new one): the old one is no longer it.
+		if err := r.dp.DeleteWorkload(cur.cgroupID); err != nil {
+			r.log.Warn("deselect old cgroup", "workload", w.Key(), "cgroup_id", cur.cgroupID, "error", err)
+		}
+	}
+	r.byKey[w.Key()] = &selected{w: w, cgroupID: cg, id: id, policy: policy, perr: perr}
+	r.byID[id] = w.Key()
+	if perr != nil && (cur == nil || cur.perr == nil || cur.perr.Error() != perr.Error()) {
+		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(policy)))
+	}
+	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", policy.Mode.String(), "fail", fail.String(), "ips", w.IPs)
+	r.want()
+	return nil
+}
+
+func describe(p xds.Policy) string {
+	if p.Mode == xds.Enforce && len(p.Allow) == 0 {
+		return "enforce, deny all"
+	}
+	return p.Mode.String()
+}
+
+// idFor keeps a workload's counter id: its own, or the one the pinned
+// datapath already has for its cgroup (an agent restart), or the smallest
+// free one.
+func (r *Reconciler) idFor(key string, cg uint64, cur *selected) uint32 {
+	if cur != nil {
+		return cur.id
+	}
+	if id, ok := r.adopt[cg]; ok && r.byID[id] == "" {
+		delete(r.adopt, cg)
+		return id
+	}
+	for id := uint32(1); ; id++ {
+		if _, taken := r.byID[id]; !taken {
+			return id
+		}
+	}
+}
+
+// Remove deselects a workload.
+func (r *Reconciler) Remove(key string) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	cur := r.byKey[key]
+	if cur == nil {
+		return nil
+	}
+	if err := r.dp.DeleteWorkload(cur.cgroupID); err != nil {
+		return fmt.Errorf("%s: %w", key, err)
+	}
+	delete(r.byKey, key)
+	delete(r.byID, cur.id)
+	delete(r.issues, key)
+	r.log.Info("workload deselected", "workload", key, "cgroup_id", cur.cgroupID)
+	r.want()
+	return nil
+}
+
+// Replace makes ws the whole set: upserts each, removes the others. It
+// returns every error; workloads that failed keep their previous state.
+func (r *Reconciler) Replace(ws []Workload) error {
+	var errs []error
+	keep := map[string]bool{}
+	for _, w := range ws {
+		keep[w.Key()] = true
+		if err := r.Upsert(w); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	for _, key := range r.Keys() {
+		if !keep[key] {
+			if err := r.Remove(key); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Keys lists the selected workloads.
+func (r *Reconciler) Keys() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	keys := make([]string, 0, len(r.byKey))
+	for k := range r.byKey {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// Sync removes from the pinned datapath every cgroup no source claims.
+// Call it once the sources have delivered their first full view: before,
+// an entry may belong to a workload not yet seen, and removing it would
+// interrupt that workload's redirection.
+func (r *Reconciler) Sync() error {
+	pinned, err := r.dp.Workloads()
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	claimed := map[uint64]bool{}
+	for _, s := range r.byKey {
+		claimed[s.cgroupID] = true
+	}
+	var errs []error
+	for cg, w := range pinned {
+		if claimed[cg] {
+			continue
+		}
+		if err := r.dp.DeleteWorkload(cg); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if r.byID[w.ID] == "" {
+			delete(r.byID, w.ID)
+		}
+		delete(r.adopt, cg)
+		r.log.Info("stale workload removed", "cgroup_id", cg, "id", w.ID)
+	}
+	r.want()
+	return errors.Join(errs...)
+}
+
+// Names maps per-workload counter ids to workload keys (for metrics).
+func (r *Reconciler) Names() map[uint32]string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[uint32]string, len(r.byID))
+	for id, k := range r.byID {
+		if k != "" {
+			out[id] = k
+		}
+	}
+	return out
+}
+
+func (r *Reconciler) want() {
+	select {
+	case r.pending <- struct{}{}:
+	default:
+	}
+}
+
+// State is the xDS desired state of the selected workloads.
+func (r *Reconciler) State() xds.State {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	st := xds.State{Proxy: r.proxy}
+	for _, s := range r.byKey {
+		w := xds.Workload{Namespace: s.w.Namespace, Name: s.w.Name, IPs: slices.Clone(s.w.IPs), Policy: s.policy}
+		if s.perr != nil {
+			w.PolicyError = s.perr.Error()
+		}
+		st.Workloads = append(st.Workloads, w)
+	}
+	return st
+}
+
+// RunXDS pushes the desired state to the xDS server whenever it changes,
+// batching changes that arrive within debounce of each other (one
+// snapshot costs the same for one change as for a hundred).
+func (r *Reconciler) RunXDS(ctx context.Context, debounce time.Duration) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-r.pending:
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(debounce):
+		}
+		r.PushXDS(ctx)
+	}
+}
+
+// PushXDS builds, validates and publishes the current state once.
+func (r *Reconciler) PushXDS(ctx context.Context) {
+	version, issues, err := r.xds.Update(ctx, r.State())
+	if err != nil {
+		r.log.Error("xds update failed; Envoy keeps the last good configuration", "error", err)
+		return
+	}
+	seen := map[string]bool{}
+	for _, is := range issues {
+		seen[is.Workload] = true
+		r.mu.Lock()
+		known := r.issues[is.Workload] == is.Reason
+		r.issues[is.Workload] = is.Reason
+		r.mu.Unlock()
+		if !known {
+			r.warn(is.Workload, "ProxyConfig", is.Reason)
+		}
+	}
+	r.mu.Lock()
+	for k := range r.issues {
+		if !seen[k] {
+			delete(r.issues, k)
+		}
+	}
+	r.mu.Unlock()
+	r.log.Debug("xds state pushed", "version", version)
+}
+
+func (r *Reconciler) warn(key, reason, msg string) {
+	r.log.Warn(msg, "workload", key, "reason", reason)
+	if r.report != nil {
+		r.report.Warn(key, reason, msg)
+	}
+}

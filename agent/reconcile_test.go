@@ -1,0 +1,222 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+)
+
+// fakeDatapath records what the reconciler programs.
+type fakeDatapath struct {
+	m    map[uint64]datapath.Workload
+	sets int
+}
+
+func (f *fakeDatapath) SetWorkload(cg uint64, w datapath.Workload) error {
+	f.m[cg] = w
+	f.sets++
+	return nil
+}
+func (f *fakeDatapath) DeleteWorkload(cg uint64) error { delete(f.m, cg); return nil }
+func (f *fakeDatapath) Workloads() (map[uint64]datapath.Workload, error) {
+	out := map[uint64]datapath.Workload{}
+	for k, v := range f.m {
+		out[k] = v
+	}
+	return out, nil
+}
+
+type fakeXDS struct{ states []xds.State }
+
+func (f *fakeXDS) Update(_ context.Context, st xds.State) (string, []xds.Issue, error) {
+	f.states = append(f.states, st)
+	_, issues, err := xds.Build(st)
+	return fmt.Sprint(len(f.states)), issues, err
+}
+
+type fakeReporter struct{ got []string }
+
+func (f *fakeReporter) Warn(key, reason, msg string) { f.got = append(f.got, key+" "+reason+": "+msg) }
+
+// cgroups maps paths to ids; a path not in it does not exist.
+type cgroups map[string]uint64
+
+func (c cgroups) id(p string) (uint64, error) {
+	if id, ok := c[p]; ok {
+		return id, nil
+	}
+	return 0, fmt.Errorf("cgroup %s: no such file or directory", p)
+}
+
+func newTestReconciler(t *testing.T, pinned map[uint64]datapath.Workload, cg cgroups) (*Reconciler, *fakeDatapath, *fakeXDS, *fakeReporter) {
+	t.Helper()
+	dp := &fakeDatapath{m: pinned}
+	x := &fakeXDS{}
+	rep := &fakeReporter{}
+	r, err := NewReconciler(ReconcilerConfig{
+		Datapath: dp, XDS: x, Reporter: rep, CgroupID: cg.id,
+		Proxy:  xds.Proxy{IPv4: netip.MustParseAddr("169.254.77.1"), Port: 15001},
+		Logger: slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r, dp, x, rep
+}
+
+func wl(name, cgroup, mode, allow string) Workload {
+	w := Workload{Namespace: "ns", Name: name, CgroupPath: cgroup, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")},
+		Labels: map[string]string{}, Annotations: map[string]string{}}
+	if mode != "" {
+		w.Labels[xds.LabelMode] = mode
+	}
+	if allow != "" {
+		w.Annotations[xds.AnnotationAllow] = allow
+	}
+	return w
+}
+
+func TestReconcileSelectUpdateRemove(t *testing.T) {
+	r, dp, _, _ := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{"/cg/a": 100, "/cg/a2": 101, "/cg/b": 200})
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if got := dp.m[100]; got.ID != 1 || got.FailMode != datapath.FailOpen {
+		t.Fatalf("audit workload programmed as %+v, want id 1 fail-open", got)
+	}
+	// The same workload again changes nothing.
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err != nil || dp.sets != 1 {
+		t.Fatalf("unchanged upsert: %d sets, err %v", dp.sets, err)
+	}
+	// Enforce: fail-closed by default, same counter id.
+	if err := r.Upsert(wl("a", "/cg/a", "enforce", "x.example.com")); err != nil {
+		t.Fatal(err)
+	}
+	if got := dp.m[100]; got.ID != 1 || got.FailMode != datapath.FailClosed {
+		t.Fatalf("enforce workload programmed as %+v", got)
+	}
+	// A new cgroup for the same workload (service restarted): old one goes.
+	if err := r.Upsert(wl("a", "/cg/a2", "enforce", "x.example.com")); err != nil {
+		t.Fatal(err)
+	}
+	if _, old := dp.m[100]; old || dp.m[101].ID != 1 {
+		t.Fatalf("after moving cgroups: %v", dp.m)
+	}
+	if err := r.Upsert(wl("b", "/cg/b", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if dp.m[200].ID != 2 {
+		t.Fatalf("second workload id %d, want 2", dp.m[200].ID)
+	}
+	if err := r.Remove("ns/a"); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dp.m[101]; ok || len(r.Keys()) != 1 {
+		t.Fatalf("after remove: map %v, keys %v", dp.m, r.Keys())
+	}
+	if names := r.Names(); names[2] != "ns/b" || len(names) != 1 {
+		t.Fatalf("names %v", names)
+	}
+}
+
+func TestReconcileMissingCgroupChangesNothing(t *testing.T) {
+	r, dp, _, _ := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{})
+	err := r.Upsert(wl("a", "/cg/not-yet", "", ""))
+	if err == nil || !strings.Contains(err.Error(), "ns/a") || !strings.Contains(err.Error(), "no such file") {
+		t.Fatalf("err = %v", err)
+	}
+	if len(dp.m) != 0 || len(r.Keys()) != 0 {
+		t.Fatalf("programmed %v / %v for a workload without a cgroup", dp.m, r.Keys())
+	}
+}
+
+// After a restart: pinned entries of workloads still present keep their
+// counter ids and are never deleted; the rest go at Sync, not before.
+func TestReconcileAdoptsPinsAndSyncs(t *testing.T) {
+	pinned := map[uint64]datapath.Workload{
+		100: {ID: 7, FailMode: datapath.FailOpen},
+		300: {ID: 3, FailMode: datapath.FailClosed},
+	}
+	r, dp, _, _ := newTestReconciler(t, pinned, cgroups{"/cg/a": 100, "/cg/new": 400})
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Upsert(wl("n", "/cg/new", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if dp.m[100].ID != 7 {
+		t.Fatalf("adopted workload's id %d, want 7 (its pinned id)", dp.m[100].ID)
+	}
+	if id := dp.m[400].ID; id == 7 || id == 3 || id == 0 {
+		t.Fatalf("new workload got id %d, taken or zero", id)
+	}
+	if _, ok := dp.m[300]; !ok {
+		t.Fatal("unclaimed pinned workload removed before Sync")
+	}
+	if err := r.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := dp.m[300]; ok {
+		t.Fatal("unclaimed pinned workload survived Sync")
+	}
+	if _, ok := dp.m[100]; !ok {
+		t.Fatal("claimed workload removed by Sync")
+	}
+}
+
+func TestReconcilePolicyErrorIsReportedAndSafe(t *testing.T) {
+	r, dp, x, rep := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{"/cg/a": 100})
+	if err := r.Upsert(wl("a", "/cg/a", "enforce", "ok.example.com, bad_host")); err != nil {
+		t.Fatal(err)
+	}
+	if dp.m[100].FailMode != datapath.FailClosed {
+		t.Fatal("enforce workload with a policy error is not fail-closed")
+	}
+	if len(rep.got) != 1 || !strings.Contains(rep.got[0], "ns/a PolicyError") || !strings.Contains(rep.got[0], "deny all") {
+		t.Fatalf("reports %q", rep.got)
+	}
+	// The same error again is not reported again.
+	w := wl("a", "/cg/a", "enforce", "ok.example.com, bad_host")
+	w.IPs = append(w.IPs, netip.MustParseAddr("10.0.0.9"))
+	if err := r.Upsert(w); err != nil || len(rep.got) != 1 {
+		t.Fatalf("reports %q, err %v", rep.got, err)
+	}
+	r.PushXDS(context.Background())
+	st := x.states[len(x.states)-1]
+	if len(st.Workloads) != 1 || len(st.Workloads[0].Policy.Allow) != 0 || st.Workloads[0].PolicyError == "" {
+		t.Fatalf("xds state %+v: want deny-all with the error", st.Workloads)
+	}
+}
+
+func TestReconcileReplaceAndXDSIssues(t *testing.T) {
+	r, dp, _, rep := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{"/cg/a": 100, "/cg/b": 200, "/cg/c": 300})
+	// a and b share an address with different policies.
+	a, b := wl("a", "/cg/a", "", ""), wl("b", "/cg/b", "enforce", "x.example.com")
+	if err := r.Replace([]Workload{a, b}); err != nil {
+		t.Fatal(err)
+	}
+	r.PushXDS(context.Background())
+	r.PushXDS(context.Background())
+	var shared int
+	for _, g := range rep.got {
+		if strings.Contains(g, "ProxyConfig") && strings.Contains(g, "shares source address") {
+			shared++
+		}
+	}
+	if shared != 2 {
+		t.Fatalf("want one shared-address report per workload, once: %q", rep.got)
+	}
+	if err := r.Replace([]Workload{wl("c", "/cg/c", "", "")}); err != nil {
+		t.Fatal(err)
+	}
+	if len(dp.m) != 1 || dp.m[300].ID == 0 {
+		t.Fatalf("after replace: %v", dp.m)
+	}
+}
