@@ -20,7 +20,10 @@ type command struct {
 }
 
 var commands = map[string]command{
+	"agent":     {"run the node agent (datapath, xDS server, workloads, proxy health, metrics)", runAgent},
 	"bootstrap": {"print the Envoy bootstrap that connects Envoy to this agent", runBootstrap},
+	"status":    {"show the pinned datapath, workloads, counters and xDS state", runStatus},
+	"uninstall": {"detach the programs, remove the pins and the proxy addresses", runUninstall},
 	"version":   {"print the version", runVersion},
 }
 

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/signal"
@@ -222,6 +223,7 @@ func Main(args []string) int {
 	verify := fs.Bool("verify", false, "test mode: read 'WANT <addr>|none' from each client, compare with the recovered original destination, answer match/mismatch, never dial")
 	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")
 	sink := fs.Bool("sink", false, "benchmark mode: ask for each original destination, then close; no dial, no record")
+	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -258,6 +260,18 @@ func Main(args []string) int {
 		defer l.Close()
 		p.addrs[ap] = true
 		go p.Serve(l)
+	}
+	if *admin != "" {
+		l, err := lc.Listen(ctx, "tcp", *admin)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "standin-proxy:", err)
+			return 1
+		}
+		mux := http.NewServeMux()
+		mux.HandleFunc("/ready", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "LIVE") })
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		defer srv.Close()
+		go srv.Serve(l)
 	}
 	fmt.Println("READY")
 	<-ctx.Done()

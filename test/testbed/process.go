@@ -25,7 +25,7 @@ const roleEnv = "EGRESSD_TESTBED_ROLE"
 // The "client" role is always available.
 func Main(m interface{ Run() int }, roles map[string]Role) {
 	if name := os.Getenv(roleEnv); name != "" {
-		all := map[string]Role{"client": clientMain, "hold": holdMain, "reuse": reuseMain}
+		all := map[string]Role{"client": clientMain, "hold": holdMain, "reuse": reuseMain, "httpget": httpgetMain}
 		for k, v := range roles {
 			all[k] = v
 		}
@@ -50,13 +50,22 @@ func Command(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...string) *
 	if err != nil {
 		t.Fatalf("find test binary: %v", err)
 	}
+	cmd := ExecCommand(t, cg, ns, self, args...)
+	cmd.Env = append(cmd.Env, roleEnv+"="+role)
+	return cmd
+}
+
+// ExecCommand is Command for another program (egressd itself, say): it
+// runs path in cgroup cg and network namespace ns.
+func ExecCommand(t testing.TB, cg *Cgroup, ns *Netns, path string, args ...string) *exec.Cmd {
+	t.Helper()
 	dir, err := os.Open(cg.Path)
 	if err != nil {
 		t.Fatalf("open cgroup: %v", err)
 	}
 	t.Cleanup(func() { dir.Close() })
-	cmd := exec.Command("nsenter", append([]string{"--net=" + ns.Path(), "--", self}, args...)...)
-	cmd.Env = append(os.Environ(), roleEnv+"="+role)
+	cmd := exec.Command("nsenter", append([]string{"--net=" + ns.Path(), "--", path}, args...)...)
+	cmd.Env = os.Environ()
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		UseCgroupFD: true,
 		CgroupFD:    int(dir.Fd()),
@@ -101,7 +110,13 @@ type Daemon struct {
 // waits for that line, and kills the process (by PID) when the test ends.
 func StartDaemon(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...string) *Daemon {
 	t.Helper()
-	cmd := Command(t, cg, ns, role, args...)
+	return StartCmd(t, role, Command(t, cg, ns, role, args...))
+}
+
+// StartCmd starts cmd as a daemon: it must print "READY" on stdout once it
+// serves; it is killed (by PID) when the test ends.
+func StartCmd(t testing.TB, role string, cmd *exec.Cmd) *Daemon {
+	t.Helper()
 	d := &Daemon{Cmd: cmd, Stderr: &bytes.Buffer{}, done: make(chan error, 1)}
 	cmd.Stderr = d.Stderr
 	out, err := cmd.StdoutPipe()
@@ -136,6 +151,25 @@ func StartDaemon(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...strin
 		t.Fatalf("%s not READY after 10s: %s", role, d.Stderr.String())
 	}
 	return d
+}
+
+// Signal sends sig to the daemon and waits up to timeout for it to exit;
+// it returns the exit error (nil for a clean exit).
+func (d *Daemon) Signal(sig os.Signal, timeout time.Duration) error {
+	if err := d.Cmd.Process.Signal(sig); err != nil {
+		return err
+	}
+	var err error
+	d.once.Do(func() {
+		select {
+		case err = <-d.done:
+		case <-time.After(timeout):
+			d.Cmd.Process.Kill()
+			<-d.done
+			err = fmt.Errorf("still running %v after %v", sig, timeout)
+		}
+	})
+	return err
 }
 
 // Stop kills the daemon and waits for it; calling it twice is fine.

@@ -1,0 +1,315 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Config is everything `egressd agent` is told.
+type Config struct {
+	// AttachCgroup is where the programs attach: the cgroup v2 root on a
+	// node (every pod is below it).
+	AttachCgroup string
+	PinPath      string
+	Proxy        xds.Proxy
+	// ProxyAdmin is Envoy's admin address whose /ready drives the
+	// datapath's proxy-ready flag; empty: the proxy is taken as ready.
+	ProxyAdmin string
+	// Exclude are destinations never redirected, beside loopback and
+	// link-local (e.g. the pod and service CIDRs).
+	Exclude      []netip.Prefix
+	ExcludePorts []uint16
+	XDSSocket    string
+	XDSTCP       string
+	// WorkloadsFile is the file source's path.
+	WorkloadsFile string
+	CgroupMount   string
+	// MetricsAddr serves /metrics, /healthz and /readyz; empty: off.
+	MetricsAddr string
+	// StateFile is where `egressd status` finds workload names and the
+	// control plane's state while the agent runs and after it stopped.
+	StateFile string
+	Logger    *slog.Logger
+	// Ready, if set, is called once the agent serves (tests, the demo).
+	Ready func()
+}
+
+// Run is the agent: it installs or adopts the pinned datapath, serves xDS,
+// follows the workload source and the proxy's health, until ctx is done.
+// On return the datapath stays pinned and attached: connections keep
+// being redirected, and a restarted agent picks up where this one left.
+func Run(ctx context.Context, cfg Config) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
+		return err
+	}
+	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath})
+	if err != nil {
+		return err
+	}
+	defer dp.Close()
+	ifname, err := datapath.ProxyAddrs{}.Ensure(cfg.Proxy.Addrs()...)
+	if err != nil {
+		return err
+	}
+	if err := dp.SetProxy(datapath.Proxy{IPv4: cfg.Proxy.IPv4, IPv6: cfg.Proxy.IPv6, Port: cfg.Proxy.Port}); err != nil {
+		return err
+	}
+	if err := dp.SetExclusions(append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)); err != nil {
+		return err
+	}
+	if err := dp.SetExcludedPorts(cfg.ExcludePorts); err != nil {
+		return err
+	}
+	log.Info("datapath ready", "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
+
+	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, TCPAddr: cfg.XDSTCP, Logger: log})
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(cfg.XDSSocket), 0o755); err != nil {
+		return fmt.Errorf("xds socket directory: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	events := &logReporter{log: log}
+	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, Reporter: events, Logger: log})
+	if err != nil {
+		return err
+	}
+	m := NewMetrics(reg, dp, rec, xs)
+	events.policyErrors = m.PolicyErrors
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errc := make(chan error, 4)
+	go func() { errc <- xs.Serve(ctx) }()
+	rec.PushXDS(ctx) // Envoy gets a listener that closes everything until workloads arrive
+	go rec.RunXDS(ctx, 100*time.Millisecond)
+
+	var synced atomic.Bool
+	src := FileSource{Path: cfg.WorkloadsFile, CgroupMount: cfg.CgroupMount}
+	go func() {
+		errc <- src.Run(ctx, func(ws []Workload) {
+			start := time.Now()
+			if err := rec.Replace(ws); err != nil {
+				m.CgroupFailures.Inc()
+				log.Error("workloads not all applied; they keep their previous state", "error", err)
+			}
+			m.Reconcile.Observe(time.Since(start).Seconds())
+			if !synced.Load() {
+				if err := rec.Sync(); err != nil {
+					log.Error("remove stale workloads", "error", err)
+				}
+				synced.Store(true)
+			}
+		}, func(err error) {
+			m.SourceErrors.WithLabelValues("file").Inc()
+			log.Error("workloads file not applied; the last good version stays", "error", err)
+		})
+	}()
+
+	go probeProxy(ctx, cfg.ProxyAdmin, dp, m, log)
+	go writeState(ctx, cfg.StateFile, rec, xs, log)
+
+	if cfg.MetricsAddr != "" {
+		srv, err := serveHTTP(cfg.MetricsAddr, reg, &synced)
+		if err != nil {
+			return err
+		}
+		defer srv.Close()
+		log.Info("metrics and health", "address", cfg.MetricsAddr)
+	}
+	if cfg.Ready != nil {
+		cfg.Ready()
+	}
+	select {
+	case <-ctx.Done():
+		log.Info("stopping; the datapath stays pinned and keeps redirecting")
+		return nil
+	case err := <-errc:
+		if err == nil && ctx.Err() != nil {
+			return nil
+		}
+		return err
+	}
+}
+
+// logReporter reports workload problems as log lines and metrics; the
+// Kubernetes source adds Events.
+type logReporter struct {
+	log          *slog.Logger
+	policyErrors prometheus.Counter
+}
+
+func (l *logReporter) Warn(key, reason, msg string) {
+	if reason == "PolicyError" && l.policyErrors != nil {
+		l.policyErrors.Inc()
+	}
+}
+
+// probeProxy drives the datapath's proxy-ready flag from Envoy's /ready:
+// ready on the first LIVE answer, not ready after three failed probes in a
+// row (about three seconds), so one slow answer does not flap it.
+func probeProxy(ctx context.Context, admin string, dp *datapath.Datapath, m *Metrics, log *slog.Logger) {
+	set := func(ready bool, why string) {
+		st, err := dp.ProxyState()
+		if err == nil && st.Ready == ready {
+			m.ProxyReady.Set(b2f(ready))
+			return
+		}
+		if err := dp.SetReady(ready); err != nil {
+			log.Error("set proxy ready", "ready", ready, "error", err)
+			return
+		}
+		m.ProxyReady.Set(b2f(ready))
+		m.ProxyTransitions.Inc()
+		log.Info("proxy readiness changed", "ready", ready, "why", why)
+	}
+	if admin == "" {
+		set(true, "no proxy admin address to probe")
+		return
+	}
+	client := &http.Client{Timeout: time.Second}
+	url := "http://" + admin + "/ready"
+	failures := 0
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		ok, why := probe(ctx, client, url)
+		if ok {
+			failures = 0
+			set(true, why)
+		} else if failures++; failures >= 3 {
+			set(false, why)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func probe(ctx context.Context, c *http.Client, url string) (bool, string) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return false, err.Error()
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return false, err.Error()
+	}
+	defer resp.Body.Close()
+	var buf [64]byte
+	n, _ := resp.Body.Read(buf[:])
+	body := strings.TrimSpace(string(buf[:n]))
+	if resp.StatusCode == http.StatusOK && body == "LIVE" {
+		return true, url + ": LIVE"
+	}
+	return false, fmt.Sprintf("%s: %d %q", url, resp.StatusCode, body)
+}
+
+func b2f(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// State is what the agent leaves for `egressd status`: names of the
+// workloads behind the pinned counter ids, and the control plane's state.
+type State struct {
+	Updated   time.Time         `json:"updated"`
+	PID       int               `json:"pid"`
+	Workloads map[uint32]string `json:"workloads"`
+	XDS       xds.Status        `json:"xds"`
+}
+
+func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, log *slog.Logger) {
+	if path == "" {
+		return
+	}
+	t := time.NewTicker(2 * time.Second)
+	defer t.Stop()
+	for {
+		st := State{Updated: time.Now().UTC(), PID: os.Getpid(), Workloads: r.Names(), XDS: x.Status()}
+		if err := writeJSONAtomic(path, st); err != nil {
+			log.Warn("write state file", "path", path, "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func writeJSONAtomic(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+// ReadState reads the agent's state file.
+func ReadState(path string) (State, error) {
+	var st State
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return st, err
+	}
+	return st, json.Unmarshal(b, &st)
+}
+
+// serveHTTP serves /metrics, /healthz (the agent is running) and /readyz
+// (its sources have delivered a full view and it has programmed it).
+func serveHTTP(addr string, reg *prometheus.Registry, synced *atomic.Bool) (*http.Server, error) {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !synced.Load() {
+			http.Error(w, "workloads not synced yet", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ok")
+	})
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("metrics: listen %s: %w", addr, err)
+	}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			slog.Error("metrics server", "error", err)
+		}
+	}()
+	return srv, nil
+}

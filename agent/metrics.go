@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"strings"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// BPFStats is what the collector reads from the datapath at scrape time
+// (*datapath.Datapath).
+type BPFStats interface {
+	Counters() (datapath.Counters, error)
+	WorkloadStats() (map[uint32]datapath.WorkloadStats, error)
+	InFlight() (origDsts, pendingTuples int, err error)
+}
+
+// Metrics are the agent's control-plane metrics; the datapath's are read by
+// a collector at scrape time, never copied.
+type Metrics struct {
+	Reconcile        prometheus.Histogram
+	CgroupFailures   prometheus.Counter
+	PolicyErrors     prometheus.Counter
+	SourceErrors     *prometheus.CounterVec
+	ProxyReady       prometheus.Gauge
+	ProxyTransitions prometheus.Counter
+}
+
+// NewMetrics registers the agent's metrics and the collectors that read
+// the datapath, the reconciler and the xDS server at scrape time.
+func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server) *Metrics {
+	m := &Metrics{
+		Reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "egressd_reconcile_duration_seconds", Help: "Time to program one workload change into the datapath.",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 8),
+		}),
+		CgroupFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_cgroup_resolution_failures_total", Help: "Workload changes that failed because the workload's cgroup could not be found.",
+		}),
+		PolicyErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_policy_errors_total", Help: "Workload policies (labels/annotation) that did not parse; the workload got its safest policy.",
+		}),
+		SourceErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "egressd_source_errors_total", Help: "Workload source errors (a workloads file that does not parse, a watch that failed).",
+		}, []string{"source"}),
+		ProxyReady: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "egressd_proxy_ready", Help: "1 when Envoy answers /ready with LIVE and the datapath redirects; 0 while fail-open workloads go direct and fail-closed ones are refused.",
+		}),
+		ProxyTransitions: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "egressd_proxy_ready_transitions_total", Help: "Changes of the proxy-ready flag.",
+		}),
+	}
+	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions)
+	reg.MustRegister(&collector{bpf: bpf, r: r, x: x})
+	return m
+}
+
+var (
+	descEvents = prometheus.NewDesc("egressd_datapath_events_total",
+		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
+		[]string{"event"}, nil)
+	descWorkloadConns = prometheus.NewDesc("egressd_workload_connections_total",
+		"Connections of a selected workload by outcome: redirected, or refused because the proxy was not ready (failed_closed).",
+		[]string{"namespace", "pod", "outcome"}, nil)
+	descInFlight = prometheus.NewDesc("egressd_datapath_inflight_entries",
+		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
+		[]string{"map"}, nil)
+	descSelected    = prometheus.NewDesc("egressd_selected_workloads", "Workloads selected on this node.", nil, nil)
+	descScrapeErr   = prometheus.NewDesc("egressd_datapath_read_errors", "1 if the last scrape could not read the datapath.", nil, nil)
+	descXDSVersions = prometheus.NewDesc("egressd_xds_versions_total", "Configurations published to Envoy.", nil, nil)
+	descXDSPushes   = prometheus.NewDesc("egressd_xds_pushes_total", "xDS responses sent to Envoy.", nil, nil)
+	descXDSAcks     = prometheus.NewDesc("egressd_xds_acks_total", "Configurations Envoy accepted.", nil, nil)
+	descXDSNacks    = prometheus.NewDesc("egressd_xds_nacks_total", "Configurations Envoy rejected (it keeps the last good one).", nil, nil)
+	descXDSStreams  = prometheus.NewDesc("egressd_xds_connected_proxies", "Envoys connected over ADS.", nil, nil)
+	descXDSVersion  = prometheus.NewDesc("egressd_xds_version_info", "The configuration version being served (label), value 1.", []string{"version"}, nil)
+)
+
+type collector struct {
+	bpf BPFStats
+	r   *Reconciler
+	x   *xds.Server
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descSelected, descScrapeErr,
+		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	failed := 0.0
+	if cs, err := c.bpf.Counters(); err == nil {
+		for i, v := range cs.Values() {
+			ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(v), datapath.CounterNames[i])
+		}
+	} else {
+		failed = 1
+	}
+	if ws, err := c.bpf.WorkloadStats(); err == nil && c.r != nil {
+		names := c.r.Names()
+		for id, s := range ws {
+			key, ok := names[id]
+			if !ok {
+				continue // counters of a workload not (yet) claimed by a source
+			}
+			ns, pod := splitKey(key)
+			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Redirected), ns, pod, "redirected")
+			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.FailedClosed), ns, pod, "failed_closed")
+		}
+	} else if err != nil {
+		failed = 1
+	}
+	if o, p, err := c.bpf.InFlight(); err == nil {
+		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(o), "orig_dsts")
+		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(p), "pending_tuples")
+	} else {
+		failed = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descScrapeErr, prometheus.GaugeValue, failed)
+	if c.r != nil {
+		ch <- prometheus.MustNewConstMetric(descSelected, prometheus.GaugeValue, float64(len(c.r.Keys())))
+	}
+	if c.x != nil {
+		st := c.x.Status()
+		ch <- prometheus.MustNewConstMetric(descXDSVersions, prometheus.CounterValue, float64(st.Versions))
+		ch <- prometheus.MustNewConstMetric(descXDSPushes, prometheus.CounterValue, float64(st.Pushes))
+		ch <- prometheus.MustNewConstMetric(descXDSAcks, prometheus.CounterValue, float64(st.ACKs))
+		ch <- prometheus.MustNewConstMetric(descXDSNacks, prometheus.CounterValue, float64(st.NACKs))
+		ch <- prometheus.MustNewConstMetric(descXDSStreams, prometheus.GaugeValue, float64(st.Streams))
+		if st.Version != "" {
+			ch <- prometheus.MustNewConstMetric(descXDSVersion, prometheus.GaugeValue, 1, st.Version)
+		}
+	}
+}
+
+func splitKey(key string) (ns, name string) {
+	if i := strings.IndexByte(key, '/'); i >= 0 {
+		return key[:i], key[i+1:]
+	}
+	return "", key
+}

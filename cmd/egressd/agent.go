@@ -1,0 +1,162 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/egressd/egressd/agent"
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+)
+
+const defaultStateFile = "/run/egressd/state.json"
+
+// addrFlag is an IP address flag where "" or "none" means no address.
+type addrFlag struct{ a *netip.Addr }
+
+func (f addrFlag) String() string {
+	if f.a == nil || !f.a.IsValid() {
+		return ""
+	}
+	return f.a.String()
+}
+
+func (f addrFlag) Set(s string) error {
+	if s == "" || s == "none" {
+		*f.a = netip.Addr{}
+		return nil
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return err
+	}
+	*f.a = a
+	return nil
+}
+
+// listFlag is a comma-separated list.
+type listFlag []string
+
+func (l *listFlag) String() string { return strings.Join(*l, ",") }
+func (l *listFlag) Set(s string) error {
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			*l = append(*l, p)
+		}
+	}
+	return nil
+}
+
+func proxyFlags(fs *flag.FlagSet) *xds.Proxy {
+	p := &xds.Proxy{IPv4: datapath.DefaultProxyIPv4, IPv6: datapath.DefaultProxyIPv6, Port: datapath.DefaultProxyPort}
+	fs.Var(addrFlag{&p.IPv4}, "proxy-ipv4", `node-local IPv4 address Envoy listens on and IPv4 connections are redirected to; "none" for none`)
+	fs.Var(addrFlag{&p.IPv6}, "proxy-ipv6", `node-local IPv6 address for IPv6 connections; "none" for none`)
+	fs.Func("proxy-port", fmt.Sprintf("port Envoy listens on (default %d)", datapath.DefaultProxyPort), func(s string) error {
+		n, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("want a port in 1-65535")
+		}
+		p.Port = uint16(n)
+		return nil
+	})
+	return p
+}
+
+func runAgent(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("agent", `Run the node agent: install (or adopt) the pinned eBPF datapath, serve Envoy its
+configuration over ADS, follow the workloads and Envoy's health. On SIGTERM the
+control plane stops and the datapath stays pinned and redirecting; a restarted
+agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN and
+CAP_SYS_RESOURCE.
+
+Workloads come from a YAML file (plain Linux hosts, the demo), reloaded when it
+changes; see docs/agent.md for its format.`, stderr)
+	mount, _ := datapath.Cgroup2Mount()
+	cfg := agent.Config{}
+	fs.StringVar(&cfg.WorkloadsFile, "workloads-file", "", "YAML file of workloads to select (required)")
+	fs.StringVar(&cfg.AttachCgroup, "cgroup-attach", mount, "cgroup v2 directory the programs attach to; every selected workload must be below it (default: the cgroup v2 mount)")
+	fs.StringVar(&cfg.CgroupMount, "cgroup-mount", mount, "cgroup v2 mount that workload cgroup paths are relative to")
+	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for egressd's pinned programs and maps")
+	proxy := proxyFlags(fs)
+	fs.StringVar(&cfg.ProxyAdmin, "proxy-admin", xds.DefaultAdminAddress.String(), `Envoy admin address whose /ready drives fail-open/fail-closed; "" treats the proxy as always ready`)
+	var exclude, excludePorts listFlag
+	fs.Var(&exclude, "exclude", "comma-separated CIDRs never redirected, beside loopback and link-local (e.g. pod and service CIDRs)")
+	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
+	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on (mode 0600)")
+	fs.StringVar(&cfg.XDSTCP, "xds-tcp", "", "also serve ADS on this loopback ip:port")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-address", "127.0.0.1:9464", `address for /metrics, /healthz and /readyz; "" for none`)
+	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for egressd status")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error (JSON logs on stderr)")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("agent takes no arguments, got %q: %w", fs.Args(), errUsage)
+	}
+	if cfg.WorkloadsFile == "" {
+		fs.Usage()
+		return fmt.Errorf("--workloads-file is required: %w", errUsage)
+	}
+	if cfg.AttachCgroup == "" || cfg.CgroupMount == "" {
+		return fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
+	}
+	cfg.Proxy = *proxy
+	for _, s := range exclude {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			a, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return fmt.Errorf("--exclude %q: not a CIDR or address", s)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		cfg.Exclude = append(cfg.Exclude, p.Masked())
+	}
+	for _, s := range excludePorts {
+		n, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("--exclude-ports %q: want a port in 1-65535", s)
+		}
+		cfg.ExcludePorts = append(cfg.ExcludePorts, uint16(n))
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: %w", *logLevel, err)
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if os.Getenv("EGRESSD_READY_LINE") != "" {
+		// The testbed and the demo wait for this line on stdout.
+		cfg.Ready = func() { fmt.Fprintln(stdout, "READY") }
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return agent.Run(ctx, cfg)
+}
+
+func runUninstall(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("uninstall", `Detach egressd's eBPF programs, remove its pins and the proxy addresses. Only
+egressd's own links, maps and addresses are touched. Stop the agent first.`, stderr)
+	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of egressd's pins")
+	proxy := proxyFlags(fs)
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if err := datapath.Uninstall(*pin); err != nil {
+		return err
+	}
+	if err := (datapath.ProxyAddrs{}).Remove(proxy.Addrs()...); err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "egressd uninstalled: programs detached, %s removed, proxy addresses %v removed\n", *pin, proxy.Addrs())
+	return nil
+}

@@ -1,0 +1,184 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sort"
+	"text/tabwriter"
+	"time"
+
+	"github.com/egressd/egressd/agent"
+	"github.com/egressd/egressd/agent/datapath"
+)
+
+// statusReport is what `egressd status` shows; --format json prints it.
+type statusReport struct {
+	PinPath   string              `json:"pin_path"`
+	Programs  []programStatus     `json:"programs"`
+	Proxy     datapath.ProxyState `json:"proxy"`
+	Workloads []workloadStatus    `json:"workloads"`
+	Counters  map[string]uint64   `json:"counters"`
+	InFlight  map[string]int      `json:"in_flight"`
+	Agent     *agent.State        `json:"agent,omitempty"`
+	AgentNote string              `json:"agent_note"`
+}
+
+type programStatus struct {
+	Name       string `json:"name"`
+	AttachType string `json:"attach_type"`
+	LinkID     uint32 `json:"link_id,omitempty"`
+	ProgramID  uint32 `json:"program_id,omitempty"`
+	Tag        string `json:"tag,omitempty"`
+	Error      string `json:"error,omitempty"`
+}
+
+type workloadStatus struct {
+	CgroupID     uint64 `json:"cgroup_id"`
+	ID           uint32 `json:"id"`
+	Name         string `json:"name"`
+	FailMode     string `json:"fail_mode"`
+	Redirected   uint64 `json:"redirected"`
+	FailedClosed uint64 `json:"failed_closed"`
+}
+
+func runStatus(args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("status", `Show the pinned datapath: attached programs, proxy address and readiness,
+selected workloads with their counters, global counters, and the control
+plane's last known state (xDS version, Envoy's ACKs and NACKs). Works while the
+agent runs and after it stopped: it reads the pins and the agent's state file.`, stderr)
+	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of egressd's pins")
+	stateFile := fs.String("state-file", defaultStateFile, "the agent's state file")
+	format := fs.String("format", "text", "text or json")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *format != "text" && *format != "json" {
+		return fmt.Errorf("--format %q: want text or json", *format)
+	}
+	rep, err := collectStatus(*pin, *stateFile)
+	if err != nil {
+		return err
+	}
+	if *format == "json" {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(rep)
+	}
+	printStatus(stdout, rep)
+	return nil
+}
+
+func collectStatus(pin, stateFile string) (*statusReport, error) {
+	dp, err := datapath.OpenPinned(pin)
+	if errors.Is(err, datapath.ErrNotInstalled) {
+		return nil, fmt.Errorf("egressd is not installed (no pins at %s)", pin)
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer dp.Close()
+	rep := &statusReport{PinPath: pin, Counters: map[string]uint64{}, InFlight: map[string]int{}}
+	for _, p := range datapath.Programs(pin) {
+		ps := programStatus{Name: p.Name, AttachType: p.AttachType, LinkID: uint32(p.LinkID), ProgramID: uint32(p.ProgramID), Tag: p.Tag}
+		if p.Err != nil {
+			ps.Error = p.Err.Error()
+		}
+		rep.Programs = append(rep.Programs, ps)
+	}
+	if rep.Proxy, err = dp.ProxyState(); err != nil {
+		return nil, err
+	}
+	cs, err := dp.Counters()
+	if err != nil {
+		return nil, err
+	}
+	for i, v := range cs.Values() {
+		rep.Counters[datapath.CounterNames[i]] = v
+	}
+	o, p, err := dp.InFlight()
+	if err != nil {
+		return nil, err
+	}
+	rep.InFlight["orig_dsts"], rep.InFlight["pending_tuples"] = o, p
+
+	if st, err := agent.ReadState(stateFile); err == nil {
+		rep.Agent = &st
+		age := time.Since(st.Updated).Round(time.Second)
+		if processAlive(st.PID) && age < 10*time.Second {
+			rep.AgentNote = fmt.Sprintf("agent running (pid %d), state %s old", st.PID, age)
+		} else {
+			rep.AgentNote = fmt.Sprintf("agent not running; its last state is from %s (%s ago); the datapath keeps redirecting", st.Updated.Format(time.RFC3339), age)
+		}
+	} else {
+		rep.AgentNote = fmt.Sprintf("no agent state (%v): workload names unknown", err)
+	}
+	ws, err := dp.Workloads()
+	if err != nil {
+		return nil, err
+	}
+	stats, err := dp.WorkloadStats()
+	if err != nil {
+		return nil, err
+	}
+	for cg, w := range ws {
+		s := workloadStatus{CgroupID: cg, ID: w.ID, FailMode: w.FailMode.String(), Redirected: stats[w.ID].Redirected, FailedClosed: stats[w.ID].FailedClosed}
+		if rep.Agent != nil {
+			s.Name = rep.Agent.Workloads[w.ID]
+		}
+		rep.Workloads = append(rep.Workloads, s)
+	}
+	sort.Slice(rep.Workloads, func(i, j int) bool { return rep.Workloads[i].ID < rep.Workloads[j].ID })
+	return rep, nil
+}
+
+func processAlive(pid int) bool {
+	if pid <= 0 {
+		return false
+	}
+	_, err := os.Stat(fmt.Sprintf("/proc/%d", pid))
+	return err == nil
+}
+
+func printStatus(w io.Writer, r *statusReport) {
+	fmt.Fprintf(w, "egressd datapath at %s\n%s\n\n", r.PinPath, r.AgentNote)
+	fmt.Fprintf(w, "proxy: %v port %d, ready=%v\n\n", r.Proxy.Proxy.IPv4, r.Proxy.Port, r.Proxy.Ready)
+	if r.Proxy.IPv6.IsValid() {
+		fmt.Fprintf(w, "proxy IPv6: %v\n\n", r.Proxy.IPv6)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tFAIL MODE\tREDIRECTED\tFAILED CLOSED")
+	for _, s := range r.Workloads {
+		name := s.Name
+		if name == "" {
+			name = "(unknown)"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%d\t%d\n", name, s.ID, s.CgroupID, s.FailMode, s.Redirected, s.FailedClosed)
+	}
+	tw.Flush()
+	if r.Agent != nil {
+		x := r.Agent.XDS
+		fmt.Fprintf(w, "\nxds: version %q, %d versions, %d pushes, %d ACKs, %d NACKs, %d Envoy(s) connected\n", x.Version, x.Versions, x.Pushes, x.ACKs, x.NACKs, x.Streams)
+		if x.LastNACK != nil {
+			fmt.Fprintf(w, "last NACK %s: %s rejected %s, kept %s: %s\n", x.LastNACK.Time.Format(time.RFC3339), x.LastNACK.TypeURL, x.LastNACK.Rejected, x.LastNACK.Kept, x.LastNACK.Message)
+		}
+	}
+	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"])
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, n := range datapath.CounterNames {
+		fmt.Fprintf(tw, "  %s\t%d\n", n, r.Counters[n])
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "\nprograms:")
+	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, p := range r.Programs {
+		if p.Error != "" {
+			fmt.Fprintf(tw, "  %s\t%s\tERROR %s\n", p.Name, p.AttachType, p.Error)
+			continue
+		}
+		fmt.Fprintf(tw, "  %s\t%s\tlink %d\tprog %d\t%s\n", p.Name, p.AttachType, p.LinkID, p.ProgramID, p.Tag)
+	}
+	tw.Flush()
+}

@@ -1,0 +1,144 @@
+// Package e2e runs the real egressd agent binary on a netns testbed and
+// checks what users see: which connections the proxy received with which
+// original destination, what the servers saw, `egressd status`, metrics,
+// and that the datapath survives the agent.
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/test/harness"
+	"github.com/egressd/egressd/test/standin"
+	"github.com/egressd/egressd/test/testbed"
+)
+
+func TestMain(m *testing.M) { testbed.Main(m, harness.Roles) }
+
+type status struct {
+	Proxy struct {
+		Ready bool `json:"Ready"`
+	} `json:"proxy"`
+	Workloads []struct {
+		ID         uint32 `json:"id"`
+		Name       string `json:"name"`
+		FailMode   string `json:"fail_mode"`
+		Redirected uint64 `json:"redirected"`
+	} `json:"workloads"`
+	AgentNote string `json:"agent_note"`
+}
+
+func readStatus(t *testing.T, e *harness.Env) status {
+	t.Helper()
+	var st status
+	out := e.Status(t, "--format", "json")
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		t.Fatalf("status json: %v\n%s", err, out)
+	}
+	return st
+}
+
+func dial(t *testing.T, p *testbed.Pod, spec string) testbed.DialResult {
+	t.Helper()
+	res := testbed.Dial(t, testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", spec))
+	if len(res) != 1 {
+		t.Fatalf("%d results", len(res))
+	}
+	return res[0]
+}
+
+// redirected dials from p and reports whether the stand-in proxy received
+// the connection, checking the original destination it recovered and what
+// the server saw.
+func redirected(t *testing.T, e *harness.Env, p *testbed.Pod, dst string) bool {
+	t.Helper()
+	r := dial(t, p, "tcp4:"+dst)
+	if r.Err != "" {
+		t.Fatalf("dial %s from %s: %s", dst, p.Name, r.Err)
+	}
+	if r.Peer != dst {
+		t.Errorf("getpeername = %s, want %s", r.Peer, dst)
+	}
+	rec, ok := standin.FindRecord(e.Records, r.Local, 2*time.Second)
+	if !ok {
+		if want := "peer=" + p.IPv4.String(); !strings.HasPrefix(r.Reply, want) {
+			t.Errorf("direct connection: server saw %q, want %s:*", r.Reply, want)
+		}
+		return false
+	}
+	if rec.OrigDst != dst {
+		t.Errorf("proxy recovered %q, want %s", rec.OrigDst, dst)
+	}
+	if want := "peer=" + testbed.NodeV4.String(); !strings.HasPrefix(r.Reply, want) {
+		t.Errorf("redirected connection: server saw %q, want %s:*", r.Reply, want)
+	}
+	return true
+}
+
+func TestPrivilegedAgentFileSource(t *testing.T) {
+	e := harness.New(t, 2)
+	web, other := e.TB.Pods[0], e.TB.Pods[1]
+	dst := fmt.Sprintf("%s:%d", testbed.ExternalV4[0], harness.ServerPort)
+	e.WriteWorkloads(t, harness.Workload{Pod: web, Namespace: "demo", Name: "web", Mode: "enforce", Allow: dst})
+
+	agent := e.StartAgent(t)
+	harness.WaitFor(t, "proxy ready (agent probing the stand-in's /ready)", 10*time.Second, func() bool { return readStatus(t, e).Proxy.Ready })
+
+	if !redirected(t, e, web, dst) {
+		t.Fatal("selected pod's connection was not redirected")
+	}
+	if redirected(t, e, other, dst) {
+		t.Fatal("unselected pod's connection was redirected")
+	}
+
+	st := readStatus(t, e)
+	if len(st.Workloads) != 1 || st.Workloads[0].Name != "demo/web" || st.Workloads[0].FailMode != "closed" || st.Workloads[0].Redirected != 1 {
+		t.Fatalf("status workloads %+v, want demo/web fail-closed with 1 redirected", st.Workloads)
+	}
+	if !strings.Contains(st.AgentNote, "agent running") {
+		t.Errorf("status note %q", st.AgentNote)
+	}
+	id := st.Workloads[0].ID
+
+	m := e.Metrics(t)
+	for _, want := range []string{
+		`egressd_workload_connections_total{namespace="demo",outcome="redirected",pod="web"} 1`,
+		`egressd_proxy_ready 1`,
+		`egressd_selected_workloads 1`,
+		`egressd_datapath_events_total{event="orig_dst_answered"} 1`,
+	} {
+		if !strings.Contains(m, want) {
+			t.Errorf("metrics lack %s; have:\n%s", want, strings.Join(harness.MetricLines(m, "egressd_"), "\n"))
+		}
+	}
+	if v := harness.MetricLines(m, "egressd_xds_versions_total "); len(v) != 1 || v[0] == "egressd_xds_versions_total 0" {
+		t.Errorf("xds versions: %v", v)
+	}
+
+	// SIGTERM: the control plane stops, the datapath keeps redirecting.
+	harness.StopAgent(t, agent)
+	if !redirected(t, e, web, dst) {
+		t.Fatal("redirection stopped with the agent")
+	}
+	if st := readStatus(t, e); !strings.Contains(st.AgentNote, "not running") || len(st.Workloads) != 1 || st.Workloads[0].Redirected != 2 {
+		t.Fatalf("status after stop: %+v", st)
+	}
+
+	// A restarted agent adopts the pinned workload with its counter id,
+	// then follows the file.
+	e.StartAgent(t)
+	if st := readStatus(t, e); len(st.Workloads) != 1 || st.Workloads[0].ID != id || st.Workloads[0].Redirected != 2 {
+		t.Fatalf("status after restart: %+v (want id %d, counters kept)", st.Workloads, id)
+	}
+	if !redirected(t, e, web, dst) {
+		t.Fatal("not redirected after restart")
+	}
+	e.WriteWorkloads(t)
+	harness.WaitFor(t, "the workload to be deselected", 10*time.Second, func() bool { return len(readStatus(t, e).Workloads) == 0 })
+	if redirected(t, e, web, dst) {
+		t.Fatal("deselected pod still redirected")
+	}
+}

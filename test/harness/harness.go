@@ -1,0 +1,252 @@
+// Package harness runs the real egressd agent on a netns testbed: the
+// egressd binary built from this tree, the stand-in proxy (Envoy's
+// original_dst listener, with a /ready endpoint), echo servers on the
+// external addresses, and a workloads file naming the testbed's pods. The
+// agent end-to-end tests and `make demo` use it.
+package harness
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/standin"
+	"github.com/egressd/egressd/test/testbed"
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
+	"sigs.k8s.io/yaml"
+)
+
+// Ports the external servers listen on.
+const (
+	ServerPort   = 8080
+	ExcludedPort = 9090
+	adminAddr    = "127.0.0.1:15000"
+	metricsAddr  = "127.0.0.1:9464"
+)
+
+// Roles are the testbed roles the harness needs; pass them to testbed.Main.
+var Roles = map[string]testbed.Role{"proxy": standin.Main}
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// Egressd builds cmd/egressd from this tree once per test binary.
+func Egressd(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "egressd-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "egressd")
+		cmd := exec.Command("go", "build", "-o", binPath, "github.com/egressd/egressd/cmd/egressd")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build cmd/egressd: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// Env is a testbed with the stand-in proxy and echo servers running, ready
+// for an agent.
+type Env struct {
+	TB            *testbed.Testbed
+	Echo          *testbed.EchoServer
+	Records       string // the stand-in proxy's JSON records
+	Dir           string
+	PinPath       string
+	StateFile     string
+	WorkloadsFile string
+	Bin           string
+	AgentCgroup   *testbed.Cgroup
+}
+
+// New builds the testbed with pods, the echo servers and the proxy.
+func New(t testing.TB, pods int) *Env {
+	t.Helper()
+	tb := testbed.New(t, pods)
+	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	e := &Env{
+		TB:            tb,
+		Dir:           dir,
+		Records:       filepath.Join(dir, "proxy.jsonl"),
+		PinPath:       filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID),
+		StateFile:     filepath.Join(dir, "state.json"),
+		WorkloadsFile: filepath.Join(dir, "workloads.yaml"),
+		Bin:           Egressd(t),
+		AgentCgroup:   tb.Root.Child(t, "agent"),
+	}
+	e.Echo = testbed.ServeEcho(t)
+	for _, a := range append(append([]netip.Addr{}, testbed.ExternalV4...), testbed.ExternalV6...) {
+		for _, port := range []uint16{ServerPort, ExcludedPort} {
+			e.Echo.Add(tb.External.Listen(t, "tcp", netip.AddrPortFrom(a, port).String()))
+		}
+	}
+	// The agent puts the proxy addresses on the node (idempotently); in a
+	// cluster Envoy binds them only when the agent's listener arrives. Here
+	// the stand-in binds at start, so they go first.
+	nodeNS, err := netns.GetFromName(tb.Node.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nodeNS.Close()
+	h, err := netlink.NewHandleAt(nodeNS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
+		t.Fatalf("proxy address: %v", err)
+	}
+	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy",
+		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
+		"-records", e.Records, "-admin", adminAddr)
+	t.Cleanup(func() {
+		// Uninstall inside the node's netns: the proxy addresses it removes
+		// are the testbed's, never the machine's.
+		out, err := testbed.ExecCommand(t, e.AgentCgroup, tb.Node, e.Bin, "uninstall", "--pin-path", e.PinPath).CombinedOutput()
+		if err != nil {
+			t.Errorf("egressd uninstall: %v\n%s", err, out)
+		}
+	})
+	return e
+}
+
+// Workload is one entry of the workloads file, for a testbed pod.
+type Workload struct {
+	Pod       *testbed.Pod
+	Namespace string
+	Name      string
+	Mode      string // "", audit, enforce
+	FailMode  string // "", open, closed
+	Allow     string
+}
+
+// WriteWorkloads writes the workloads file (atomically, as config
+// management does).
+func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
+	t.Helper()
+	type entry struct {
+		Name        string            `json:"name"`
+		Namespace   string            `json:"namespace,omitempty"`
+		Cgroup      string            `json:"cgroup"`
+		IPs         []string          `json:"ips"`
+		Labels      map[string]string `json:"labels,omitempty"`
+		Annotations map[string]string `json:"annotations,omitempty"`
+	}
+	var doc struct {
+		Workloads []entry `json:"workloads"`
+	}
+	doc.Workloads = []entry{}
+	for _, w := range ws {
+		en := entry{Name: w.Name, Namespace: w.Namespace, Cgroup: w.Pod.Cgroup.Path, IPs: []string{w.Pod.IPv4.String(), w.Pod.IPv6.String()},
+			Labels: map[string]string{}, Annotations: map[string]string{}}
+		if w.Mode != "" {
+			en.Labels["egressd.io/mode"] = w.Mode
+		}
+		if w.FailMode != "" {
+			en.Labels["egressd.io/fail-mode"] = w.FailMode
+		}
+		if w.Allow != "" {
+			en.Annotations["egressd.io/allow"] = w.Allow
+		}
+		doc.Workloads = append(doc.Workloads, en)
+	}
+	b, err := yaml.Marshal(doc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmp := e.WorkloadsFile + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, e.WorkloadsFile); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// StartAgent runs `egressd agent` in the node's netns, attached to the
+// testbed's root cgroup, with the file source; it returns once the agent
+// serves. Its JSON log is in the returned daemon's Stderr.
+func (e *Env) StartAgent(t testing.TB) *testbed.Daemon {
+	t.Helper()
+	cmd := testbed.ExecCommand(t, e.AgentCgroup, e.TB.Node, e.Bin, "agent",
+		"--workloads-file", e.WorkloadsFile,
+		"--cgroup-attach", e.TB.Root.Path,
+		"--pin-path", e.PinPath,
+		"--proxy-admin", adminAddr,
+		"--xds-socket", filepath.Join(e.Dir, "xds.sock"),
+		"--metrics-address", metricsAddr,
+		"--state-file", e.StateFile,
+	)
+	cmd.Env = append(cmd.Env, "EGRESSD_READY_LINE=1")
+	return testbed.StartCmd(t, "egressd agent", cmd)
+}
+
+// StopAgent sends SIGTERM and waits for a clean exit.
+func StopAgent(t testing.TB, d *testbed.Daemon) {
+	t.Helper()
+	if err := d.Signal(syscall.SIGTERM, 10*time.Second); err != nil {
+		t.Fatalf("agent did not stop cleanly on SIGTERM: %v\n%s", err, d.Stderr.String())
+	}
+}
+
+// Status runs `egressd status` (it reads the pins, so it runs anywhere).
+func (e *Env) Status(t testing.TB, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(e.Bin, append([]string{"status", "--pin-path", e.PinPath, "--state-file", e.StateFile}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("egressd status: %v\n%s", err, out)
+	}
+	return string(out)
+}
+
+// Metrics fetches the agent's /metrics from inside the node's netns.
+func (e *Env) Metrics(t testing.TB) string {
+	t.Helper()
+	return string(testbed.Run(t, 15*time.Second, e.AgentCgroup, e.TB.Node, "httpget", "http://"+metricsAddr+"/metrics"))
+}
+
+// MetricLines returns the lines of metrics that start with prefix.
+func MetricLines(metrics, prefix string) []string {
+	var out []string
+	for _, l := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(l, prefix) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// WaitFor polls cond until it holds or timeout passes.
+func WaitFor(t testing.TB, what string, timeout time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
