@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"sort"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -144,10 +146,13 @@ func processAlive(pid int) bool {
 
 func printStatus(w io.Writer, r *statusReport) {
 	fmt.Fprintf(w, "egressd datapath at %s\n%s\n\n", r.PinPath, r.AgentNote)
-	fmt.Fprintf(w, "proxy: %v port %d, ready=%v\n\n", r.Proxy.Proxy.IPv4, r.Proxy.Port, r.Proxy.Ready)
-	if r.Proxy.IPv6.IsValid() {
-		fmt.Fprintf(w, "proxy IPv6: %v\n\n", r.Proxy.IPv6)
+	var addrs []string
+	for _, a := range []netip.Addr{r.Proxy.IPv4, r.Proxy.IPv6} {
+		if a.IsValid() {
+			addrs = append(addrs, a.String())
+		}
 	}
+	fmt.Fprintf(w, "proxy: %s port %d, ready=%v\n\n", strings.Join(addrs, ", "), r.Proxy.Port, r.Proxy.Ready)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tFAIL MODE\tREDIRECTED\tFAILED CLOSED")
 	for _, s := range r.Workloads {

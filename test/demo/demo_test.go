@@ -1,5 +1,6 @@
 // Package demo is `make demo`: a throwaway node with two pods on this kernel,
-// the real datapath, and a proxy, showing each connection's fate in a table.
+// the real `egressd agent` (file source), and a proxy, showing each
+// connection's fate in a table, then `egressd status` and a few metrics.
 // It is a Go test only to reuse the testbed's cleanup guarantees; it runs when
 // EGRESSD_DEMO=1 (make demo) and skips otherwise.
 package demo
@@ -8,22 +9,18 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"text/tabwriter"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/harness"
 	"github.com/egressd/egressd/test/standin"
 	"github.com/egressd/egressd/test/testbed"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
+	"github.com/egressd/egressd/xds"
 )
 
-func TestMain(m *testing.M) {
-	testbed.Main(m, map[string]testbed.Role{"proxy": standin.Main})
-}
+func TestMain(m *testing.M) { testbed.Main(m, harness.Roles) }
 
 func TestDemo(t *testing.T) {
 	if os.Getenv("EGRESSD_DEMO") == "" {
@@ -31,94 +28,83 @@ func TestDemo(t *testing.T) {
 	}
 	start := time.Now()
 	say := func(format string, args ...any) { fmt.Printf(format+"\n", args...) }
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 
 	say("egressd demo: a throwaway node with two pods, on kernel %s", kernel())
-	tb := testbed.New(t, 2)
-	selected, plain := tb.Pods[0], tb.Pods[1]
-	say("  node netns %s, pods %s (%s) and %s (%s), external server netns %s (%s, %s)",
-		tb.Node.Name, selected.Name, selected.IPv4, plain.Name, plain.IPv4, tb.External.Name, testbed.ExternalV4[0], testbed.ExternalV6[0])
+	say("  building egressd and the testbed (network namespaces, cgroups; nothing leaves this machine)...")
+	e := harness.New(t, 2)
+	web, plain := e.TB.Pods[0], e.TB.Pods[1]
+	say("  node netns %s; pods %s (%s) and %s (%s); external servers %s, %s, %s",
+		e.TB.Node.Name, web.Name, web.IPv4, plain.Name, plain.IPv4, testbed.ExternalV4[0], testbed.ExternalV4[1], testbed.ExternalV6[0])
 
-	must(datapath.EnsureBPFFS(datapath.DefaultBPFFS))
-	pin := filepath.Join(datapath.DefaultBPFFS, "egressd-demo-"+tb.ID)
-	dp, err := datapath.Open(datapath.Config{CgroupPath: tb.Root.Path, PinPath: pin})
-	must(err)
-	t.Cleanup(func() {
-		dp.Close()
-		must(datapath.Uninstall(pin))
-		say("torn down: programs detached, pins, namespaces and cgroups removed")
-	})
-	must(dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, IPv6: datapath.DefaultProxyIPv6, Port: datapath.DefaultProxyPort}))
-	must(dp.SetExclusions(datapath.DefaultExclusions))
-	cgid, err := datapath.CgroupID(selected.Cgroup.Path)
-	must(err)
-	must(dp.SetWorkload(cgid, datapath.Workload{ID: 1, FailMode: datapath.FailClosed}))
-	say("  datapath attached to %s, pinned at %s; %s selected (cgroup id %d)", tb.Root.Path, pin, selected.Name, cgid)
+	allow := fmt.Sprintf("%s:%d, [%s]:%d, api.example.com:443", testbed.ExternalV4[0], harness.ServerPort, testbed.ExternalV6[0], harness.ServerPort)
+	wl := harness.Workload{Pod: web, Namespace: "demo", Name: "web", Mode: "enforce", Allow: allow}
+	e.WriteWorkloads(t, wl)
+	say("  workloads file: demo/web (%s) selected, mode enforce, egressd.io/allow: %q; %s not listed", web.Name, allow, plain.Name)
 
-	ns, err := netns.GetFromName(tb.Node.Name)
-	must(err)
-	h, err := netlink.NewHandleAt(ns)
-	must(err)
-	dev, err := datapath.ProxyAddrs{Handle: h}.Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6)
-	must(err)
-	h.Close()
-	ns.Close()
-
-	echo := testbed.ServeEcho(t)
-	for _, a := range append(append([]netip.Addr{}, testbed.ExternalV4...), testbed.ExternalV6...) {
-		echo.Add(tb.External.Listen(t, "tcp", netip.AddrPortFrom(a, 443).String()))
-	}
-	records := filepath.Join(t.TempDir(), "proxy.jsonl")
-	proxyName := "stand-in proxy (test/standin: getsockopt SO_ORIGINAL_DST, dial, splice)"
 	if os.Getenv("ENVOY_BIN") != "" {
-		say("  ENVOY_BIN is set, but the Envoy path needs the xDS server (not built yet): using the stand-in")
+		say("  ENVOY_BIN is set, but the demo does not start Envoy yet: using the stand-in proxy")
 	}
-	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", "-records", records,
-		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort))
-	say("  proxy: %s on %s:%d and [%s]:%d (%s); proxy ready", proxyName, datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort, dev)
-	must(dp.SetReady(true))
+	say("  proxy: stand-in for Envoy's original_dst listener (test/standin: SO_ORIGINAL_DST, dial, splice; it forwards")
+	say("         everything, so the POLICY column is the verdict of the Envoy configuration egressd generated, not enforced here)")
+	agent := e.StartAgent(t)
+	harness.WaitFor(t, "proxy ready", 10*time.Second, func() bool { return strings.Contains(e.Status(t), "ready=true") })
+	say("  egressd agent running (pid %d), attached to %s, pins at %s; proxy ready", agent.Cmd.Process.Pid, e.TB.Root.Path, e.PinPath)
 
+	policy, _ := xds.ParsePolicy(map[string]string{xds.LabelMode: wl.Mode}, map[string]string{xds.AnnotationAllow: wl.Allow})
 	specs := []string{
-		"tcp4:203.0.113.7:443",
-		"tcp6:[2001:db8:77::7]:443",
-		"mapped:203.0.113.8:443",
+		fmt.Sprintf("tcp4:%s:%d", testbed.ExternalV4[0], harness.ServerPort),
+		fmt.Sprintf("tcp6:[%s]:%d", testbed.ExternalV6[0], harness.ServerPort),
+		fmt.Sprintf("mapped:%s:%d", testbed.ExternalV4[0], harness.ServerPort),
+		fmt.Sprintf("tcp4:%s:%d", testbed.ExternalV4[1], harness.ServerPort),
 	}
 	say("")
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "POD\tDESTINATION\tREDIRECTED\tORIGINAL DST (proxy)\tAPP'S GETPEERNAME\tSERVER SAW")
-	for _, p := range []*testbed.Pod{selected, plain} {
+	fmt.Fprintln(w, "POD\tDESTINATION\tREDIRECTED\tORIGINAL DST (proxy)\tPOLICY (Envoy config)\tAPP'S GETPEERNAME\tSERVER SAW")
+	for _, p := range []*testbed.Pod{web, plain} {
 		out := testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", specs...)
 		for _, r := range testbed.Dial(t, out) {
-			orig, redirected := "-", "no"
-			if rec, ok := standin.FindRecord(records, r.Local, time.Second); ok {
+			kind, dst, _ := strings.Cut(r.Spec, ":")
+			orig, redirected, verdict := "-", "no", "- (direct)"
+			if rec, ok := standin.FindRecord(e.Records, r.Local, time.Second); ok {
 				redirected, orig = "yes", rec.OrigDst
+				if ap, err := netip.ParseAddrPort(rec.OrigDst); err == nil {
+					ok, why := policy.Verdict(ap, "", "")
+					verdict = map[bool]string{true: "allow", false: "deny"}[ok] + ": " + why
+				}
 			}
 			seen := strings.TrimPrefix(r.Reply, "peer=")
 			if r.Err != "" {
 				seen = "error: " + r.Err
 			}
-			fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, strings.SplitN(r.Spec, ":", 2)[1]+" ("+strings.SplitN(r.Spec, ":", 2)[0]+")", redirected, orig, r.Peer, seen)
+			fmt.Fprintf(w, "%s\t%s (%s)\t%s\t%s\t%s\t%s\t%s\n", p.Name, dst, kind, redirected, orig, verdict, r.Peer, seen)
 		}
 	}
 	w.Flush()
-	say("\n%s is selected: its connections reach the external server from the node's address (the proxy), the proxy", selected.Name)
-	say("recovered each original destination, and the application still sees the original peer. %s goes direct.", plain.Name)
+	say("\n%s is selected: its connections reach the proxy, which recovered each original destination; the server", web.Name)
+	say("sees the node's address and the application still sees the original peer. %s goes direct.", plain.Name)
 
-	c, err := dp.Counters()
-	must(err)
-	say("\ndatapath counters (what `egressd status` will show):")
-	for i, v := range c.Values() {
-		if v != 0 {
-			say("  egressd_datapath_%s_total %d", datapath.CounterNames[i], v)
+	say("\n$ egressd status")
+	fmt.Print(indent(e.Status(t)))
+	say("\n$ curl http://127.0.0.1:9464/metrics  (a few lines)")
+	m := e.Metrics(t)
+	for _, prefix := range []string{"egressd_workload_connections_total", "egressd_datapath_events_total{event=\"redirected", "egressd_datapath_events_total{event=\"orig_dst_answered", "egressd_proxy_ready", "egressd_selected_workloads", "egressd_xds_versions_total"} {
+		for _, l := range harness.MetricLines(m, prefix) {
+			say("  %s", l)
 		}
 	}
-	say("\nnot shown yet: allow/deny policy (xDS server, issue 3) and the agent with a workload file (issue 4)")
-	say("demo took %.1fs", time.Since(start).Seconds())
+	harness.StopAgent(t, agent)
+	say("\nagent stopped (SIGTERM); the datapath stays pinned until `egressd uninstall`, which the teardown runs.")
+	t.Cleanup(func() {
+		say("torn down: programs detached, pins, proxy addresses, namespaces and cgroups removed; demo took %.1fs", time.Since(start).Seconds())
+	})
+}
+
+func indent(s string) string {
+	var b strings.Builder
+	for _, l := range strings.Split(strings.TrimRight(s, "\n"), "\n") {
+		b.WriteString("  " + l + "\n")
+	}
+	return b.String()
 }
 
 func kernel() string {

@@ -1,0 +1,37 @@
+package xds
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestVerdict(t *testing.T) {
+	enforce, err := ParsePolicy(map[string]string{LabelMode: "enforce"}, map[string]string{AnnotationAllow: "203.0.113.0/24:443, [2001:db8::/32], api.example.com:443, *.cdn.example.net"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	audit, _ := ParsePolicy(nil, nil)
+	for _, tc := range []struct {
+		p         Policy
+		dst       string
+		sni, host string
+		allowed   bool
+		reason    string
+	}{
+		{audit, "198.51.100.1:22", "", "", true, "audit"},
+		{enforce, "203.0.113.7:443", "", "", true, "destination in the allow list (203.0.113.0/24:443)"},
+		{enforce, "203.0.113.7:80", "", "", false, "closed: destination"},
+		{enforce, "[2001:db8::1]:5432", "", "", true, "destination"},
+		{enforce, "198.51.100.1:443", "API.example.com", "", true, "SNI in the allow list"},
+		{enforce, "198.51.100.1:8443", "api.example.com", "", false, "closed: SNI"},
+		{enforce, "198.51.100.1:80", "", "img.cdn.example.net", true, "Host in the allow list"},
+		{enforce, "198.51.100.1:80", "", "cdn.example.net", false, "HTTP 403"},
+		{enforce, "198.51.100.1:443", "evil.example.org", "", false, "closed: SNI"},
+	} {
+		allowed, reason := tc.p.Verdict(netip.MustParseAddrPort(tc.dst), tc.sni, tc.host)
+		if allowed != tc.allowed || !strings.Contains(reason, tc.reason) {
+			t.Errorf("%v %s sni=%q host=%q: %v %q, want %v %q", tc.p.Mode, tc.dst, tc.sni, tc.host, allowed, reason, tc.allowed, tc.reason)
+		}
+	}
+}
