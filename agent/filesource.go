@@ -18,7 +18,7 @@ import (
 // MaxWorkloadFileBytes bounds the workloads file.
 const MaxWorkloadFileBytes = 4 << 20
 
-// workloadFile is the YAML the file source reads:
+// WorkloadFile is the YAML the file source reads:
 //
 //	workloads:
 //	  - name: web                     # required; lowercase, digits, '-', '.'
@@ -29,11 +29,12 @@ const MaxWorkloadFileBytes = 4 << 20
 //	      egressd.io/mode: enforce
 //	    annotations:
 //	      egressd.io/allow: "api.github.com:443, 203.0.113.0/24"
-type workloadFile struct {
-	Workloads []fileWorkload `json:"workloads"`
+type WorkloadFile struct {
+	Workloads []FileWorkload `json:"workloads"`
 }
 
-type fileWorkload struct {
+// FileWorkload is one workload of the file.
+type FileWorkload struct {
 	Name        string            `json:"name"`
 	Namespace   string            `json:"namespace,omitempty"`
 	Cgroup      string            `json:"cgroup"`
@@ -51,7 +52,7 @@ func ParseWorkloadFile(data []byte, cgroupMount string) ([]Workload, error) {
 	if len(data) > MaxWorkloadFileBytes {
 		return nil, fmt.Errorf("workloads file is %d bytes, more than %d", len(data), MaxWorkloadFileBytes)
 	}
-	var f workloadFile
+	var f WorkloadFile
 	if err := yaml.UnmarshalStrict(data, &f); err != nil {
 		return nil, fmt.Errorf("workloads file: %w", err)
 	}
@@ -79,7 +80,7 @@ func ParseWorkloadFile(data []byte, cgroupMount string) ([]Workload, error) {
 	return out, nil
 }
 
-func (fw fileWorkload) workload(mount string) (Workload, error) {
+func (fw FileWorkload) workload(mount string) (Workload, error) {
 	if err := checkName("name", fw.Name, true); err != nil {
 		return Workload{}, err
 	}

@@ -302,12 +302,8 @@ func checkChain(path string, c *listener.FilterChain, clusters map[string]bool) 
 			errs = append(errs, err)
 			continue
 		}
-		last := i == len(fs)-1
-		switch {
-		case ext.terminal && !last:
-			errs = append(errs, fmt.Errorf("%s: terminal filter %q must be the last network filter of its chain", fp, f.GetName()))
-		case !ext.terminal && last:
-			errs = append(errs, fmt.Errorf("%s: the last network filter %q is not a terminal filter", fp, f.GetName()))
+		if err := checkTerminal(fp, "network filter", f.GetName(), ext, i == len(fs)-1); err != nil {
+			errs = append(errs, err)
 		}
 		inner, err := f.GetTypedConfig().UnmarshalNew()
 		if err != nil {
@@ -325,6 +321,17 @@ func checkChain(path string, c *listener.FilterChain, clusters map[string]bool) 
 		}
 	}
 	return errs
+}
+
+// checkTerminal: Envoy wants exactly one terminal filter, last.
+func checkTerminal(path, category, name string, ext extension, last bool) error {
+	switch {
+	case ext.terminal && !last:
+		return fmt.Errorf("%s: terminal filter %q must be the last %s of its chain", path, name, category)
+	case !ext.terminal && last:
+		return fmt.Errorf("%s: the last %s %q is not a terminal filter", path, category, name)
+	}
+	return nil
 }
 
 func checkClusterRef(path, name string, clusters map[string]bool) []error {
@@ -363,12 +370,8 @@ func checkHCM(path string, m *hcm.HttpConnectionManager, clusters map[string]boo
 			errs = append(errs, err)
 			continue
 		}
-		last := i == len(hf)-1
-		switch {
-		case ext.terminal && !last:
-			errs = append(errs, fmt.Errorf("%s: terminal filter %q must be the last HTTP filter", fp, f.GetName()))
-		case !ext.terminal && last:
-			errs = append(errs, fmt.Errorf("%s: the last HTTP filter %q is not a terminal filter", fp, f.GetName()))
+		if err := checkTerminal(fp, "HTTP filter", f.GetName(), ext, i == len(hf)-1); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	errs = append(errs, checkAccessLogs(path, m.GetAccessLog())...)

@@ -180,7 +180,7 @@ func TestValidateRejects(t *testing.T) {
 		}, `listener address "localhost" is not an IP address`},
 		{"router not the last HTTP filter", func(t *testing.T, r *Resources) {
 			editHCM(t, r, func(m *hcm.HttpConnectionManager) { m.HttpFilters = append(m.HttpFilters, m.HttpFilters[0]) })
-		}, `terminal filter "envoy.filters.http.router" must be the last HTTP filter`},
+		}, `terminal filter "envoy.filters.http.router" must be the last HTTP filter of its chain`},
 		{"RDS instead of inline routes", func(t *testing.T, r *Resources) {
 			editHCM(t, r, func(m *hcm.HttpConnectionManager) {
 				m.RouteSpecifier = &hcm.HttpConnectionManager_Rds{Rds: &hcm.Rds{

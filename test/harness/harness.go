@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/agent"
 	"github.com/egressd/egressd/agent/datapath"
 	"github.com/egressd/egressd/test/standin"
 	"github.com/egressd/egressd/test/testbed"
@@ -105,19 +106,7 @@ func New(t testing.TB, pods int) *Env {
 	// The agent puts the proxy addresses on the node (idempotently); in a
 	// cluster Envoy binds them only when the agent's listener arrives. Here
 	// the stand-in binds at start, so they go first.
-	nodeNS, err := netns.GetFromName(tb.Node.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nodeNS.Close()
-	h, err := netlink.NewHandleAt(nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
-		t.Fatalf("proxy address: %v", err)
-	}
+	EnsureProxyAddrs(t, tb.Node)
 	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy",
 		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
 		"-records", e.Records, "-admin", adminAddr)
@@ -130,6 +119,25 @@ func New(t testing.TB, pods int) *Env {
 		}
 	})
 	return e
+}
+
+// EnsureProxyAddrs puts the default proxy addresses on the node netns's
+// egressd0 (or lo), as the agent does.
+func EnsureProxyAddrs(t testing.TB, node *testbed.Netns) {
+	t.Helper()
+	ns, err := netns.GetFromName(node.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
+		t.Fatalf("proxy address: %v", err)
+	}
 }
 
 // Workload is one entry of the workloads file, for a testbed pod.
@@ -146,20 +154,9 @@ type Workload struct {
 // management does).
 func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 	t.Helper()
-	type entry struct {
-		Name        string            `json:"name"`
-		Namespace   string            `json:"namespace,omitempty"`
-		Cgroup      string            `json:"cgroup"`
-		IPs         []string          `json:"ips"`
-		Labels      map[string]string `json:"labels,omitempty"`
-		Annotations map[string]string `json:"annotations,omitempty"`
-	}
-	var doc struct {
-		Workloads []entry `json:"workloads"`
-	}
-	doc.Workloads = []entry{}
+	doc := agent.WorkloadFile{Workloads: []agent.FileWorkload{}}
 	for _, w := range ws {
-		en := entry{Name: w.Name, Namespace: w.Namespace, Cgroup: w.Pod.Cgroup.Path, IPs: []string{w.Pod.IPv4.String(), w.Pod.IPv6.String()},
+		en := agent.FileWorkload{Name: w.Name, Namespace: w.Namespace, Cgroup: w.Pod.Cgroup.Path, IPs: []string{w.Pod.IPv4.String(), w.Pod.IPv6.String()},
 			Labels: map[string]string{}, Annotations: map[string]string{}}
 		if w.Mode != "" {
 			en.Labels["egressd.io/mode"] = w.Mode

@@ -11,10 +11,9 @@ import (
 	"time"
 
 	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/harness"
 	"github.com/egressd/egressd/test/standin"
 	"github.com/egressd/egressd/test/testbed"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 )
 
 func TestMain(m *testing.M) {
@@ -76,19 +75,7 @@ func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
 		t.Fatal(err)
 	}
 
-	nodeNS, err := netns.GetFromName(tb.Node.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nodeNS.Close()
-	h, err := netlink.NewHandleAt(nodeNS)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(proxyV4, proxyV6); err != nil {
-		t.Fatalf("proxy address: %v", err)
-	}
+	harness.EnsureProxyAddrs(t, tb.Node)
 
 	f.echo = testbed.ServeEcho(t)
 	for _, a := range append(append([]netip.Addr{}, testbed.ExternalV4...), testbed.ExternalV6...) {
