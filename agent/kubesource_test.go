@@ -1,0 +1,198 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/xds"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/record"
+)
+
+// syncCgroups is a cgroups map the test changes while the source runs.
+type syncCgroups struct {
+	mu sync.Mutex
+	m  map[string]uint64
+}
+
+func (c *syncCgroups) id(p string) (uint64, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if id, ok := c.m[p]; ok {
+		return id, nil
+	}
+	return 0, fmt.Errorf("cgroup %s: no such file or directory", p)
+}
+
+func (c *syncCgroups) add(p string, id uint64) {
+	c.mu.Lock()
+	c.m[p] = id
+	c.mu.Unlock()
+}
+
+// lockedDatapath guards the fake for the source's worker and the test.
+type lockedDatapath struct {
+	mu sync.Mutex
+	f  fakeDatapath
+}
+
+func (l *lockedDatapath) SetWorkload(cg uint64, w datapath.Workload) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.f.SetWorkload(cg, w)
+}
+func (l *lockedDatapath) DeleteWorkload(cg uint64) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.f.DeleteWorkload(cg)
+}
+func (l *lockedDatapath) Workloads() (map[uint64]datapath.Workload, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.f.Workloads()
+}
+func (l *lockedDatapath) has(cg uint64) bool {
+	m, _ := l.Workloads()
+	_, ok := m[cg]
+	return ok
+}
+
+func testPod(name, uid string, qos corev1.PodQOSClass, ip string, labels, annotations map[string]string) *corev1.Pod {
+	l := map[string]string{"egressd.io/redirect": "true"}
+	for k, v := range labels {
+		l[k] = v
+	}
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: name, UID: types.UID(uid), Labels: l, Annotations: annotations},
+		Spec:       corev1.PodSpec{NodeName: "node-a"},
+		Status:     corev1.PodStatus{Phase: corev1.PodRunning, QOSClass: qos},
+	}
+	if ip != "" {
+		p.Status.PodIPs = []corev1.PodIP{{IP: ip}}
+	}
+	return p
+}
+
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestKubeSource(t *testing.T) {
+	layout := PodCgroupLayout{Mount: "/cg", Driver: DriverCgroupfs}
+	path := func(uid, qos string) string { p, _ := layout.PodCgroup(uid, qos); return p }
+	cgs := &syncCgroups{m: map[string]uint64{
+		path("uid-web", QoSBurstable):   101,
+		path("uid-host", QoSBestEffort): 103,
+	}}
+	web := testPod("web", "uid-web", corev1.PodQOSBurstable, "10.244.1.5",
+		map[string]string{"egressd.io/mode": "enforce"}, map[string]string{"egressd.io/allow": "ok.example.com, bad_host"})
+	late := testPod("late", "uid-late", corev1.PodQOSGuaranteed, "10.244.1.6", nil, nil)
+	host := testPod("host", "uid-host", corev1.PodQOSBestEffort, "", nil, nil)
+	host.Spec.HostNetwork = true
+	client := fake.NewClientset(web, late, host)
+
+	dp := &lockedDatapath{f: fakeDatapath{m: map[uint64]datapath.Workload{999: {ID: 9}}}} // 999: stale, from a previous run
+	recorder := record.NewFakeRecorder(100)
+	proxy := netip.MustParseAddr("169.254.77.1")
+	src := &KubeSource{
+		Client: client, NodeName: "node-a", Layout: layout, HostNetworkIPs: []netip.Addr{proxy},
+		Recorder: recorder, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), RetryBaseDelay: time.Millisecond,
+	}
+	r, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: &fakeXDS{}, Reporter: src, CgroupID: cgs.id,
+		Proxy: xds.Proxy{IPv4: proxy, Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	synced := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, r, func() { r.Sync(); close(synced) }) }()
+	select {
+	case <-synced:
+	case <-time.After(10 * time.Second):
+		t.Fatal("source never synced")
+	}
+
+	if !dp.has(101) || !dp.has(103) {
+		t.Fatalf("selected pods not programmed: %v", dp.f.m)
+	}
+	if dp.has(999) {
+		t.Fatal("stale pinned entry survived the first sync")
+	}
+	st := r.State()
+	for _, w := range st.Workloads {
+		switch w.Name {
+		case "web":
+			if w.IPs[0] != netip.MustParseAddr("10.244.1.5") || w.Policy.Mode != xds.Enforce || len(w.Policy.Allow) != 0 {
+				t.Errorf("web: %+v", w)
+			}
+		case "host":
+			if len(w.IPs) != 1 || w.IPs[0] != proxy {
+				t.Errorf("hostNetwork pod's source addresses %v, want the proxy address", w.IPs)
+			}
+		}
+	}
+	wantEvent := func(reason string) {
+		t.Helper()
+		deadline := time.After(10 * time.Second)
+		for {
+			select {
+			case e := <-recorder.Events:
+				if strings.Contains(e, reason) {
+					return
+				}
+			case <-deadline:
+				t.Fatalf("no %s event", reason)
+			}
+		}
+	}
+	wantEvent("Warning PolicyError")
+
+	// The kubelet has not made late's cgroup: retried, an Event after a
+	// few tries, selected once it appears.
+	wantEvent("Warning CgroupNotFound")
+	cgs.add(path("uid-late", QoSGuaranteed), 102)
+	eventually(t, "late pod selected", func() bool { return dp.has(102) })
+
+	// Deleted and finished pods are deselected.
+	if err := client.CoreV1().Pods("shop").Delete(ctx, "web", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "deleted pod deselected", func() bool { return !dp.has(101) })
+	host.Status.Phase = corev1.PodSucceeded
+	if _, err := client.CoreV1().Pods("shop").UpdateStatus(ctx, host, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "finished pod deselected", func() bool { return !dp.has(103) })
+
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestKubeSourceNeedsNodeName(t *testing.T) {
+	err := (&KubeSource{Client: fake.NewClientset()}).Run(context.Background(), nil, func() {})
+	if err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
+		t.Fatalf("err = %v", err)
+	}
+}
