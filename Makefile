@@ -17,7 +17,7 @@ help:
 ## build: build the binaries into bin/
 .PHONY: build
 build:
-	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN)/ ./cmd/egressd
+	$(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/ ./cmd/egressd
 	$(GO) build -o $(BIN)/ ./test/cmd/standin-proxy
 
 ## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter)

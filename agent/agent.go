@@ -19,6 +19,11 @@ import (
 	"github.com/egressd/egressd/xds"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/tools/record"
 )
 
 // Config is everything `egressd agent` is told.
@@ -37,9 +42,17 @@ type Config struct {
 	ExcludePorts []uint16
 	XDSSocket    string
 	XDSTCP       string
+	// Source is "file" or "kubernetes".
+	Source string
 	// WorkloadsFile is the file source's path.
 	WorkloadsFile string
 	CgroupMount   string
+	// Kubernetes source: the client, this node, the pod selector, and where
+	// the kubelet puts pod cgroups.
+	KubeClient   kubernetes.Interface
+	NodeName     string
+	Selector     string
+	CgroupLayout PodCgroupLayout
 	// MetricsAddr serves /metrics, /healthz and /readyz; empty: off.
 	MetricsAddr string
 	// StateFile is where `egressd status` finds workload names and the
@@ -58,6 +71,9 @@ func Run(ctx context.Context, cfg Config) error {
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
+	}
+	if cfg.Source == "kubernetes" && cfg.KubeClient == nil {
+		return errors.New("kubernetes source: no API client")
 	}
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
@@ -91,6 +107,18 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	reg := prometheus.NewRegistry()
 	events := &logReporter{log: log}
+	var kube *KubeSource
+	if cfg.Source == "kubernetes" {
+		broadcaster := record.NewBroadcaster()
+		broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.KubeClient.CoreV1().Events("")})
+		defer broadcaster.Shutdown()
+		kube = &KubeSource{
+			Client: cfg.KubeClient, NodeName: cfg.NodeName, Selector: cfg.Selector, Layout: cfg.CgroupLayout,
+			HostNetworkIPs: cfg.Proxy.Addrs(), Logger: log,
+			Recorder: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressd", Host: cfg.NodeName}),
+		}
+		events.next = kube
+	}
 	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, Reporter: events, Logger: log})
 	if err != nil {
 		return err
@@ -106,26 +134,36 @@ func Run(ctx context.Context, cfg Config) error {
 	go rec.RunXDS(ctx, 100*time.Millisecond)
 
 	var synced atomic.Bool
-	src := FileSource{Path: cfg.WorkloadsFile, CgroupMount: cfg.CgroupMount}
-	go func() {
-		errc <- src.Run(ctx, func(ws []Workload) {
-			start := time.Now()
-			if err := rec.Replace(ws); err != nil {
-				m.CgroupFailures.Inc()
-				log.Error("workloads not all applied; they keep their previous state", "error", err)
-			}
-			m.Reconcile.Observe(time.Since(start).Seconds())
-			if !synced.Load() {
-				if err := rec.Sync(); err != nil {
-					log.Error("remove stale workloads", "error", err)
+	markSynced := func() {
+		if err := rec.Sync(); err != nil {
+			log.Error("remove stale workloads", "error", err)
+		}
+		synced.Store(true)
+	}
+	switch cfg.Source {
+	case "kubernetes":
+		go func() { errc <- kube.Run(ctx, rec, markSynced) }()
+	case "file", "":
+		src := FileSource{Path: cfg.WorkloadsFile, CgroupMount: cfg.CgroupMount}
+		go func() {
+			errc <- src.Run(ctx, func(ws []Workload) {
+				start := time.Now()
+				if err := rec.Replace(ws); err != nil {
+					m.CgroupFailures.Inc()
+					log.Error("workloads not all applied; they keep their previous state", "error", err)
 				}
-				synced.Store(true)
-			}
-		}, func(err error) {
-			m.SourceErrors.WithLabelValues("file").Inc()
-			log.Error("workloads file not applied; the last good version stays", "error", err)
-		})
-	}()
+				m.Reconcile.Observe(time.Since(start).Seconds())
+				if !synced.Load() {
+					markSynced()
+				}
+			}, func(err error) {
+				m.SourceErrors.WithLabelValues("file").Inc()
+				log.Error("workloads file not applied; the last good version stays", "error", err)
+			})
+		}()
+	default:
+		return fmt.Errorf("workload source %q: want file or kubernetes", cfg.Source)
+	}
 
 	go probeProxy(ctx, cfg.ProxyAdmin, dp, m, log)
 	go writeState(ctx, cfg.StateFile, rec, xs, log)
@@ -153,16 +191,20 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 }
 
-// logReporter reports workload problems as log lines and metrics; the
-// Kubernetes source adds Events.
+// logReporter counts workload problems (the reconciler logs them) and
+// hands them on: the Kubernetes source turns them into Events.
 type logReporter struct {
 	log          *slog.Logger
 	policyErrors prometheus.Counter
+	next         Reporter
 }
 
 func (l *logReporter) Warn(key, reason, msg string) {
 	if reason == "PolicyError" && l.policyErrors != nil {
 		l.policyErrors.Inc()
+	}
+	if l.next != nil {
+		l.next.Warn(key, reason, msg)
 	}
 }
 

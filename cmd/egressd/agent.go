@@ -16,6 +16,8 @@ import (
 	"github.com/egressd/egressd/agent"
 	"github.com/egressd/egressd/agent/datapath"
 	"github.com/egressd/egressd/xds"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 )
 
 const defaultStateFile = "/run/egressd/state.json"
@@ -78,11 +80,17 @@ control plane stops and the datapath stays pinned and redirecting; a restarted
 agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN and
 CAP_SYS_RESOURCE.
 
-Workloads come from a YAML file (plain Linux hosts, the demo), reloaded when it
-changes; see docs/agent.md for its format.`, stderr)
+Workloads come from the Kubernetes API (pods on this node with the selector's
+labels; the default) or, with --workloads-file, from a YAML file (plain Linux
+hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	mount, _ := datapath.Cgroup2Mount()
 	cfg := agent.Config{}
-	fs.StringVar(&cfg.WorkloadsFile, "workloads-file", "", "YAML file of workloads to select (required)")
+	fs.StringVar(&cfg.WorkloadsFile, "workloads-file", "", "YAML file of workloads to select; without it, pods come from the Kubernetes API")
+	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig for the Kubernetes source (default $KUBECONFIG, else in-cluster)")
+	fs.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name, for the pod field selector (default $NODE_NAME)")
+	fs.StringVar(&cfg.Selector, "selector", agent.DefaultSelector, "label selector of the pods to redirect")
+	driver := fs.String("cgroup-driver", string(agent.DriverSystemd), "the kubelet's cgroup driver: systemd or cgroupfs")
+	fs.StringVar(&cfg.CgroupLayout.KubeletRoot, "kubelet-cgroup-root", "/", "the kubelet's --cgroup-root (kind: /kubelet)")
 	fs.StringVar(&cfg.AttachCgroup, "cgroup-attach", mount, "cgroup v2 directory the programs attach to; every selected workload must be below it (default: the cgroup v2 mount)")
 	fs.StringVar(&cfg.CgroupMount, "cgroup-mount", mount, "cgroup v2 mount that workload cgroup paths are relative to")
 	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for egressd's pinned programs and maps")
@@ -103,12 +111,28 @@ changes; see docs/agent.md for its format.`, stderr)
 		fs.Usage()
 		return fmt.Errorf("agent takes no arguments, got %q: %w", fs.Args(), errUsage)
 	}
-	if cfg.WorkloadsFile == "" {
-		fs.Usage()
-		return fmt.Errorf("--workloads-file is required: %w", errUsage)
-	}
 	if cfg.AttachCgroup == "" || cfg.CgroupMount == "" {
 		return fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
+	}
+	cfg.Source = "file"
+	if cfg.WorkloadsFile == "" {
+		cfg.Source = "kubernetes"
+		if cfg.NodeName == "" {
+			return fmt.Errorf("the Kubernetes source needs --node-name or $NODE_NAME (or use --workloads-file)")
+		}
+		cfg.CgroupLayout.Mount = cfg.CgroupMount
+		cfg.CgroupLayout.Driver = agent.CgroupDriver(*driver)
+		if _, err := cfg.CgroupLayout.PodCgroup("check", agent.QoSBurstable); err != nil {
+			return fmt.Errorf("--cgroup-driver: %w", err)
+		}
+		rc, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		rc.UserAgent = "egressd/" + version
+		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
 	}
 	cfg.Proxy = *proxy
 	for _, s := range exclude {
