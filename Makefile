@@ -45,10 +45,15 @@ verify: generate
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 
-## test: run every test; as root the privileged kernel tests run too (under CI=true they must)
+## deps-k8s: build the real kube-apiserver (cached by version) and install etcd, for the Kubernetes tests
+.PHONY: deps-k8s
+deps-k8s:
+	@test/k8s/build.sh >/dev/null
+
+## test: run every test; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
 .PHONY: test
 test: deps-test
-	$(GO) test $(GOTEST_FLAGS) ./...
+	apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
 
 ## test-unit: only the tests that need no privileges
 .PHONY: test-unit

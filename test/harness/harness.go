@@ -183,21 +183,31 @@ func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 }
 
 // StartAgent runs `egressd agent` in the node's netns, attached to the
-// testbed's root cgroup, with the file source; it returns once the agent
-// serves. Its JSON log is in the returned daemon's Stderr.
-func (e *Env) StartAgent(t testing.TB) *testbed.Daemon {
+// testbed's root cgroup, with the file source (or the source sourceArgs
+// name); it returns once the agent serves. Its JSON log is in the returned
+// daemon's Stderr.
+func (e *Env) StartAgent(t testing.TB, sourceArgs ...string) *testbed.Daemon {
 	t.Helper()
-	cmd := testbed.ExecCommand(t, e.AgentCgroup, e.TB.Node, e.Bin, "agent",
-		"--workloads-file", e.WorkloadsFile,
+	if len(sourceArgs) == 0 {
+		sourceArgs = []string{"--workloads-file", e.WorkloadsFile}
+	}
+	args := append([]string{"agent"}, sourceArgs...)
+	cmd := testbed.ExecCommand(t, e.AgentCgroup, e.TB.Node, e.Bin, append(args,
 		"--cgroup-attach", e.TB.Root.Path,
 		"--pin-path", e.PinPath,
 		"--proxy-admin", adminAddr,
 		"--xds-socket", filepath.Join(e.Dir, "xds.sock"),
 		"--metrics-address", metricsAddr,
 		"--state-file", e.StateFile,
-	)
+	)...)
 	cmd.Env = append(cmd.Env, "EGRESSD_READY_LINE=1")
-	return testbed.StartCmd(t, "egressd agent", cmd)
+	d := testbed.StartCmd(t, "egressd agent", cmd)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("egressd agent log:\n%s", d.Stderr.String())
+		}
+	})
+	return d
 }
 
 // StopAgent sends SIGTERM and waits for a clean exit.

@@ -1,0 +1,130 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/test/harness"
+	"github.com/egressd/egressd/test/kube"
+	"github.com/egressd/egressd/test/testbed"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+)
+
+const nodeName = "node-a"
+
+func newPod(name, node string, labels, annotations map[string]string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: labels, Annotations: annotations},
+		Spec: corev1.PodSpec{
+			NodeName:   node,
+			Containers: []corev1.Container{{Name: "app", Image: "example.invalid/app"}},
+		},
+	}
+}
+
+// kubePod creates a pod on the API server, then does what the kubelet
+// would: creates its cgroup (cgroupfs layout under the testbed root, from
+// the UID and the QoS class the API server set) and reports its IPs. It
+// returns the cgroup, where the test runs the pod's processes.
+func kubePod(t *testing.T, c kubernetes.Interface, besteffort *testbed.Cgroup, p *testbed.Pod, pod *corev1.Pod) *testbed.Cgroup {
+	t.Helper()
+	ctx := context.Background()
+	created, err := c.CoreV1().Pods(pod.Namespace).Create(ctx, pod, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if created.Status.QOSClass != corev1.PodQOSBestEffort {
+		t.Fatalf("API server set QoS class %q, want BestEffort for a pod without resources", created.Status.QOSClass)
+	}
+	cg := besteffort.Child(t, "pod"+string(created.UID))
+	created.Status.Phase = corev1.PodRunning
+	created.Status.PodIPs = []corev1.PodIP{{IP: p.IPv4.String()}, {IP: p.IPv6.String()}}
+	created.Status.PodIP = p.IPv4.String()
+	if _, err := c.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return cg
+}
+
+// TestPrivilegedAgentKubernetes runs the agent against a real API server:
+// a labelled pod on this node is redirected once its cgroup exists, a pod
+// on another node and an unlabelled pod are not selected, a malformed
+// annotation becomes a Warning Event, and deleting the pod deselects it.
+func TestPrivilegedAgentKubernetes(t *testing.T) {
+	e := harness.New(t, 2)
+	cluster := kube.Start(t, e.TB.Node)
+	c := cluster.Client
+	ctx := context.Background()
+	dst := fmt.Sprintf("%s:%d", testbed.ExternalV4[0], harness.ServerPort)
+
+	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
+	e.StartAgent(t, "--kubeconfig", cluster.Kubeconfig, "--node-name", nodeName,
+		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path)
+
+	web := kubePod(t, c, besteffort, e.TB.Pods[0], newPod("web", nodeName,
+		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
+		map[string]string{"egressd.io/allow": dst}))
+	// Not selected: another node's pod, and an unlabelled pod here.
+	if _, err := c.CoreV1().Pods("default").Create(ctx, newPod("elsewhere", "node-b", map[string]string{"egressd.io/redirect": "true"}, nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.CoreV1().Pods("default").Create(ctx, newPod("plain", nodeName, nil, nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// Selected, with an annotation that does not parse.
+	kubePod(t, c, besteffort, e.TB.Pods[1], newPod("broken", nodeName,
+		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
+		map[string]string{"egressd.io/allow": "bad_host.example.com"}))
+
+	// The agent's state file (names) follows within its 2 s write period.
+	names := map[string]string{}
+	harness.WaitFor(t, "two workloads selected", 20*time.Second, func() bool {
+		clear(names)
+		st := readStatus(t, e)
+		for _, w := range st.Workloads {
+			names[w.Name] = w.FailMode
+		}
+		_, unnamed := names[""]
+		return len(names) == 2 && !unnamed && st.Proxy.Ready
+	})
+	if names["default/web"] != "closed" || names["default/broken"] != "closed" {
+		t.Fatalf("selected %v, want default/web and default/broken, fail-closed", names)
+	}
+
+	// The pod's process, in the pod's cgroup and netns, is redirected.
+	r := testbed.Dial(t, testbed.Run(t, 30*time.Second, web, e.TB.Pods[0].Netns, "client", "tcp4:"+dst))
+	if len(r) != 1 || r[0].Err != "" || !strings.HasPrefix(r[0].Reply, "peer="+testbed.NodeV4.String()) {
+		t.Fatalf("web's connection: %+v, want it through the proxy (server sees %s)", r, testbed.NodeV4)
+	}
+
+	harness.WaitFor(t, "a PolicyError event on default/broken", 20*time.Second, func() bool {
+		evs, err := c.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=broken"})
+		if err != nil {
+			return false
+		}
+		for _, ev := range evs.Items {
+			if ev.Reason == "PolicyError" && ev.Type == corev1.EventTypeWarning && strings.Contains(ev.Message, "bad_host.example.com") {
+				return true
+			}
+		}
+		return false
+	})
+
+	zero := int64(0)
+	if err := c.CoreV1().Pods("default").Delete(ctx, "web", metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, "web deselected", 20*time.Second, func() bool {
+		for _, w := range readStatus(t, e).Workloads {
+			if w.Name == "default/web" {
+				return false
+			}
+		}
+		return true
+	})
+}

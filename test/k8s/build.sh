@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Builds the real kube-apiserver from test/k8s/apiserver (a module of its
+# own: k8s.io/kubernetes needs a replace per staging module) into a cache
+# keyed by version, installs Debian's etcd-server when etcd is missing, and
+# prints the kube-apiserver path. A warm cache makes this a no-op.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit} $1 == "require" && $2 == "k8s.io/kubernetes" {print $3; exit}' "$here/apiserver/go.mod")
+cache=${EGRESSD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/egressd}/k8s-$version
+bin=$cache/kube-apiserver
+if [ ! -x "$bin" ]; then
+	echo "building kube-apiserver $version into $cache (6-11 minutes on 2 cores the first time)..." >&2
+	mkdir -p "$cache"
+	tmp=$(mktemp -d "$cache/build.XXXXXX")
+	trap 'rm -rf "$tmp"' EXIT
+	(cd "$here/apiserver" && GOFLAGS=-mod=readonly CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/kube-apiserver" .)
+	mv "$tmp/kube-apiserver" "$bin"
+	echo "built $bin" >&2
+fi
+if ! command -v etcd >/dev/null; then
+	echo "installing etcd-server..." >&2
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null
+fi
+echo "$bin"
