@@ -290,6 +290,8 @@ func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, 
 	if path == "" {
 		return
 	}
+	// Every 2 s (the control plane's counters move on their own), and at
+	// once when the selection changes, so status names new workloads.
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {
@@ -301,6 +303,7 @@ func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, 
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-r.Changed():
 		}
 	}
 }

@@ -61,6 +61,7 @@ type Reconciler struct {
 	byID    map[uint32]string // per-workload counter id -> key
 	adopt   map[uint64]uint32 // pinned at start, not yet claimed: cgroup id -> counter id
 	pending chan struct{}     // an xDS update is wanted
+	changed chan struct{}     // the selection changed (for the state file)
 	issues  map[string]string // last reported xDS issue per key
 }
 
@@ -81,7 +82,7 @@ type ReconcilerConfig struct {
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
 		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
-		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), issues: map[string]string{},
+		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
 		r.log = slog.Default()
@@ -264,11 +265,16 @@ func (r *Reconciler) Names() map[uint32]string {
 }
 
 func (r *Reconciler) want() {
-	select {
-	case r.pending <- struct{}{}:
-	default:
+	for _, c := range []chan struct{}{r.pending, r.changed} {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
 	}
 }
+
+// Changed is signalled (coalesced) whenever the selection changes.
+func (r *Reconciler) Changed() <-chan struct{} { return r.changed }
 
 // State is the xDS desired state of the selected workloads.
 func (r *Reconciler) State() xds.State {

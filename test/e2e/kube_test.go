@@ -12,6 +12,7 @@ import (
 	"github.com/egressd/egressd/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
 )
 
@@ -52,9 +53,11 @@ func kubePod(t *testing.T, c kubernetes.Interface, besteffort *testbed.Cgroup, p
 }
 
 // TestPrivilegedAgentKubernetes runs the agent against a real API server:
-// a labelled pod on this node is redirected once its cgroup exists, a pod
-// on another node and an unlabelled pod are not selected, a malformed
-// annotation becomes a Warning Event, and deleting the pod deselects it.
+// a labelled pod on this node is redirected once its cgroup exists and its
+// address is in the xDS snapshot; a pod on another node and an unlabelled
+// pod are not selected; a malformed annotation becomes a Warning Event; an
+// agent restart keeps the entries (and redirection goes on meanwhile);
+// unlabelling and deleting deselect.
 func TestPrivilegedAgentKubernetes(t *testing.T) {
 	e := harness.New(t, 2)
 	cluster := kube.Start(t, e.TB.Node)
@@ -62,9 +65,15 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	ctx := context.Background()
 	dst := fmt.Sprintf("%s:%d", testbed.ExternalV4[0], harness.ServerPort)
 
+	for _, n := range []string{nodeName, "node-b"} {
+		if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: n}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
-	e.StartAgent(t, "--kubeconfig", cluster.Kubeconfig, "--node-name", nodeName,
-		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path)
+	agentArgs := []string{"--kubeconfig", cluster.Kubeconfig, "--node-name", nodeName,
+		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path}
+	agent := e.StartAgent(t, agentArgs...)
 
 	web := kubePod(t, c, besteffort, e.TB.Pods[0], newPod("web", nodeName,
 		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
@@ -97,10 +106,24 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	}
 
 	// The pod's process, in the pod's cgroup and netns, is redirected.
-	r := testbed.Dial(t, testbed.Run(t, 30*time.Second, web, e.TB.Pods[0].Netns, "client", "tcp4:"+dst))
-	if len(r) != 1 || r[0].Err != "" || !strings.HasPrefix(r[0].Reply, "peer="+testbed.NodeV4.String()) {
-		t.Fatalf("web's connection: %+v, want it through the proxy (server sees %s)", r, testbed.NodeV4)
+	webRedirected := func() bool {
+		t.Helper()
+		r := testbed.Dial(t, testbed.Run(t, 30*time.Second, web, e.TB.Pods[0].Netns, "client", "tcp4:"+dst))
+		if len(r) != 1 || r[0].Err != "" {
+			t.Fatalf("web's connection: %+v", r)
+		}
+		return strings.HasPrefix(r[0].Reply, "peer="+testbed.NodeV4.String())
 	}
+	if !webRedirected() {
+		t.Fatal("web's connection was not redirected")
+	}
+	// Its address is in the configuration Envoy gets (pushes are
+	// debounced by 100 ms).
+	webIP := "address_prefix: " + e.TB.Pods[0].IPv4.String()
+	harness.WaitFor(t, "web in the xDS listener", 10*time.Second, func() bool {
+		l := e.XDSListenerYAML(t)
+		return strings.Contains(l, webIP) && strings.Contains(l, "tcp|default/web")
+	})
 
 	harness.WaitFor(t, "a PolicyError event on default/broken", 20*time.Second, func() bool {
 		evs, err := c.CoreV1().Events("default").List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=broken"})
@@ -115,16 +138,48 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 		return false
 	})
 
-	zero := int64(0)
-	if err := c.CoreV1().Pods("default").Delete(ctx, "web", metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+	// Restart: redirection goes on while the agent is down, and the
+	// restarted agent keeps every entry with its counter id.
+	ids := func() map[string]uint32 {
+		out := map[string]uint32{}
+		for _, w := range readStatus(t, e).Workloads {
+			out[w.Name] = w.ID
+		}
+		return out
+	}
+	before := ids()
+	harness.StopAgent(t, agent)
+	if !webRedirected() {
+		t.Fatal("redirection stopped with the agent")
+	}
+	e.StartAgent(t, agentArgs...)
+	harness.WaitFor(t, "the restarted agent to claim its pods", 20*time.Second, func() bool {
+		_, unnamed := ids()[""]
+		return strings.Contains(readStatus(t, e).AgentNote, "agent running") && !unnamed
+	})
+	if after := ids(); fmt.Sprint(after) != fmt.Sprint(before) {
+		t.Fatalf("entries after restart %v, before %v", after, before)
+	}
+
+	// Unlabelled: out of the map and out of the snapshot.
+	patch := []byte(`{"metadata":{"labels":{"egressd.io/redirect":null}}}`)
+	if _, err := c.CoreV1().Pods("default").Patch(ctx, "web", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	harness.WaitFor(t, "web deselected", 20*time.Second, func() bool {
-		for _, w := range readStatus(t, e).Workloads {
-			if w.Name == "default/web" {
-				return false
-			}
-		}
-		return true
+		_, ok := ids()["default/web"]
+		return !ok && len(ids()) == 1
 	})
+	harness.WaitFor(t, "web gone from xDS", 10*time.Second, func() bool {
+		return !strings.Contains(e.XDSListenerYAML(t), webIP)
+	})
+	if webRedirected() {
+		t.Fatal("unlabelled pod still redirected")
+	}
+
+	zero := int64(0)
+	if err := c.CoreV1().Pods("default").Delete(ctx, "broken", metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, "broken deselected", 20*time.Second, func() bool { return len(ids()) == 0 })
 }

@@ -6,6 +6,7 @@
 package harness
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
 	"os"
@@ -21,8 +22,15 @@ import (
 	"github.com/egressd/egressd/agent/datapath"
 	"github.com/egressd/egressd/test/standin"
 	"github.com/egressd/egressd/test/testbed"
+	"github.com/egressd/egressd/xds"
+	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
 )
 
@@ -256,4 +264,41 @@ func WaitFor(t testing.TB, what string, timeout time.Duration, cond func() bool)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// XDSListenerYAML asks the agent's ADS server for its listener, as Envoy
+// would, and returns it as YAML (empty if there is none yet).
+func (e *Env) XDSListenerYAML(t testing.TB) string {
+	t.Helper()
+	conn, err := grpc.NewClient("unix://"+filepath.Join(e.Dir, "xds.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stream, err := discovery.NewAggregatedDiscoveryServiceClient(conn).StreamAggregatedResources(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stream.Send(&discovery.DiscoveryRequest{Node: &core.Node{Id: "harness"}, TypeUrl: resource.ListenerType}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := stream.Recv()
+	if err != nil {
+		t.Fatalf("xds: %v", err)
+	}
+	var out strings.Builder
+	for _, a := range resp.GetResources() {
+		var l listener.Listener
+		if err := a.UnmarshalTo(&l); err != nil {
+			t.Fatal(err)
+		}
+		y, err := xds.MarshalYAML(&l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out.Write(y)
+	}
+	return out.String()
 }
