@@ -64,7 +64,8 @@ test-unit:
 .PHONY: bench
 bench: deps-test
 	mkdir -p bench/out
-	set -o pipefail; EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
+	set -o pipefail; apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
+	cat bench/out/controlplane.md >> bench/out/report.md
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
 	{ echo; echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \

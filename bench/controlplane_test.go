@@ -1,0 +1,178 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/harness"
+	"github.com/egressd/egressd/test/kube"
+	"github.com/egressd/egressd/test/testbed"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+const (
+	benchPods    = 250
+	labelChanges = 100
+)
+
+// TestPrivilegedBenchControlPlane measures the agent against a real API
+// server: the time from a pod's label change to its cgroup id appearing
+// in (and leaving) the pinned datapath map, over 100 changes, and the
+// agent's resident memory with 250 selected pods.
+func TestPrivilegedBenchControlPlane(t *testing.T) {
+	outDir := os.Getenv("EGRESSD_BENCH_OUT")
+	if outDir == "" {
+		t.Skip("benchmark: run with `make bench`")
+	}
+	e := harness.New(t, 1)
+	cluster := kube.Start(t, e.TB.Node)
+	c := cluster.Client
+	ctx := context.Background()
+	if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
+	agent := e.StartAgent(t, "--kubeconfig", cluster.Kubeconfig, "--node-name", "node-a",
+		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path)
+	rssIdle := rssKiB(t, agent.Cmd.Process.Pid)
+
+	// A pod as the kubelet would have it: created, cgroup made, IPs set.
+	makePod := func(name string, i int, labels map[string]string) (*testbed.Cgroup, string) {
+		p := &corev1.Pod{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: labels},
+			Spec:       corev1.PodSpec{NodeName: "node-a", Containers: []corev1.Container{{Name: "app", Image: "example.invalid/app"}}},
+		}
+		created, err := c.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cg := besteffort.Child(t, "pod"+string(created.UID))
+		created.Status.Phase = corev1.PodRunning
+		created.Status.PodIPs = []corev1.PodIP{{IP: fmt.Sprintf("10.210.%d.%d", i/250, i%250+1)}}
+		if _, err := c.CoreV1().Pods("default").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		return cg, name
+	}
+	dp, err := datapath.OpenPinned(e.PinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	selected := func() int {
+		ws, err := dp.Workloads()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ws)
+	}
+
+	start := time.Now()
+	for i := range benchPods {
+		makePod(fmt.Sprintf("pod-%03d", i), i, map[string]string{
+			"egressd.io/redirect": "true", "egressd.io/mode": "enforce",
+		})
+	}
+	harness.WaitFor(t, fmt.Sprintf("%d pods selected", benchPods), 120*time.Second, func() bool { return selected() == benchPods })
+	all := time.Since(start)
+	time.Sleep(2 * time.Second) // let the xDS snapshot and state settle
+	rss250 := rssKiB(t, agent.Cmd.Process.Pid)
+
+	probeCg, probe := makePod("probe", benchPods, nil)
+	cgid, err := datapath.CgroupID(probeCg.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	inMap := func() bool {
+		ws, err := dp.Workloads()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, ok := ws[cgid]
+		return ok
+	}
+	// change patches the label and waits for the map: it returns the time
+	// from the request's start and from the API server's answer (the
+	// change committed; what remains is watch delivery and the agent).
+	change := func(on bool) (fromRequest, fromCommit time.Duration) {
+		patch := `{"metadata":{"labels":{"egressd.io/redirect":null}}}`
+		if on {
+			patch = `{"metadata":{"labels":{"egressd.io/redirect":"true"}}}`
+		}
+		t0 := time.Now()
+		if _, err := c.CoreV1().Pods("default").Patch(ctx, probe, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t1 := time.Now()
+		for inMap() != on {
+			if time.Since(t0) > 10*time.Second {
+				t.Fatalf("probe pod's cgroup in map = %v 10s after the label change", !on)
+			}
+			runtime.Gosched()
+		}
+		return time.Since(t0), time.Since(t1)
+	}
+	var on, off, onCommit, offCommit []time.Duration
+	for range labelChanges {
+		a, b := change(true)
+		on, onCommit = append(on, a), append(onCommit, b)
+		a, b = change(false)
+		off, offCommit = append(off, a), append(offCommit, b)
+	}
+
+	var b strings.Builder
+	fmt.Fprintf(&b, "\n# Control plane: a real kube-apiserver, %d selected pods\n\n", benchPods)
+	fmt.Fprintf(&b, "The agent (Kubernetes source) against kube-apiserver v1.37.1 and etcd on the same 2-CPU machine.\n")
+	fmt.Fprintf(&b, "etcd's data is on tmpfs. Latency runs to the pinned map changing (polled), over %d changes each way,\n", labelChanges)
+	fmt.Fprintf(&b, "from the PATCH request's start, and from the API server's answer (watch delivery plus the agent).\n\n")
+	fmt.Fprintf(&b, "| measurement | p50 | p99 | max |\n|---|---|---|---|\n")
+	row := func(name string, xs []time.Duration) {
+		fmt.Fprintf(&b, "| %s | %v | %v | %v |\n", name, pctD(xs, 50), pctD(xs, 99), pctD(xs, 100))
+	}
+	row("label added -> cgroup id in the map, from the request", on)
+	row("label added -> cgroup id in the map, from the answer", onCommit)
+	row("label removed -> cgroup id gone, from the request", off)
+	row("label removed -> cgroup id gone, from the answer", offCommit)
+	b.WriteString("\n")
+	fmt.Fprintf(&b, "| agent | value |\n|---|---|\n")
+	fmt.Fprintf(&b, "| RSS, no pods | %.1f MiB |\n| RSS, %d selected pods (enforce, deny-all) | %.1f MiB |\n", float64(rssIdle)/1024, benchPods, float64(rss250)/1024)
+	fmt.Fprintf(&b, "| %d pods created -> all in the map | %v |\n", benchPods, all.Round(time.Millisecond))
+	if err := os.WriteFile(filepath.Join(outDir, "controlplane.md"), []byte(b.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	t.Log(b.String())
+}
+
+func pctD(xs []time.Duration, p float64) time.Duration {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	i := int(float64(len(s)-1) * p / 100)
+	return s[i].Round(10 * time.Microsecond)
+}
+
+func rssKiB(t *testing.T, pid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			var kib int
+			fmt.Sscanf(strings.TrimSpace(v), "%d", &kib)
+			return kib
+		}
+	}
+	t.Fatal("no VmRSS")
+	return 0
+}
