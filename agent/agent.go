@@ -38,10 +38,14 @@ type Config struct {
 	ProxyAdmin string
 	// Exclude are destinations never redirected, beside loopback and
 	// link-local (e.g. the pod and service CIDRs).
-	Exclude      []netip.Prefix
-	ExcludePorts []uint16
-	XDSSocket    string
-	XDSTCP       string
+	Exclude []netip.Prefix
+	// ExcludeNodeAddresses adds the node's own addresses (taken at start)
+	// to Exclude: connections to the kubelet and node-local services go
+	// direct.
+	ExcludeNodeAddresses bool
+	ExcludePorts         []uint16
+	XDSSocket            string
+	XDSTCP               string
 	// Source is "file" or "kubernetes".
 	Source string
 	// WorkloadsFile is the file source's path.
@@ -90,13 +94,21 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.SetProxy(datapath.Proxy{IPv4: cfg.Proxy.IPv4, IPv6: cfg.Proxy.IPv6, Port: cfg.Proxy.Port}); err != nil {
 		return err
 	}
-	if err := dp.SetExclusions(append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)); err != nil {
+	exclude := append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)
+	if cfg.ExcludeNodeAddresses {
+		node, err := nodeAddresses(cfg.Proxy)
+		if err != nil {
+			return err
+		}
+		exclude = append(exclude, node...)
+	}
+	if err := dp.SetExclusions(exclude); err != nil {
 		return err
 	}
 	if err := dp.SetExcludedPorts(cfg.ExcludePorts); err != nil {
 		return err
 	}
-	log.Info("datapath ready", "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
+	log.Info("datapath ready", "exclusions", exclude, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
 	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, TCPAddr: cfg.XDSTCP, Logger: log})
 	if err != nil {
@@ -189,6 +201,34 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err
 	}
+}
+
+// nodeAddresses lists the addresses of this network namespace's
+// interfaces as host prefixes, but for loopback, link-local and the proxy's
+// own (the proxy address is never excluded: the datapath checks it first
+// anyway).
+func nodeAddresses(p xds.Proxy) ([]netip.Prefix, error) {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return nil, fmt.Errorf("node addresses: %w", err)
+	}
+	var out []netip.Prefix
+	for _, a := range addrs {
+		ipn, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(ipn.IP)
+		if !ok {
+			continue
+		}
+		ip = ip.Unmap()
+		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip == p.IPv4 || ip == p.IPv6 {
+			continue
+		}
+		out = append(out, netip.PrefixFrom(ip, ip.BitLen()))
+	}
+	return out, nil
 }
 
 // logReporter counts workload problems (the reconciler logs them) and

@@ -18,14 +18,16 @@ import (
 
 // statusReport is what `egressd status` shows; --format json prints it.
 type statusReport struct {
-	PinPath   string              `json:"pin_path"`
-	Programs  []programStatus     `json:"programs"`
-	Proxy     datapath.ProxyState `json:"proxy"`
-	Workloads []workloadStatus    `json:"workloads"`
-	Counters  map[string]uint64   `json:"counters"`
-	InFlight  map[string]int      `json:"in_flight"`
-	Agent     *agent.State        `json:"agent,omitempty"`
-	AgentNote string              `json:"agent_note"`
+	PinPath       string              `json:"pin_path"`
+	Programs      []programStatus     `json:"programs"`
+	Proxy         datapath.ProxyState `json:"proxy"`
+	Workloads     []workloadStatus    `json:"workloads"`
+	Exclusions    []netip.Prefix      `json:"exclusions"`
+	ExcludedPorts []uint16            `json:"excluded_ports"`
+	Counters      map[string]uint64   `json:"counters"`
+	InFlight      map[string]int      `json:"in_flight"`
+	Agent         *agent.State        `json:"agent,omitempty"`
+	AgentNote     string              `json:"agent_note"`
 }
 
 type programStatus struct {
@@ -93,6 +95,12 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 	if rep.Proxy, err = dp.ProxyState(); err != nil {
 		return nil, err
 	}
+	if rep.Exclusions, err = dp.Exclusions(); err != nil {
+		return nil, err
+	}
+	if rep.ExcludedPorts, err = dp.ExcludedPorts(); err != nil {
+		return nil, err
+	}
 	cs, err := dp.Counters()
 	if err != nil {
 		return nil, err
@@ -152,7 +160,8 @@ func printStatus(w io.Writer, r *statusReport) {
 			addrs = append(addrs, a.String())
 		}
 	}
-	fmt.Fprintf(w, "proxy: %s port %d, ready=%v\n\n", strings.Join(addrs, ", "), r.Proxy.Port, r.Proxy.Ready)
+	fmt.Fprintf(w, "proxy: %s port %d, ready=%v\n", strings.Join(addrs, ", "), r.Proxy.Port, r.Proxy.Ready)
+	fmt.Fprintf(w, "never redirected: %v, ports %v\n\n", r.Exclusions, r.ExcludedPorts)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tFAIL MODE\tREDIRECTED\tFAILED CLOSED")
 	for _, s := range r.Workloads {

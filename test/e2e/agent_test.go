@@ -7,6 +7,7 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -28,7 +29,8 @@ type status struct {
 		FailMode   string `json:"fail_mode"`
 		Redirected uint64 `json:"redirected"`
 	} `json:"workloads"`
-	AgentNote string `json:"agent_note"`
+	AgentNote  string   `json:"agent_note"`
+	Exclusions []string `json:"exclusions"`
 }
 
 func readStatus(t *testing.T, e *harness.Env) status {
@@ -93,8 +95,17 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 	if redirected(t, e, other, dst) {
 		t.Fatal("unselected pod's connection was redirected")
 	}
+	// The node's own addresses are excluded (--exclude-node-addresses).
+	nodeDst := fmt.Sprintf("%s:%d", testbed.NodeV4, harness.ServerPort)
+	e.Echo.Add(e.TB.Node.Listen(t, "tcp", nodeDst))
+	if redirected(t, e, web, nodeDst) {
+		t.Fatal("connection to the node's own address was redirected")
+	}
 
 	st := readStatus(t, e)
+	if !slices.Contains(st.Exclusions, testbed.NodeV4.String()+"/32") {
+		t.Errorf("exclusions %v lack the node address %s", st.Exclusions, testbed.NodeV4)
+	}
 	if len(st.Workloads) != 1 || st.Workloads[0].Name != "demo/web" || st.Workloads[0].FailMode != "closed" || st.Workloads[0].Redirected != 1 {
 		t.Fatalf("status workloads %+v, want demo/web fail-closed with 1 redirected", st.Workloads)
 	}
