@@ -6,6 +6,7 @@
 package demo
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -31,7 +32,15 @@ func TestDemo(t *testing.T) {
 
 	say("egressd demo: a throwaway node with two pods, on kernel %s", kernel())
 	say("  building egressd and the testbed (network namespaces, cgroups; nothing leaves this machine)...")
-	e := harness.New(t, 2)
+	envoyBin := os.Getenv("ENVOY_BIN")
+	var e *harness.Env
+	var envoyLog string
+	if envoyBin != "" {
+		e = harness.NewWithoutProxy(t, 2)
+		envoyLog = e.StartEnvoy(t, envoyBin)
+	} else {
+		e = harness.New(t, 2)
+	}
 	web, plain := e.TB.Pods[0], e.TB.Pods[1]
 	say("  node netns %s; pods %s (%s) and %s (%s); external servers %s, %s, %s",
 		e.TB.Node.Name, web.Name, web.IPv4, plain.Name, plain.IPv4, testbed.ExternalV4[0], testbed.ExternalV4[1], testbed.ExternalV6[0])
@@ -41,11 +50,13 @@ func TestDemo(t *testing.T) {
 	e.WriteWorkloads(t, wl)
 	say("  workloads file: demo/web (%s) selected, mode enforce, egressd.io/allow: %q; %s not listed", web.Name, allow, plain.Name)
 
-	if os.Getenv("ENVOY_BIN") != "" {
-		say("  ENVOY_BIN is set, but the demo does not start Envoy yet: using the stand-in proxy")
+	if envoyBin != "" {
+		say("  proxy: Envoy from ENVOY_BIN (%s), configured by the agent over ADS; the POLICY column is Envoy's access log", envoyBin)
+	} else {
+		say("  proxy: stand-in for Envoy's original_dst listener (test/standin: SO_ORIGINAL_DST, dial, splice; it forwards")
+		say("         everything, so the POLICY column is the verdict of the Envoy configuration egressd generated, not enforced here)")
+		say("         Set ENVOY_BIN=/path/to/envoy to run a real Envoy instead.")
 	}
-	say("  proxy: stand-in for Envoy's original_dst listener (test/standin: SO_ORIGINAL_DST, dial, splice; it forwards")
-	say("         everything, so the POLICY column is the verdict of the Envoy configuration egressd generated, not enforced here)")
 	agent := e.StartAgent(t)
 	harness.WaitFor(t, "proxy ready", 10*time.Second, func() bool { return strings.Contains(e.Status(t), "ready=true") })
 	say("  egressd agent running (pid %d), attached to %s, pins at %s; proxy ready", agent.Cmd.Process.Pid, e.TB.Root.Path, e.PinPath)
@@ -65,7 +76,11 @@ func TestDemo(t *testing.T) {
 		for _, r := range testbed.Dial(t, out) {
 			kind, dst, _ := strings.Cut(r.Spec, ":")
 			orig, redirected, verdict := "-", "no", "- (direct)"
-			if rec, ok := standin.FindRecord(e.Records, r.Local, time.Second); ok {
+			if envoyBin != "" {
+				if l, ok := envoyLogFor(envoyLog, r.Local, 2*time.Second); ok {
+					redirected, orig, verdict = "yes", l.OrigDst, l.Verdict+": "+l.Reason
+				}
+			} else if rec, ok := standin.FindRecord(e.Records, r.Local, time.Second); ok {
 				redirected, orig = "yes", rec.OrigDst
 				if ap, err := netip.ParseAddrPort(rec.OrigDst); err == nil {
 					ok, why := policy.Verdict(ap, "", "")
@@ -97,6 +112,41 @@ func TestDemo(t *testing.T) {
 	t.Cleanup(func() {
 		say("torn down: programs detached, pins, proxy addresses, namespaces and cgroups removed; demo took %.1fs", time.Since(start).Seconds())
 	})
+}
+
+// envoyLine is the part of egressd's Envoy access log the demo shows.
+type envoyLine struct {
+	Source  string `json:"source"`
+	OrigDst string `json:"original_destination"`
+	Verdict string `json:"verdict"`
+	Reason  string `json:"reason"`
+}
+
+// envoyLogFor finds Envoy's access-log line for the connection from client
+// (written when the connection closes).
+func envoyLogFor(path, client string, wait time.Duration) (envoyLine, bool) {
+	want, err := netip.ParseAddrPort(client)
+	if err != nil {
+		return envoyLine{}, false
+	}
+	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
+	deadline := time.Now().Add(wait)
+	for {
+		b, _ := os.ReadFile(path)
+		for _, line := range strings.Split(string(b), "\n") {
+			var l envoyLine
+			if json.Unmarshal([]byte(line), &l) != nil {
+				continue
+			}
+			if ap, err := netip.ParseAddrPort(l.Source); err == nil && netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()) == want {
+				return l, true
+			}
+		}
+		if time.Now().After(deadline) {
+			return envoyLine{}, false
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 func indent(s string) string {

@@ -87,8 +87,19 @@ type Env struct {
 	AgentCgroup   *testbed.Cgroup
 }
 
-// New builds the testbed with pods, the echo servers and the proxy.
+// New builds the testbed with pods, the echo servers and the stand-in
+// proxy.
 func New(t testing.TB, pods int) *Env {
+	t.Helper()
+	e := NewWithoutProxy(t, pods)
+	testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
+		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
+		"-records", e.Records, "-admin", adminAddr)
+	return e
+}
+
+// NewWithoutProxy is New without a proxy: the caller starts one (Envoy).
+func NewWithoutProxy(t testing.TB, pods int) *Env {
 	t.Helper()
 	tb := testbed.New(t, pods)
 	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
@@ -115,9 +126,6 @@ func New(t testing.TB, pods int) *Env {
 	// cluster Envoy binds them only when the agent's listener arrives. Here
 	// the stand-in binds at start, so they go first.
 	EnsureProxyAddrs(t, tb.Node)
-	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy",
-		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
-		"-records", e.Records, "-admin", adminAddr)
 	t.Cleanup(func() {
 		// Uninstall inside the node's netns: the proxy addresses it removes
 		// are the testbed's, never the machine's.
@@ -127,6 +135,37 @@ func New(t testing.TB, pods int) *Env {
 		}
 	})
 	return e
+}
+
+// StartEnvoy runs a real Envoy (bin) in the node's netns, in the proxy's
+// cgroup, with the bootstrap `egressd bootstrap` prints for this agent. Its
+// stdout (the JSON access log) goes to the returned file. Envoy cannot be
+// installed on the machines egressd is built on; this runs where one is.
+func (e *Env) StartEnvoy(t testing.TB, bin string) (accessLog string) {
+	t.Helper()
+	cfg := filepath.Join(e.Dir, "envoy.yaml")
+	out, err := exec.Command(e.Bin, "bootstrap", "--node-id", "demo", "--xds-socket", filepath.Join(e.Dir, "xds.sock"),
+		"--admin-address", adminAddr, "--output", cfg).CombinedOutput()
+	if err != nil {
+		t.Fatalf("egressd bootstrap: %v\n%s", err, out)
+	}
+	accessLog = filepath.Join(e.Dir, "envoy.log")
+	f, err := os.Create(accessLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := testbed.ExecCommand(t, e.TB.ProxyCgroup, e.TB.Node, bin, "-c", cfg, "--disable-hot-restart",
+		"--base-id", fmt.Sprint(os.Getpid()), "-l", "warning")
+	cmd.Stdout, cmd.Stderr = f, f
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start envoy: %v", err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		f.Close()
+	})
+	return accessLog
 }
 
 // EnsureProxyAddrs puts the default proxy addresses on the node netns's
