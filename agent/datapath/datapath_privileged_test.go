@@ -12,7 +12,6 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/egressd/egressd/test/testbed"
 	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 )
 
 func testConfig(t *testing.T) Config {
@@ -217,18 +216,12 @@ func TestPrivilegedMaps(t *testing.T) {
 func TestPrivilegedProxyAddrs(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	tns := testbed.NewNetns(t, "egd-addr-"+testbed.RandomID())
-	ns, err := netns.GetFromName(tns.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
+	h := tns.NetlinkHandle(t)
 	pa := ProxyAddrs{Handle: h}
-	var dev string
+	var (
+		dev string
+		err error
+	)
 	for range 2 {
 		if dev, err = pa.Ensure(DefaultProxyIPv4, DefaultProxyIPv6); err != nil {
 			t.Fatal(err)

@@ -27,8 +27,6 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"github.com/vishvananda/netlink"
-	"github.com/vishvananda/netns"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
@@ -172,17 +170,7 @@ func (e *Env) StartEnvoy(t testing.TB, bin string) (accessLog string) {
 // egressd0 (or lo), as the agent does.
 func EnsureProxyAddrs(t testing.TB, node *testbed.Netns) {
 	t.Helper()
-	ns, err := netns.GetFromName(node.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer h.Close()
-	if _, err := (datapath.ProxyAddrs{Handle: h}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
+	if _, err := (datapath.ProxyAddrs{Handle: node.NetlinkHandle(t)}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
 		t.Fatalf("proxy address: %v", err)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
 
@@ -112,4 +113,21 @@ func mustRun(t testing.TB, name string, args ...string) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
 	}
+}
+
+// NetlinkHandle returns a netlink handle inside n, closed when the test
+// ends.
+func (n *Netns) NetlinkHandle(t testing.TB) *netlink.Handle {
+	t.Helper()
+	ns, err := netns.GetFromName(n.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ns.Close()
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(h.Close)
+	return h
 }
