@@ -3,6 +3,7 @@ package bench
 import (
 	"encoding/json"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -20,10 +21,13 @@ func TestMain(m *testing.M) {
 	testbed.Main(m, map[string]testbed.Role{"proxy": standin.Main, "connlat": connlatMain})
 }
 
-func pct(xs []int64, p float64) time.Duration {
+// pct is the nearest-rank p-quantile (0..1; 1 is the maximum) of
+// nanosecond samples: the ceil(p*n)-th smallest.
+func pct[T ~int64](xs []T, p float64) time.Duration {
 	s := slices.Clone(xs)
 	slices.Sort(s)
-	return time.Duration(s[min(len(s)-1, int(p*float64(len(s))))])
+	i := int(math.Ceil(p*float64(len(s)))) - 1
+	return time.Duration(s[max(0, min(len(s)-1, i))])
 }
 
 // TestPrivilegedBenchConnect compares, in one process and alternating per

@@ -3,10 +3,10 @@ package bench
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -48,21 +48,8 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 
 	// A pod as the kubelet would have it: created, cgroup made, IPs set.
 	makePod := func(name string, i int, labels map[string]string) (*testbed.Cgroup, string) {
-		p := &corev1.Pod{
-			ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: labels},
-			Spec:       corev1.PodSpec{NodeName: "node-a", Containers: []corev1.Container{{Name: "app", Image: "example.invalid/app"}}},
-		}
-		created, err := c.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{})
-		if err != nil {
-			t.Fatal(err)
-		}
-		cg := besteffort.Child(t, "pod"+string(created.UID))
-		created.Status.Phase = corev1.PodRunning
-		created.Status.PodIPs = []corev1.PodIP{{IP: fmt.Sprintf("10.210.%d.%d", i/250, i%250+1)}}
-		if _, err := c.CoreV1().Pods("default").UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
-			t.Fatal(err)
-		}
-		return cg, name
+		ip := netip.AddrFrom4([4]byte{10, 210, byte(i / 250), byte(i%250 + 1)})
+		return kube.RunPod(t, c, besteffort, kube.Pod(name, "node-a", labels, nil), ip), name
 	}
 	dp, err := datapath.OpenPinned(e.PinPath)
 	if err != nil {
@@ -137,7 +124,8 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	fmt.Fprintf(&b, "from the PATCH request's start, and from the API server's answer (watch delivery plus the agent).\n\n")
 	fmt.Fprintf(&b, "| measurement | p50 | p99 | max |\n|---|---|---|---|\n")
 	row := func(name string, xs []time.Duration) {
-		fmt.Fprintf(&b, "| %s | %v | %v | %v |\n", name, pctD(xs, 50), pctD(xs, 99), pctD(xs, 100))
+		r := func(p float64) time.Duration { return pct(xs, p).Round(10 * time.Microsecond) }
+		fmt.Fprintf(&b, "| %s | %v | %v | %v |\n", name, r(0.5), r(0.99), r(1))
 	}
 	row("label added -> cgroup id in the map, from the request", on)
 	row("label added -> cgroup id in the map, from the answer", onCommit)
@@ -151,13 +139,6 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Log(b.String())
-}
-
-func pctD(xs []time.Duration, p float64) time.Duration {
-	s := slices.Clone(xs)
-	slices.Sort(s)
-	i := int(float64(len(s)-1) * p / 100)
-	return s[i].Round(10 * time.Microsecond)
 }
 
 func rssKiB(t *testing.T, pid int) int {

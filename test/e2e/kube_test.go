@@ -13,44 +13,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
-	"k8s.io/client-go/kubernetes"
 )
 
 const nodeName = "node-a"
-
-func newPod(name, node string, labels, annotations map[string]string) *corev1.Pod {
-	return &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, Labels: labels, Annotations: annotations},
-		Spec: corev1.PodSpec{
-			NodeName:   node,
-			Containers: []corev1.Container{{Name: "app", Image: "example.invalid/app"}},
-		},
-	}
-}
-
-// kubePod creates a pod on the API server, then does what the kubelet
-// would: creates its cgroup (cgroupfs layout under the testbed root, from
-// the UID and the QoS class the API server set) and reports its IPs. It
-// returns the cgroup, where the test runs the pod's processes.
-func kubePod(t *testing.T, c kubernetes.Interface, besteffort *testbed.Cgroup, p *testbed.Pod, pod *corev1.Pod) *testbed.Cgroup {
-	t.Helper()
-	ctx := context.Background()
-	created, err := c.CoreV1().Pods(pod.Namespace).Create(ctx, pod, metav1.CreateOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if created.Status.QOSClass != corev1.PodQOSBestEffort {
-		t.Fatalf("API server set QoS class %q, want BestEffort for a pod without resources", created.Status.QOSClass)
-	}
-	cg := besteffort.Child(t, "pod"+string(created.UID))
-	created.Status.Phase = corev1.PodRunning
-	created.Status.PodIPs = []corev1.PodIP{{IP: p.IPv4.String()}, {IP: p.IPv6.String()}}
-	created.Status.PodIP = p.IPv4.String()
-	if _, err := c.CoreV1().Pods(pod.Namespace).UpdateStatus(ctx, created, metav1.UpdateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	return cg
-}
 
 // TestPrivilegedAgentKubernetes runs the agent against a real API server:
 // a labelled pod on this node is redirected once its cgroup exists and its
@@ -75,20 +40,20 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path}
 	agent := e.StartAgent(t, agentArgs...)
 
-	web := kubePod(t, c, besteffort, e.TB.Pods[0], newPod("web", nodeName,
+	web := kube.RunPod(t, c, besteffort, kube.Pod("web", nodeName,
 		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
-		map[string]string{"egressd.io/allow": dst}))
+		map[string]string{"egressd.io/allow": dst}), e.TB.Pods[0].IPv4, e.TB.Pods[0].IPv6)
 	// Not selected: another node's pod, and an unlabelled pod here.
-	if _, err := c.CoreV1().Pods("default").Create(ctx, newPod("elsewhere", "node-b", map[string]string{"egressd.io/redirect": "true"}, nil), metav1.CreateOptions{}); err != nil {
+	if _, err := c.CoreV1().Pods("default").Create(ctx, kube.Pod("elsewhere", "node-b", map[string]string{"egressd.io/redirect": "true"}, nil), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.CoreV1().Pods("default").Create(ctx, newPod("plain", nodeName, nil, nil), metav1.CreateOptions{}); err != nil {
+	if _, err := c.CoreV1().Pods("default").Create(ctx, kube.Pod("plain", nodeName, nil, nil), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	// Selected, with an annotation that does not parse.
-	kubePod(t, c, besteffort, e.TB.Pods[1], newPod("broken", nodeName,
+	kube.RunPod(t, c, besteffort, kube.Pod("broken", nodeName,
 		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
-		map[string]string{"egressd.io/allow": "bad_host.example.com"}))
+		map[string]string{"egressd.io/allow": "bad_host.example.com"}), e.TB.Pods[1].IPv4, e.TB.Pods[1].IPv6)
 
 	// The agent's state file (names) follows within its 2 s write period.
 	names := map[string]string{}
