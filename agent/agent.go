@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -45,7 +46,11 @@ type Config struct {
 	ExcludeNodeAddresses bool
 	ExcludePorts         []uint16
 	XDSSocket            string
-	XDSTCP               string
+	// XDSSocketMode: the socket's permission bits; zero: owner only. 0660
+	// lets a group (the DaemonSet's fsGroup) in, for an Envoy that does not
+	// run as the agent's user.
+	XDSSocketMode fs.FileMode
+	XDSTCP        string
 	// Source is "file" or "kubernetes".
 	Source string
 	// WorkloadsFile is the file source's path.
@@ -110,7 +115,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	log.Info("datapath ready", "exclusions", exclude, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
-	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, TCPAddr: cfg.XDSTCP, Logger: log})
+	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, SocketMode: cfg.XDSSocketMode, TCPAddr: cfg.XDSTCP, Logger: log})
 	if err != nil {
 		return err
 	}

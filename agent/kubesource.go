@@ -69,6 +69,9 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}
+	if err := s.checkNode(ctx); err != nil {
+		return err
+	}
 	factory := informers.NewSharedInformerFactoryWithOptions(s.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", s.NodeName).String()
 		o.LabelSelector = sel
@@ -120,6 +123,22 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 			return nil
 		}
 		s.process(r, key)
+	}
+}
+
+// checkNode catches a wrong node name at start: with it the field selector
+// would match no pod and the agent would silently redirect nothing. Only a
+// definite NotFound fails; an API error is logged and the informer retries.
+func (s *KubeSource) checkNode(ctx context.Context) error {
+	_, err := s.Client.CoreV1().Nodes().Get(ctx, s.NodeName, metav1.GetOptions{})
+	switch {
+	case err == nil:
+		return nil
+	case apierrors.IsNotFound(err):
+		return fmt.Errorf("kubernetes source: node %q does not exist; NODE_NAME must come from the pod's spec.nodeName (downward API)", s.NodeName)
+	default:
+		s.Logger.Warn("cannot check this node exists; going on", "node", s.NodeName, "err", err)
+		return nil
 	}
 }
 

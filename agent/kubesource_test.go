@@ -107,7 +107,7 @@ func TestKubeSource(t *testing.T) {
 	late := testPod("late", "uid-late", corev1.PodQOSGuaranteed, "10.244.1.6", nil, nil)
 	host := testPod("host", "uid-host", corev1.PodQOSBestEffort, "", nil, nil)
 	host.Spec.HostNetwork = true
-	client := fake.NewClientset(web, late, host)
+	client := fake.NewClientset(web, late, host, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}})
 
 	dp := &lockedDatapath{f: fakeDatapath{m: map[uint64]datapath.Workload{999: {ID: 9}}}} // 999: stale, from a previous run
 	recorder := record.NewFakeRecorder(100)
@@ -193,6 +193,15 @@ func TestKubeSource(t *testing.T) {
 func TestKubeSourceNeedsNodeName(t *testing.T) {
 	err := (&KubeSource{Client: fake.NewClientset()}).Run(context.Background(), nil, func() {})
 	if err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func TestKubeSourceRefusesUnknownNode(t *testing.T) {
+	src := &KubeSource{Client: fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}),
+		NodeName: "node-b", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	err := src.Run(context.Background(), nil, func() {})
+	if err == nil || !strings.Contains(err.Error(), `node "node-b" does not exist`) {
 		t.Fatalf("err = %v", err)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -269,5 +270,41 @@ func TestServeRefusesToReplaceAFile(t *testing.T) {
 	}
 	if b, _ := os.ReadFile(path); string(b) != "keep me" {
 		t.Fatal("Serve clobbered a regular file")
+	}
+}
+
+// The DaemonSet's Envoy runs as another user: the socket is 0660, and in a
+// setgid directory (an emptyDir with fsGroup) it takes the directory's
+// group, so Envoy reaches it through that group and nobody else can.
+func TestSocketModeForGroup(t *testing.T) {
+	dir := t.TempDir()
+	const gid = 4242
+	asRoot := os.Geteuid() == 0
+	if asRoot {
+		if err := os.Chown(dir, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(dir, 0o755|os.ModeSetgid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sock := filepath.Join(dir, "xds.sock")
+	s, err := NewServer(ServerConfig{SocketPath: sock, SocketMode: 0o660, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	defer func() { cancel(); <-done }()
+	waitFor(t, "socket mode 0660", func() bool {
+		fi, err := os.Stat(sock)
+		return err == nil && fi.Mode().Perm() == 0o660
+	})
+	if asRoot {
+		fi, _ := os.Stat(sock)
+		if g := fi.Sys().(*syscall.Stat_t).Gid; g != gid {
+			t.Errorf("socket group %d, want the setgid directory's %d", g, gid)
+		}
 	}
 }

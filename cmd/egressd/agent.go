@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	iofs "io/fs"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -100,7 +101,8 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.Var(&exclude, "exclude", "comma-separated CIDRs never redirected, beside loopback and link-local (e.g. pod and service CIDRs)")
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "never redirect connections to this node's own addresses (taken at start)")
-	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on (mode 0600)")
+	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
+	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
 	fs.StringVar(&cfg.XDSTCP, "xds-tcp", "", "also serve ADS on this loopback ip:port")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-address", "127.0.0.1:9464", `address for /metrics, /healthz and /readyz; "" for none`)
 	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for egressd status")
@@ -115,6 +117,11 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	if cfg.AttachCgroup == "" || cfg.CgroupMount == "" {
 		return fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
 	}
+	mode, err := strconv.ParseUint(*socketMode, 8, 32)
+	if err != nil || (mode != 0o600 && mode != 0o660) {
+		return fmt.Errorf("--xds-socket-mode %q: want 0600 or 0660 (octal; never world-accessible, always owner read-write)", *socketMode)
+	}
+	cfg.XDSSocketMode = iofs.FileMode(mode)
 	cfg.Source = "file"
 	if cfg.WorkloadsFile == "" {
 		cfg.Source = "kubernetes"

@@ -72,6 +72,8 @@ func TestBootstrapCommandErrors(t *testing.T) {
 		{[]string{"bootstrap", "--format", "xml"}, "want yaml or json"},
 		{[]string{"bootstrap", "extra"}, "takes no arguments"},
 		{[]string{"nope"}, "usage"},
+		{[]string{"agent", "--workloads-file", "w.yaml", "--xds-socket-mode", "0666"}, "want 0600 or 0660"},
+		{[]string{"agent", "--workloads-file", "w.yaml", "--xds-socket-mode", "rw"}, "want 0600 or 0660"},
 	} {
 		if _, _, err := runCLI(tc.args...); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: err = %v, want %q", tc.args, err, tc.want)
