@@ -84,6 +84,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Source == "kubernetes" && cfg.KubeClient == nil {
 		return errors.New("kubernetes source: no API client")
 	}
+	if err := datapath.CheckKernel(); err != nil {
+		return err
+	}
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
 	}

@@ -20,6 +20,9 @@ func TestMain(m *testing.M) {
 func installRole(args []string) int {
 	cfg := Config{CgroupPath: args[0], PinPath: args[1]}
 	err := func() error {
+		if err := CheckKernel(); err != nil {
+			return err
+		}
 		d, err := Open(cfg)
 		if err != nil {
 			return err

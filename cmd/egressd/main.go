@@ -20,11 +20,13 @@ type command struct {
 }
 
 var commands = map[string]command{
-	"agent":     {"run the node agent (datapath, xDS server, workloads, proxy health, metrics)", runAgent},
-	"bootstrap": {"print the Envoy bootstrap that connects Envoy to this agent", runBootstrap},
-	"status":    {"show the pinned datapath, workloads, counters and xDS state", runStatus},
-	"uninstall": {"detach the programs, remove the pins and the proxy addresses", runUninstall},
-	"version":   {"print the version", runVersion},
+	"agent":       {"run the node agent (datapath, xDS server, workloads, proxy health, metrics)", runAgent},
+	"check":       {"check that this kernel has every eBPF feature egressd needs", runCheck},
+	"mount-bpffs": {"mount bpffs unless it is mounted (the DaemonSet's init container)", runMountBPFFS},
+	"bootstrap":   {"print the Envoy bootstrap that connects Envoy to this agent", runBootstrap},
+	"status":      {"show the pinned datapath, workloads, counters and xDS state", runStatus},
+	"uninstall":   {"detach the programs, remove the pins and the proxy addresses", runUninstall},
+	"version":     {"print the version", runVersion},
 }
 
 // errUsage: the command line was wrong; the usage has been printed.
@@ -68,7 +70,7 @@ func usage(w io.Writer) {
 	}
 	sort.Strings(names)
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-10s %s\n", n, commands[n].summary)
+		fmt.Fprintf(w, "  %-12s %s\n", n, commands[n].summary)
 	}
 }
 

@@ -1,0 +1,43 @@
+package datapath
+
+import (
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/egressd/egressd/test/testbed"
+)
+
+// This kernel has everything: CheckKernel passes, and each probe ran (a
+// probe that cannot tell would have returned an error, not nil).
+func TestPrivilegedCheckKernel(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	if err := CheckKernel(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A probe for an attach type no kernel knows reports it missing, so the
+// attach-type probes can fail.
+func TestPrivilegedAttachTypeProbeCanFail(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	err := attachType(ebpf.CGroupSockAddr, 0xffff)()
+	if !errors.Is(err, ebpf.ErrNotSupported) {
+		t.Fatalf("unknown attach type: err = %v, want ErrNotSupported", err)
+	}
+}
+
+func TestMissingFeatureErrorNamesEach(t *testing.T) {
+	err := error(&MissingFeatureError{Kernel: "5.4.0-1", Missing: []Requirement{Requirements[8], Requirements[10]}})
+	var mf *MissingFeatureError
+	if !errors.As(err, &mf) {
+		t.Fatal("not a MissingFeatureError")
+	}
+	for _, want := range []string{"kernel 5.4.0-1", "cgroup/getpeername4 (Linux 5.8+)", "cgroup/sock_release (Linux 5.9+)", "Linux 5.9 or later"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error lacks %q:\n%s", want, err)
+		}
+	}
+}
