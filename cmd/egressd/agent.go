@@ -75,6 +75,33 @@ func proxyFlags(fs *flag.FlagSet) *xds.Proxy {
 }
 
 func runAgent(args []string, stdout, stderr io.Writer) error {
+	cfg, kubeconfig, err := parseAgentFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	if cfg.Source == "kubernetes" {
+		rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+		rc.UserAgent = "egressd/" + version
+		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
+			return fmt.Errorf("kubernetes client: %w", err)
+		}
+	}
+	if os.Getenv("EGRESSD_READY_LINE") != "" {
+		// The testbed and the demo wait for this line on stdout.
+		cfg.Ready = func() { fmt.Fprintln(stdout, "READY") }
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return agent.Run(ctx, cfg)
+}
+
+// parseAgentFlags turns the agent's command line into its configuration,
+// checking every value, without touching the system or the network (the
+// DaemonSet test parses the shipped manifest's arguments with it).
+func parseAgentFlags(args []string, stderr io.Writer) (agent.Config, string, error) {
 	fs := newFlagSet("agent", `Run the node agent: install (or adopt) the pinned eBPF datapath, serve Envoy its
 configuration over ADS, follow the workloads and Envoy's health. On SIGTERM the
 control plane stops and the datapath stays pinned and redirecting; a restarted
@@ -108,38 +135,30 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for egressd status")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error (JSON logs on stderr)")
 	if err := fs.Parse(args); err != nil {
-		return err
+		return agent.Config{}, "", err
 	}
 	if fs.NArg() > 0 {
 		fs.Usage()
-		return fmt.Errorf("agent takes no arguments, got %q: %w", fs.Args(), errUsage)
+		return agent.Config{}, "", fmt.Errorf("agent takes no arguments, got %q: %w", fs.Args(), errUsage)
 	}
 	if cfg.AttachCgroup == "" || cfg.CgroupMount == "" {
-		return fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
+		return agent.Config{}, "", fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
 	}
 	mode, err := strconv.ParseUint(*socketMode, 8, 32)
 	if err != nil || (mode != 0o600 && mode != 0o660) {
-		return fmt.Errorf("--xds-socket-mode %q: want 0600 or 0660 (octal; never world-accessible, always owner read-write)", *socketMode)
+		return agent.Config{}, "", fmt.Errorf("--xds-socket-mode %q: want 0600 or 0660 (octal; never world-accessible, always owner read-write)", *socketMode)
 	}
 	cfg.XDSSocketMode = iofs.FileMode(mode)
 	cfg.Source = "file"
 	if cfg.WorkloadsFile == "" {
 		cfg.Source = "kubernetes"
 		if cfg.NodeName == "" {
-			return fmt.Errorf("the Kubernetes source needs --node-name or $NODE_NAME (or use --workloads-file)")
+			return agent.Config{}, "", fmt.Errorf("the Kubernetes source needs --node-name or $NODE_NAME (or use --workloads-file)")
 		}
 		cfg.CgroupLayout.Mount = cfg.CgroupMount
 		cfg.CgroupLayout.Driver = agent.CgroupDriver(*driver)
 		if _, err := cfg.CgroupLayout.PodCgroup("check", agent.QoSBurstable); err != nil {
-			return fmt.Errorf("--cgroup-driver: %w", err)
-		}
-		rc, err := clientcmd.BuildConfigFromFlags("", *kubeconfig)
-		if err != nil {
-			return fmt.Errorf("kubernetes client: %w", err)
-		}
-		rc.UserAgent = "egressd/" + version
-		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
-			return fmt.Errorf("kubernetes client: %w", err)
+			return agent.Config{}, "", fmt.Errorf("--cgroup-driver: %w", err)
 		}
 	}
 	cfg.Proxy = *proxy
@@ -148,7 +167,7 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 		if err != nil {
 			a, aerr := netip.ParseAddr(s)
 			if aerr != nil {
-				return fmt.Errorf("--exclude %q: not a CIDR or address", s)
+				return agent.Config{}, "", fmt.Errorf("--exclude %q: not a CIDR or address", s)
 			}
 			p = netip.PrefixFrom(a, a.BitLen())
 		}
@@ -157,22 +176,16 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	for _, s := range excludePorts {
 		n, err := strconv.ParseUint(s, 10, 16)
 		if err != nil || n == 0 {
-			return fmt.Errorf("--exclude-ports %q: want a port in 1-65535", s)
+			return agent.Config{}, "", fmt.Errorf("--exclude-ports %q: want a port in 1-65535", s)
 		}
 		cfg.ExcludePorts = append(cfg.ExcludePorts, uint16(n))
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("--log-level %q: %w", *logLevel, err)
+		return agent.Config{}, "", fmt.Errorf("--log-level %q: %w", *logLevel, err)
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if os.Getenv("EGRESSD_READY_LINE") != "" {
-		// The testbed and the demo wait for this line on stdout.
-		cfg.Ready = func() { fmt.Fprintln(stdout, "READY") }
-	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
-	return agent.Run(ctx, cfg)
+	return cfg, *kubeconfig, nil
 }
 
 func runUninstall(args []string, stdout, stderr io.Writer) error {
