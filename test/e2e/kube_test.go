@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/daemonset"
 	"github.com/egressd/egressd/test/harness"
 	"github.com/egressd/egressd/test/kube"
 	"github.com/egressd/egressd/test/testbed"
@@ -22,7 +23,8 @@ const nodeName = "node-a"
 // address is in the xDS snapshot; a pod on another node and an unlabelled
 // pod are not selected; a malformed annotation becomes a Warning Event; an
 // agent restart keeps the entries (and redirection goes on meanwhile);
-// unlabelling and deleting deselect.
+// unlabelling and deleting deselect. The agent authenticates as the
+// DaemonSet's service account, with the shipped RBAC.
 func TestPrivilegedAgentKubernetes(t *testing.T) {
 	e := harness.New(t, 2)
 	cluster := kube.Start(t, e.TB.Node)
@@ -35,8 +37,23 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// The agent runs as the shipped DaemonSet's service account, so its
+	// ClusterRole is shown to be enough for everything below (pods, its
+	// node, Events).
+	install, err := daemonset.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs [][]byte
+	for _, o := range install.Objects {
+		objs = append(objs, o.YAML)
+	}
+	if err := cluster.Apply(ctx, false, objs...); err != nil {
+		t.Fatal(err)
+	}
+	kubeconfig := cluster.KubeconfigFor(t, install.Namespace.Name, install.SA.Name)
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
-	agentArgs := []string{"--kubeconfig", cluster.Kubeconfig, "--node-name", nodeName,
+	agentArgs := []string{"--kubeconfig", kubeconfig, "--node-name", nodeName,
 		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path}
 	agent := e.StartAgent(t, agentArgs...)
 

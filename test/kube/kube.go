@@ -117,6 +117,9 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 		// reconciler; no controller-manager makes default service accounts.
 		"--endpoint-reconciler-type", "none",
 		"--disable-admission-plugins", "ServiceAccount",
+		// As kubeadm and kind run it: the DaemonSet's bpffs init container
+		// is privileged.
+		"--allow-privileged=true",
 	)
 	host := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
 	// QPS: client-go's default of 5 requests/s would be what the tests
