@@ -72,6 +72,12 @@ bench: deps-test
 	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; } >> bench/out/report.md
 	@echo "report: bench/out/report.md"
 
+## image: build the container image $(IMAGE) (needs a Docker engine; the Dockerfile runs the same make targets as CI)
+IMAGE ?= localhost/egressd:dev
+.PHONY: image
+image:
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
 ## demo: throwaway node/pod testbed on this kernel showing redirection end to end (root)
 .PHONY: demo
 demo: deps-test
