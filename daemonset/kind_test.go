@@ -1,0 +1,56 @@
+package daemonset
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/egressd/egressd/xds"
+	corev1 "k8s.io/api/core/v1"
+)
+
+// The Vagrant/kind path cannot run here; what can be checked is checked:
+// its overlay renders with kind's kubelet settings, and its workloads
+// decode strictly with the policies the script expects.
+func TestKindOverlayAndWorkloads(t *testing.T) {
+	kindDir := filepath.Join(Dir(), "..", "test", "e2e-kind")
+	var cm *corev1.ConfigMap
+	for _, o := range render(t, filepath.Join(kindDir, "overlay")) {
+		if v, ok := decode(t, o).(*corev1.ConfigMap); ok {
+			cm = v
+		}
+	}
+	if cm == nil || cm.Data["KUBELET_CGROUP_ROOT"] != "/kubelet" || cm.Data["CGROUP_DRIVER"] != "systemd" || cm.Data["EXCLUDE"] != "" {
+		t.Fatalf("overlay ConfigMap %+v", cm)
+	}
+
+	raw, err := os.ReadFile(filepath.Join(kindDir, "workloads.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pods := map[string]*corev1.Pod{}
+	for _, doc := range bytes.Split(raw, []byte("\n---\n")) {
+		obj := decode(t, Object{Kind: "e2e", Name: "workloads.yaml", YAML: doc})
+		if p, ok := obj.(*corev1.Pod); ok {
+			pods[p.Name] = p
+		}
+	}
+	want := map[string]xds.Mode{"audit": xds.Audit, "enforce": xds.Enforce}
+	for name, mode := range want {
+		p := pods[name]
+		if p == nil || p.Labels["egressd.io/redirect"] != "true" {
+			t.Fatalf("pod %s missing or not selected", name)
+		}
+		pol, err := xds.ParsePolicy(p.Labels, p.Annotations)
+		if err != nil || pol.Mode != mode {
+			t.Errorf("pod %s: policy %+v, %v; want mode %v", name, pol, err, mode)
+		}
+		if len(p.Spec.Containers) != 1 || p.Spec.Containers[0].Image == "" {
+			t.Errorf("pod %s: the YAML anchor did not give it the client container", name)
+		}
+	}
+	if p := pods["plain"]; p == nil || p.Labels["egressd.io/redirect"] != "" {
+		t.Error("the plain pod is missing or selected")
+	}
+}
