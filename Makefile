@@ -55,6 +55,11 @@ deps-k8s:
 test: deps-test
 	apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
 
+## test-kernels: the privileged datapath tests inside Debian kernels 5.10, 6.1 and 6.12 under qemu (root; EGRESSD_KERNELS to choose)
+.PHONY: test-kernels
+test-kernels: deps-test
+	test/kernels/run.sh
+
 ## test-unit: only the tests that need no privileges
 .PHONY: test-unit
 test-unit:

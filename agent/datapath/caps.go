@@ -17,6 +17,7 @@ var Capabilities = []Capability{
 	{"CAP_BPF", unix.CAP_BPF, "create maps and load programs (kernel 5.8+)"},
 	{"CAP_NET_ADMIN", unix.CAP_NET_ADMIN, "attach cgroup socket programs; add the proxy address"},
 	{"CAP_SYS_RESOURCE", unix.CAP_SYS_RESOURCE, "raise RLIMIT_MEMLOCK on kernels before 5.11 (memlock-accounted maps)"},
+	{"CAP_PERFMON", unix.CAP_PERFMON, "older verifiers (6.1 measured) refuse the programs without it: clang reuses stack slots of spilled pointers for narrower stores, which they allow only with pointer-leak privilege"},
 }
 
 // OptionalCapabilities are needed only in some situations.

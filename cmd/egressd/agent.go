@@ -105,8 +105,8 @@ func parseAgentFlags(args []string, stderr io.Writer) (agent.Config, string, err
 	fs := newFlagSet("agent", `Run the node agent: install (or adopt) the pinned eBPF datapath, serve Envoy its
 configuration over ADS, follow the workloads and Envoy's health. On SIGTERM the
 control plane stops and the datapath stays pinned and redirecting; a restarted
-agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN and
-CAP_SYS_RESOURCE.
+agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN,
+CAP_PERFMON and CAP_SYS_RESOURCE.
 
 Workloads come from the Kubernetes API (pods on this node with the selector's
 labels; the default) or, with --workloads-file, from a YAML file (plain Linux

@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"net"
 	"os"
 	"os/exec"
@@ -124,7 +125,10 @@ func (n *Netns) NetlinkHandle(t testing.TB) *netlink.Handle {
 		t.Fatal(err)
 	}
 	defer ns.Close()
-	h, err := netlink.NewHandleAt(ns)
+	// Route sockets only: by default netlink also opens XFRM and netfilter
+	// sockets, which fail (EPROTONOSUPPORT) on kernels without those
+	// modules loaded, as in make test-kernels' VMs.
+	h, err := netlink.NewHandleAt(ns, unix.NETLINK_ROUTE)
 	if err != nil {
 		t.Fatal(err)
 	}
