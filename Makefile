@@ -65,17 +65,22 @@ test-kernels: deps-test
 test-unit:
 	$(GO) test $(GOTEST_FLAGS) -run 'Test[^P]|TestP[^r]' ./...
 
-## bench: measure the redirect's cost side by side (root); writes bench/out/report.md
+## bench: measure the redirect's cost side by side (root, < 10 min); writes bench/out/report.md and report.json
 .PHONY: bench
 bench: deps-test
-	mkdir -p bench/out
-	set -o pipefail; apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
-	cat bench/out/controlplane.md >> bench/out/report.md
+	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; }
+	rm -rf bench/out && mkdir -p bench/out
+	set -o pipefail; apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
-	{ echo; echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
+	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/controlplane.md; echo; \
+	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \
-	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; } >> bench/out/report.md
-	@echo "report: bench/out/report.md"
+	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; } > bench/out/report.md
+	{ echo '{"connect":'; cat bench/out/connect.json; echo ',"bulk":'; cat bench/out/bulk.json; \
+	  echo ',"control_plane":'; cat bench/out/controlplane.json; echo ',"xds_benchmarks":'; \
+	  grep -E '^Benchmark' bench/out/xds.txt | awk 'BEGIN{printf "["} {if (NR>1) printf ","; printf "{\"name\":\"%s\",\"ns_per_op\":%s,\"bytes_per_op\":%s,\"allocs_per_op\":%s}", $$1, $$3, $$5, $$7} END{print "]"}'; \
+	  echo '}'; } > bench/out/report.json
+	@echo "report: bench/out/report.md, bench/out/report.json"
 
 ## image: build the container image $(IMAGE) (needs a Docker engine; the Dockerfile runs the same make targets as CI)
 IMAGE ?= localhost/egressd:dev

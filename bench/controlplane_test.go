@@ -138,6 +138,20 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(outDir, "controlplane.md"), []byte(b.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	q := func(xs []time.Duration) map[string]int64 {
+		return map[string]int64{"p50_ns": int64(pct(xs, 0.5)), "p99_ns": int64(pct(xs, 0.99)), "max_ns": int64(pct(xs, 1))}
+	}
+	writeJSON(t, filepath.Join(outDir, "controlplane.json"), map[string]any{
+		"label_changes":                   labelChanges,
+		"label_added_from_request":        q(on),
+		"label_added_from_answer":         q(onCommit),
+		"label_removed_from_request":      q(off),
+		"label_removed_from_answer":       q(offCommit),
+		"rss_idle_kib":                    rssIdle,
+		"rss_selected_pods_kib":           rss250,
+		"selected_pods":                   benchPods,
+		"all_pods_in_map_after_create_ns": int64(all),
+	})
 	t.Log(b.String())
 }
 

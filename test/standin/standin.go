@@ -99,6 +99,7 @@ func parseSockaddr(b []byte) (netip.AddrPort, error) {
 type Proxy struct {
 	Verify    bool // read "WANT <addr>|none" from the client and compare; never dial
 	Sink      bool // ask for the original destination, then close: no dial, no record (benchmarks)
+	Drain     bool // ask for the original destination, then read and discard until EOF (bulk benchmarks)
 	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
 	Log       io.Writer
 
@@ -151,6 +152,10 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	r.Asked = true
 	dst, err := OriginalDst(c)
 	if p.Sink {
+		return
+	}
+	if p.Drain {
+		io.Copy(io.Discard, c)
 		return
 	}
 	if err == nil {
@@ -223,11 +228,12 @@ func Main(args []string) int {
 	verify := fs.Bool("verify", false, "test mode: read 'WANT <addr>|none' from each client, compare with the recovered original destination, answer match/mismatch, never dial")
 	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")
 	sink := fs.Bool("sink", false, "benchmark mode: ask for each original destination, then close; no dial, no record")
+	drain := fs.Bool("drain", false, "bulk benchmark mode: ask for each original destination, then read and discard everything")
 	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	p := &Proxy{Verify: *verify, Sink: *sink, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *records != "" {
 		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
