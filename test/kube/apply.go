@@ -3,7 +3,6 @@ package kube
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
 
@@ -16,8 +15,6 @@ import (
 	"k8s.io/client-go/discovery/cached/memory"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/restmapper"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/yaml"
 )
 
@@ -75,16 +72,6 @@ func (c *Cluster) KubeconfigFor(t testing.TB, namespace, account string) string 
 		t.Fatalf("token for %s/%s: %v", namespace, account, err)
 	}
 	kc := filepath.Join(t.TempDir(), "kubeconfig-"+account)
-	if err := clientcmd.WriteToFile(clientcmdapi.Config{
-		Clusters:       map[string]*clientcmdapi.Cluster{"test": {Server: c.Config.Host, InsecureSkipTLSVerify: true}},
-		AuthInfos:      map[string]*clientcmdapi.AuthInfo{account: {Token: tr.Status.Token}},
-		Contexts:       map[string]*clientcmdapi.Context{"test": {Cluster: "test", AuthInfo: account}},
-		CurrentContext: "test",
-	}, kc); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.Chmod(kc, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	writeKubeconfig(t, kc, c.Config.Host, tr.Status.Token)
 	return kc
 }

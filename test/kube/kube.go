@@ -135,15 +135,25 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 		t.Fatal(err)
 	}
 	kc := filepath.Join(dir, "kubeconfig")
+	writeKubeconfig(t, kc, host, token)
+	return &Cluster{Client: client, Config: cfg, Kubeconfig: kc}
+}
+
+// writeKubeconfig writes a kubeconfig (mode 0600) for the API server at
+// host, authenticating with token.
+func writeKubeconfig(t testing.TB, path, host, token string) {
+	t.Helper()
 	if err := clientcmd.WriteToFile(clientcmdapi.Config{
 		Clusters:       map[string]*clientcmdapi.Cluster{"test": {Server: host, InsecureSkipTLSVerify: true}},
 		AuthInfos:      map[string]*clientcmdapi.AuthInfo{"test": {Token: token}},
 		Contexts:       map[string]*clientcmdapi.Context{"test": {Cluster: "test", AuthInfo: "test"}},
 		CurrentContext: "test",
-	}, kc); err != nil {
+	}, path); err != nil {
 		t.Fatal(err)
 	}
-	return &Cluster{Client: client, Config: cfg, Kubeconfig: kc}
+	if err := os.Chmod(path, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // start runs a server process in ns with its output in logPath, killed
