@@ -82,15 +82,7 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 	}
 	e := setupBench(t, "-sink")
 	tb, pod, dp, cgid, proxy := e.tb, e.pod, e.dp, e.cgid, e.proxy
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Cleanup(func() {
-		exec.Command("ip", "netns", "exec", tb.Node.Name, nft, "delete", "table", "ip", "egbench").Run()
-	})
+	t.Cleanup(func() { nftDelete(nft, tb.Node) })
 
 	const perRound, rounds = 500, 4
 	ebpfDst, nftDst := "203.0.113.7:8080", "203.0.113.8:8080"
@@ -100,23 +92,16 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 		ruleset := nftRuleset(sc, pod.IPv4)
 
 		samples := Latencies{}
-		add := func(l Latencies, rename map[string]string) {
+		add := func(l Latencies) {
 			for k, v := range l {
-				name, suffix, _ := strings.Cut(k, "/")
-				if r, ok := rename[name]; ok {
-					name = r
-				}
-				if suffix != "" {
-					name += "/" + suffix
-				}
-				samples[name] = append(samples[name], v...)
+				samples[k] = append(samples[k], v...)
 			}
 		}
 		for r := 0; r < rounds; r++ {
-			add(connlat(t, pod, perRound, "ebpf="+ebpfDst, "direct="+proxy), nil)
+			add(connlat(t, pod, perRound, "ebpf="+ebpfDst, "direct="+proxy))
 			nftLoad(t, nft, tb.Node, ruleset)
-			add(connlat(t, pod, perRound, "nftables="+nftDst, "direct="+proxy), map[string]string{"direct": "direct-conntrack"})
-			must(exec.Command("ip", "netns", "exec", tb.Node.Name, nft, "delete", "table", "ip", "egbench").Run())
+			add(connlat(t, pod, perRound, "nftables="+nftDst, "direct-conntrack="+proxy))
+			must(t, nftDelete(nft, tb.Node))
 		}
 		base, nftS := samples["direct"], samples["nftables"]
 		for _, v := range []string{"ebpf", "nftables", "direct", "direct-conntrack"} {
@@ -132,14 +117,14 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 		}
 	}
 	c, err := dp.Counters()
-	must(err)
+	must(t, err)
 	if want := uint64(len(scales) * rounds * perRound); c.RedirectedV4 < want || c.OrigDstAnswered < want {
 		t.Fatalf("benchmark did not measure redirects: %+v", c)
 	}
 	applyScale(t, dp, cgid, scales[0])
 	md := connectReport(rows) + whereTheTimeGoes(t, e, ebpfDst)
 	t.Log("\n" + md)
-	must(os.WriteFile(filepath.Join(outDir, "connect.md"), []byte(md), 0o644))
+	must(t, os.WriteFile(filepath.Join(outDir, "connect.md"), []byte(md), 0o644))
 	writeJSON(t, filepath.Join(outDir, "connect.json"), rows)
 }
 
@@ -168,21 +153,15 @@ func setupBench(t *testing.T, proxyMode string) *benchEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dp.Close(); datapath.Uninstall(cfg.PinPath) })
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
-	must(dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, Port: datapath.DefaultProxyPort}))
-	must(dp.SetReady(true))
+	must(t, dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, Port: datapath.DefaultProxyPort}))
+	must(t, dp.SetReady(true))
 	cgid, err := datapath.CgroupID(pod.Cgroup.Path)
-	must(err)
-	must(dp.SetWorkload(cgid, datapath.Workload{ID: 1}))
+	must(t, err)
+	must(t, dp.SetWorkload(cgid, datapath.Workload{ID: 1}))
 	tb.Node.IP(t, "addr", "add", datapath.DefaultProxyIPv4.String()+"/32", "dev", "lo")
 	proxy := fmt.Sprintf("%s:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort)
 	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", proxyMode, "-listen", proxy)
-	must(dp.SetExclusions(datapath.DefaultExclusions))
+	must(t, dp.SetExclusions(datapath.DefaultExclusions))
 	return &benchEnv{tb: tb, pod: pod, dp: dp, cgid: cgid, proxy: proxy, pinPath: cfg.PinPath}
 }
 
@@ -231,26 +210,27 @@ func TestPrivilegedBenchBulk(t *testing.T) {
 // variant's destination, so that eBPF leaves it to nftables.
 func applyScale(t *testing.T, dp *datapath.Datapath, cgid uint64, sc scale) {
 	t.Helper()
-	must := func(err error) {
-		t.Helper()
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 	ws, _ := dp.Workloads()
 	for id := range ws {
 		if id != cgid {
-			must(dp.DeleteWorkload(id))
+			must(t, dp.DeleteWorkload(id))
 		}
 	}
 	for i := 1; i < sc.Workloads; i++ {
-		must(dp.SetWorkload(uint64(1)<<40+uint64(i), datapath.Workload{ID: uint32(i + 1)}))
+		must(t, dp.SetWorkload(uint64(1)<<40+uint64(i), datapath.Workload{ID: uint32(i + 1)}))
 	}
 	excl := append(slices.Clone(datapath.DefaultExclusions), netip.MustParsePrefix("203.0.113.8/32"))
 	for i := 1; i < sc.Exclusions; i++ {
 		excl = append(excl, netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 32))
 	}
-	must(dp.SetExclusions(excl))
+	must(t, dp.SetExclusions(excl))
+}
+
+func must(t *testing.T, err error) {
+	t.Helper()
+	if err != nil {
+		t.Fatal(err)
+	}
 }
 
 func connlat(t *testing.T, pod *testbed.Pod, n int, variants ...string) Latencies {
@@ -287,6 +267,11 @@ func nftLoad(t *testing.T, nft string, ns *testbed.Netns, ruleset string) {
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("nft -f: %v\n%s", err, out)
 	}
+}
+
+// nftDelete removes the benchmark's nftables table from ns.
+func nftDelete(nft string, ns *testbed.Netns) error {
+	return exec.Command("ip", "netns", "exec", ns.Name, nft, "delete", "table", "ip", "egbench").Run()
 }
 
 func ratio(xs, base []int64, p float64) float64 {

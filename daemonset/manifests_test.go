@@ -168,25 +168,20 @@ func TestDaemonSetWiring(t *testing.T) {
 	in := loadInstall(t)
 	spec := in.DaemonSet.Spec.Template.Spec
 	// Every $(VAR) in a command resolves, or Kubernetes passes it on literally.
-	ref := regexp.MustCompile(`\$\(([A-Z_]+)\)`)
 	for _, c := range append(slices.Clone(spec.InitContainers), spec.Containers...) {
-		defined := map[string]bool{}
+		defined := map[string]string{}
 		for _, e := range c.Env {
-			defined[e.Name] = true
+			defined[e.Name] = "set"
 		}
 		for _, ef := range c.EnvFrom {
 			if ef.ConfigMapRef != nil && ef.ConfigMapRef.Name == in.Config.Name {
 				for k := range in.ConfigByKey {
-					defined[k] = true
+					defined[k] = "set"
 				}
 			}
 		}
-		for _, a := range append(slices.Clone(c.Command), c.Args...) {
-			for _, m := range ref.FindAllStringSubmatch(a, -1) {
-				if !defined[m[1]] {
-					t.Errorf("container %s: %q uses $(%s), which is not defined", c.Name, a, m[1])
-				}
-			}
+		if _, undefined := Expand(append(slices.Clone(c.Command), c.Args...), defined); len(undefined) > 0 {
+			t.Errorf("container %s uses $(%s), not defined in its environment", c.Name, strings.Join(undefined, "), $("))
 		}
 		if c.Resources.Limits.Memory().IsZero() || c.Resources.Requests.Memory().IsZero() || c.Resources.Requests.Cpu().IsZero() {
 			t.Errorf("container %s lacks memory limit or requests", c.Name)

@@ -7,6 +7,7 @@ package daemonset
 import (
 	"fmt"
 	"path/filepath"
+	"regexp"
 	goruntime "runtime"
 
 	appsv1 "k8s.io/api/apps/v1"
@@ -131,4 +132,26 @@ func Load() (*Install, error) {
 		in.InitByName[c.Name] = c
 	}
 	return in, nil
+}
+
+// varRef is a $(VAR) reference in a container's command or args.
+var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+
+// Expand does what the kubelet does to $(VAR) references in a container's
+// command and args, with env as the container's environment, and returns
+// the names it found no value for (which the kubelet would leave verbatim).
+func Expand(args []string, env map[string]string) (expanded, undefined []string) {
+	expanded = make([]string, len(args))
+	for i, a := range args {
+		expanded[i] = varRef.ReplaceAllStringFunc(a, func(m string) string {
+			name := m[2 : len(m)-1]
+			v, ok := env[name]
+			if !ok {
+				undefined = append(undefined, name)
+				return m
+			}
+			return v
+		})
+	}
+	return expanded, undefined
 }

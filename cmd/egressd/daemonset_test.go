@@ -4,7 +4,6 @@ import (
 	"io"
 	"os"
 	"path/filepath"
-	"regexp"
 	"strings"
 	"testing"
 
@@ -14,12 +13,12 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
-// expand does what the kubelet does to $(VAR) in a container's command.
-func expand(args []string, env map[string]string) []string {
-	ref := regexp.MustCompile(`\$\(([A-Z_]+)\)`)
-	out := make([]string, len(args))
-	for i, a := range args {
-		out[i] = ref.ReplaceAllStringFunc(a, func(m string) string { return env[m[2:len(m)-1]] })
+// expand resolves $(VAR) as the kubelet does; every reference must resolve.
+func expand(t *testing.T, args []string, env map[string]string) []string {
+	t.Helper()
+	out, undefined := daemonset.Expand(args, env)
+	if len(undefined) > 0 {
+		t.Fatalf("%v: undefined $(%v)", args, undefined)
 	}
 	return out
 }
@@ -39,7 +38,7 @@ func TestDaemonSetAgentArgsParse(t *testing.T) {
 	if len(c.Command) != 2 || c.Command[0] != "/egressd" || c.Command[1] != "agent" {
 		t.Fatalf("agent command %v", c.Command)
 	}
-	cfg, _, err := parseAgentFlags(expand(c.Args, env), io.Discard)
+	cfg, _, err := parseAgentFlags(expand(t, c.Args, env), io.Discard)
 	if err != nil {
 		t.Fatalf("the DaemonSet's agent arguments do not parse: %v\n%v", err, c.Args)
 	}
@@ -51,7 +50,7 @@ func TestDaemonSetAgentArgsParse(t *testing.T) {
 
 	// A user's ConfigMap edit with a typo is refused at start, not ignored.
 	env["EXCLUDE"] = "10.244.0.0/16,10.96.0.0/333"
-	if _, _, err := parseAgentFlags(expand(c.Args, env), io.Discard); err == nil || !strings.Contains(err.Error(), "--exclude") {
+	if _, _, err := parseAgentFlags(expand(t, c.Args, env), io.Discard); err == nil || !strings.Contains(err.Error(), "--exclude") {
 		t.Errorf("bad EXCLUDE in the ConfigMap: err = %v", err)
 	}
 }
@@ -64,7 +63,7 @@ func TestDaemonSetBootstrapArgs(t *testing.T) {
 		t.Fatal(err)
 	}
 	c := in.InitByName["envoy-bootstrap"]
-	args := expand(c.Command, map[string]string{"NODE_NAME": "node-a"})
+	args := expand(t, c.Command, map[string]string{"NODE_NAME": "node-a"})
 	if args[0] != "/egressd" || args[1] != "bootstrap" {
 		t.Fatalf("init container runs %v", args)
 	}
