@@ -45,7 +45,15 @@ type Config struct {
 	// direct.
 	ExcludeNodeAddresses bool
 	ExcludePorts         []uint16
-	XDSSocket            string
+	// DNSResolvers: comma-separated resolvers (ParseResolvers), or
+	// ResolvConf. Selected workloads reach them directly; they are the only
+	// non-TCP destinations of enforce-mode workloads.
+	DNSResolvers string
+	// ReadinessLease: the proxy-ready flag lapses unless the agent renews it
+	// within this time (a node whose agent and proxy are gone falls back to
+	// each workload's fail mode); zero: no lease.
+	ReadinessLease time.Duration
+	XDSSocket      string
 	// XDSSocketMode: the socket's permission bits; zero: owner only. 0660
 	// lets a group (the DaemonSet's fsGroup) in, for an Envoy that does not
 	// run as the agent's user.
@@ -116,7 +124,14 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.SetExcludedPorts(cfg.ExcludePorts); err != nil {
 		return err
 	}
-	log.Info("datapath ready", "exclusions", exclude, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
+	dns, err := resolvers(cfg.DNSResolvers)
+	if err != nil {
+		return err
+	}
+	if err := dp.SetResolvers(dns); err != nil {
+		return err
+	}
+	log.Info("datapath ready", "exclusions", exclude, "dns_resolvers", dns, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
 	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, SocketMode: cfg.XDSSocketMode, TCPAddr: cfg.XDSTCP, Logger: log})
 	if err != nil {
@@ -185,7 +200,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return fmt.Errorf("workload source %q: want file or kubernetes", cfg.Source)
 	}
 
-	go probeProxy(ctx, cfg.ProxyAdmin, dp, m, log)
+	go probeProxy(ctx, cfg.ProxyAdmin, cfg.ReadinessLease, dp, m, log)
 	go writeState(ctx, cfg.StateFile, rec, xs, log)
 
 	if cfg.MetricsAddr != "" {
@@ -256,32 +271,52 @@ func (l *logReporter) Warn(key, reason, msg string) {
 	}
 }
 
+// probeInterval is how often the agent asks Envoy's /ready; three failures
+// in a row make the proxy not ready.
+const probeInterval = time.Second
+
 // probeProxy drives the datapath's proxy-ready flag from Envoy's /ready:
 // ready on the first LIVE answer, not ready after three failed probes in a
-// row (about three seconds), so one slow answer does not flap it.
-func probeProxy(ctx context.Context, admin string, dp *datapath.Datapath, m *Metrics, log *slog.Logger) {
+// row (about three seconds), so one slow answer does not flap it. While
+// ready, every successful probe renews the readiness lease.
+func probeProxy(ctx context.Context, admin string, lease time.Duration, dp *datapath.Datapath, m *Metrics, log *slog.Logger) {
 	set := func(ready bool, why string) {
 		st, err := dp.ProxyState()
-		if err == nil && st.Ready == ready {
-			m.ProxyReady.Set(b2f(ready))
-			return
+		was := err == nil && st.Effective
+		if ready {
+			err = dp.RenewReady(lease)
+		} else if err != nil || st.Ready {
+			err = dp.SetReady(false)
 		}
-		if err := dp.SetReady(ready); err != nil {
+		if err != nil {
 			log.Error("set proxy ready", "ready", ready, "error", err)
 			return
 		}
 		m.ProxyReady.Set(b2f(ready))
-		m.ProxyTransitions.Inc()
-		log.Info("proxy readiness changed", "ready", ready, "why", why)
+		if was != ready {
+			m.ProxyTransitions.Inc()
+			log.Info("proxy readiness changed", "ready", ready, "why", why)
+		}
 	}
 	if admin == "" {
-		set(true, "no proxy admin address to probe")
-		return
+		// Nothing to probe: ready, and the lease is renewed as if probed.
+		lease = max(lease, 0)
+		for {
+			set(true, "no proxy admin address to probe")
+			if lease == 0 {
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(probeInterval):
+			}
+		}
 	}
 	client := &http.Client{Timeout: time.Second}
 	url := "http://" + admin + "/ready"
 	failures := 0
-	t := time.NewTicker(time.Second)
+	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	for {
 		ok, why := probe(ctx, client, url)

@@ -120,7 +120,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if policy.FailClosed {
 		fail = datapath.FailClosed
 	}
-	if err := r.dp.SetWorkload(cg, datapath.Workload{ID: id, FailMode: fail}); err != nil {
+	if err := r.dp.SetWorkload(cg, datapath.Workload{ID: id, FailMode: fail, Enforce: policy.Mode == xds.Enforce}); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
 	if cur != nil && cur.cgroupID != cg {

@@ -8,6 +8,12 @@
  *
  *   cgroup/connect4|6   selected task, TCP, not excluded: remember the original
  *                       destination under the socket cookie, rewrite to the proxy.
+ *                       Enforce mode, any other socket: only DNS to the
+ *                       configured resolvers, else EPERM.
+ *   cgroup/sendmsg4|6   enforce mode, UDP sendto()/sendmsg() with an address:
+ *                       the same rule, for datagrams that never connect().
+ *   cgroup/sock_create  enforce mode: only TCP and UDP sockets may be created
+ *                       (ping sockets' sendto() runs no sendmsg hook).
  *   sockops (client)    TCP_CONNECT: ask for state callbacks on that socket.
  *                       ACTIVE_ESTABLISHED: publish 4-tuple -> original dst.
  *                       STATE(CLOSE): forget any tuple the proxy did not claim.
@@ -70,6 +76,13 @@ struct {
 	__type(value, __u8);
 } excluded_ports SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_RESOLVERS);
+	__type(key, struct resolver_key);
+	__type(value, __u8);
+} resolvers SEC(".maps");
+
 /*
  * Original destination per client socket cookie, from connect() until the
  * socket is released (cgroup/sock_release deletes it). Socket cookies are
@@ -103,7 +116,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, COUNTER_MAX);
+	__uint(max_entries, COUNTER_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
@@ -186,6 +199,41 @@ static __always_inline int excluded6(const __be32 addr[4], __u16 port)
 	return bpf_map_lookup_elem(&excluded_v6, &key) != NULL;
 }
 
+static __always_inline int is_resolver(const __be32 a[4], __be16 port)
+{
+	struct resolver_key key = { .port = port };
+
+	key.addr[0] = a[0];
+	key.addr[1] = a[1];
+	key.addr[2] = a[2];
+	key.addr[3] = a[3];
+	return bpf_map_lookup_elem(&resolvers, &key) != NULL;
+}
+
+/*
+ * A socket other than TCP (UDP, UDP-Lite, ping, SCTP, MPTCP) of a selected
+ * workload, at connect() or at sendmsg() with an address. Audit mode leaves
+ * it alone; enforce mode allows DNS to the configured resolvers and refuses
+ * the rest: nothing but the proxy may carry an enforced pod's traffic off
+ * the node, so QUIC and ad-hoc UDP cannot go around it.
+ */
+static __always_inline int side_door(const struct workload *w, const __be32 a[4], __be16 port)
+{
+	struct workload_stats *s;
+
+	if (!(w->flags & WORKLOAD_ENFORCE))
+		return 1;
+	if (is_resolver(a, port)) {
+		count(COUNTER_DNS_ALLOWED);
+		return 1;
+	}
+	count(COUNTER_DENIED_NON_TCP);
+	s = stats_of(w);
+	if (s)
+		s->denied++;
+	return 0;
+}
+
 static __always_inline int is_v4mapped(const __be32 a[4])
 {
 	return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0x0000ffff);
@@ -194,6 +242,18 @@ static __always_inline int is_v4mapped(const __be32 a[4])
 static __always_inline int proxy_has_v6(const struct proxy_config *cfg)
 {
 	return cfg->addr6[0] | cfg->addr6[1] | cfg->addr6[2] | cfg->addr6[3];
+}
+
+/* The ready flag, unless its lease ran out (the agent stopped renewing it). */
+static __always_inline int proxy_ready(const struct proxy_config *cfg)
+{
+	if (!cfg->ready)
+		return 0;
+	if (cfg->ready_until && bpf_ktime_get_ns() > cfg->ready_until) {
+		count(COUNTER_LEASE_EXPIRED);
+		return 0;
+	}
+	return 1;
 }
 
 /*
@@ -242,34 +302,45 @@ int eg_connect4(struct bpf_sock_addr *ctx)
 	struct orig_dst dst = {};
 	struct proxy_config *cfg;
 	struct workload *w;
-	__be32 daddr;
+	__u32 type = ctx->type, protocol = ctx->protocol;
+	__be32 daddr, mapped[4];
+	__be16 port;
 	__u16 dport;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
 	w = current_workload();
 	if (!w)
 		return 1;
+	daddr = ctx->user_ip4;
+	port = (__be16)ctx->user_port; /* user_port: network order, low 16 bits */
+	dport = bpf_ntohs(port);
+	mapped[0] = 0;
+	mapped[1] = 0;
+	mapped[2] = bpf_htonl(0x0000ffff);
+	mapped[3] = daddr;
+	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
+		return side_door(w, mapped, port);
 	cfg = get_config();
 	if (!cfg)
 		return 1;
 
-	daddr = ctx->user_ip4;
-	dport = bpf_ntohs((__u16)ctx->user_port); /* user_port: network order, low 16 bits */
 	if (cfg->addr4 && daddr == cfg->addr4) {
 		count(COUNTER_PROXY_DIRECT);
+		return 1;
+	}
+	if (is_resolver(mapped, port)) {
+		count(COUNTER_DNS_ALLOWED); /* DNS over TCP, as over UDP */
 		return 1;
 	}
 	if (excluded4(daddr, dport)) {
 		count(COUNTER_EXCLUDED);
 		return 1;
 	}
-	if (!cfg->ready || !cfg->addr4)
+	if (!proxy_ready(cfg) || !cfg->addr4)
 		return not_ready(w) == REFUSE ? 0 : 1;
 
 	dst.family = AF_INET;
 	dst.addr[0] = daddr;
-	dst.port = (__be16)ctx->user_port;
+	dst.port = port;
 	switch (remember(ctx, w, &dst)) {
 	case REFUSE:
 		return 0;
@@ -290,24 +361,31 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 	struct orig_dst dst = {};
 	struct proxy_config *cfg;
 	struct workload *w;
+	__u32 type = ctx->type, protocol = ctx->protocol;
 	__be32 daddr[4];
+	__be16 port;
 	__u16 dport;
 	int mapped;
 
-	if (ctx->type != SOCK_STREAM || ctx->protocol != IPPROTO_TCP)
-		return 1;
 	w = current_workload();
 	if (!w)
 		return 1;
-	cfg = get_config();
-	if (!cfg)
-		return 1;
-
 	daddr[0] = ctx->user_ip6[0];
 	daddr[1] = ctx->user_ip6[1];
 	daddr[2] = ctx->user_ip6[2];
 	daddr[3] = ctx->user_ip6[3];
-	dport = bpf_ntohs((__u16)ctx->user_port);
+	port = (__be16)ctx->user_port;
+	dport = bpf_ntohs(port);
+	/* v4-mapped destinations are keyed v4-mapped, as resolvers are. */
+	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
+		return side_door(w, daddr, port);
+	cfg = get_config();
+	if (!cfg)
+		return 1;
+	if (is_resolver(daddr, port)) {
+		count(COUNTER_DNS_ALLOWED);
+		return 1;
+	}
 	/*
 	 * An AF_INET6 socket connecting to ::ffff:a.b.c.d lands here, not in
 	 * connect4 (Java and others do this by default). Treat it as IPv4: the
@@ -324,7 +402,7 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 			count(COUNTER_EXCLUDED);
 			return 1;
 		}
-		if (!cfg->ready || !cfg->addr4)
+		if (!proxy_ready(cfg) || !cfg->addr4)
 			return not_ready(w) == REFUSE ? 0 : 1;
 		dst.family = AF_INET;
 		dst.addr[0] = daddr[3];
@@ -339,7 +417,7 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 			count(COUNTER_EXCLUDED);
 			return 1;
 		}
-		if (!cfg->ready || !proxy_has_v6(cfg))
+		if (!proxy_ready(cfg) || !proxy_has_v6(cfg))
 			return not_ready(w) == REFUSE ? 0 : 1;
 		dst.family = AF_INET6;
 		dst.addr[0] = daddr[0];
@@ -347,7 +425,7 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 		dst.addr[2] = daddr[2];
 		dst.addr[3] = daddr[3];
 	}
-	dst.port = (__be16)ctx->user_port;
+	dst.port = port;
 	switch (remember(ctx, w, &dst)) {
 	case REFUSE:
 		return 0;
@@ -368,6 +446,41 @@ int eg_connect6(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_port = cfg->port;
 	return 1;
+}
+
+/*
+ * UDP sendto()/sendmsg() with a destination address (connected or not; the
+ * kernel runs these hooks whenever the call names an address). TCP never
+ * gets here: TCP Fast Open's sendto() goes through connect4/6.
+ */
+SEC("cgroup/sendmsg4")
+int eg_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	struct workload *w = current_workload();
+	__be32 mapped[4];
+
+	if (!w)
+		return 1;
+	mapped[0] = 0;
+	mapped[1] = 0;
+	mapped[2] = bpf_htonl(0x0000ffff);
+	mapped[3] = ctx->user_ip4;
+	return side_door(w, mapped, (__be16)ctx->user_port);
+}
+
+SEC("cgroup/sendmsg6")
+int eg_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	struct workload *w = current_workload();
+	__be32 daddr[4];
+
+	if (!w)
+		return 1;
+	daddr[0] = ctx->user_ip6[0];
+	daddr[1] = ctx->user_ip6[1];
+	daddr[2] = ctx->user_ip6[2];
+	daddr[3] = ctx->user_ip6[3];
+	return side_door(w, daddr, (__be16)ctx->user_port);
 }
 
 /*
@@ -564,6 +677,33 @@ int eg_sockops(struct bpf_sock_ops *skops)
 		break;
 	}
 	return 1;
+}
+
+/*
+ * Enforce mode allows only the sockets the hooks above account for: TCP
+ * (and MPTCP, whose subflows are TCP and redirected) and UDP/UDP-Lite (whose
+ * connect and sendmsg are checked). Ping sockets (which container runtimes
+ * allow pods by default), SCTP and raw sockets are refused at socket().
+ */
+SEC("cgroup/sock_create")
+int eg_sock_create(struct bpf_sock *sk)
+{
+	__u32 type = sk->type, protocol = sk->protocol;
+	struct workload_stats *s;
+	struct workload *w;
+
+	if (type == SOCK_STREAM && (protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP))
+		return 1;
+	if (type == SOCK_DGRAM && (protocol == IPPROTO_UDP || protocol == IPPROTO_UDPLITE))
+		return 1;
+	w = current_workload();
+	if (!w || !(w->flags & WORKLOAD_ENFORCE))
+		return 1;
+	count(COUNTER_DENIED_NON_TCP);
+	s = stats_of(w);
+	if (s)
+		s->denied++;
+	return 0;
 }
 
 /*

@@ -16,7 +16,11 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define SOCK_DGRAM 2
 #define IPPROTO_TCP 6
+#define IPPROTO_UDP 17
+#define IPPROTO_UDPLITE 136
+#define IPPROTO_MPTCP 262
 #define SOL_IP 0
 #define SOL_IPV6 41
 /* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) and IP6T_SO_ORIGINAL_DST share 80. */
@@ -35,9 +39,22 @@
 #define MAX_INFLIGHT 65536
 #define MAX_EXCLUSIONS 16384
 #define MAX_EXCLUDED_PORTS 1024
+#define MAX_RESOLVERS 64
+/*
+ * Slots of the global counter array: more than the counters in use, so that
+ * a later version adding counters can reuse the pinned map (an array's size
+ * is part of its pinned identity).
+ */
+#define COUNTER_SLOTS 64
 
 /* Bits of workload.flags. */
 #define WORKLOAD_FAIL_CLOSED (1U << 0)
+/*
+ * Enforce mode: besides TCP through the proxy, the workload may only send DNS
+ * to the configured resolvers; every other non-TCP socket (UDP, QUIC, ping,
+ * SCTP, MPTCP) is refused at connect() and sendmsg().
+ */
+#define WORKLOAD_ENFORCE (1U << 1)
 
 /* Selected workload: key is a cgroup v2 id. */
 struct workload {
@@ -52,6 +69,21 @@ struct proxy_config {
 	__be16 port;
 	__u8 ready; /* the proxy answers /ready; see fail modes */
 	__u8 _pad;
+	/*
+	 * Readiness lease: ready only holds until this bpf_ktime_get_ns()
+	 * (CLOCK_MONOTONIC) deadline, which the agent renews while the proxy
+	 * answers. Should the agent and the proxy both disappear, the workloads
+	 * fall back to their fail mode instead of dialing a closed port. 0: no
+	 * lease, ready holds until cleared.
+	 */
+	__u64 ready_until;
+};
+
+/* A DNS resolver workloads in enforce mode may reach; IPv4 v4-mapped. */
+struct resolver_key {
+	__be32 addr[4];
+	__be16 port;
+	__u16 _pad;
 };
 
 /*
@@ -91,6 +123,7 @@ struct lpm_v6_key {
 struct workload_stats {
 	__u64 redirected;
 	__u64 failed_closed;
+	__u64 denied; /* enforce mode: non-TCP socket refused */
 };
 
 /* Indexes of the global per-CPU counters. Keep in sync with docs. */
@@ -110,6 +143,9 @@ enum counter {
 	COUNTER_ORIG_ANSWERED,      /* SO_ORIGINAL_DST answered */
 	COUNTER_ORIG_UNKNOWN,       /* SO_ORIGINAL_DST asked on an unknown socket */
 	COUNTER_PEER_REWRITTEN,     /* getpeername answered the original dst */
+	COUNTER_DNS_ALLOWED,        /* selected, DNS to a configured resolver: direct */
+	COUNTER_DENIED_NON_TCP,     /* enforce, non-TCP connect/sendmsg refused */
+	COUNTER_LEASE_EXPIRED,      /* ready flag set but its lease ran out */
 	COUNTER_MAX,
 };
 

@@ -24,6 +24,9 @@ type Counters struct {
 	OrigDstAnswered  uint64 // SO_ORIGINAL_DST answered
 	OrigDstUnknown   uint64 // SO_ORIGINAL_DST asked on a socket with no entry
 	PeernameRewrites uint64 // getpeername answered with the original destination
+	DNSAllowed       uint64 // selected, DNS to a configured resolver: went direct
+	DeniedNonTCP     uint64 // enforce mode: a non-TCP connect or sendmsg refused
+	LeaseExpired     uint64 // ready flag set but its lease ran out: fail mode applied
 }
 
 // fields lists the counters in the order of the BPF enum counter.
@@ -44,6 +47,9 @@ func (c *Counters) fields() []*uint64 {
 		egressdCounterCOUNTER_ORIG_ANSWERED:     &c.OrigDstAnswered,
 		egressdCounterCOUNTER_ORIG_UNKNOWN:      &c.OrigDstUnknown,
 		egressdCounterCOUNTER_PEER_REWRITTEN:    &c.PeernameRewrites,
+		egressdCounterCOUNTER_DNS_ALLOWED:       &c.DNSAllowed,
+		egressdCounterCOUNTER_DENIED_NON_TCP:    &c.DeniedNonTCP,
+		egressdCounterCOUNTER_LEASE_EXPIRED:     &c.LeaseExpired,
 	}
 }
 
@@ -54,6 +60,7 @@ var CounterNames = []string{
 	"failed_closed", "bypass_not_ready", "orig_store_failed", "published",
 	"publish_failed", "claimed", "claim_missed", "stale_cleared",
 	"orig_dst_answered", "orig_dst_unknown", "peername_rewrites",
+	"dns_allowed", "denied_non_tcp", "lease_expired",
 }
 
 // Values returns the counters in CounterNames order.
@@ -84,6 +91,7 @@ func (d *Datapath) Counters() (Counters, error) {
 type WorkloadStats struct {
 	Redirected   uint64
 	FailedClosed uint64
+	Denied       uint64 // enforce mode: non-TCP sockets refused
 }
 
 // WorkloadStats reads the per-workload counters, keyed by workload id.
@@ -99,6 +107,7 @@ func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
 		for _, v := range perCPU {
 			s.Redirected += v.Redirected
 			s.FailedClosed += v.FailedClosed
+			s.Denied += v.Denied
 		}
 		out[k] = s
 	}

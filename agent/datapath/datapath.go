@@ -47,6 +47,9 @@ var attachments = []struct {
 	{"eg_getpeername4", ebpf.AttachCgroupInet4GetPeername},
 	{"eg_getpeername6", ebpf.AttachCgroupInet6GetPeername},
 	{"eg_sock_release", ebpf.AttachCgroupInetSockRelease},
+	{"eg_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
+	{"eg_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+	{"eg_sock_create", ebpf.AttachCGroupInetSockCreate},
 }
 
 func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
@@ -311,6 +314,9 @@ func programsOf(p *egressdPrograms) map[string]*ebpf.Program {
 		"eg_getpeername4": p.EgGetpeername4,
 		"eg_getpeername6": p.EgGetpeername6,
 		"eg_sock_release": p.EgSockRelease,
+		"eg_sendmsg4":     p.EgSendmsg4,
+		"eg_sendmsg6":     p.EgSendmsg6,
+		"eg_sock_create":  p.EgSockCreate,
 	}
 }
 
@@ -322,6 +328,7 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 		"excluded_v4":    &d.maps.ExcludedV4,
 		"excluded_v6":    &d.maps.ExcludedV6,
 		"excluded_ports": &d.maps.ExcludedPorts,
+		"resolvers":      &d.maps.Resolvers,
 		"orig_dsts":      &d.maps.OrigDsts,
 		"pending_tuples": &d.maps.PendingTuples,
 		"claimed":        &d.maps.Claimed,

@@ -95,7 +95,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 		t.Errorf("workloads after reopen: %v, %v", ws, err)
 	}
 	ps, err := d.ProxyState()
-	if err != nil || ps != (ProxyState{Proxy: proxy, Ready: true}) {
+	if err != nil || ps != (ProxyState{Proxy: proxy, Ready: true, Effective: true}) {
 		t.Errorf("proxy state after reopen: %+v, %v", ps, err)
 	}
 	if n := len(attachedIDs(t, cfg.CgroupPath, ebpf.AttachCGroupInet4Connect)); n != 1 {

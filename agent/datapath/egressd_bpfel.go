@@ -31,7 +31,10 @@ const (
 	egressdCounterCOUNTER_ORIG_ANSWERED     egressdCounter = 12
 	egressdCounterCOUNTER_ORIG_UNKNOWN      egressdCounter = 13
 	egressdCounterCOUNTER_PEER_REWRITTEN    egressdCounter = 14
-	egressdCounterCOUNTER_MAX               egressdCounter = 15
+	egressdCounterCOUNTER_DNS_ALLOWED       egressdCounter = 15
+	egressdCounterCOUNTER_DENIED_NON_TCP    egressdCounter = 16
+	egressdCounterCOUNTER_LEASE_EXPIRED     egressdCounter = 17
+	egressdCounterCOUNTER_MAX               egressdCounter = 18
 )
 
 type egressdLpmV4Key struct {
@@ -55,12 +58,20 @@ type egressdOrigDst struct {
 }
 
 type egressdProxyConfig struct {
-	_     structs.HostLayout
-	Addr4 uint32
-	Addr6 [4]uint32
-	Port  uint16
-	Ready uint8
-	Pad   uint8
+	_          structs.HostLayout
+	Addr4      uint32
+	Addr6      [4]uint32
+	Port       uint16
+	Ready      uint8
+	Pad        uint8
+	ReadyUntil uint64
+}
+
+type egressdResolverKey struct {
+	_    structs.HostLayout
+	Addr [4]uint32
+	Port uint16
+	Pad  uint16
 }
 
 type egressdTupleKey struct {
@@ -81,6 +92,7 @@ type egressdWorkloadStats struct {
 	_            structs.HostLayout
 	Redirected   uint64
 	FailedClosed uint64
+	Denied       uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -95,6 +107,7 @@ const (
 	egressdMapExcludedV6      = "excluded_v6"
 	egressdMapOrigDsts        = "orig_dsts"
 	egressdMapPendingTuples   = "pending_tuples"
+	egressdMapResolvers       = "resolvers"
 	egressdMapWlStats         = "wl_stats"
 	egressdMapWorkloads       = "workloads"
 	egressdProgEgConnect4     = "eg_connect4"
@@ -102,6 +115,9 @@ const (
 	egressdProgEgGetpeername4 = "eg_getpeername4"
 	egressdProgEgGetpeername6 = "eg_getpeername6"
 	egressdProgEgGetsockopt   = "eg_getsockopt"
+	egressdProgEgSendmsg4     = "eg_sendmsg4"
+	egressdProgEgSendmsg6     = "eg_sendmsg6"
+	egressdProgEgSockCreate   = "eg_sock_create"
 	egressdProgEgSockRelease  = "eg_sock_release"
 	egressdProgEgSockops      = "eg_sockops"
 	egressdVarUnusedCounter   = "unused_counter"
@@ -154,6 +170,9 @@ type egressdProgramSpecs struct {
 	EgGetpeername4 *ebpf.ProgramSpec `ebpf:"eg_getpeername4"`
 	EgGetpeername6 *ebpf.ProgramSpec `ebpf:"eg_getpeername6"`
 	EgGetsockopt   *ebpf.ProgramSpec `ebpf:"eg_getsockopt"`
+	EgSendmsg4     *ebpf.ProgramSpec `ebpf:"eg_sendmsg4"`
+	EgSendmsg6     *ebpf.ProgramSpec `ebpf:"eg_sendmsg6"`
+	EgSockCreate   *ebpf.ProgramSpec `ebpf:"eg_sock_create"`
 	EgSockRelease  *ebpf.ProgramSpec `ebpf:"eg_sock_release"`
 	EgSockops      *ebpf.ProgramSpec `ebpf:"eg_sockops"`
 }
@@ -170,6 +189,7 @@ type egressdMapSpecs struct {
 	ExcludedV6    *ebpf.MapSpec `ebpf:"excluded_v6"`
 	OrigDsts      *ebpf.MapSpec `ebpf:"orig_dsts"`
 	PendingTuples *ebpf.MapSpec `ebpf:"pending_tuples"`
+	Resolvers     *ebpf.MapSpec `ebpf:"resolvers"`
 	WlStats       *ebpf.MapSpec `ebpf:"wl_stats"`
 	Workloads     *ebpf.MapSpec `ebpf:"workloads"`
 }
@@ -209,6 +229,7 @@ type egressdMaps struct {
 	ExcludedV6    *ebpf.Map `ebpf:"excluded_v6"`
 	OrigDsts      *ebpf.Map `ebpf:"orig_dsts"`
 	PendingTuples *ebpf.Map `ebpf:"pending_tuples"`
+	Resolvers     *ebpf.Map `ebpf:"resolvers"`
 	WlStats       *ebpf.Map `ebpf:"wl_stats"`
 	Workloads     *ebpf.Map `ebpf:"workloads"`
 }
@@ -223,6 +244,7 @@ func (m *egressdMaps) Close() error {
 		m.ExcludedV6,
 		m.OrigDsts,
 		m.PendingTuples,
+		m.Resolvers,
 		m.WlStats,
 		m.Workloads,
 	)
@@ -244,6 +266,9 @@ type egressdPrograms struct {
 	EgGetpeername4 *ebpf.Program `ebpf:"eg_getpeername4"`
 	EgGetpeername6 *ebpf.Program `ebpf:"eg_getpeername6"`
 	EgGetsockopt   *ebpf.Program `ebpf:"eg_getsockopt"`
+	EgSendmsg4     *ebpf.Program `ebpf:"eg_sendmsg4"`
+	EgSendmsg6     *ebpf.Program `ebpf:"eg_sendmsg6"`
+	EgSockCreate   *ebpf.Program `ebpf:"eg_sock_create"`
 	EgSockRelease  *ebpf.Program `ebpf:"eg_sock_release"`
 	EgSockops      *ebpf.Program `ebpf:"eg_sockops"`
 }
@@ -255,6 +280,9 @@ func (p *egressdPrograms) Close() error {
 		p.EgGetpeername4,
 		p.EgGetpeername6,
 		p.EgGetsockopt,
+		p.EgSendmsg4,
+		p.EgSendmsg6,
+		p.EgSockCreate,
 		p.EgSockRelease,
 		p.EgSockops,
 	)

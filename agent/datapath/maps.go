@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 )
 
 // FailMode says what happens to a selected workload's connections while the
@@ -28,7 +30,10 @@ func (m FailMode) String() string {
 	return "open"
 }
 
-const flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
+const (
+	flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
+	flagEnforce    = 1 << 1 // WORKLOAD_ENFORCE
+)
 
 // Workload is the datapath's view of a selected workload.
 type Workload struct {
@@ -36,6 +41,10 @@ type Workload struct {
 	// counters and is carried with each original destination.
 	ID       uint32
 	FailMode FailMode
+	// Enforce closes the side doors: every socket but TCP (which goes
+	// through the proxy) is refused, except DNS to the resolvers set with
+	// SetResolvers.
+	Enforce bool
 }
 
 // Proxy is the node-local proxy's address. An invalid address disables that
@@ -127,20 +136,54 @@ func (d *Datapath) SetProxy(p Proxy) error {
 	})
 }
 
-// SetReady sets the proxy-ready flag the datapath consults on every connect.
+// SetReady sets the proxy-ready flag the datapath consults on every connect,
+// without a lease: it holds until changed.
 func (d *Datapath) SetReady(ready bool) error {
 	return d.updateConfig(func(c *egressdProxyConfig) {
-		c.Ready = 0
+		c.Ready, c.ReadyUntil = 0, 0
 		if ready {
 			c.Ready = 1
 		}
 	})
 }
 
+// RenewReady sets the proxy ready for lease from now: unless renewed, the
+// datapath treats the proxy as not ready once it runs out (each workload
+// then follows its fail mode), so a node whose agent and proxy are both gone
+// does not keep steering connections to a closed port. The agent renews it
+// on every successful probe.
+func (d *Datapath) RenewReady(lease time.Duration) error {
+	if lease <= 0 {
+		return d.SetReady(true)
+	}
+	now, err := monotonicNow()
+	if err != nil {
+		return err
+	}
+	return d.updateConfig(func(c *egressdProxyConfig) {
+		c.Ready, c.ReadyUntil = 1, uint64(now+lease)
+	})
+}
+
+// monotonicNow is bpf_ktime_get_ns()'s clock: CLOCK_MONOTONIC.
+func monotonicNow() (time.Duration, error) {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return 0, fmt.Errorf("read CLOCK_MONOTONIC: %w", err)
+	}
+	return time.Duration(ts.Nano()), nil
+}
+
 // ProxyState is the proxy configuration as the datapath holds it.
 type ProxyState struct {
 	Proxy
-	Ready bool
+	// Ready is the flag as set; Effective is what connects see now (the
+	// flag, unless its lease ran out).
+	Ready, Effective bool
+	// LeaseLeft is how long the readiness lease still holds (negative:
+	// expired); zero with HasLease false when there is no lease.
+	LeaseLeft time.Duration
+	HasLease  bool
 }
 
 // ProxyState reads back the proxy configuration.
@@ -150,6 +193,16 @@ func (d *Datapath) ProxyState() (ProxyState, error) {
 		return ProxyState{}, err
 	}
 	s := ProxyState{Ready: c.Ready != 0, Proxy: Proxy{Port: fromBE16(c.Port)}}
+	s.Effective = s.Ready
+	if c.ReadyUntil != 0 {
+		now, err := monotonicNow()
+		if err != nil {
+			return s, err
+		}
+		s.HasLease = true
+		s.LeaseLeft = time.Duration(c.ReadyUntil) - now
+		s.Effective = s.Ready && s.LeaseLeft >= 0
+	}
 	if c.Addr4 != 0 {
 		s.IPv4 = wordAddr4(c.Addr4)
 	}
@@ -170,6 +223,9 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 	v := egressdWorkload{Id: w.ID}
 	if w.FailMode == FailClosed {
 		v.Flags |= flagFailClosed
+	}
+	if w.Enforce {
+		v.Flags |= flagEnforce
 	}
 	if err := d.maps.Workloads.Update(cgroupID, &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("select cgroup %d: %w", cgroupID, err)
@@ -217,6 +273,7 @@ func (d *Datapath) Workloads() (map[uint64]Workload, error) {
 		if v.Flags&flagFailClosed != 0 {
 			w.FailMode = FailClosed
 		}
+		w.Enforce = v.Flags&flagEnforce != 0
 		out[k] = w
 	}
 	if err := it.Err(); err != nil {
@@ -326,6 +383,46 @@ func (d *Datapath) ExcludedPorts() ([]uint16, error) {
 		return nil, fmt.Errorf("list excluded ports: %w", err)
 	}
 	slices.Sort(out)
+	return out, nil
+}
+
+// MaxResolvers is how many DNS resolvers SetResolvers takes (MAX_RESOLVERS).
+const MaxResolvers = 64
+
+// SetResolvers makes the DNS resolvers exactly rs: selected workloads reach
+// them directly over UDP and TCP, and they are the only non-TCP destinations
+// an enforce-mode workload may reach. IPv4 resolvers also match v4-mapped
+// destinations.
+func (d *Datapath) SetResolvers(rs []netip.AddrPort) error {
+	if len(rs) > MaxResolvers {
+		return fmt.Errorf("%d DNS resolvers, at most %d", len(rs), MaxResolvers)
+	}
+	want := map[egressdResolverKey]bool{}
+	for _, r := range rs {
+		if !r.IsValid() || r.Port() == 0 || r.Addr().Zone() != "" {
+			return fmt.Errorf("invalid DNS resolver %v", r)
+		}
+		want[egressdResolverKey{Addr: addr6Words(netip.AddrFrom16(r.Addr().As16())), Port: be16(r.Port())}] = true
+	}
+	if err := syncSet(d.maps.Resolvers, want); err != nil {
+		return fmt.Errorf("DNS resolvers: %w", err)
+	}
+	return nil
+}
+
+// Resolvers returns the DNS resolvers, sorted.
+func (d *Datapath) Resolvers() ([]netip.AddrPort, error) {
+	var out []netip.AddrPort
+	var k egressdResolverKey
+	var v uint8
+	it := d.maps.Resolvers.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, netip.AddrPortFrom(wordsAddr6(k.Addr).Unmap(), fromBE16(k.Port)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list DNS resolvers: %w", err)
+	}
+	slices.SortFunc(out, func(a, b netip.AddrPort) int { return a.Compare(b) })
 	return out, nil
 }
 

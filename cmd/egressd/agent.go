@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/egressd/egressd/agent"
 	"github.com/egressd/egressd/agent/datapath"
@@ -127,6 +128,8 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	var exclude, excludePorts listFlag
 	fs.Var(&exclude, "exclude", "comma-separated CIDRs never redirected, beside loopback and link-local (e.g. pod and service CIDRs)")
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
+	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
+	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "never redirect connections to this node's own addresses (taken at start)")
 	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
 	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
@@ -149,6 +152,14 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 		return agent.Config{}, "", fmt.Errorf("--xds-socket-mode %q: want 0600 or 0660 (octal; never world-accessible, always owner read-write)", *socketMode)
 	}
 	cfg.XDSSocketMode = iofs.FileMode(mode)
+	if cfg.DNSResolvers != agent.ResolvConf {
+		if _, err := agent.ParseResolvers(cfg.DNSResolvers); err != nil {
+			return agent.Config{}, "", fmt.Errorf("--dns-resolvers: %w", err)
+		}
+	}
+	if cfg.ReadinessLease < 0 || cfg.ReadinessLease > 0 && cfg.ReadinessLease < 5*time.Second {
+		return agent.Config{}, "", fmt.Errorf("--readiness-lease %v: want 0 (no lease) or at least 5s (several probe intervals)", cfg.ReadinessLease)
+	}
 	cfg.Source = "file"
 	if cfg.WorkloadsFile == "" {
 		cfg.Source = "kubernetes"

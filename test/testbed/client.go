@@ -73,6 +73,43 @@ func fromSockaddr(sa unix.Sockaddr) string {
 	return fmt.Sprint(sa)
 }
 
+// clientKinds: family, socket type, protocol and how the client opens the
+// connection, per spec kind.
+var clientKinds = map[string]struct {
+	family, typ, proto int
+	mapped             bool
+	how                string // connect, nonblock, tfo, sendto
+}{
+	"tcp4":         {unix.AF_INET, unix.SOCK_STREAM, 0, false, "connect"},
+	"tcp6":         {unix.AF_INET6, unix.SOCK_STREAM, 0, false, "connect"},
+	"mapped":       {unix.AF_INET6, unix.SOCK_STREAM, 0, true, "connect"},
+	"nb4":          {unix.AF_INET, unix.SOCK_STREAM, 0, false, "nonblock"},
+	"nb6":          {unix.AF_INET6, unix.SOCK_STREAM, 0, false, "nonblock"},
+	"tfo4":         {unix.AF_INET, unix.SOCK_STREAM, 0, false, "tfo"},
+	"tfo6":         {unix.AF_INET6, unix.SOCK_STREAM, 0, false, "tfo"},
+	"tcpsendto4":   {unix.AF_INET, unix.SOCK_STREAM, 0, false, "sendto"},
+	"mptcp4":       {unix.AF_INET, unix.SOCK_STREAM, unix.IPPROTO_MPTCP, false, "connect"},
+	"mptcp6":       {unix.AF_INET6, unix.SOCK_STREAM, unix.IPPROTO_MPTCP, false, "connect"},
+	"udp4":         {unix.AF_INET, unix.SOCK_DGRAM, 0, false, "connect"},
+	"udp6":         {unix.AF_INET6, unix.SOCK_DGRAM, 0, false, "connect"},
+	"udpmapped":    {unix.AF_INET6, unix.SOCK_DGRAM, 0, true, "connect"},
+	"sendto4":      {unix.AF_INET, unix.SOCK_DGRAM, 0, false, "sendto"},
+	"sendto6":      {unix.AF_INET6, unix.SOCK_DGRAM, 0, false, "sendto"},
+	"sendtomapped": {unix.AF_INET6, unix.SOCK_DGRAM, 0, true, "sendto"},
+	"ping4":        {unix.AF_INET, unix.SOCK_DGRAM, unix.IPPROTO_ICMP, false, "sendto"},
+	"ping6":        {unix.AF_INET6, unix.SOCK_DGRAM, unix.IPPROTO_ICMPV6, false, "sendto"},
+	"pingconnect4": {unix.AF_INET, unix.SOCK_DGRAM, unix.IPPROTO_ICMP, false, "connect"},
+	"raw4":         {unix.AF_INET, unix.SOCK_RAW, unix.IPPROTO_ICMP, false, "sendto"},
+}
+
+// dialOne opens one connection. Kinds (see clientKinds): tcp4/tcp6 connect;
+// mapped is an AF_INET6 socket connecting to ::ffff:<IPv4>; nb4/nb6 connect
+// non-blocking and wait for the handshake; tfo4/tfo6 open the connection
+// with sendto(MSG_FASTOPEN) carrying "tfo"; tcpsendto4 is sendto on a TCP
+// socket that never connected; mptcp4/mptcp6 use IPPROTO_MPTCP; udp4,
+// udp6, udpmapped connect a UDP socket and send "ping"; sendto4, sendto6,
+// sendtomapped send "ping" with sendto() on an unconnected UDP socket. UDP
+// kinds wait briefly for a reply datagram.
 func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	r.Spec = spec
 	kind, addr, ok := strings.Cut(spec, ":")
@@ -85,32 +122,45 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 		r.Err = err.Error()
 		return r
 	}
-	family, typ := unix.AF_INET, unix.SOCK_STREAM
-	switch kind {
-	case "tcp4":
-	case "tcp6":
-		family = unix.AF_INET6
-	case "mapped":
-		family = unix.AF_INET6
-		ap = netip.AddrPortFrom(netip.AddrFrom16(ap.Addr().As16()), ap.Port())
-	case "udp4":
-		typ = unix.SOCK_DGRAM
-	case "udp6":
-		family, typ = unix.AF_INET6, unix.SOCK_DGRAM
-	default:
+	k, ok := clientKinds[kind]
+	if !ok {
 		r.Err = "unknown kind " + kind
 		return r
 	}
-	fd, err := unix.Socket(family, typ|unix.SOCK_CLOEXEC, 0)
+	if k.mapped {
+		ap = netip.AddrPortFrom(netip.AddrFrom16(ap.Addr().As16()), ap.Port())
+	}
+	typ := k.typ | unix.SOCK_CLOEXEC
+	if k.how == "nonblock" {
+		typ |= unix.SOCK_NONBLOCK
+	}
+	fd, err := unix.Socket(k.family, typ, k.proto)
 	if err != nil {
-		r.Err = err.Error()
+		r.Err = "socket: " + err.Error()
 		return r
 	}
 	f := os.NewFile(uintptr(fd), "client")
 	defer f.Close()
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
-	if err := unix.Connect(fd, sockaddr(ap, family)); err != nil {
+	sa := sockaddr(ap, k.family)
+	switch k.how {
+	case "connect":
+		err = unix.Connect(fd, sa)
+	case "nonblock":
+		err = connectNonblocking(fd, sa, timeout)
+	case "tfo":
+		err = unix.Sendto(fd, []byte("tfo\n"), unix.MSG_FASTOPEN, sa)
+	case "sendto":
+		if k.proto == unix.IPPROTO_ICMP || k.proto == unix.IPPROTO_ICMPV6 || k.typ == unix.SOCK_RAW {
+			err = unix.Sendto(fd, echoRequest(k.proto), 0, sa)
+		} else if k.typ == unix.SOCK_DGRAM {
+			err = unix.Sendto(fd, []byte("ping\n"), 0, sa)
+		} else {
+			err = unix.Sendto(fd, []byte("data\n"), unix.MSG_NOSIGNAL, sa)
+		}
+	}
+	if err != nil {
 		r.Err = err.Error()
 		return r
 	}
@@ -120,9 +170,25 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	if sa, err := unix.Getpeername(fd); err == nil {
 		r.Peer = fromSockaddr(sa)
 	}
-	if typ == unix.SOCK_DGRAM {
-		if _, err := unix.Write(fd, []byte("ping\n")); err != nil {
-			r.Err = err.Error()
+	if k.typ == unix.SOCK_DGRAM || k.typ == unix.SOCK_RAW {
+		if k.how == "connect" {
+			payload := []byte("ping\n")
+			if k.proto != 0 {
+				payload = echoRequest(k.proto)
+			}
+			if _, err := unix.Write(fd, payload); err != nil {
+				r.Err = err.Error()
+				return r
+			}
+		}
+		rtv := unix.NsecToTimeval(time.Second.Nanoseconds())
+		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &rtv)
+		buf := make([]byte, 512)
+		if n, _, err := unix.Recvfrom(fd, buf, 0); err == nil {
+			r.Reply = strings.TrimSpace(string(buf[:n]))
+			if k.proto != 0 && n > 0 {
+				r.Reply = fmt.Sprintf("icmp type %d", buf[0])
+			}
 		}
 		return r
 	}
@@ -142,6 +208,47 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 		r.Err = "read: " + err.Error()
 	}
 	return r
+}
+
+// echoRequest is an ICMP (or ICMPv6) echo request carrying "egressd"; a
+// ping socket fills in the id and the checksum.
+func echoRequest(proto int) []byte {
+	typ := byte(8)
+	if proto == unix.IPPROTO_ICMPV6 {
+		typ = 128
+	}
+	return append([]byte{typ, 0, 0, 0, 0, 0, 0, 1}, "egressd"...)
+}
+
+// connectNonblocking is connect(2) on a non-blocking socket: EINPROGRESS,
+// then poll for writability and read SO_ERROR, as event loops do.
+func connectNonblocking(fd int, sa unix.Sockaddr, timeout time.Duration) error {
+	err := unix.Connect(fd, sa)
+	if err == nil {
+		return nil
+	}
+	if err != unix.EINPROGRESS {
+		return err
+	}
+	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+	n, err := unix.Poll(pfd, int(timeout.Milliseconds()))
+	if err != nil {
+		return err
+	}
+	if n == 0 {
+		return unix.ETIMEDOUT
+	}
+	soerr, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err != nil {
+		return err
+	}
+	if soerr != 0 {
+		return unix.Errno(soerr)
+	}
+	if err := unix.SetNonblock(fd, false); err != nil {
+		return err
+	}
+	return nil
 }
 
 // holdMain dials one spec, prints "READY <reply>" and then, for each line on

@@ -10,8 +10,15 @@ import (
 // EchoServer accepts connections in the external namespace and answers each
 // with "peer=<remote address it saw>", recording the peers.
 type EchoServer struct {
-	mu    sync.Mutex
-	peers []string
+	mu        sync.Mutex
+	peers     []string
+	datagrams []Datagram
+}
+
+// Datagram is one UDP datagram an echo server received.
+type Datagram struct {
+	From, To string
+	Payload  string
 }
 
 // ServeEcho starts an echo server on every listener until the test ends.
@@ -42,6 +49,32 @@ func (s *EchoServer) serve(l net.Listener) {
 			io.Copy(c, c) // then echo until the client is done
 		}()
 	}
+}
+
+// AddUDP records every datagram arriving on c (to is c's address, for the
+// record) and answers it with "peer=<source address>".
+func (s *EchoServer) AddUDP(c net.PacketConn) {
+	go func() {
+		buf := make([]byte, 2048)
+		for {
+			n, from, err := c.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			src := from.(*net.UDPAddr).AddrPort()
+			s.mu.Lock()
+			s.datagrams = append(s.datagrams, Datagram{From: src.String(), To: c.LocalAddr().String(), Payload: string(buf[:n])})
+			s.mu.Unlock()
+			c.WriteTo([]byte("peer="+src.Addr().Unmap().String()+"\n"), from)
+		}
+	}()
+}
+
+// Datagrams returns the UDP datagrams received so far.
+func (s *EchoServer) Datagrams() []Datagram {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Datagram(nil), s.datagrams...)
 }
 
 // Peers returns the remote addresses seen so far.

@@ -107,6 +107,21 @@ func (n *Netns) Listen(t testing.TB, network, addr string) net.Listener {
 	return l
 }
 
+// ListenPacket opens a UDP socket inside n.
+func (n *Netns) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	err := n.Do(func() (err error) {
+		c, err = (&net.ListenConfig{}).ListenPacket(t.Context(), network, addr)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen %s %s in %s: %v", network, addr, n.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 func mustRun(t testing.TB, name string, args ...string) {
 	t.Helper()
 	cmd := exec.Command(name, args...)
