@@ -96,6 +96,25 @@ func New(t testing.TB, pods int) *Env {
 	return e
 }
 
+// NewEnforcing is New with a stand-in proxy that enforces the workloads
+// file's policies as the generated Envoy listener does (see
+// standin.Proxy.Workloads).
+func NewEnforcing(t testing.TB, pods int) *Env {
+	t.Helper()
+	e := NewWithoutProxy(t, pods)
+	e.StartProxy(t)
+	return e
+}
+
+// StartProxy starts the enforcing stand-in proxy (again, after a test
+// killed it).
+func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
+	t.Helper()
+	return testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
+		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
+		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile)
+}
+
 // NewWithoutProxy is New without a proxy: the caller starts one (Envoy).
 func NewWithoutProxy(t testing.TB, pods int) *Env {
 	t.Helper()

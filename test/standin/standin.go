@@ -28,7 +28,10 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/egressd/egressd/agent"
+	"github.com/egressd/egressd/xds"
 	"golang.org/x/sys/unix"
+	"sigs.k8s.io/yaml"
 )
 
 // Record is what the proxy saw of one connection.
@@ -101,6 +104,14 @@ type Proxy struct {
 	Sink      bool // ask for the original destination, then close: no dial, no record (benchmarks)
 	Drain     bool // ask for the original destination, then read and discard until EOF (bulk benchmarks)
 	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
+	// Workloads, if set, is the agent's workloads file: the proxy then
+	// decides like egressd's generated listener, with the same policy
+	// parser and xds.Policy.Verdict: a source that is no workload's is
+	// closed; an enforce-mode workload's connection is forwarded only if
+	// its destination, or the Host of its plaintext HTTP request, is
+	// allowed; a denied HTTP request gets 403, anything else denied is
+	// closed. (TLS SNI is not inspected here; Envoy does.)
+	Workloads string
 	Log       io.Writer
 
 	mu    sync.Mutex
@@ -190,6 +201,14 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		p.record(r)
 		return
 	}
+	var early []byte
+	if p.Workloads != "" {
+		var ok bool
+		if early, ok = p.enforce(c, dst, &r); !ok {
+			p.record(r)
+			return
+		}
+	}
 	d := net.Dialer{Timeout: 3 * time.Second}
 	d.SetMultipathTCP(false)
 	up, err := d.Dial("tcp", r.OrigDst)
@@ -201,7 +220,110 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	defer up.Close()
 	r.Result = "forwarded"
 	p.record(r)
+	if len(early) > 0 {
+		if _, err := up.Write(early); err != nil {
+			return
+		}
+	}
 	splice(c, up.(*net.TCPConn))
+}
+
+// enforce applies the workloads file's policy to one connection, as the
+// generated listener does. It returns the bytes it read to find an HTTP
+// Host (to forward first) and whether to forward; r.Result says why not.
+func (p *Proxy) enforce(c *net.TCPConn, dst netip.AddrPort, r *Record) ([]byte, bool) {
+	src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
+	pol, ok := p.policyOf(src)
+	if !ok {
+		r.Result = "unknown-source-closed"
+		return nil, false
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	allowed, reason := pol.Verdict(dst, "", "")
+	var early []byte
+	if !allowed && hasHostRules(pol) {
+		var host string
+		early, host = sniffHTTPHost(c)
+		allowed, reason = pol.Verdict(dst, "", host)
+		if !allowed && host != "" {
+			fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+			r.Result, r.Err = "denied-403", reason
+			return nil, false
+		}
+	}
+	if !allowed {
+		r.Result, r.Err = "denied-closed", reason
+		return nil, false
+	}
+	return early, true
+}
+
+// policyOf reads the workloads file (each time: it is small, and the agent
+// may have been given a new one) and returns the policy of the workload
+// with address a.
+func (p *Proxy) policyOf(a netip.Addr) (xds.Policy, bool) {
+	b, err := os.ReadFile(p.Workloads)
+	if err != nil {
+		return xds.Policy{}, false
+	}
+	var f agent.WorkloadFile
+	if err := yaml.Unmarshal(b, &f); err != nil {
+		return xds.Policy{}, false
+	}
+	for _, w := range f.Workloads {
+		for _, ip := range w.IPs {
+			if wa, err := netip.ParseAddr(ip); err == nil && wa.Unmap() == a {
+				pol, _ := xds.ParsePolicy(w.Labels, w.Annotations) // the safest policy on error
+				return pol, true
+			}
+		}
+	}
+	return xds.Policy{}, false
+}
+
+func hasHostRules(p xds.Policy) bool {
+	for _, r := range p.Allow {
+		if r.IsHost() {
+			return true
+		}
+	}
+	return false
+}
+
+// sniffHTTPHost reads a plaintext HTTP/1 request head (up to 4 KiB, 2 s)
+// and returns what it read and the Host without its port ("" when it is
+// not HTTP), as Envoy's http_inspector and HCM would see it.
+func sniffHTTPHost(c *net.TCPConn) ([]byte, string) {
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	defer c.SetReadDeadline(time.Time{})
+	var buf []byte
+	tmp := make([]byte, 4096)
+	for len(buf) < 4096 && !strings.Contains(string(buf), "\r\n\r\n") {
+		n, err := c.Read(tmp[:4096-len(buf)])
+		buf = append(buf, tmp[:n]...)
+		if err != nil {
+			break
+		}
+	}
+	head, _, _ := strings.Cut(string(buf), "\r\n\r\n")
+	lines := strings.Split(head, "\r\n")
+	if len(lines) == 0 || !strings.Contains(lines[0], " HTTP/1.") {
+		return buf, ""
+	}
+	for _, l := range lines[1:] {
+		k, v, ok := strings.Cut(l, ":")
+		if ok && strings.EqualFold(strings.TrimSpace(k), "host") {
+			h := strings.TrimSpace(v)
+			if hp, err := netip.ParseAddrPort(h); err == nil {
+				return buf, hp.Addr().String()
+			}
+			if i := strings.LastIndex(h, ":"); i > 0 && !strings.Contains(h[i:], "]") {
+				h = h[:i]
+			}
+			return buf, strings.ToLower(h)
+		}
+	}
+	return buf, ""
 }
 
 // splice copies both ways until both directions are done, half-closing as
@@ -230,10 +352,11 @@ func Main(args []string) int {
 	sink := fs.Bool("sink", false, "benchmark mode: ask for each original destination, then close; no dial, no record")
 	drain := fs.Bool("drain", false, "bulk benchmark mode: ask for each original destination, then read and discard everything")
 	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
+	workloads := fs.String("workloads", "", "the agent's workloads file: enforce each workload's policy as the generated listener does (unknown sources closed, denied destinations closed or 403)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Workloads: *workloads, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *records != "" {
 		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {

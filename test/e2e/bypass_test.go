@@ -1,0 +1,160 @@
+package e2e
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/egressd/egressd/agent/datapath"
+	"github.com/egressd/egressd/test/harness"
+	"github.com/egressd/egressd/test/standin"
+	"github.com/egressd/egressd/test/testbed"
+)
+
+// counterDeltas reads the pinned datapath's counters by name.
+func counters(t *testing.T, e *harness.Env) map[string]uint64 {
+	t.Helper()
+	dp, err := datapath.OpenPinned(e.PinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dp.Close()
+	c, err := dp.Counters()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]uint64{}
+	for i, v := range c.Values() {
+		out[datapath.CounterNames[i]] = v
+	}
+	return out
+}
+
+// bypassCase is one attempt to get out of an enforce-mode pod.
+type bypassCase struct {
+	name string
+	pod  int    // index in the testbed's pods: 0 enforced, 1 unselected
+	spec string // client spec (testbed.Dial)
+	send string // sent after connecting
+	// reply is the prefix of the first line the application reads; "" when
+	// it must read nothing. err is a substring of the error it gets.
+	reply, err string
+	// server: the external TCP server accepts a connection; datagram: the
+	// UDP server at this address receives one datagram.
+	server   bool
+	datagram string
+	// counter is the datapath counter that records the case.
+	counter string
+	// proxy is what the stand-in proxy recorded ("" for nothing).
+	proxy string
+}
+
+// The bypass matrix: from an enforce-mode pod whose allow list names one
+// IPv4 address, one IPv6 address and one hostname, every way out is tried
+// with the real agent programming the datapath and a stand-in proxy that
+// decides as the generated listener does. For each: what the application
+// got, what the external servers saw, which counter recorded it and what
+// the proxy did. docs/security.md tabulates the result.
+func TestPrivilegedBypassMatrix(t *testing.T) {
+	e := harness.NewEnforcing(t, 2)
+	pod, other := e.TB.Pods[0], e.TB.Pods[1]
+	ext4, ext4b := testbed.ExternalV4[0], testbed.ExternalV4[1]
+	ext6, ext6b := testbed.ExternalV6[0], testbed.ExternalV6[1]
+	hp := func(a netip.Addr, port uint16) string { return netip.AddrPortFrom(a, port).String() }
+	for _, a := range []netip.Addr{ext4, ext4b, ext6} {
+		for _, port := range []uint16{53, 443, 9999} {
+			e.Echo.AddUDP(e.TB.External.ListenPacket(t, "udp", hp(a, port)))
+		}
+	}
+	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "checkout", Mode: "enforce",
+		Allow: fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d", ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort)})
+	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53", ext4, ext6))
+	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
+		st := readStatus(t, e)
+		return st.Proxy.Ready && len(st.Workloads) == 1
+	})
+	for _, p := range e.TB.Pods {
+		p.Netns.Sysctl(t, "net.ipv4.ping_group_range", "0 2147483647")
+	}
+
+	node4, node6 := "peer="+testbed.NodeV4.String(), "peer="+testbed.NodeV6.String()
+	const eperm = "operation not permitted"
+	get := func(host string) string { return "GET / HTTP/1.1\r\nHost: " + host + "\r\n" }
+	proxy4 := hp(datapath.DefaultProxyIPv4, datapath.DefaultProxyPort)
+	cases := []bypassCase{
+		{name: "IPv4, allowed address", spec: "tcp4:" + hp(ext4b, harness.ServerPort), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "IPv4, address not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
+		{name: "IPv6, allowed address", spec: "tcp6:" + hp(ext6b, harness.ServerPort), reply: node6, server: true, counter: "redirected_ipv6", proxy: "forwarded"},
+		{name: "IPv6, address not allowed", spec: "tcp6:" + hp(ext6, harness.ServerPort), err: "EOF", counter: "redirected_ipv6", proxy: "denied-closed"},
+		{name: "v4-mapped IPv6, allowed address", spec: "mapped:" + hp(ext4b, harness.ServerPort), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "v4-mapped IPv6, address not allowed", spec: "mapped:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
+		{name: "non-blocking connect, not allowed", spec: "nb4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
+		{name: "TCP Fast Open, allowed address", spec: "tfo4:" + hp(ext4b, harness.ServerPort), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "TCP Fast Open, address not allowed", spec: "tfo4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
+		{name: "HTTP, allowed host", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("allowed.example"), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP, host not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("blocked.example"), reply: "HTTP/1.1 403", counter: "redirected_ipv4", proxy: "denied-403"},
+		{name: "TCP sendto without connect", spec: "tcpsendto4:" + hp(ext4, harness.ServerPort), err: "broken pipe"},
+		{name: "UDP sendto without connect", spec: "sendto4:" + hp(ext4, 9999), err: eperm, counter: "denied_non_tcp"},
+		{name: "UDP sendto v4-mapped", spec: "sendtomapped:" + hp(ext4, 443), err: eperm, counter: "denied_non_tcp"},
+		{name: "UDP to a non-DNS port", spec: "udp4:" + hp(ext4, 9999), err: eperm, counter: "denied_non_tcp"},
+		{name: "UDP 443 (QUIC), IPv4", spec: "udp4:" + hp(ext4, 443), err: eperm, counter: "denied_non_tcp"},
+		{name: "UDP 443 (QUIC), IPv6", spec: "udp6:" + hp(ext6, 443), err: eperm, counter: "denied_non_tcp"},
+		{name: "UDP 53 to a host that is not a resolver", spec: "udp4:" + hp(ext4b, 53), err: eperm, counter: "denied_non_tcp"},
+		{name: "ICMP echo (ping socket)", spec: "ping4:" + hp(ext4, 0), err: eperm, counter: "denied_non_tcp"},
+		{name: "DNS to a configured resolver, IPv4", spec: "udp4:" + hp(ext4, 53), reply: "peer=" + pod.IPv4.String(), datagram: hp(ext4, 53), counter: "dns_allowed"},
+		{name: "DNS to a configured resolver, IPv6", spec: "sendto6:" + hp(ext6, 53), reply: "peer=" + pod.IPv6.String(), datagram: hp(ext6, 53), counter: "dns_allowed"},
+		{name: "direct connection to the proxy address", spec: "tcp4:" + proxy4, err: "EOF", counter: "proxy_direct", proxy: "unknown-closed"},
+		{name: "unselected pod, straight to the proxy", pod: 1, spec: "tcp4:" + proxy4, err: "EOF", proxy: "unknown-closed"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			p := []*testbed.Pod{pod, other}[c.pod]
+			peers, grams, recs := len(e.Echo.Peers()), len(e.Echo.Datagrams()), len(standin.ReadRecords(e.Records))
+			before := counters(t, e)
+			args := []string{}
+			if c.send != "" {
+				args = append(args, "-send", c.send)
+			}
+			res := testbed.Dial(t, testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", append(args, c.spec)...))[0]
+			switch {
+			case c.reply != "" && !strings.HasPrefix(res.Reply, c.reply):
+				t.Errorf("application read %q (err %q), want %q...", res.Reply, res.Err, c.reply)
+			case c.reply == "" && res.Reply != "":
+				t.Errorf("application read %q, want nothing", res.Reply)
+			}
+			if c.err != "" && !strings.Contains(res.Err, c.err) {
+				t.Errorf("application error %q, want %q", res.Err, c.err)
+			}
+			// The proxy records before it dials; give it a moment.
+			time.Sleep(50 * time.Millisecond)
+			if got := len(e.Echo.Peers()) - peers; got != map[bool]int{true: 1}[c.server] {
+				t.Errorf("external TCP servers accepted %d connections, want %d", got, map[bool]int{true: 1}[c.server])
+			}
+			newGrams := e.Echo.Datagrams()[grams:]
+			if c.datagram == "" && len(newGrams) != 0 || c.datagram != "" && (len(newGrams) != 1 || newGrams[0].To != c.datagram) {
+				t.Errorf("UDP servers received %+v, want %q", newGrams, c.datagram)
+			}
+			after := counters(t, e)
+			for _, name := range datapath.CounterNames {
+				d := after[name] - before[name]
+				switch {
+				case name == c.counter && d != 1:
+					t.Errorf("counter %s moved by %d, want 1", name, d)
+				case name != c.counter && (name == "denied_non_tcp" || name == "dns_allowed" || name == "redirected_ipv4" || name == "redirected_ipv6" || name == "proxy_direct") && d != 0:
+					t.Errorf("counter %s moved by %d, want 0", name, d)
+				}
+			}
+			newRecs := standin.ReadRecords(e.Records)[recs:]
+			var results []string
+			for _, r := range newRecs {
+				results = append(results, r.Result)
+			}
+			if want := []string{c.proxy}; c.proxy == "" && len(results) != 0 || c.proxy != "" && !slices.Equal(results, want) {
+				t.Errorf("proxy recorded %v, want %q", results, c.proxy)
+			}
+		})
+	}
+}
