@@ -83,6 +83,8 @@ type Env struct {
 	WorkloadsFile string
 	Bin           string
 	AgentCgroup   *testbed.Cgroup
+	// Proxy is the stand-in proxy NewEnforcing or StartProxy started.
+	Proxy *testbed.Daemon
 }
 
 // New builds the testbed with pods, the echo servers and the stand-in
@@ -110,9 +112,10 @@ func NewEnforcing(t testing.TB, pods int) *Env {
 // killed it).
 func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
 	t.Helper()
-	return testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
+	e.Proxy = testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
 		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
 		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile)
+	return e.Proxy
 }
 
 // NewWithoutProxy is New without a proxy: the caller starts one (Envoy).

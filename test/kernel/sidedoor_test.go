@@ -83,10 +83,18 @@ func TestPrivilegedEnforceSideDoors(t *testing.T) {
 		{"raw IPv4 socket", "raw4:" + hostport(ext4, 0), "", eperm, ""},
 		{"DNS over TCP to resolver", "tcp4:" + hostport(ext4b, 53), "peer=" + enforced.IPv4.String(), "", ""},
 	}
+	redirects := 0
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			seen := len(f.echo.Datagrams())
 			r := f.dial(t, enforced.Cgroup, enforced, c.spec)[0]
+			if strings.HasPrefix(c.spec, "mptcp") && strings.Contains(r.Err, "protocol not supported") {
+				t.Logf("this kernel has no MPTCP (%s): nothing to redirect", r.Err)
+				return
+			}
+			if c.reply == node4 || c.reply == node6 {
+				redirects++
+			}
 			if c.err != "" || c.reply == "" {
 				if c.err != "" && !strings.Contains(r.Err, c.err) {
 					t.Errorf("%s: %+v, want the socket refused (%s)", c.spec, r, c.err)
@@ -128,8 +136,8 @@ func TestPrivilegedEnforceSideDoors(t *testing.T) {
 	if d := after.DNSAllowed - before.DNSAllowed; d != 4 {
 		t.Errorf("dns_allowed counted %d, want 4", d)
 	}
-	if d := (after.RedirectedV4 - before.RedirectedV4) + (after.RedirectedV6 - before.RedirectedV6); d != 8 {
-		t.Errorf("redirected %d TCP connections, want 8 (MPTCP included)", d)
+	if d := (after.RedirectedV4 - before.RedirectedV4) + (after.RedirectedV6 - before.RedirectedV6); d != uint64(redirects) {
+		t.Errorf("redirected %d TCP connections, want %d (MPTCP included where the kernel has it)", d, redirects)
 	}
 
 	// Audit mode refuses nothing: UDP goes out as the pod sent it.

@@ -146,7 +146,11 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	sa := sockaddr(ap, k.family)
 	switch k.how {
 	case "connect":
-		err = unix.Connect(fd, sa)
+		// A signal (the Go runtime's preemption) can interrupt a
+		// blocking connect; the handshake goes on, as after EINPROGRESS.
+		if err = unix.Connect(fd, sa); err == unix.EINTR {
+			err = awaitConnect(fd, timeout)
+		}
 	case "nonblock":
 		err = connectNonblocking(fd, sa, timeout)
 	case "tfo":
@@ -184,7 +188,11 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 		rtv := unix.NsecToTimeval(time.Second.Nanoseconds())
 		unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &rtv)
 		buf := make([]byte, 512)
-		if n, _, err := unix.Recvfrom(fd, buf, 0); err == nil {
+		n, _, err := unix.Recvfrom(fd, buf, 0)
+		for err == unix.EINTR {
+			n, _, err = unix.Recvfrom(fd, buf, 0)
+		}
+		if err == nil {
 			r.Reply = strings.TrimSpace(string(buf[:n]))
 			if k.proto != 0 && n > 0 {
 				r.Reply = fmt.Sprintf("icmp type %d", buf[0])
@@ -230,8 +238,21 @@ func connectNonblocking(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 	if err != unix.EINPROGRESS {
 		return err
 	}
+	if err := awaitConnect(fd, timeout); err != nil {
+		return err
+	}
+	return unix.SetNonblock(fd, false)
+}
+
+// awaitConnect waits for a connect in progress to finish and returns its
+// outcome (SO_ERROR).
+func awaitConnect(fd int, timeout time.Duration) error {
 	pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
-	n, err := unix.Poll(pfd, int(timeout.Milliseconds()))
+	var n int
+	var err error
+	for n, err = unix.Poll(pfd, int(timeout.Milliseconds())); err == unix.EINTR; {
+		n, err = unix.Poll(pfd, int(timeout.Milliseconds()))
+	}
 	if err != nil {
 		return err
 	}
@@ -244,9 +265,6 @@ func connectNonblocking(fd int, sa unix.Sockaddr, timeout time.Duration) error {
 	}
 	if soerr != 0 {
 		return unix.Errno(soerr)
-	}
-	if err := unix.SetNonblock(fd, false); err != nil {
-		return err
 	}
 	return nil
 }
