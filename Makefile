@@ -50,10 +50,23 @@ verify: generate
 deps-k8s:
 	@test/k8s/build.sh >/dev/null
 
-## test: run every test; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
+## test: run every test, then fuzz each parser of outside input briefly; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
 .PHONY: test
 test: deps-test
 	apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
+	$(MAKE) --no-print-directory fuzz
+
+# The fuzz targets: every parser of input from outside the agent.
+FUZZ_TARGETS := ./xds:FuzzParseAllowList ./xds:FuzzBuildFromPod ./agent:FuzzParseWorkloadFile ./agent:FuzzParseResolvers
+FUZZTIME ?= 8s
+
+## fuzz: run each fuzz target for FUZZTIME (default 8s); findings land in testdata/fuzz, commit them as regression tests
+.PHONY: fuzz
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+		echo "fuzz $$fn ($$pkg, $(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg 2>&1 | tail -n 3; \
+		test $${PIPESTATUS[0]} -eq 0; done
 
 ## test-kernels: the privileged datapath tests inside Debian kernels 5.10, 6.1 and 6.12 under qemu (root; EGRESSD_KERNELS to choose)
 .PHONY: test-kernels

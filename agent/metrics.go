@@ -58,10 +58,10 @@ func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.S
 
 var (
 	descEvents = prometheus.NewDesc("egressd_datapath_events_total",
-		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
+		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), lease_expired (readiness lease ran out), dns_allowed, denied_non_tcp (enforce mode), orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
 		[]string{"event"}, nil)
 	descWorkloadConns = prometheus.NewDesc("egressd_workload_connections_total",
-		"Connections of a selected workload by outcome: redirected, or refused because the proxy was not ready (failed_closed).",
+		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), or non-TCP sockets refused in enforce mode (denied_non_tcp).",
 		[]string{"namespace", "pod", "outcome"}, nil)
 	descInFlight = prometheus.NewDesc("egressd_datapath_inflight_entries",
 		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
@@ -108,6 +108,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ns, pod := splitKey(key)
 			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Redirected), ns, pod, "redirected")
 			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.FailedClosed), ns, pod, "failed_closed")
+			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Denied), ns, pod, "denied_non_tcp")
 		}
 	} else if err != nil {
 		failed = 1

@@ -24,6 +24,7 @@ type statusReport struct {
 	Workloads     []workloadStatus    `json:"workloads"`
 	Exclusions    []netip.Prefix      `json:"exclusions"`
 	ExcludedPorts []uint16            `json:"excluded_ports"`
+	Resolvers     []netip.AddrPort    `json:"dns_resolvers"`
 	Counters      map[string]uint64   `json:"counters"`
 	InFlight      map[string]int      `json:"in_flight"`
 	Agent         *agent.State        `json:"agent,omitempty"`
@@ -46,6 +47,8 @@ type workloadStatus struct {
 	FailMode     string `json:"fail_mode"`
 	Redirected   uint64 `json:"redirected"`
 	FailedClosed uint64 `json:"failed_closed"`
+	Enforce      bool   `json:"enforce"`
+	Denied       uint64 `json:"denied_non_tcp"`
 }
 
 func runStatus(args []string, stdout, stderr io.Writer) error {
@@ -98,6 +101,9 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 	if rep.Exclusions, err = dp.Exclusions(); err != nil {
 		return nil, err
 	}
+	if rep.Resolvers, err = dp.Resolvers(); err != nil {
+		return nil, err
+	}
 	if rep.ExcludedPorts, err = dp.ExcludedPorts(); err != nil {
 		return nil, err
 	}
@@ -134,7 +140,8 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 		return nil, err
 	}
 	for cg, w := range ws {
-		s := workloadStatus{CgroupID: cg, ID: w.ID, FailMode: w.FailMode.String(), Redirected: stats[w.ID].Redirected, FailedClosed: stats[w.ID].FailedClosed}
+		s := workloadStatus{CgroupID: cg, ID: w.ID, FailMode: w.FailMode.String(), Redirected: stats[w.ID].Redirected, FailedClosed: stats[w.ID].FailedClosed,
+			Enforce: w.Enforce, Denied: stats[w.ID].Denied}
 		if rep.Agent != nil {
 			s.Name = rep.Agent.Workloads[w.ID]
 		}
@@ -160,16 +167,30 @@ func printStatus(w io.Writer, r *statusReport) {
 			addrs = append(addrs, a.String())
 		}
 	}
-	fmt.Fprintf(w, "proxy: %s port %d, ready=%v\n", strings.Join(addrs, ", "), r.Proxy.Port, r.Proxy.Ready)
+	fmt.Fprintf(w, "proxy: %s port %d, ready=%v", strings.Join(addrs, ", "), r.Proxy.Port, r.Proxy.Effective)
+	switch {
+	case r.Proxy.Ready && !r.Proxy.Effective:
+		fmt.Fprintf(w, " (readiness lease expired %v ago: no agent renewing it; workloads follow their fail mode)", (-r.Proxy.LeaseLeft).Round(time.Second))
+	case r.Proxy.HasLease && r.Proxy.Ready:
+		fmt.Fprintf(w, " (lease %v left)", r.Proxy.LeaseLeft.Round(time.Second))
+	}
+	fmt.Fprintln(w)
+	if len(r.Resolvers) > 0 {
+		fmt.Fprintf(w, "DNS resolvers: %v\n", r.Resolvers)
+	}
 	fmt.Fprintf(w, "never redirected: %v, ports %v\n\n", r.Exclusions, r.ExcludedPorts)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tFAIL MODE\tREDIRECTED\tFAILED CLOSED")
+	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tMODE\tFAIL MODE\tREDIRECTED\tFAILED CLOSED\tDENIED NON-TCP")
 	for _, s := range r.Workloads {
 		name := s.Name
 		if name == "" {
 			name = "(unknown)"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%d\t%d\n", name, s.ID, s.CgroupID, s.FailMode, s.Redirected, s.FailedClosed)
+		mode := "audit"
+		if s.Enforce {
+			mode = "enforce"
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%d\n", name, s.ID, s.CgroupID, mode, s.FailMode, s.Redirected, s.FailedClosed, s.Denied)
 	}
 	tw.Flush()
 	if r.Agent != nil {

@@ -3,6 +3,8 @@ package e2e
 import (
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -31,6 +33,60 @@ func counters(t *testing.T, e *harness.Env) map[string]uint64 {
 		out[datapath.CounterNames[i]] = v
 	}
 	return out
+}
+
+// secretCanary is an annotation value no output of the agent may carry.
+const secretCanary = "CANARY-7f3a-do-not-export"
+
+// checkExposure: the pins, the ADS socket and the state file are the
+// owner's alone, and neither the metrics nor the state file nor `egressd
+// status` carry annotation values (a pod's annotations may hold secrets)
+// or allow-list entries.
+func checkExposure(t *testing.T, e *harness.Env) {
+	paths := []string{e.PinPath, filepath.Join(e.Dir, "xds.sock"), e.StateFile}
+	entries, err := os.ReadDir(e.PinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, en := range entries {
+		paths = append(paths, filepath.Join(e.PinPath, en.Name()))
+	}
+	for _, p := range paths {
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+			t.Errorf("%s has mode %v, want owner-only", p, perm)
+		}
+	}
+	if len(entries) < 10 {
+		t.Errorf("only %d pins checked", len(entries))
+	}
+	state, err := os.ReadFile(e.StateFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	metrics := e.Metrics(t)
+	for name, out := range map[string]string{"metrics": metrics, "state file": string(state), "status": e.Status(t, "--format", "json")} {
+		for _, leak := range []string{secretCanary, "allowed.example"} {
+			if strings.Contains(out, leak) {
+				t.Errorf("%s exposes %q", name, leak)
+			}
+		}
+	}
+	allowed := map[string]bool{"event": true, "namespace": true, "pod": true, "outcome": true, "map": true, "version": true, "source": true, "le": true, "reason": true, "cause": true, "code": true}
+	for _, l := range strings.Split(metrics, "\n") {
+		if strings.HasPrefix(l, "#") || !strings.Contains(l, "{") {
+			continue
+		}
+		labels := l[strings.Index(l, "{")+1 : strings.LastIndex(l, "}")]
+		for _, kv := range strings.Split(labels, ",") {
+			if k, _, _ := strings.Cut(kv, "="); !allowed[k] {
+				t.Errorf("metric label %q is not one the agent is meant to export: %s", k, l)
+			}
+		}
+	}
 }
 
 // bypassCase is one attempt to get out of an enforce-mode pod.
@@ -70,7 +126,8 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		}
 	}
 	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "checkout", Mode: "enforce",
-		Allow: fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d", ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort)})
+		Allow:       fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d", ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort),
+		Annotations: map[string]string{"example.com/api-token": secretCanary}})
 	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53", ext4, ext6))
 	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
 		st := readStatus(t, e)
@@ -109,6 +166,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		{name: "direct connection to the proxy address", spec: "tcp4:" + proxy4, err: "EOF", counter: "proxy_direct", proxy: "unknown-closed"},
 		{name: "unselected pod, straight to the proxy", pod: 1, spec: "tcp4:" + proxy4, err: "EOF", proxy: "unknown-closed"},
 	}
+	t.Run("owner-only files, no secrets in metrics", func(t *testing.T) { checkExposure(t, e) })
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			p := []*testbed.Pod{pod, other}[c.pod]

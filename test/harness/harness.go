@@ -205,6 +205,8 @@ type Workload struct {
 	Mode      string // "", audit, enforce
 	FailMode  string // "", open, closed
 	Allow     string
+	// Annotations are more annotations (the policy's is Allow).
+	Annotations map[string]string
 }
 
 // WriteWorkloads writes the workloads file (atomically, as config
@@ -220,6 +222,9 @@ func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 		}
 		if w.FailMode != "" {
 			en.Labels["egressd.io/fail-mode"] = w.FailMode
+		}
+		for k, v := range w.Annotations {
+			en.Annotations[k] = v
 		}
 		if w.Allow != "" {
 			en.Annotations["egressd.io/allow"] = w.Allow

@@ -52,6 +52,9 @@ func TestPrivilegedTupleReuse(t *testing.T) {
 		if st.Mismatch != 0 {
 			t.Errorf("%s client: %d wrong original destinations", name, st.Mismatch)
 		}
+		if name == "redirected" && st.Unknown != 0 {
+			t.Errorf("%s client: %d connections lost their original destination", name, st.Unknown)
+		}
 		if st.Match < n/2 {
 			t.Errorf("%s client: only %d verified connections of %d; the test did not exercise reuse", name, st.Match, n)
 		}

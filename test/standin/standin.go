@@ -44,7 +44,7 @@ type Record struct {
 	// ("none" when it connected to the proxy directly).
 	Want   string `json:"want,omitempty"`
 	Asked  bool   `json:"asked"`
-	Result string `json:"result"` // forwarded, unknown-closed, loop-closed, dial-failed, match, mismatch, skipped
+	Result string `json:"result"` // forwarded, unknown-closed, loop-closed, dial-failed, match, mismatch, unknown, skipped
 	Err    string `json:"err,omitempty"`
 }
 
@@ -184,6 +184,8 @@ func (p *Proxy) handle(c *net.TCPConn) {
 			r.Result = "client-aborted" // reset before saying what it dialed
 		case got == r.Want:
 			r.Result = "match"
+		case got == "none":
+			r.Result = "unknown" // no answer: the proxy would close, never misroute
 		default:
 			r.Result = "mismatch"
 		}

@@ -21,6 +21,7 @@ type ReuseStats struct {
 	Aborted   int `json:"aborted"`
 	Match     int `json:"match"`
 	Mismatch  int `json:"mismatch"`
+	Unknown   int `json:"unknown"`   // the proxy found no original destination
 	NoAnswer  int `json:"no_answer"` // the proxy closed without a verdict (skipped asking)
 	BindBusy  int `json:"bind_busy"` // the 4-tuple was in use by the other client
 	Errors    int `json:"errors"`
@@ -112,6 +113,8 @@ func reuseOne(st *ReuseStats, sport int, target netip.AddrPort, want string, abo
 		st.Match++
 	case "mismatch":
 		st.Mismatch++
+	case "unknown":
+		st.Unknown++
 	default:
 		st.NoAnswer++
 	}
