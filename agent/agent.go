@@ -300,7 +300,6 @@ func probeProxy(ctx context.Context, admin string, lease time.Duration, dp *data
 	}
 	if admin == "" {
 		// Nothing to probe: ready, and the lease is renewed as if probed.
-		lease = max(lease, 0)
 		for {
 			set(true, "no proxy admin address to probe")
 			if lease == 0 {

@@ -210,6 +210,18 @@ static __always_inline int is_resolver(const __be32 a[4], __be16 port)
 	return bpf_map_lookup_elem(&resolvers, &key) != NULL;
 }
 
+/* Refuse an enforce-mode workload's non-TCP socket (EPERM), counted. */
+static __always_inline int deny_non_tcp(const struct workload *w)
+{
+	struct workload_stats *s;
+
+	count(COUNTER_DENIED_NON_TCP);
+	s = stats_of(w);
+	if (s)
+		s->denied++;
+	return 0;
+}
+
 /*
  * A socket other than TCP (UDP, UDP-Lite, ping, SCTP, MPTCP) of a selected
  * workload, at connect() or at sendmsg() with an address. Audit mode leaves
@@ -219,19 +231,22 @@ static __always_inline int is_resolver(const __be32 a[4], __be16 port)
  */
 static __always_inline int side_door(const struct workload *w, const __be32 a[4], __be16 port)
 {
-	struct workload_stats *s;
-
 	if (!(w->flags & WORKLOAD_ENFORCE))
 		return 1;
 	if (is_resolver(a, port)) {
 		count(COUNTER_DNS_ALLOWED);
 		return 1;
 	}
-	count(COUNTER_DENIED_NON_TCP);
-	s = stats_of(w);
-	if (s)
-		s->denied++;
-	return 0;
+	return deny_non_tcp(w);
+}
+
+/* out = ::ffff:a, the form IPv4 addresses take in 16-byte keys. */
+static __always_inline void set_v4mapped(__be32 out[4], __be32 a)
+{
+	out[0] = 0;
+	out[1] = 0;
+	out[2] = bpf_htonl(0x0000ffff);
+	out[3] = a;
 }
 
 static __always_inline int is_v4mapped(const __be32 a[4])
@@ -313,10 +328,7 @@ int eg_connect4(struct bpf_sock_addr *ctx)
 	daddr = ctx->user_ip4;
 	port = (__be16)ctx->user_port; /* user_port: network order, low 16 bits */
 	dport = bpf_ntohs(port);
-	mapped[0] = 0;
-	mapped[1] = 0;
-	mapped[2] = bpf_htonl(0x0000ffff);
-	mapped[3] = daddr;
+	set_v4mapped(mapped, daddr);
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
 		return side_door(w, mapped, port);
 	cfg = get_config();
@@ -461,10 +473,7 @@ int eg_sendmsg4(struct bpf_sock_addr *ctx)
 
 	if (!w)
 		return 1;
-	mapped[0] = 0;
-	mapped[1] = 0;
-	mapped[2] = bpf_htonl(0x0000ffff);
-	mapped[3] = ctx->user_ip4;
+	set_v4mapped(mapped, ctx->user_ip4);
 	return side_door(w, mapped, (__be16)ctx->user_port);
 }
 
@@ -520,14 +529,8 @@ static __always_inline void read_view(const struct bpf_sock_ops *skops, __u32 fa
 	v->local_port = (__u16)lport;
 	v->remote_port = bpf_ntohs((__u16)(rport >> 16));
 	if (family == AF_INET) {
-		v->local[0] = 0;
-		v->local[1] = 0;
-		v->local[2] = bpf_htonl(0x0000ffff);
-		v->local[3] = l4;
-		v->remote[0] = 0;
-		v->remote[1] = 0;
-		v->remote[2] = bpf_htonl(0x0000ffff);
-		v->remote[3] = r4;
+		set_v4mapped(v->local, l4);
+		set_v4mapped(v->remote, r4);
 	} else {
 		v->local[0] = l0;
 		v->local[1] = l1;
@@ -689,7 +692,6 @@ SEC("cgroup/sock_create")
 int eg_sock_create(struct bpf_sock *sk)
 {
 	__u32 type = sk->type, protocol = sk->protocol;
-	struct workload_stats *s;
 	struct workload *w;
 
 	if (type == SOCK_STREAM && (protocol == IPPROTO_TCP || protocol == IPPROTO_MPTCP))
@@ -699,11 +701,7 @@ int eg_sock_create(struct bpf_sock *sk)
 	w = current_workload();
 	if (!w || !(w->flags & WORKLOAD_ENFORCE))
 		return 1;
-	count(COUNTER_DENIED_NON_TCP);
-	s = stats_of(w);
-	if (s)
-		s->denied++;
-	return 0;
+	return deny_non_tcp(w);
 }
 
 /*

@@ -95,11 +95,17 @@ func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
 
 func (f *fixture) selectPod(t *testing.T, p *testbed.Pod, id uint32, mode datapath.FailMode) {
 	t.Helper()
+	f.selectWorkload(t, p, datapath.Workload{ID: id, FailMode: mode})
+}
+
+// selectWorkload selects pod p's cgroup with the given settings.
+func (f *fixture) selectWorkload(t *testing.T, p *testbed.Pod, w datapath.Workload) {
+	t.Helper()
 	cgid, err := datapath.CgroupID(p.Cgroup.Path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.dp.SetWorkload(cgid, datapath.Workload{ID: id, FailMode: mode}); err != nil {
+	if err := f.dp.SetWorkload(cgid, w); err != nil {
 		t.Fatal(err)
 	}
 }

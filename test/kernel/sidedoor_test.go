@@ -148,14 +148,3 @@ func TestPrivilegedEnforceSideDoors(t *testing.T) {
 		}
 	}
 }
-
-func (f *fixture) selectWorkload(t *testing.T, p *testbed.Pod, w datapath.Workload) {
-	t.Helper()
-	cgid, err := datapath.CgroupID(p.Cgroup.Path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.dp.SetWorkload(cgid, w); err != nil {
-		t.Fatal(err)
-	}
-}
