@@ -63,10 +63,7 @@ FUZZTIME ?= 8s
 ## fuzz: run each fuzz target for FUZZTIME (default 8s); findings land in testdata/fuzz, commit them as regression tests
 .PHONY: fuzz
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
-		echo "fuzz $$fn ($$pkg, $(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $(FUZZTIME) $$pkg 2>&1 | tail -n 3; \
-		test $${PIPESTATUS[0]} -eq 0; done
+	@GO=$(GO) test/fuzz.sh $(FUZZTIME) $(FUZZ_TARGETS)
 
 ## test-kernels: the privileged datapath tests inside Debian kernels 5.10, 6.1 and 6.12 under qemu (root; EGRESSD_KERNELS to choose)
 .PHONY: test-kernels
