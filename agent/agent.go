@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -53,7 +54,10 @@ type Config struct {
 	// within this time (a node whose agent and proxy are gone falls back to
 	// each workload's fail mode); zero: no lease.
 	ReadinessLease time.Duration
-	XDSSocket      string
+	// InFlightMapSize: capacity of each in-flight map when the datapath is
+	// installed (datapath.Config.InFlightEntries); zero: the default.
+	InFlightMapSize int
+	XDSSocket       string
 	// XDSSocketMode: the socket's permission bits; zero: owner only. 0660
 	// lets a group (the DaemonSet's fsGroup) in, for an Envoy that does not
 	// run as the agent's user.
@@ -98,11 +102,15 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
 	}
-	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath})
+	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath, InFlightEntries: cfg.InFlightMapSize})
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
+	if want := cmp.Or(cfg.InFlightMapSize, datapath.DefaultInFlightEntries); dp.InFlightCapacity() != want {
+		log.Warn("the pinned datapath keeps its in-flight map size; the new size applies after 'egressd uninstall' (open connections would lose their original destinations)",
+			"in_effect", dp.InFlightCapacity(), "asked", want)
+	}
 	ifname, err := datapath.ProxyAddrs{}.Ensure(cfg.Proxy.Addrs()...)
 	if err != nil {
 		return err

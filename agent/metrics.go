@@ -14,6 +14,7 @@ type BPFStats interface {
 	Counters() (datapath.Counters, error)
 	WorkloadStats() (map[uint32]datapath.WorkloadStats, error)
 	InFlight() (origDsts, pendingTuples int, err error)
+	InFlightCapacity() int
 }
 
 // Metrics are the agent's control-plane metrics; the datapath's are read by
@@ -66,6 +67,9 @@ var (
 	descInFlight = prometheus.NewDesc("egressd_datapath_inflight_entries",
 		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
 		[]string{"map"}, nil)
+	descInFlightCap = prometheus.NewDesc("egressd_datapath_inflight_capacity",
+		"Capacity of each in-flight map (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with egressd_datapath_inflight_entries.",
+		nil, nil)
 	descSelected    = prometheus.NewDesc("egressd_selected_workloads", "Workloads selected on this node.", nil, nil)
 	descScrapeErr   = prometheus.NewDesc("egressd_datapath_read_errors", "1 if the last scrape could not read the datapath.", nil, nil)
 	descXDSVersions = prometheus.NewDesc("egressd_xds_versions_total", "Configurations published to Envoy.", nil, nil)
@@ -83,7 +87,7 @@ type collector struct {
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descSelected, descScrapeErr,
+	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descInFlightCap, descSelected, descScrapeErr,
 		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion} {
 		ch <- d
 	}
@@ -116,6 +120,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	if o, p, err := c.bpf.InFlight(); err == nil {
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(o), "orig_dsts")
 		ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(p), "pending_tuples")
+		ch <- prometheus.MustNewConstMetric(descInFlightCap, prometheus.GaugeValue, float64(c.bpf.InFlightCapacity()))
 	} else {
 		failed = 1
 	}

@@ -117,6 +117,10 @@ func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
 	return out, nil
 }
 
+// InFlightCapacity is the capacity of each in-flight map in effect: the
+// one the pinned datapath was created with.
+func (d *Datapath) InFlightCapacity() int { return int(d.maps.OrigDsts.MaxEntries()) }
+
 // InFlight reports how many entries the connection-tracking maps hold: the
 // original destinations of open redirected sockets, and 4-tuples published
 // but not yet claimed by the proxy. Tests and status use it to show that no

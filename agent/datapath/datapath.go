@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -21,7 +22,18 @@ import (
 const (
 	DefaultBPFFS   = "/sys/fs/bpf"
 	DefaultPinPath = DefaultBPFFS + "/egressd"
+
+	// DefaultInFlightEntries is the capacity of each in-flight map
+	// (orig_dsts, pending_tuples): redirected sockets open at once on the
+	// node, and handshakes between client and proxy.
+	DefaultInFlightEntries = 65536
+	// MinInFlightEntries and MaxInFlightEntries bound Config.InFlightEntries.
+	MinInFlightEntries = 1024
+	MaxInFlightEntries = 1 << 22
 )
+
+// inFlightMaps are the LRU maps whose capacity Config.InFlightEntries sets.
+var inFlightMaps = []string{"orig_dsts", "pending_tuples"}
 
 var (
 	// ErrNotInstalled is returned when no pinned datapath exists.
@@ -62,6 +74,24 @@ type Config struct {
 	// PinPath is the bpffs directory holding our pins (DefaultPinPath).
 	// Its parent must be on a bpffs; see EnsureBPFFS.
 	PinPath string
+	// InFlightEntries is the capacity of each in-flight map when the
+	// datapath is installed (0: DefaultInFlightEntries). A datapath that
+	// is already pinned keeps the capacity it was created with: maps
+	// cannot be resized in place, and replacing them would lose the
+	// original destinations of open connections. Datapath.InFlightCapacity
+	// says what is in effect.
+	InFlightEntries int
+}
+
+func (c Config) inFlightEntries() (uint32, error) {
+	n := c.InFlightEntries
+	if n == 0 {
+		return DefaultInFlightEntries, nil
+	}
+	if n < MinInFlightEntries || n > MaxInFlightEntries {
+		return 0, fmt.Errorf("datapath: in-flight map capacity %d is outside %d-%d", n, MinInFlightEntries, MaxInFlightEntries)
+	}
+	return uint32(n), nil
 }
 
 // Datapath is a handle on the installed, pinned datapath. Closing it releases
@@ -103,12 +133,19 @@ func Open(cfg Config) (*Datapath, error) {
 	if cfg.CgroupPath == "" || cfg.PinPath == "" {
 		return nil, errors.New("datapath: CgroupPath and PinPath are required")
 	}
+	entries, err := cfg.inFlightEntries()
+	if err != nil {
+		return nil, err
+	}
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
 	spec, err := loadSpec()
 	if err != nil {
 		return nil, err
+	}
+	for _, name := range inFlightMaps {
+		spec.Maps[name].MaxEntries = entries
 	}
 	for range 2 {
 		if _, err := os.Stat(cfg.PinPath); err == nil {
@@ -209,6 +246,10 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
 		}
 		replacements[name] = m
+		if slices.Contains(inFlightMaps, name) {
+			// The pinned capacity stays (see Config.InFlightEntries).
+			ms.MaxEntries = m.MaxEntries()
+		}
 		if err := ms.Compatible(m); err != nil {
 			return nil, fmt.Errorf("map %s: %w: %w (run 'egressd uninstall' first)", name, ErrIncompatiblePins, err)
 		}

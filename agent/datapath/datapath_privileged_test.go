@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -252,5 +253,47 @@ func TestPrivilegedProxyAddrs(t *testing.T) {
 		if ip, ok := netip.AddrFromSlice(a.IP); ok && (ip.Unmap() == DefaultProxyIPv4 || ip == DefaultProxyIPv6) {
 			t.Errorf("proxy address %s still on %s", ip, dev)
 		}
+	}
+}
+
+// The in-flight maps get the configured capacity at install; a datapath
+// already pinned keeps its own, whatever a later Open asks for, so that no
+// open connection loses its original destination to a resize.
+func TestPrivilegedInFlightCapacity(t *testing.T) {
+	cfg := testConfig(t)
+	for _, n := range []int{-1, MinInFlightEntries - 1, MaxInFlightEntries + 1} {
+		bad := cfg
+		bad.InFlightEntries = n
+		if d, err := Open(bad); err == nil {
+			d.Close()
+			t.Fatalf("capacity %d accepted", n)
+		} else if !strings.Contains(err.Error(), "outside") {
+			t.Errorf("capacity %d: %v", n, err)
+		}
+	}
+	if _, err := os.Stat(cfg.PinPath); !os.IsNotExist(err) {
+		t.Fatalf("a refused capacity left pins behind: %v", err)
+	}
+	cfg.InFlightEntries = 2048
+	d, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := d.InFlightCapacity(); got != 2048 {
+		t.Errorf("installed capacity %d, want 2048", got)
+	}
+	if got := d.maps.PendingTuples.MaxEntries(); got != 2048 {
+		t.Errorf("pending_tuples capacity %d, want 2048", got)
+	}
+	d.Close()
+
+	cfg.InFlightEntries = 0 // the default, 65536
+	d, err = Open(cfg)
+	if err != nil {
+		t.Fatalf("reopen asking another capacity: %v", err)
+	}
+	defer d.Close()
+	if got := d.InFlightCapacity(); got != 2048 {
+		t.Errorf("reopened capacity %d, want the pinned 2048", got)
 	}
 }

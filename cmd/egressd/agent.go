@@ -130,6 +130,7 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
 	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
 	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
+	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'egressd uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "never redirect connections to this node's own addresses (taken at start)")
 	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
 	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
@@ -159,6 +160,9 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	}
 	if cfg.ReadinessLease < 0 || cfg.ReadinessLease > 0 && cfg.ReadinessLease < 5*time.Second {
 		return agent.Config{}, "", fmt.Errorf("--readiness-lease %v: want 0 (no lease) or at least 5s (several probe intervals)", cfg.ReadinessLease)
+	}
+	if cfg.InFlightMapSize < datapath.MinInFlightEntries || cfg.InFlightMapSize > datapath.MaxInFlightEntries {
+		return agent.Config{}, "", fmt.Errorf("--inflight-map-size %d: want %d-%d", cfg.InFlightMapSize, datapath.MinInFlightEntries, datapath.MaxInFlightEntries)
 	}
 	cfg.Source = "file"
 	if cfg.WorkloadsFile == "" {

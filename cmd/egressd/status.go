@@ -119,6 +119,7 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 		return nil, err
 	}
 	rep.InFlight["orig_dsts"], rep.InFlight["pending_tuples"] = o, p
+	rep.InFlight["capacity"] = dp.InFlightCapacity()
 
 	if st, err := agent.ReadState(stateFile); err == nil {
 		rep.Agent = &st
@@ -200,7 +201,7 @@ func printStatus(w io.Writer, r *statusReport) {
 			fmt.Fprintf(w, "last NACK %s: %s rejected %s, kept %s: %s\n", x.LastNACK.Time.Format(time.RFC3339), x.LastNACK.TypeURL, x.LastNACK.Rejected, x.LastNACK.Kept, x.LastNACK.Message)
 		}
 	}
-	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"])
+	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlight["capacity"])
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, n := range datapath.CounterNames {
 		fmt.Fprintf(tw, "  %s\t%d\n", n, r.Counters[n])

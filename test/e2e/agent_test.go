@@ -120,6 +120,7 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 		`egressd_proxy_ready 1`,
 		`egressd_selected_workloads 1`,
 		`egressd_datapath_events_total{event="orig_dst_answered"} 1`,
+		`egressd_datapath_inflight_capacity 65536`,
 	} {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s; have:\n%s", want, strings.Join(harness.MetricLines(m, "egressd_"), "\n"))
