@@ -44,16 +44,22 @@ type fixture struct {
 // external addresses and the stand-in proxy in its own cgroup on the node.
 func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
 	t.Helper()
+	return setupWith(t, pods, datapath.Config{}, proxyArgs...)
+}
+
+// setupWith is setup with datapath settings beyond the paths (which it
+// fills in).
+func setupWith(t *testing.T, pods int, cfg datapath.Config, proxyArgs ...string) *fixture {
+	t.Helper()
 	tb := testbed.New(t, pods)
 	f := &fixture{tb: tb}
 
 	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
 		t.Fatal(err)
 	}
-	f.cfg = datapath.Config{
-		CgroupPath: tb.Root.Path,
-		PinPath:    filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID),
-	}
+	f.cfg = cfg
+	f.cfg.CgroupPath = tb.Root.Path
+	f.cfg.PinPath = filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID)
 	dp, err := datapath.Open(f.cfg)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)

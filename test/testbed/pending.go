@@ -1,0 +1,69 @@
+package testbed
+
+import (
+	"bufio"
+	"errors"
+	"flag"
+	"fmt"
+	"net/netip"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// pendingMain starts -n non-blocking connects to -dst (IPv4 or IPv6), its
+// port cycling from -dst-port-base over -dst-ports, and holds the sockets
+// without waiting for them: with the pod's packets dropped, they stay in
+// SYN-SENT, each a redirected socket whose original destination is stored
+// in the datapath. It prints "READY <started> <errors>", holds the sockets
+// until stdin closes, then closes them all.
+func pendingMain(args []string) int {
+	fs := flag.NewFlagSet("pending", flag.ContinueOnError)
+	n := fs.Int("n", 1000, "connects to start")
+	dst := fs.String("dst", "", "destination address")
+	dstPortBase := fs.Int("dst-port-base", 20000, "first destination port")
+	dstPorts := fs.Int("dst-ports", 1000, "destination ports to cycle through")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	addr, err := netip.ParseAddr(*dst)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "pending: -dst:", err)
+		return 2
+	}
+	family := unix.AF_INET
+	if addr.Is6() {
+		family = unix.AF_INET6
+	}
+	// One descriptor per socket: raise the limit (root may).
+	lim := unix.Rlimit{Cur: uint64(*n) + 64, Max: uint64(*n) + 64}
+	var cur unix.Rlimit
+	if unix.Getrlimit(unix.RLIMIT_NOFILE, &cur) == nil && cur.Cur < lim.Cur {
+		if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+			fmt.Fprintln(os.Stderr, "pending: raise RLIMIT_NOFILE:", err)
+			return 1
+		}
+	}
+	fds := make([]int, 0, *n)
+	errs := 0
+	for i := range *n {
+		fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			errs++
+			continue
+		}
+		fds = append(fds, fd)
+		sa := sockaddr(netip.AddrPortFrom(addr, uint16(*dstPortBase+i%*dstPorts)), family)
+		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+			errs++
+		}
+	}
+	fmt.Printf("READY %d %d\n", len(fds)-errs, errs)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+	}
+	for _, fd := range fds {
+		unix.Close(fd)
+	}
+	return 0
+}
