@@ -10,7 +10,9 @@ package standin
 
 import (
 	"bufio"
+	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -108,9 +110,9 @@ type Proxy struct {
 	// decides like egressd's generated listener, with the same policy
 	// parser and xds.Policy.Verdict: a source that is no workload's is
 	// closed; an enforce-mode workload's connection is forwarded only if
-	// its destination, or the Host of its plaintext HTTP request, is
-	// allowed; a denied HTTP request gets 403, anything else denied is
-	// closed. (TLS SNI is not inspected here; Envoy does.)
+	// its destination, the server name of its TLS ClientHello or the Host
+	// of its plaintext HTTP request is allowed; a denied HTTP request gets
+	// 403, anything else denied is closed.
 	Workloads string
 	Log       io.Writer
 
@@ -244,9 +246,9 @@ func (p *Proxy) enforce(c *net.TCPConn, dst netip.AddrPort, r *Record) ([]byte, 
 	allowed, reason := pol.Verdict(dst, "", "")
 	var early []byte
 	if !allowed && hasHostRules(pol) {
-		var host string
-		early, host = sniffHTTPHost(c)
-		allowed, reason = pol.Verdict(dst, "", host)
+		var sni, host string
+		early, sni, host = sniff(c)
+		allowed, reason = pol.Verdict(dst, sni, host)
 		if !allowed && host != "" {
 			fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
 			r.Result, r.Err = "denied-403", reason
@@ -292,13 +294,60 @@ func hasHostRules(p xds.Policy) bool {
 	return false
 }
 
-// sniffHTTPHost reads a plaintext HTTP/1 request head (up to 4 KiB, 2 s)
-// and returns what it read and the Host without its port ("" when it is
-// not HTTP), as Envoy's http_inspector and HCM would see it.
-func sniffHTTPHost(c *net.TCPConn) ([]byte, string) {
+// sniff reads the start of the client's stream (2 s at most) as Envoy's
+// listener filters do: a TLS ClientHello gives its server name
+// (tls_inspector), a plaintext HTTP/1 request head its Host (http_inspector,
+// then the HTTP connection manager). It returns what it read, to forward
+// first.
+func sniff(c *net.TCPConn) (early []byte, sni, host string) {
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	defer c.SetReadDeadline(time.Time{})
-	var buf []byte
+	first := make([]byte, 1)
+	if n, _ := c.Read(first); n == 0 {
+		return nil, "", ""
+	}
+	if first[0] == 0x16 { // TLS handshake record
+		early, sni = sniffSNI(c, first)
+		return early, sni, ""
+	}
+	early, host = sniffHTTPHost(c, first)
+	return early, "", host
+}
+
+// errSniffed stops a TLS handshake once the ClientHello is read.
+var errSniffed = errors.New("ClientHello read")
+
+// sniffSNI parses the ClientHello that starts with first with crypto/tls,
+// stopping the handshake as soon as it is parsed. It returns every byte it
+// read and the server name ("" if none).
+func sniffSNI(c *net.TCPConn, first []byte) ([]byte, string) {
+	var read bytes.Buffer
+	read.Write(first)
+	var sni string
+	conn := &sniffConn{Conn: c, r: io.MultiReader(bytes.NewReader(first), io.TeeReader(c, &read))}
+	tls.Server(conn, &tls.Config{GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+		sni = h.ServerName
+		return nil, errSniffed
+	}}).Handshake()
+	return read.Bytes(), sni
+}
+
+// sniffConn reads from r and swallows writes: the client never sees the
+// alert of the abandoned handshake.
+type sniffConn struct {
+	net.Conn
+	r io.Reader
+}
+
+func (c *sniffConn) Read(p []byte) (int, error)  { return c.r.Read(p) }
+func (c *sniffConn) Write(p []byte) (int, error) { return len(p), nil }
+
+// sniffHTTPHost reads a plaintext HTTP/1 request head (up to 4 KiB) that
+// starts with first and returns what it read and the Host without its
+// port ("" when it is not HTTP), as Envoy's http_inspector and HCM would
+// see it.
+func sniffHTTPHost(c *net.TCPConn, first []byte) ([]byte, string) {
+	buf := append([]byte{}, first...)
 	tmp := make([]byte, 4096)
 	for len(buf) < 4096 && !strings.Contains(string(buf), "\r\n\r\n") {
 		n, err := c.Read(tmp[:4096-len(buf)])

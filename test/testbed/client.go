@@ -2,9 +2,12 @@ package testbed
 
 import (
 	"bufio"
+	"crypto/tls"
+	"encoding/binary"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -43,7 +46,7 @@ func Dial(t interface {
 
 func clientMain(args []string) int {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
-	send := fs.String("send", "", "line to send after connecting")
+	send := fs.String("send", "", `line to send after connecting; "tls-client-hello:NAME" sends a TLS ClientHello for server name NAME instead`)
 	timeout := fs.Duration("timeout", 3*time.Second, "per-connection timeout")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -207,7 +210,14 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(timeout))
-	if send != "" {
+	if name, ok := strings.CutPrefix(send, "tls-client-hello:"); ok {
+		hello, err := ClientHello(name)
+		if err != nil {
+			r.Err = err.Error()
+			return r
+		}
+		c.Write(hello)
+	} else if send != "" {
 		fmt.Fprintln(c, send)
 	}
 	line, err := bufio.NewReader(c).ReadString('\n')
@@ -216,6 +226,32 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 		r.Err = "read: " + err.Error()
 	}
 	return r
+}
+
+// ClientHello returns the first flight of a Go TLS client for server name
+// sni: one record holding the ClientHello, as a browser's would open a
+// connection. (Its handshake is abandoned once the record is captured.)
+func ClientHello(sni string) ([]byte, error) {
+	a, b := net.Pipe()
+	defer b.Close()
+	go func() {
+		defer a.Close()
+		tls.Client(a, &tls.Config{ServerName: sni, InsecureSkipVerify: true}).Handshake()
+	}()
+	b.SetReadDeadline(time.Now().Add(5 * time.Second))
+	buf := make([]byte, 1<<16)
+	n, err := io.ReadAtLeast(b, buf, 5)
+	if err != nil {
+		return nil, fmt.Errorf("capture ClientHello: %w", err)
+	}
+	if want := 5 + int(binary.BigEndian.Uint16(buf[3:5])); buf[0] == 0x16 && n < want {
+		m, err := io.ReadFull(b, buf[n:want])
+		if err != nil {
+			return nil, fmt.Errorf("capture ClientHello: %w", err)
+		}
+		n += m
+	}
+	return buf[:n], nil
 }
 
 // echoRequest is an ICMP (or ICMPv6) echo request carrying "egressd"; a
