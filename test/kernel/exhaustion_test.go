@@ -240,17 +240,7 @@ func TestPrivilegedInFlightEntryEvicted(t *testing.T) {
 			t.Fatalf("%d redirected connects in %d rounds left %d of the %d live entries", started, round-1, origDstsTo(t, m, victim), k)
 		}
 		cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "pending", "-n", strconv.Itoa(8*capacity), "-dst", ext4.String())
-		stdin, err := cmd.StdinPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		stdin, stdout := testbed.StartPiped(t, cmd)
 		line, _ := bufio.NewReader(stdout).ReadString('\n')
 		left := origDstsTo(t, m, victim)
 		stdin.Close()

@@ -20,17 +20,7 @@ func TestPrivilegedRestartKeepsConnections(t *testing.T) {
 	f.selectPod(t, pod, 7, datapath.FailClosed)
 
 	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "hold", "tcp4:"+hostport(ext4, serverPort))
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	stdin, stdout := testbed.StartPiped(t, cmd)
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
 	lines := bufio.NewScanner(stdout)
 	next := func() string {

@@ -182,3 +182,21 @@ func (d *Daemon) Stop() {
 		}
 	})
 }
+
+// StartPiped starts cmd with pipes to its stdin and from its stdout: for
+// roles that report on stdout and wait on stdin (hold, pending).
+func StartPiped(t testing.TB, cmd *exec.Cmd) (io.WriteCloser, io.Reader) {
+	t.Helper()
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", cmd.Path, err)
+	}
+	return stdin, stdout
+}
