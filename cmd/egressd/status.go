@@ -18,17 +18,18 @@ import (
 
 // statusReport is what `egressd status` shows; --format json prints it.
 type statusReport struct {
-	PinPath       string              `json:"pin_path"`
-	Programs      []programStatus     `json:"programs"`
-	Proxy         datapath.ProxyState `json:"proxy"`
-	Workloads     []workloadStatus    `json:"workloads"`
-	Exclusions    []netip.Prefix      `json:"exclusions"`
-	ExcludedPorts []uint16            `json:"excluded_ports"`
-	Resolvers     []netip.AddrPort    `json:"dns_resolvers"`
-	Counters      map[string]uint64   `json:"counters"`
-	InFlight      map[string]int      `json:"in_flight"`
-	Agent         *agent.State        `json:"agent,omitempty"`
-	AgentNote     string              `json:"agent_note"`
+	PinPath          string              `json:"pin_path"`
+	Programs         []programStatus     `json:"programs"`
+	Proxy            datapath.ProxyState `json:"proxy"`
+	Workloads        []workloadStatus    `json:"workloads"`
+	Exclusions       []netip.Prefix      `json:"exclusions"`
+	ExcludedPorts    []uint16            `json:"excluded_ports"`
+	Resolvers        []netip.AddrPort    `json:"dns_resolvers"`
+	Counters         map[string]uint64   `json:"counters"`
+	InFlight         map[string]int      `json:"in_flight"`          // entries, by map
+	InFlightCapacity int                 `json:"in_flight_capacity"` // of each in-flight map
+	Agent            *agent.State        `json:"agent,omitempty"`
+	AgentNote        string              `json:"agent_note"`
 }
 
 type programStatus struct {
@@ -119,7 +120,7 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 		return nil, err
 	}
 	rep.InFlight["orig_dsts"], rep.InFlight["pending_tuples"] = o, p
-	rep.InFlight["capacity"] = dp.InFlightCapacity()
+	rep.InFlightCapacity = dp.InFlightCapacity()
 
 	if st, err := agent.ReadState(stateFile); err == nil {
 		rep.Agent = &st
@@ -201,7 +202,7 @@ func printStatus(w io.Writer, r *statusReport) {
 			fmt.Fprintf(w, "last NACK %s: %s rejected %s, kept %s: %s\n", x.LastNACK.Time.Format(time.RFC3339), x.LastNACK.TypeURL, x.LastNACK.Rejected, x.LastNACK.Kept, x.LastNACK.Message)
 		}
 	}
-	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlight["capacity"])
+	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlightCapacity)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, n := range datapath.CounterNames {
 		fmt.Fprintf(tw, "  %s\t%d\n", n, r.Counters[n])

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/egressd/egressd/agent/datapath"
 	"github.com/egressd/egressd/test/harness"
 	"github.com/egressd/egressd/test/standin"
 	"github.com/egressd/egressd/test/testbed"
@@ -29,8 +30,9 @@ type status struct {
 		FailMode   string `json:"fail_mode"`
 		Redirected uint64 `json:"redirected"`
 	} `json:"workloads"`
-	AgentNote  string   `json:"agent_note"`
-	Exclusions []string `json:"exclusions"`
+	AgentNote        string   `json:"agent_note"`
+	Exclusions       []string `json:"exclusions"`
+	InFlightCapacity int      `json:"in_flight_capacity"`
 }
 
 func readStatus(t *testing.T, e *harness.Env) status {
@@ -111,6 +113,9 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 	}
 	if !strings.Contains(st.AgentNote, "agent running") {
 		t.Errorf("status note %q", st.AgentNote)
+	}
+	if st.InFlightCapacity != datapath.DefaultInFlightEntries {
+		t.Errorf("status in-flight capacity %d, want %d", st.InFlightCapacity, datapath.DefaultInFlightEntries)
 	}
 	id := st.Workloads[0].ID
 

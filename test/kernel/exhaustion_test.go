@@ -190,7 +190,6 @@ func TestPrivilegedInFlightEntryEvicted(t *testing.T) {
 			pod.Netns.IP(t, "neigh", "del", gw, "dev", "eth0")
 		}
 	}
-	defer restore()
 
 	before := f.counters(t)
 	const k = 8
