@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# egressd's image: one static binary on a minimal base. `make image` builds
+# sluice's image: one static binary on a minimal base. `make image` builds
 # it. The build stage runs the same make targets CI runs (.ci/run):
 # deps-generate and generate recompile bpf/*.c with clang-14 into the
 # bpf2go objects, and build links the binary with CGO_ENABLED=0.
@@ -16,5 +16,5 @@ RUN make deps-generate generate build VERSION=${VERSION}
 # distroless publishes no version tags: pin a digest in your pipeline
 # (docker buildx imagetools inspect gcr.io/distroless/static-debian12).
 FROM gcr.io/distroless/static-debian12
-COPY --from=build /src/bin/egressd /egressd
-ENTRYPOINT ["/egressd"]
+COPY --from=build /src/bin/sluice /sluice
+ENTRYPOINT ["/sluice"]

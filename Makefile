@@ -1,4 +1,4 @@
-# egressd — run `make help` for the targets.
+# sluice — run `make help` for the targets.
 SHELL := /bin/bash
 GO ?= go
 BIN := bin
@@ -17,7 +17,7 @@ help:
 ## build: build the binaries into bin/
 .PHONY: build
 build:
-	$(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/ ./cmd/egressd
+	$(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/ ./cmd/sluice
 	$(GO) build -o $(BIN)/ ./test/cmd/standin-proxy
 
 ## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter)
@@ -53,7 +53,7 @@ deps-k8s:
 ## test: run every test, then fuzz each parser of outside input briefly; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
 .PHONY: test
 test: deps-test
-	apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
+	apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) --no-print-directory fuzz
 
 # The fuzz targets: every parser of input from outside the agent.
@@ -65,7 +65,7 @@ FUZZTIME ?= 8s
 fuzz:
 	@GO=$(GO) test/fuzz.sh $(FUZZTIME) $(FUZZ_TARGETS)
 
-## test-kernels: the privileged datapath tests inside Debian kernels 5.10, 6.1 and 6.12 under qemu (root; EGRESSD_KERNELS to choose)
+## test-kernels: the privileged datapath tests inside Debian kernels 5.10, 6.1 and 6.12 under qemu (root; SLUICE_KERNELS to choose)
 .PHONY: test-kernels
 test-kernels: deps-test
 	test/kernels/run.sh
@@ -80,7 +80,7 @@ test-unit:
 bench: deps-test
 	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; }
 	rm -rf bench/out && mkdir -p bench/out
-	set -o pipefail; apiserver=$$(test/k8s/build.sh) && EGRESSD_KUBE_APISERVER=$$apiserver EGRESSD_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
+	set -o pipefail; apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver SLUICE_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
 	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/controlplane.md; echo; \
 	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
@@ -93,7 +93,7 @@ bench: deps-test
 	@echo "report: bench/out/report.md, bench/out/report.json"
 
 ## image: build the container image $(IMAGE) (needs a Docker engine; the Dockerfile runs the same make targets as CI)
-IMAGE ?= localhost/egressd:dev
+IMAGE ?= localhost/sluice:dev
 .PHONY: image
 image:
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
@@ -101,7 +101,7 @@ image:
 ## demo: throwaway node/pod testbed on this kernel showing redirection end to end (root)
 .PHONY: demo
 demo: deps-test
-	set -o pipefail; EGRESSD_DEMO=1 $(GO) test -count=1 -run TestDemo -v ./test/demo/ 2>&1 | grep -v -E '^(=== RUN|--- PASS|PASS|ok )'
+	set -o pipefail; SLUICE_DEMO=1 $(GO) test -count=1 -run TestDemo -v ./test/demo/ 2>&1 | grep -v -E '^(=== RUN|--- PASS|PASS|ok )'
 
 ## clean: remove build output
 .PHONY: clean

@@ -1,4 +1,4 @@
-module github.com/egressd/egressd
+module github.com/sluice-io/sluice
 
 go 1.26.0
 

@@ -17,10 +17,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/kubernetes/scheme"
@@ -28,7 +28,7 @@ import (
 	"k8s.io/client-go/tools/record"
 )
 
-// Config is everything `egressd agent` is told.
+// Config is everything `sluice agent` is told.
 type Config struct {
 	// AttachCgroup is where the programs attach: the cgroup v2 root on a
 	// node (every pod is below it).
@@ -76,7 +76,7 @@ type Config struct {
 	CgroupLayout PodCgroupLayout
 	// MetricsAddr serves /metrics, /healthz and /readyz; empty: off.
 	MetricsAddr string
-	// StateFile is where `egressd status` finds workload names and the
+	// StateFile is where `sluice status` finds workload names and the
 	// control plane's state while the agent runs and after it stopped.
 	StateFile string
 	Logger    *slog.Logger
@@ -108,7 +108,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	defer dp.Close()
 	if want := cmp.Or(cfg.InFlightMapSize, datapath.DefaultInFlightEntries); dp.InFlightCapacity() != want {
-		log.Warn("the pinned datapath keeps its in-flight map size; the new size applies after 'egressd uninstall' (open connections would lose their original destinations)",
+		log.Warn("the pinned datapath keeps its in-flight map size; the new size applies after 'sluice uninstall' (open connections would lose their original destinations)",
 			"in_effect", dp.InFlightCapacity(), "asked", want)
 	}
 	ifname, err := datapath.ProxyAddrs{}.Ensure(cfg.Proxy.Addrs()...)
@@ -158,7 +158,7 @@ func Run(ctx context.Context, cfg Config) error {
 		kube = &KubeSource{
 			Client: cfg.KubeClient, NodeName: cfg.NodeName, Selector: cfg.Selector, Layout: cfg.CgroupLayout,
 			HostNetworkIPs: cfg.Proxy.Addrs(), Logger: log,
-			Recorder: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "egressd", Host: cfg.NodeName}),
+			Recorder: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluice", Host: cfg.NodeName}),
 		}
 		events.next = kube
 	}
@@ -367,7 +367,7 @@ func b2f(b bool) float64 {
 	return 0
 }
 
-// State is what the agent leaves for `egressd status`: names of the
+// State is what the agent leaves for `sluice status`: names of the
 // workloads behind the pinned counter ids, and the control plane's state.
 type State struct {
 	Updated   time.Time         `json:"updated"`

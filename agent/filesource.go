@@ -26,9 +26,9 @@ const MaxWorkloadFileBytes = 4 << 20
 //	    cgroup: system.slice/web.service   # relative to the cgroup v2 mount, or absolute under it
 //	    ips: [10.0.0.5, "fd00::5"]    # source addresses its connections have
 //	    labels:
-//	      egressd.io/mode: enforce
+//	      sluice.io/mode: enforce
 //	    annotations:
-//	      egressd.io/allow: "api.github.com:443, 203.0.113.0/24"
+//	      sluice.io/allow: "api.github.com:443, 203.0.113.0/24"
 type WorkloadFile struct {
 	Workloads []FileWorkload `json:"workloads"`
 }

@@ -18,9 +18,9 @@ workloads:
     cgroup: system.slice/web.service
     ips: [10.0.0.5, "fd00::5", "::ffff:10.0.0.6"]
     labels:
-      egressd.io/mode: enforce
+      sluice.io/mode: enforce
     annotations:
-      egressd.io/allow: "api.github.com:443"
+      sluice.io/allow: "api.github.com:443"
   - name: batch
     cgroup: /sys/fs/cgroup/system.slice/batch.service
 `
@@ -35,7 +35,7 @@ func TestParseWorkloadFile(t *testing.T) {
 	}
 	w := ws[0]
 	if w.Key() != "shop/web" || w.CgroupPath != "/sys/fs/cgroup/system.slice/web.service" ||
-		w.Labels["egressd.io/mode"] != "enforce" || w.Annotations["egressd.io/allow"] != "api.github.com:443" {
+		w.Labels["sluice.io/mode"] != "enforce" || w.Annotations["sluice.io/allow"] != "api.github.com:443" {
 		t.Fatalf("workload %+v", w)
 	}
 	want := []netip.Addr{netip.MustParseAddr("10.0.0.5"), netip.MustParseAddr("fd00::5"), netip.MustParseAddr("10.0.0.6")}

@@ -22,7 +22,7 @@ import (
 )
 
 // DefaultSelector selects pods that opted in.
-const DefaultSelector = "egressd.io/redirect=true"
+const DefaultSelector = "sluice.io/redirect=true"
 
 // cgroupRetriesBeforeEvent: the kubelet creates a pod's cgroup shortly
 // after the pod is bound; only a cgroup still missing after this many
@@ -84,7 +84,7 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	}
 	s.queue = workqueue.NewTypedRateLimitingQueueWithConfig(
 		workqueue.NewTypedItemExponentialFailureRateLimiter[string](base, 30*time.Second),
-		workqueue.TypedRateLimitingQueueConfig[string]{Name: "egressd-pods"})
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "sluice-pods"})
 	defer s.queue.ShutDown()
 
 	reg, err := inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
@@ -162,7 +162,7 @@ func (s *KubeSource) process(r *Reconciler, key string) {
 	}
 	n := s.queue.NumRequeues(key)
 	if n == cgroupRetriesBeforeEvent {
-		s.event(key, corev1.EventTypeWarning, "CgroupNotFound", fmt.Sprintf("egressd cannot select this pod yet: %v; retrying", err))
+		s.event(key, corev1.EventTypeWarning, "CgroupNotFound", fmt.Sprintf("sluice cannot select this pod yet: %v; retrying", err))
 	}
 	s.Logger.Info("pod not applied, retrying", "pod", key, "attempt", n+1, "error", err)
 	s.queue.AddRateLimited(key)

@@ -11,8 +11,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -69,7 +69,7 @@ func (l *lockedDatapath) has(cg uint64) bool {
 }
 
 func testPod(name, uid string, qos corev1.PodQOSClass, ip string, labels, annotations map[string]string) *corev1.Pod {
-	l := map[string]string{"egressd.io/redirect": "true"}
+	l := map[string]string{"sluice.io/redirect": "true"}
 	for k, v := range labels {
 		l[k] = v
 	}
@@ -103,7 +103,7 @@ func TestKubeSource(t *testing.T) {
 		path("uid-host", QoSBestEffort): 103,
 	}}
 	web := testPod("web", "uid-web", corev1.PodQOSBurstable, "10.244.1.5",
-		map[string]string{"egressd.io/mode": "enforce"}, map[string]string{"egressd.io/allow": "ok.example.com, bad_host"})
+		map[string]string{"sluice.io/mode": "enforce"}, map[string]string{"sluice.io/allow": "ok.example.com, bad_host"})
 	late := testPod("late", "uid-late", corev1.PodQOSGuaranteed, "10.244.1.6", nil, nil)
 	host := testPod("host", "uid-host", corev1.PodQOSBestEffort, "", nil, nil)
 	host.Spec.HostNetwork = true

@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes/fake"
@@ -31,18 +31,18 @@ func TestKubeSourceMalformedPods(t *testing.T) {
 	for i := range 3000 {
 		many = append(many, fmt.Sprintf("h%d.io", i))
 	}
-	enforce := map[string]string{"egressd.io/mode": "enforce"}
+	enforce := map[string]string{"sluice.io/mode": "enforce"}
 	pods := map[string]struct {
 		labels, annotations map[string]string
 		ip                  string
 		event               string // substring of the Warning Event
 	}{
-		"no-ips":       {enforce, map[string]string{"egressd.io/allow": "api.example.com"}, "", "no IP address"},
-		"huge":         {enforce, map[string]string{"egressd.io/allow": strings.Repeat("a.example.com,", 20000)}, "10.244.1.2", "more than 65536"},
-		"invalid-utf8": {enforce, map[string]string{"egressd.io/allow": "api.example.com,\xff\xfe.example.com"}, "10.244.1.3", "non-ASCII hostname"},
-		"thousands":    {enforce, map[string]string{"egressd.io/allow": strings.Join(many, ",")}, "10.244.1.4", "more than 1024 entries"},
-		"bad-mode":     {map[string]string{"egressd.io/mode": "permissive"}, map[string]string{"egressd.io/allow": "0.0.0.0/0"}, "10.244.1.5", "want audit or enforce"},
-		"bad-fail":     {map[string]string{"egressd.io/mode": "enforce", "egressd.io/fail-mode": "opne"}, nil, "10.244.1.6", "want open or closed"},
+		"no-ips":       {enforce, map[string]string{"sluice.io/allow": "api.example.com"}, "", "no IP address"},
+		"huge":         {enforce, map[string]string{"sluice.io/allow": strings.Repeat("a.example.com,", 20000)}, "10.244.1.2", "more than 65536"},
+		"invalid-utf8": {enforce, map[string]string{"sluice.io/allow": "api.example.com,\xff\xfe.example.com"}, "10.244.1.3", "non-ASCII hostname"},
+		"thousands":    {enforce, map[string]string{"sluice.io/allow": strings.Join(many, ",")}, "10.244.1.4", "more than 1024 entries"},
+		"bad-mode":     {map[string]string{"sluice.io/mode": "permissive"}, map[string]string{"sluice.io/allow": "0.0.0.0/0"}, "10.244.1.5", "want audit or enforce"},
+		"bad-fail":     {map[string]string{"sluice.io/mode": "enforce", "sluice.io/fail-mode": "opne"}, nil, "10.244.1.6", "want open or closed"},
 	}
 	var objs []*corev1.Pod
 	id := uint64(100)

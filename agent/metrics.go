@@ -3,9 +3,9 @@ package agent
 import (
 	"strings"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 )
 
 // BPFStats is what the collector reads from the datapath at scrape time
@@ -33,23 +33,23 @@ type Metrics struct {
 func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server) *Metrics {
 	m := &Metrics{
 		Reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "egressd_reconcile_duration_seconds", Help: "Time to program one workload change into the datapath.",
+			Name: "sluice_reconcile_duration_seconds", Help: "Time to program one workload change into the datapath.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 8),
 		}),
 		CgroupFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "egressd_cgroup_resolution_failures_total", Help: "Workload changes that failed because the workload's cgroup could not be found.",
+			Name: "sluice_cgroup_resolution_failures_total", Help: "Workload changes that failed because the workload's cgroup could not be found.",
 		}),
 		PolicyErrors: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "egressd_policy_errors_total", Help: "Workload policies (labels/annotation) that did not parse; the workload got its safest policy.",
+			Name: "sluice_policy_errors_total", Help: "Workload policies (labels/annotation) that did not parse; the workload got its safest policy.",
 		}),
 		SourceErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "egressd_source_errors_total", Help: "Workload source errors (a workloads file that does not parse, a watch that failed).",
+			Name: "sluice_source_errors_total", Help: "Workload source errors (a workloads file that does not parse, a watch that failed).",
 		}, []string{"source"}),
 		ProxyReady: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "egressd_proxy_ready", Help: "1 when Envoy answers /ready with LIVE and the datapath redirects; 0 while fail-open workloads go direct and fail-closed ones are refused.",
+			Name: "sluice_proxy_ready", Help: "1 when Envoy answers /ready with LIVE and the datapath redirects; 0 while fail-open workloads go direct and fail-closed ones are refused.",
 		}),
 		ProxyTransitions: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "egressd_proxy_ready_transitions_total", Help: "Changes of the proxy-ready flag.",
+			Name: "sluice_proxy_ready_transitions_total", Help: "Changes of the proxy-ready flag.",
 		}),
 	}
 	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions)
@@ -58,26 +58,26 @@ func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.S
 }
 
 var (
-	descEvents = prometheus.NewDesc("egressd_datapath_events_total",
+	descEvents = prometheus.NewDesc("sluice_datapath_events_total",
 		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), lease_expired (readiness lease ran out), dns_allowed, denied_non_tcp (enforce mode), orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
 		[]string{"event"}, nil)
-	descWorkloadConns = prometheus.NewDesc("egressd_workload_connections_total",
+	descWorkloadConns = prometheus.NewDesc("sluice_workload_connections_total",
 		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), or non-TCP sockets refused in enforce mode (denied_non_tcp).",
 		[]string{"namespace", "pod", "outcome"}, nil)
-	descInFlight = prometheus.NewDesc("egressd_datapath_inflight_entries",
+	descInFlight = prometheus.NewDesc("sluice_datapath_inflight_entries",
 		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
 		[]string{"map"}, nil)
-	descInFlightCap = prometheus.NewDesc("egressd_datapath_inflight_capacity",
-		"Capacity of each in-flight map (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with egressd_datapath_inflight_entries.",
+	descInFlightCap = prometheus.NewDesc("sluice_datapath_inflight_capacity",
+		"Capacity of each in-flight map (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with sluice_datapath_inflight_entries.",
 		nil, nil)
-	descSelected    = prometheus.NewDesc("egressd_selected_workloads", "Workloads selected on this node.", nil, nil)
-	descScrapeErr   = prometheus.NewDesc("egressd_datapath_read_errors", "1 if the last scrape could not read the datapath.", nil, nil)
-	descXDSVersions = prometheus.NewDesc("egressd_xds_versions_total", "Configurations published to Envoy.", nil, nil)
-	descXDSPushes   = prometheus.NewDesc("egressd_xds_pushes_total", "xDS responses sent to Envoy.", nil, nil)
-	descXDSAcks     = prometheus.NewDesc("egressd_xds_acks_total", "Configurations Envoy accepted.", nil, nil)
-	descXDSNacks    = prometheus.NewDesc("egressd_xds_nacks_total", "Configurations Envoy rejected (it keeps the last good one).", nil, nil)
-	descXDSStreams  = prometheus.NewDesc("egressd_xds_connected_proxies", "Envoys connected over ADS.", nil, nil)
-	descXDSVersion  = prometheus.NewDesc("egressd_xds_version_info", "The configuration version being served (label), value 1.", []string{"version"}, nil)
+	descSelected    = prometheus.NewDesc("sluice_selected_workloads", "Workloads selected on this node.", nil, nil)
+	descScrapeErr   = prometheus.NewDesc("sluice_datapath_read_errors", "1 if the last scrape could not read the datapath.", nil, nil)
+	descXDSVersions = prometheus.NewDesc("sluice_xds_versions_total", "Configurations published to Envoy.", nil, nil)
+	descXDSPushes   = prometheus.NewDesc("sluice_xds_pushes_total", "xDS responses sent to Envoy.", nil, nil)
+	descXDSAcks     = prometheus.NewDesc("sluice_xds_acks_total", "Configurations Envoy accepted.", nil, nil)
+	descXDSNacks    = prometheus.NewDesc("sluice_xds_nacks_total", "Configurations Envoy rejected (it keeps the last good one).", nil, nil)
+	descXDSStreams  = prometheus.NewDesc("sluice_xds_connected_proxies", "Envoys connected over ADS.", nil, nil)
+	descXDSVersion  = prometheus.NewDesc("sluice_xds_version_info", "The configuration version being served (label), value 1.", []string{"version"}, nil)
 )
 
 type collector struct {

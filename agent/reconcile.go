@@ -10,8 +10,8 @@ import (
 	"sync"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 )
 
 // Datapath is what the reconciler needs of the pinned datapath

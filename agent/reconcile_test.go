@@ -9,8 +9,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 )
 
 // fakeDatapath records what the reconciler programs.

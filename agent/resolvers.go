@@ -8,7 +8,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/sluice-io/sluice/agent/datapath"
 )
 
 // ResolvConf is the --dns-resolvers value meaning "the nameservers of

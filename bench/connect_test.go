@@ -15,9 +15,9 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
 	"golang.org/x/sys/unix"
 )
 
@@ -72,7 +72,7 @@ type connectRow struct {
 // it (nftables, direct-with-conntrack), four times each per scale, 500
 // connections per variant per round, every variant rotated within a round.
 func TestPrivilegedBenchConnect(t *testing.T) {
-	outDir := os.Getenv("EGRESSD_BENCH_OUT")
+	outDir := os.Getenv("SLUICE_BENCH_OUT")
 	if outDir == "" {
 		t.Skip("benchmark: run with `make bench`")
 	}
@@ -147,7 +147,7 @@ func setupBench(t *testing.T, proxyMode string) *benchEnv {
 	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
 		t.Fatal(err)
 	}
-	cfg := datapath.Config{CgroupPath: tb.Root.Path, PinPath: filepath.Join(datapath.DefaultBPFFS, "egressd-bench-"+tb.ID)}
+	cfg := datapath.Config{CgroupPath: tb.Root.Path, PinPath: filepath.Join(datapath.DefaultBPFFS, "sluice-bench-"+tb.ID)}
 	dp, err := datapath.Open(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -170,7 +170,7 @@ func setupBench(t *testing.T, proxyMode string) *benchEnv {
 // after connect() the redirected socket is an ordinary socket to the proxy,
 // so the ratio should be 1 within noise.
 func TestPrivilegedBenchBulk(t *testing.T) {
-	outDir := os.Getenv("EGRESSD_BENCH_OUT")
+	outDir := os.Getenv("SLUICE_BENCH_OUT")
 	if outDir == "" {
 		t.Skip("benchmark: run with `make bench`")
 	}

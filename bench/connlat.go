@@ -1,4 +1,4 @@
-// Package bench measures what egressd's redirect costs, side by side in one
+// Package bench measures what sluice's redirect costs, side by side in one
 // run, and reports ratios. It runs under `make bench` (root), never as part of
 // `make test`.
 package bench

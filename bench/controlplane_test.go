@@ -11,10 +11,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/kube"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/kube"
+	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -30,7 +30,7 @@ const (
 // in (and leaving) the pinned datapath map, over 100 changes, and the
 // agent's resident memory with 250 selected pods.
 func TestPrivilegedBenchControlPlane(t *testing.T) {
-	outDir := os.Getenv("EGRESSD_BENCH_OUT")
+	outDir := os.Getenv("SLUICE_BENCH_OUT")
 	if outDir == "" {
 		t.Skip("benchmark: run with `make bench`")
 	}
@@ -67,7 +67,7 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	start := time.Now()
 	for i := range benchPods {
 		makePod(fmt.Sprintf("pod-%03d", i), i, map[string]string{
-			"egressd.io/redirect": "true", "egressd.io/mode": "enforce",
+			"sluice.io/redirect": "true", "sluice.io/mode": "enforce",
 		})
 	}
 	harness.WaitFor(t, fmt.Sprintf("%d pods selected", benchPods), 120*time.Second, func() bool { return selected() == benchPods })
@@ -92,9 +92,9 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	// from the request's start and from the API server's answer (the
 	// change committed; what remains is watch delivery and the agent).
 	change := func(on bool) (fromRequest, fromCommit time.Duration) {
-		patch := `{"metadata":{"labels":{"egressd.io/redirect":null}}}`
+		patch := `{"metadata":{"labels":{"sluice.io/redirect":null}}}`
 		if on {
-			patch = `{"metadata":{"labels":{"egressd.io/redirect":"true"}}}`
+			patch = `{"metadata":{"labels":{"sluice.io/redirect":"true"}}}`
 		}
 		t0 := time.Now()
 		if _, err := c.CoreV1().Pods("default").Patch(ctx, probe, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/test/kube"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/kube"
+	"github.com/sluice-io/sluice/test/testbed"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -22,7 +22,7 @@ import (
 // Prometheus Operator's CRD; TestMonitoringRenders decodes it strictly.)
 func TestPrivilegedManifestsOnAPIServer(t *testing.T) {
 	testbed.RequirePrivileged(t)
-	ns := testbed.NewNetns(t, "egressd-mf-"+testbed.RandomID())
+	ns := testbed.NewNetns(t, "sluice-mf-"+testbed.RandomID())
 	cluster := kube.Start(t, ns)
 	ctx := context.Background()
 	in := loadInstall(t)

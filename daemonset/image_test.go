@@ -72,15 +72,15 @@ func TestDockerfileMatchesCIAndManifests(t *testing.T) {
 		}
 	}
 
-	// The final stage puts the binary at the path every egressd container runs.
-	if !strings.Contains(df, "COPY --from=build /src/bin/egressd /egressd") || !strings.Contains(df, `ENTRYPOINT ["/egressd"]`) {
-		t.Error("the image does not ship /egressd")
+	// The final stage puts the binary at the path every sluice container runs.
+	if !strings.Contains(df, "COPY --from=build /src/bin/sluice /sluice") || !strings.Contains(df, `ENTRYPOINT ["/sluice"]`) {
+		t.Error("the image does not ship /sluice")
 	}
 	in := loadInstall(t)
 	spec := in.DaemonSet.Spec.Template.Spec
 	for _, c := range append(slices.Clone(spec.InitContainers), spec.Containers...) {
-		if c.Image == in.Agent.Image && (len(c.Command) == 0 || c.Command[0] != "/egressd") {
-			t.Errorf("container %s runs %v from the egressd image", c.Name, c.Command)
+		if c.Image == in.Agent.Image && (len(c.Command) == 0 || c.Command[0] != "/sluice") {
+			t.Errorf("container %s runs %v from the sluice image", c.Name, c.Command)
 		}
 	}
 	// `make image` tags what the kustomization deploys by default.

@@ -6,7 +6,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 )
 
@@ -39,7 +39,7 @@ func TestKindOverlayAndWorkloads(t *testing.T) {
 	want := map[string]xds.Mode{"audit": xds.Audit, "enforce": xds.Enforce}
 	for name, mode := range want {
 		p := pods[name]
-		if p == nil || p.Labels["egressd.io/redirect"] != "true" {
+		if p == nil || p.Labels["sluice.io/redirect"] != "true" {
 			t.Fatalf("pod %s missing or not selected", name)
 		}
 		pol, err := xds.ParsePolicy(p.Labels, p.Annotations)
@@ -50,7 +50,7 @@ func TestKindOverlayAndWorkloads(t *testing.T) {
 			t.Errorf("pod %s: the YAML anchor did not give it the client container", name)
 		}
 	}
-	if p := pods["plain"]; p == nil || p.Labels["egressd.io/redirect"] != "" {
+	if p := pods["plain"]; p == nil || p.Labels["sluice.io/redirect"] != "" {
 		t.Error("the plain pod is missing or selected")
 	}
 }

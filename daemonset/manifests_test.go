@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/sluice-io/sluice/agent/datapath"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -224,8 +224,8 @@ func TestDaemonSetWiring(t *testing.T) {
 	}
 	// Every container using the socket directory shares one volume.
 	for _, c := range []corev1.Container{in.Agent, in.Envoy, boot} {
-		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == "run" && m.MountPath == "/run/egressd" }) {
-			t.Errorf("container %s does not mount the shared /run/egressd", c.Name)
+		if !slices.ContainsFunc(c.VolumeMounts, func(m corev1.VolumeMount) bool { return m.Name == "run" && m.MountPath == "/run/sluice" }) {
+			t.Errorf("container %s does not mount the shared /run/sluice", c.Name)
 		}
 	}
 	// The pins live in the host's bpffs, seen from the agent.
@@ -315,13 +315,13 @@ func TestUninstallRenders(t *testing.T) {
 		t.Errorf("uninstall runs in %q, not %q", ds.Namespace, in.Namespace.Name)
 	}
 	init := ds.Spec.Template.Spec.InitContainers
-	if len(init) != 1 || !slices.Equal(init[0].Command[:2], []string{"/egressd", "uninstall"}) {
+	if len(init) != 1 || !slices.Equal(init[0].Command[:2], []string{"/sluice", "uninstall"}) {
 		t.Fatalf("uninstall init container runs %v", init)
 	}
 	if init[0].Image != in.Agent.Image {
 		t.Errorf("uninstall image %q differs from the agent's %q", init[0].Image, in.Agent.Image)
 	}
-	if !slices.Contains(init[0].Command, "--pin-path=/sys/fs/bpf/egressd") || !slices.Contains(in.Agent.Args, "--pin-path=/sys/fs/bpf/egressd") {
+	if !slices.Contains(init[0].Command, "--pin-path=/sys/fs/bpf/sluice") || !slices.Contains(in.Agent.Args, "--pin-path=/sys/fs/bpf/sluice") {
 		t.Error("uninstall does not remove the pins the agent makes")
 	}
 	if !ds.Spec.Template.Spec.HostNetwork {

@@ -1,4 +1,4 @@
-// Package daemonset holds egressd's Kubernetes manifests (the YAML files in
+// Package daemonset holds sluice's Kubernetes manifests (the YAML files in
 // this directory, installed with `kubectl apply -k daemonset/`) and renders
 // them exactly as kubectl does, with kustomize, for the tests that check
 // them against the Kubernetes types, the agent's flags and a real API server.
@@ -82,7 +82,7 @@ type Install struct {
 }
 
 // Load renders and decodes the main kustomization and checks it holds each
-// object egressd needs, once.
+// object sluice needs, once.
 func Load() (*Install, error) {
 	objs, err := Render(Dir())
 	if err != nil {
@@ -112,7 +112,7 @@ func Load() (*Install, error) {
 		}
 	}
 	if in.Namespace == nil || in.SA == nil || in.Account == nil || in.Binding == nil || in.Config == nil || in.DaemonSet == nil {
-		return nil, fmt.Errorf("the kustomization lacks an object egressd needs (has %d objects)", len(objs))
+		return nil, fmt.Errorf("the kustomization lacks an object sluice needs (has %d objects)", len(objs))
 	}
 	in.ConfigByKey = in.Config.Data
 	for _, c := range in.DaemonSet.Spec.Template.Spec.Containers {

@@ -16,14 +16,14 @@ import (
 )
 
 // XDSClusterName is the bootstrap's static cluster that reaches the agent.
-const XDSClusterName = "egressd_xds"
+const XDSClusterName = "sluice_xds"
 
 // Defaults of the Envoy bootstrap.
 var (
 	DefaultAdminAddress = netip.MustParseAddrPort("127.0.0.1:15000")
 )
 
-// BootstrapConfig is what `egressd bootstrap` needs to know.
+// BootstrapConfig is what `sluice bootstrap` needs to know.
 type BootstrapConfig struct {
 	// NodeID names this Envoy in the agent's logs (any value works: the
 	// agent serves every Envoy the node's configuration).
@@ -54,7 +54,7 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 		ConfigSourceSpecifier: &core.ConfigSource_Ads{Ads: &core.AggregatedConfigSource{}},
 	}
 	bs := &bootstrap.Bootstrap{
-		Node: &core.Node{Id: cfg.NodeID, Cluster: "egressd"},
+		Node: &core.Node{Id: cfg.NodeID, Cluster: "sluice"},
 		Admin: &bootstrap.Admin{
 			Address: socketAddress(cfg.AdminAddress.Addr(), uint32(cfg.AdminAddress.Port())),
 		},
@@ -108,7 +108,7 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 }
 
 // ValidateBootstrap checks a bootstrap like Validate checks resources, plus
-// egressd's own rules: admin on loopback, ADS through a static cluster that
+// sluice's own rules: admin on loopback, ADS through a static cluster that
 // exists.
 func ValidateBootstrap(bs *bootstrap.Bootstrap) error {
 	var errs []error

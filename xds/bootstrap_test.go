@@ -10,7 +10,7 @@ import (
 )
 
 func TestBootstrapGolden(t *testing.T) {
-	bs, err := Bootstrap(BootstrapConfig{NodeID: "node-a", SocketPath: "/run/egressd/xds.sock"})
+	bs, err := Bootstrap(BootstrapConfig{NodeID: "node-a", SocketPath: "/run/sluice/xds.sock"})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +54,7 @@ func TestBootstrapRejects(t *testing.T) {
 			bs.StaticResources.Clusters[0].Name = "renamed"
 			bs.StaticResources.Clusters[0].LoadAssignment.ClusterName = "renamed"
 			return ValidateBootstrap(bs)
-		}, want: `ADS names cluster "egressd_xds", which is not a static cluster`},
+		}, want: `ADS names cluster "sluice_xds", which is not a static cluster`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var err error

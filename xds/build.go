@@ -15,9 +15,9 @@ import (
 
 // Resource names that Envoy sees and operators grep for.
 const (
-	ListenerName           = "egressd"
-	OriginalDstClusterName = "egressd_original_dst"
-	DenyClusterName        = "egressd_deny"
+	ListenerName           = "sluice"
+	OriginalDstClusterName = "sluice_original_dst"
+	DenyClusterName        = "sluice_deny"
 )
 
 // Resources is one complete configuration for the node's Envoy.

@@ -20,7 +20,7 @@ var update = flag.Bool("update", false, "rewrite the golden files in testdata/go
 
 var testProxy = Proxy{
 	IPv4: netip.MustParseAddr("169.254.77.1"),
-	IPv6: netip.MustParseAddr("fd65:6772:6573:7364::1"),
+	IPv6: netip.MustParseAddr("fd73:6c75:6963:65::1"),
 	Port: 15001,
 }
 

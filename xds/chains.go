@@ -71,9 +71,9 @@ func (b *builder) denyChain(name string, g *group, reason string) *listener.Filt
 }
 
 func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason string) *listener.FilterChain {
-	prefix := "egressd." + statName(name)
+	prefix := "sluice." + statName(name)
 	if g != nil {
-		prefix = "egressd." + statName(g.key)
+		prefix = "sluice." + statName(g.key)
 	}
 	tp := &tcpproxy.TcpProxy{
 		StatPrefix:       prefix,
@@ -92,7 +92,7 @@ func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason strin
 // httpChain serves plaintext HTTP for one port of an enforce group (port 0:
 // ports no hostname entry names). Requests whose Host (port stripped) is
 // allowed go to the original destination; every other request gets a 403
-// that names egressd and the pod.
+// that names sluice and the pod.
 func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.FilterChain {
 	name := httpChainName(g, port)
 	var domains []string
@@ -114,7 +114,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 				Action: &route.Route_Route{Route: &route.RouteAction{
 					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: OriginalDstClusterName},
 					// No route timeout: long polls and streams are the
-					// application's business, as they are without egressd.
+					// application's business, as they are without sluice.
 					Timeout: durationpb.New(0),
 				}},
 			}},
@@ -134,7 +134,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 	})
 	m := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
-		StatPrefix: "egressd." + statName(g.key),
+		StatPrefix: "sluice." + statName(g.key),
 		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
 			Name:         name,
 			VirtualHosts: vhosts,
@@ -163,14 +163,14 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 func oneLine(s string) string { return strings.ReplaceAll(s, "\n", "; ") }
 
 func denyBody(g *group, port uint16) string {
-	what := "this host is not in its egressd.io/allow annotation"
+	what := "this host is not in its sluice.io/allow annotation"
 	if port != 0 {
-		what = fmt.Sprintf("this host is not allowed on port %d by its egressd.io/allow annotation", port)
+		what = fmt.Sprintf("this host is not allowed on port %d by its sluice.io/allow annotation", port)
 	}
 	if g.policyError != "" {
 		what = "its egress policy does not parse, so everything is denied: " + oneLine(sanitize(g.policyError, maxReasonBytes))
 	}
-	body := fmt.Sprintf("egressd: request denied by the egress policy of %s (mode enforce): %s\n", g.key, what)
+	body := fmt.Sprintf("sluice: request denied by the egress policy of %s (mode enforce): %s\n", g.key, what)
 	return sanitize(body, maxDirectResponseBody-4)
 }
 

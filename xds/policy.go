@@ -14,10 +14,10 @@ import (
 
 // Labels and annotations of the policy API.
 const (
-	LabelRedirect   = "egressd.io/redirect"
-	LabelMode       = "egressd.io/mode"
-	LabelFailMode   = "egressd.io/fail-mode"
-	AnnotationAllow = "egressd.io/allow"
+	LabelRedirect   = "sluice.io/redirect"
+	LabelMode       = "sluice.io/mode"
+	LabelFailMode   = "sluice.io/fail-mode"
+	AnnotationAllow = "sluice.io/allow"
 )
 
 // Limits on outside input.

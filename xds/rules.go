@@ -41,7 +41,7 @@ func typeURL(m proto.Message) string {
 	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
 }
 
-// The extensions per category that egressd generates or that a hand-made
+// The extensions per category that sluice generates or that a hand-made
 // configuration beside it plausibly uses. A type URL outside its category
 // is an error, as Envoy finds no factory for it there.
 var (
@@ -94,7 +94,7 @@ func checkExtension(path, category string, known map[string]extension, name stri
 	return ext, nil
 }
 
-// checkCluster: Envoy's rules for the cluster types egressd uses.
+// checkCluster: Envoy's rules for the cluster types sluice uses.
 func checkCluster(path string, c *cluster.Cluster) []error {
 	var errs []error
 	if c.GetType() == cluster.Cluster_ORIGINAL_DST && c.GetClusterType() == nil {
@@ -351,13 +351,13 @@ func checkAccessLogs(path string, logs []*accesslog.AccessLog) []error {
 	return errs
 }
 
-// checkHCM: routes inline (egressd serves no RDS), the router last, unique
+// checkHCM: routes inline (sluice serves no RDS), the router last, unique
 // virtual host names and domains, clusters that exist, direct responses
 // Envoy accepts.
 func checkHCM(path string, m *hcm.HttpConnectionManager, clusters map[string]bool) []error {
 	var errs []error
 	if m.GetRds() != nil || m.GetScopedRoutes() != nil {
-		errs = append(errs, fmt.Errorf("%s: routes must be inline: egressd serves no RDS", path))
+		errs = append(errs, fmt.Errorf("%s: routes must be inline: sluice serves no RDS", path))
 	}
 	hf := m.GetHttpFilters()
 	if len(hf) == 0 {

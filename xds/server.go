@@ -57,7 +57,7 @@ type NACK struct {
 }
 
 // Status is what the agent reports about the control plane (metrics,
-// `egressd status`).
+// `sluice status`).
 type Status struct {
 	// Version is the configuration being served ("" before the first).
 	Version string
@@ -90,7 +90,7 @@ type Server struct {
 // node, whatever node id its bootstrap says.
 type nodeKey struct{}
 
-func (nodeKey) ID(*core.Node) string { return "egressd" }
+func (nodeKey) ID(*core.Node) string { return "sluice" }
 
 // NewServer prepares a server; Serve starts it.
 func NewServer(cfg ServerConfig) (*Server, error) {

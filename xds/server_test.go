@@ -79,7 +79,7 @@ func dialADS(t *testing.T, sock string) *adsClient {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &adsClient{t: t, stream: stream, node: &core.Node{Id: "test-envoy", Cluster: "egressd"}}
+	return &adsClient{t: t, stream: stream, node: &core.Node{Id: "test-envoy", Cluster: "sluice"}}
 }
 
 func (c *adsClient) send(req *discovery.DiscoveryRequest) {

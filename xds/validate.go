@@ -19,7 +19,7 @@ import (
 	_ "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 )
 
-// Envoy cannot run on the machines that build egressd, so every
+// Envoy cannot run on the machines that build sluice, so every
 // configuration passes through this validator before it is served, in tests
 // and at run time. It checks, in order:
 //

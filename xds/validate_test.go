@@ -113,12 +113,12 @@ func TestValidateRejects(t *testing.T) {
 			"lb_policy CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters, not STATIC"},
 		{"duplicate cluster names", func(t *testing.T, r *Resources) {
 			r.Clusters = append(r.Clusters, proto.Clone(r.Clusters[1]).(*cluster.Cluster))
-		}, `cluster "egressd_deny": duplicate cluster name`},
+		}, `cluster "sluice_deny": duplicate cluster name`},
 		{"duplicate listener names", func(t *testing.T, r *Resources) {
 			r.Listeners = append(r.Listeners, proto.Clone(r.Listeners[0]).(*listener.Listener))
-		}, `listener "egressd": duplicate listener name`},
+		}, `listener "sluice": duplicate listener name`},
 		{"tcp_proxy names a missing cluster", func(t *testing.T, r *Resources) { r.Clusters = r.Clusters[1:] },
-			`cluster "egressd_original_dst" does not exist`},
+			`cluster "sluice_original_dst" does not exist`},
 		{"route names a missing cluster", func(t *testing.T, r *Resources) {
 			editHCM(t, r, func(m *hcm.HttpConnectionManager) {
 				m.GetRouteConfig().VirtualHosts[0].Routes[0].GetRoute().ClusterSpecifier = &route.RouteAction_Cluster{Cluster: "nope"}

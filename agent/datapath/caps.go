@@ -22,5 +22,5 @@ var Capabilities = []Capability{
 
 // OptionalCapabilities are needed only in some situations.
 var OptionalCapabilities = []Capability{
-	{"CAP_SYS_ADMIN", unix.CAP_SYS_ADMIN, "mount bpffs when it is absent; let `egressd status` read program tags by id; kernels before 5.8 (no CAP_BPF)"},
+	{"CAP_SYS_ADMIN", unix.CAP_SYS_ADMIN, "mount bpffs when it is absent; let `sluice status` read program tags by id; kernels before 5.8 (no CAP_BPF)"},
 }

@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 func TestMain(m *testing.M) {
@@ -61,7 +61,7 @@ func runWithCaps(t *testing.T, caps []string, cfg Config) (string, error) {
 		bounding += ",+" + strings.ToLower(strings.TrimPrefix(c, "CAP_"))
 	}
 	cmd := exec.Command("setpriv", "--bounding-set", bounding, "--", self, cfg.CgroupPath, cfg.PinPath)
-	cmd.Env = append(os.Environ(), "EGRESSD_TESTBED_ROLE=install")
+	cmd.Env = append(os.Environ(), "SLUICE_TESTBED_ROLE=install")
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
@@ -82,7 +82,7 @@ func TestPrivilegedCapabilities(t *testing.T) {
 	if err := EnsureBPFFS(DefaultBPFFS); err != nil {
 		t.Fatal(err)
 	}
-	cg := testbed.NewRootCgroup(t, "egressd-caps")
+	cg := testbed.NewRootCgroup(t, "sluice-caps")
 	cfg := Config{CgroupPath: cg.Path, PinPath: filepath.Join(DefaultBPFFS, filepath.Base(cg.Path))}
 	t.Cleanup(func() { Uninstall(cfg.PinPath) })
 

@@ -32,29 +32,29 @@ type Counters struct {
 // fields lists the counters in the order of the BPF enum counter.
 func (c *Counters) fields() []*uint64 {
 	return []*uint64{
-		egressdCounterCOUNTER_REDIRECTED_V4:     &c.RedirectedV4,
-		egressdCounterCOUNTER_REDIRECTED_V6:     &c.RedirectedV6,
-		egressdCounterCOUNTER_EXCLUDED:          &c.Excluded,
-		egressdCounterCOUNTER_PROXY_DIRECT:      &c.ProxyDirect,
-		egressdCounterCOUNTER_FAILED_CLOSED:     &c.FailedClosed,
-		egressdCounterCOUNTER_BYPASS_NOT_READY:  &c.BypassNotReady,
-		egressdCounterCOUNTER_ORIG_STORE_FAILED: &c.OrigStoreFailed,
-		egressdCounterCOUNTER_PUBLISHED:         &c.Published,
-		egressdCounterCOUNTER_PUBLISH_FAILED:    &c.PublishFailed,
-		egressdCounterCOUNTER_CLAIMED:           &c.Claimed,
-		egressdCounterCOUNTER_CLAIM_MISSED:      &c.ClaimMissed,
-		egressdCounterCOUNTER_STALE_CLEARED:     &c.StaleCleared,
-		egressdCounterCOUNTER_ORIG_ANSWERED:     &c.OrigDstAnswered,
-		egressdCounterCOUNTER_ORIG_UNKNOWN:      &c.OrigDstUnknown,
-		egressdCounterCOUNTER_PEER_REWRITTEN:    &c.PeernameRewrites,
-		egressdCounterCOUNTER_DNS_ALLOWED:       &c.DNSAllowed,
-		egressdCounterCOUNTER_DENIED_NON_TCP:    &c.DeniedNonTCP,
-		egressdCounterCOUNTER_LEASE_EXPIRED:     &c.LeaseExpired,
+		sluiceCounterCOUNTER_REDIRECTED_V4:     &c.RedirectedV4,
+		sluiceCounterCOUNTER_REDIRECTED_V6:     &c.RedirectedV6,
+		sluiceCounterCOUNTER_EXCLUDED:          &c.Excluded,
+		sluiceCounterCOUNTER_PROXY_DIRECT:      &c.ProxyDirect,
+		sluiceCounterCOUNTER_FAILED_CLOSED:     &c.FailedClosed,
+		sluiceCounterCOUNTER_BYPASS_NOT_READY:  &c.BypassNotReady,
+		sluiceCounterCOUNTER_ORIG_STORE_FAILED: &c.OrigStoreFailed,
+		sluiceCounterCOUNTER_PUBLISHED:         &c.Published,
+		sluiceCounterCOUNTER_PUBLISH_FAILED:    &c.PublishFailed,
+		sluiceCounterCOUNTER_CLAIMED:           &c.Claimed,
+		sluiceCounterCOUNTER_CLAIM_MISSED:      &c.ClaimMissed,
+		sluiceCounterCOUNTER_STALE_CLEARED:     &c.StaleCleared,
+		sluiceCounterCOUNTER_ORIG_ANSWERED:     &c.OrigDstAnswered,
+		sluiceCounterCOUNTER_ORIG_UNKNOWN:      &c.OrigDstUnknown,
+		sluiceCounterCOUNTER_PEER_REWRITTEN:    &c.PeernameRewrites,
+		sluiceCounterCOUNTER_DNS_ALLOWED:       &c.DNSAllowed,
+		sluiceCounterCOUNTER_DENIED_NON_TCP:    &c.DeniedNonTCP,
+		sluiceCounterCOUNTER_LEASE_EXPIRED:     &c.LeaseExpired,
 	}
 }
 
 // CounterNames are stable snake_case names of the Counters fields, in the
-// same order as Counters.Values; metrics and `egressd status` use them.
+// same order as Counters.Values; metrics and `sluice status` use them.
 var CounterNames = []string{
 	"redirected_ipv4", "redirected_ipv6", "excluded", "proxy_direct",
 	"failed_closed", "bypass_not_ready", "orig_store_failed", "published",
@@ -99,7 +99,7 @@ func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
 	out := map[uint32]WorkloadStats{}
 	var (
 		k      uint32
-		perCPU []egressdWorkloadStats
+		perCPU []sluiceWorkloadStats
 	)
 	it := d.maps.WlStats.Iterate()
 	for it.Next(&k, &perCPU) {

@@ -1,4 +1,4 @@
-// Package datapath owns egressd's eBPF programs: it loads them, attaches them
+// Package datapath owns sluice's eBPF programs: it loads them, attaches them
 // to a cgroup v2 directory with bpf_link, pins everything under a bpffs
 // directory so the datapath outlives the agent, and offers typed access to the
 // maps the agent programs (workloads, proxy address, exclusions, counters).
@@ -21,7 +21,7 @@ import (
 // Defaults for production nodes.
 const (
 	DefaultBPFFS   = "/sys/fs/bpf"
-	DefaultPinPath = DefaultBPFFS + "/egressd"
+	DefaultPinPath = DefaultBPFFS + "/sluice"
 
 	// DefaultInFlightEntries is the capacity of each in-flight map
 	// (orig_dsts, pending_tuples): redirected sockets open at once on the
@@ -52,16 +52,16 @@ var attachments = []struct {
 	prog   string
 	attach ebpf.AttachType
 }{
-	{"eg_connect4", ebpf.AttachCGroupInet4Connect},
-	{"eg_connect6", ebpf.AttachCGroupInet6Connect},
-	{"eg_sockops", ebpf.AttachCGroupSockOps},
-	{"eg_getsockopt", ebpf.AttachCGroupGetsockopt},
-	{"eg_getpeername4", ebpf.AttachCgroupInet4GetPeername},
-	{"eg_getpeername6", ebpf.AttachCgroupInet6GetPeername},
-	{"eg_sock_release", ebpf.AttachCgroupInetSockRelease},
-	{"eg_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
-	{"eg_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
-	{"eg_sock_create", ebpf.AttachCGroupInetSockCreate},
+	{"sl_connect4", ebpf.AttachCGroupInet4Connect},
+	{"sl_connect6", ebpf.AttachCGroupInet6Connect},
+	{"sl_sockops", ebpf.AttachCGroupSockOps},
+	{"sl_getsockopt", ebpf.AttachCGroupGetsockopt},
+	{"sl_getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	{"sl_getpeername6", ebpf.AttachCgroupInet6GetPeername},
+	{"sl_sock_release", ebpf.AttachCgroupInetSockRelease},
+	{"sl_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
+	{"sl_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+	{"sl_sock_create", ebpf.AttachCGroupInetSockCreate},
 }
 
 func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
@@ -98,24 +98,24 @@ func (c Config) inFlightEntries() (uint32, error) {
 // the handle only: the programs stay attached until Uninstall.
 type Datapath struct {
 	pinPath string
-	maps    egressdMaps
+	maps    sluiceMaps
 	links   map[string]link.Link // by program name; nil for read-only handles
 	progs   map[string]*ebpf.Program
 
 	mu sync.Mutex // serialises read-modify-write of the config entry
 }
 
-// objects are the maps and programs we load; the generated egressdObjects
+// objects are the maps and programs we load; the generated sluiceObjects
 // also names the .bss variable that loadSpec drops.
 type objects struct {
-	egressdMaps
-	egressdPrograms
+	sluiceMaps
+	sluicePrograms
 }
 
 // loadSpec returns the embedded collection spec, minus the .bss section that
 // only exists to keep the counter enum in BTF for bpf2go.
 func loadSpec() (*ebpf.CollectionSpec, error) {
-	spec, err := loadEgressd()
+	spec, err := loadSluice()
 	if err != nil {
 		return nil, fmt.Errorf("load embedded BPF object: %w", err)
 	}
@@ -187,8 +187,8 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 	if err := spec.LoadAndAssign(&objs, nil); err != nil {
 		return nil, fmt.Errorf("load BPF programs: %w", describeVerifierError(err))
 	}
-	d.maps = objs.egressdMaps
-	d.progs = programsOf(&objs.egressdPrograms)
+	d.maps = objs.sluiceMaps
+	d.progs = programsOf(&objs.sluicePrograms)
 	for name, m := range d.mapsByName() {
 		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
 			return nil, fmt.Errorf("pin map %s: %w", name, err)
@@ -251,15 +251,15 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			ms.MaxEntries = m.MaxEntries()
 		}
 		if err := ms.Compatible(m); err != nil {
-			return nil, fmt.Errorf("map %s: %w: %w (run 'egressd uninstall' first)", name, ErrIncompatiblePins, err)
+			return nil, fmt.Errorf("map %s: %w: %w (run 'sluice uninstall' first)", name, ErrIncompatiblePins, err)
 		}
 	}
 	var objs objects
 	if err := spec.LoadAndAssign(&objs, &ebpf.CollectionOptions{MapReplacements: replacements}); err != nil {
 		return nil, fmt.Errorf("load BPF programs: %w", describeVerifierError(err))
 	}
-	d.maps = objs.egressdMaps
-	d.progs = programsOf(&objs.egressdPrograms)
+	d.maps = objs.sluiceMaps
+	d.progs = programsOf(&objs.sluicePrograms)
 
 	for _, a := range attachments {
 		pin := linkPin(cfg.PinPath, a.prog)
@@ -296,7 +296,7 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 }
 
 // OpenPinned opens the pinned maps of an installed datapath without loading or
-// attaching anything: for `egressd status` and tools, whether or not an agent
+// attaching anything: for `sluice status` and tools, whether or not an agent
 // runs.
 func OpenPinned(pinPath string) (*Datapath, error) {
 	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
@@ -346,18 +346,18 @@ func (d *Datapath) Close() error {
 	return errors.Join(errs...)
 }
 
-func programsOf(p *egressdPrograms) map[string]*ebpf.Program {
+func programsOf(p *sluicePrograms) map[string]*ebpf.Program {
 	return map[string]*ebpf.Program{
-		"eg_connect4":     p.EgConnect4,
-		"eg_connect6":     p.EgConnect6,
-		"eg_sockops":      p.EgSockops,
-		"eg_getsockopt":   p.EgGetsockopt,
-		"eg_getpeername4": p.EgGetpeername4,
-		"eg_getpeername6": p.EgGetpeername6,
-		"eg_sock_release": p.EgSockRelease,
-		"eg_sendmsg4":     p.EgSendmsg4,
-		"eg_sendmsg6":     p.EgSendmsg6,
-		"eg_sock_create":  p.EgSockCreate,
+		"sl_connect4":     p.SlConnect4,
+		"sl_connect6":     p.SlConnect6,
+		"sl_sockops":      p.SlSockops,
+		"sl_getsockopt":   p.SlGetsockopt,
+		"sl_getpeername4": p.SlGetpeername4,
+		"sl_getpeername6": p.SlGetpeername6,
+		"sl_sock_release": p.SlSockRelease,
+		"sl_sendmsg4":     p.SlSendmsg4,
+		"sl_sendmsg6":     p.SlSendmsg6,
+		"sl_sock_create":  p.SlSockCreate,
 	}
 }
 

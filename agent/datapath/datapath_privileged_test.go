@@ -11,7 +11,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/testbed"
 	"github.com/vishvananda/netlink"
 )
 
@@ -21,7 +21,7 @@ func testConfig(t *testing.T) Config {
 	if err := EnsureBPFFS(DefaultBPFFS); err != nil {
 		t.Fatal(err)
 	}
-	cg := testbed.NewRootCgroup(t, "egressd-dp-test")
+	cg := testbed.NewRootCgroup(t, "sluice-dp-test")
 	cfg := Config{CgroupPath: cg.Path, PinPath: filepath.Join(DefaultBPFFS, filepath.Base(cg.Path))}
 	t.Cleanup(func() {
 		if err := Uninstall(cfg.PinPath); err != nil {
@@ -105,7 +105,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 	d.Close()
 
 	// Reopening against another cgroup is refused, not silently moved.
-	other := testbed.NewRootCgroup(t, "egressd-dp-other")
+	other := testbed.NewRootCgroup(t, "sluice-dp-other")
 	if _, err := Open(Config{CgroupPath: other.Path, PinPath: cfg.PinPath}); !errors.Is(err, ErrOtherCgroup) {
 		t.Errorf("open on another cgroup: %v, want ErrOtherCgroup", err)
 	}
@@ -143,8 +143,8 @@ func TestPrivilegedUninstallLeavesOthers(t *testing.T) {
 	if err := spec.LoadAndAssign(&objs, nil); err != nil {
 		t.Fatal(err)
 	}
-	defer objs.egressdPrograms.EgConnect4.Close()
-	foreign, err := link.AttachCgroup(link.CgroupOptions{Path: cfg.CgroupPath, Attach: ebpf.AttachCGroupInet4Connect, Program: objs.EgConnect4})
+	defer objs.sluicePrograms.SlConnect4.Close()
+	foreign, err := link.AttachCgroup(link.CgroupOptions{Path: cfg.CgroupPath, Attach: ebpf.AttachCGroupInet4Connect, Program: objs.SlConnect4})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -213,7 +213,7 @@ func TestPrivilegedMaps(t *testing.T) {
 }
 
 // The proxy address goes on lo when dummy interfaces are unavailable (as
-// here), or on egressd0; Ensure is idempotent and Remove takes it away.
+// here), or on sluice0; Ensure is idempotent and Remove takes it away.
 func TestPrivilegedProxyAddrs(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	tns := testbed.NewNetns(t, "egd-addr-"+testbed.RandomID())

@@ -38,7 +38,7 @@ func TestByteOrders(t *testing.T) {
 	if wordAddr4(be32(b[:])) != a {
 		t.Errorf("be32 round trip: %v", wordAddr4(be32(b[:])))
 	}
-	a6 := netip.MustParseAddr("fd65:6772:6573:7364::1")
+	a6 := netip.MustParseAddr("fd73:6c75:6963:65::1")
 	if wordsAddr6(addr6Words(a6)) != a6 {
 		t.Errorf("IPv6 round trip: %v", wordsAddr6(addr6Words(a6)))
 	}
@@ -57,8 +57,8 @@ func TestLPMKeysAreMasked(t *testing.T) {
 
 func TestCounterNamesCoverEveryCounter(t *testing.T) {
 	var c Counters
-	if n := len(c.fields()); n != int(egressdCounterCOUNTER_MAX) || n != len(CounterNames) {
-		t.Fatalf("%d counter fields, %d names, BPF has %d", n, len(CounterNames), egressdCounterCOUNTER_MAX)
+	if n := len(c.fields()); n != int(sluiceCounterCOUNTER_MAX) || n != len(CounterNames) {
+		t.Fatalf("%d counter fields, %d names, BPF has %d", n, len(CounterNames), sluiceCounterCOUNTER_MAX)
 	}
 	var want []uint64
 	for i, p := range c.fields() {

@@ -56,11 +56,11 @@ type MissingFeatureError struct {
 
 func (e *MissingFeatureError) Error() string {
 	var b strings.Builder
-	fmt.Fprintf(&b, "kernel %s lacks what egressd needs:", e.Kernel)
+	fmt.Fprintf(&b, "kernel %s lacks what sluice needs:", e.Kernel)
 	for _, r := range e.Missing {
 		fmt.Fprintf(&b, "\n  - %s (Linux %s+)", r.Name, r.Since)
 	}
-	b.WriteString("\negressd needs Linux 5.9 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (see docs/install.md)")
+	b.WriteString("\nsluice needs Linux 5.9 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (see docs/install.md)")
 	return b.String()
 }
 

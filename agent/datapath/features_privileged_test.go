@@ -7,7 +7,7 @@ import (
 
 	"github.com/cilium/ebpf"
 
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // This kernel has everything: CheckKernel passes, and each probe ran (a

@@ -90,15 +90,15 @@ func wordAddr4(v uint32) netip.Addr {
 	return netip.AddrFrom4(b)
 }
 
-func (d *Datapath) config() (egressdProxyConfig, error) {
-	var c egressdProxyConfig
+func (d *Datapath) config() (sluiceProxyConfig, error) {
+	var c sluiceProxyConfig
 	if err := d.maps.Config.Lookup(uint32(0), &c); err != nil {
 		return c, fmt.Errorf("read proxy config: %w", err)
 	}
 	return c, nil
 }
 
-func (d *Datapath) updateConfig(f func(*egressdProxyConfig)) error {
+func (d *Datapath) updateConfig(f func(*sluiceProxyConfig)) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	c, err := d.config()
@@ -123,7 +123,7 @@ func (d *Datapath) SetProxy(p Proxy) error {
 	if p.Port == 0 {
 		return errors.New("proxy port must not be 0")
 	}
-	return d.updateConfig(func(c *egressdProxyConfig) {
+	return d.updateConfig(func(c *sluiceProxyConfig) {
 		c.Addr4, c.Addr6 = 0, [4]uint32{}
 		if p.IPv4.IsValid() {
 			b := p.IPv4.As4()
@@ -139,7 +139,7 @@ func (d *Datapath) SetProxy(p Proxy) error {
 // SetReady sets the proxy-ready flag the datapath consults on every connect,
 // without a lease: it holds until changed.
 func (d *Datapath) SetReady(ready bool) error {
-	return d.updateConfig(func(c *egressdProxyConfig) {
+	return d.updateConfig(func(c *sluiceProxyConfig) {
 		c.Ready, c.ReadyUntil = 0, 0
 		if ready {
 			c.Ready = 1
@@ -160,7 +160,7 @@ func (d *Datapath) RenewReady(lease time.Duration) error {
 	if err != nil {
 		return err
 	}
-	return d.updateConfig(func(c *egressdProxyConfig) {
+	return d.updateConfig(func(c *sluiceProxyConfig) {
 		c.Ready, c.ReadyUntil = 1, uint64(now+lease)
 	})
 }
@@ -216,11 +216,11 @@ func (d *Datapath) ProxyState() (ProxyState, error) {
 // its settings. Its counters are created first, so the programs never see a
 // workload without them.
 func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
-	zero := make([]egressdWorkloadStats, ebpf.MustPossibleCPU())
+	zero := make([]sluiceWorkloadStats, ebpf.MustPossibleCPU())
 	if err := d.maps.WlStats.Update(w.ID, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("create counters of workload %d: %w", w.ID, err)
 	}
-	v := egressdWorkload{Id: w.ID}
+	v := sluiceWorkload{Id: w.ID}
 	if w.FailMode == FailClosed {
 		v.Flags |= flagFailClosed
 	}
@@ -236,7 +236,7 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 // DeleteWorkload deselects a cgroup. The workload's counters go with it unless
 // another selected cgroup carries the same workload id.
 func (d *Datapath) DeleteWorkload(cgroupID uint64) error {
-	var v egressdWorkload
+	var v sluiceWorkload
 	if err := d.maps.Workloads.Lookup(cgroupID, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil
 	} else if err != nil {
@@ -265,7 +265,7 @@ func (d *Datapath) Workloads() (map[uint64]Workload, error) {
 	out := map[uint64]Workload{}
 	var (
 		k uint64
-		v egressdWorkload
+		v sluiceWorkload
 	)
 	it := d.maps.Workloads.Iterate()
 	for it.Next(&k, &v) {
@@ -292,20 +292,20 @@ var DefaultExclusions = []netip.Prefix{
 	netip.MustParsePrefix("fe80::/10"),
 }
 
-func lpm4(p netip.Prefix) egressdLpmV4Key {
+func lpm4(p netip.Prefix) sluiceLpmV4Key {
 	b := p.Masked().Addr().As4()
-	return egressdLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: be32(b[:])}
+	return sluiceLpmV4Key{Prefixlen: uint32(p.Bits()), Addr: be32(b[:])}
 }
 
-func lpm6(p netip.Prefix) egressdLpmV6Key {
-	return egressdLpmV6Key{Prefixlen: uint32(p.Bits()), Addr: addr6Words(p.Masked().Addr())}
+func lpm6(p netip.Prefix) sluiceLpmV6Key {
+	return sluiceLpmV6Key{Prefixlen: uint32(p.Bits()), Addr: addr6Words(p.Masked().Addr())}
 }
 
 // SetExclusions makes the excluded destination prefixes exactly prefixes.
 // Entries are added before stale ones are removed, so a destination present
 // in both the old and new sets is never redirected in between.
 func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
-	want4, want6 := map[egressdLpmV4Key]bool{}, map[egressdLpmV6Key]bool{}
+	want4, want6 := map[sluiceLpmV4Key]bool{}, map[sluiceLpmV6Key]bool{}
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("invalid exclusion prefix %v", p)
@@ -331,7 +331,7 @@ func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
 // Exclusions returns the excluded prefixes, sorted.
 func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
 	var out []netip.Prefix
-	var k4 egressdLpmV4Key
+	var k4 sluiceLpmV4Key
 	var v uint8
 	it := d.maps.ExcludedV4.Iterate()
 	for it.Next(&k4, &v) {
@@ -340,7 +340,7 @@ func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list IPv4 exclusions: %w", err)
 	}
-	var k6 egressdLpmV6Key
+	var k6 sluiceLpmV6Key
 	it = d.maps.ExcludedV6.Iterate()
 	for it.Next(&k6, &v) {
 		out = append(out, netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)))
@@ -397,12 +397,12 @@ func (d *Datapath) SetResolvers(rs []netip.AddrPort) error {
 	if len(rs) > MaxResolvers {
 		return fmt.Errorf("%d DNS resolvers, at most %d", len(rs), MaxResolvers)
 	}
-	want := map[egressdResolverKey]bool{}
+	want := map[sluiceResolverKey]bool{}
 	for _, r := range rs {
 		if !r.IsValid() || r.Port() == 0 || r.Addr().Zone() != "" {
 			return fmt.Errorf("invalid DNS resolver %v", r)
 		}
-		want[egressdResolverKey{Addr: addr6Words(netip.AddrFrom16(r.Addr().As16())), Port: be16(r.Port())}] = true
+		want[sluiceResolverKey{Addr: addr6Words(netip.AddrFrom16(r.Addr().As16())), Port: be16(r.Port())}] = true
 	}
 	if err := syncSet(d.maps.Resolvers, want); err != nil {
 		return fmt.Errorf("DNS resolvers: %w", err)
@@ -413,7 +413,7 @@ func (d *Datapath) SetResolvers(rs []netip.AddrPort) error {
 // Resolvers returns the DNS resolvers, sorted.
 func (d *Datapath) Resolvers() ([]netip.AddrPort, error) {
 	var out []netip.AddrPort
-	var k egressdResolverKey
+	var k sluiceResolverKey
 	var v uint8
 	it := d.maps.Resolvers.Iterate()
 	for it.Next(&k, &v) {

@@ -12,18 +12,19 @@ import (
 
 // Proxy address defaults. 169.254.77.1 is link-local, like NodeLocal
 // DNSCache's 169.254.20.10: every pod reaches it through its default route and
-// the node delivers it locally. The IPv6 default is a ULA whose global ID
-// spells "egressd" in hex.
+// the node delivers it locally. The IPv6 default is in the ULA prefix
+// fd73:6c75:6963::/48, whose global ID and first subnet byte spell "sluice" in
+// ASCII hex (73 6c 75 69 63 65).
 var (
 	DefaultProxyIPv4 = netip.MustParseAddr("169.254.77.1")
-	DefaultProxyIPv6 = netip.MustParseAddr("fd65:6772:6573:7364::1")
+	DefaultProxyIPv6 = netip.MustParseAddr("fd73:6c75:6963:65::1")
 )
 
 const (
 	// DefaultProxyPort is where the proxy's listener binds.
 	DefaultProxyPort = 15001
 	// ProxyInterface is the dummy interface that carries the proxy address.
-	ProxyInterface = "egressd0"
+	ProxyInterface = "sluice0"
 )
 
 // ProxyAddrs puts the proxy's addresses on the node through a netlink handle
@@ -40,7 +41,7 @@ func (p ProxyAddrs) h() *netlink.Handle {
 }
 
 // Ensure puts addrs (host routes: /32 and /128) on the dummy interface
-// egressd0, creating it, or on lo when the kernel has no dummy interfaces
+// sluice0, creating it, or on lo when the kernel has no dummy interfaces
 // (CONFIG_DUMMY off). It is idempotent and returns the interface it used.
 func (p ProxyAddrs) Ensure(addrs ...netip.Addr) (string, error) {
 	link, err := p.proxyLink()
@@ -90,8 +91,8 @@ func (p ProxyAddrs) proxyLink() (netlink.Link, error) {
 	return l, nil
 }
 
-// Remove takes addrs off egressd0 or lo, wherever Ensure put them, and
-// deletes egressd0 if it exists. Addresses already gone are not an error.
+// Remove takes addrs off sluice0 or lo, wherever Ensure put them, and
+// deletes sluice0 if it exists. Addresses already gone are not an error.
 func (p ProxyAddrs) Remove(addrs ...netip.Addr) error {
 	var errs []error
 	for _, name := range []string{ProxyInterface, "lo"} {

@@ -9,8 +9,8 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-// Uninstall detaches egressd's programs and removes its pins. It only touches
-// the pins egressd creates in pinPath (its links and maps, by name): programs
+// Uninstall detaches sluice's programs and removes its pins. It only touches
+// the pins sluice creates in pinPath (its links and maps, by name): programs
 // that others attached to the same cgroup are never affected, and unknown
 // files in pinPath are left in place and reported. Uninstalling a datapath
 // that is not installed is not an error.

@@ -1,8 +1,8 @@
 // Package demo is `make demo`: a throwaway node with two pods on this kernel,
-// the real `egressd agent` (file source), and a proxy, showing each
-// connection's fate in a table, then `egressd status` and a few metrics.
+// the real `sluice agent` (file source), and a proxy, showing each
+// connection's fate in a table, then `sluice status` and a few metrics.
 // It is a Go test only to reuse the testbed's cleanup guarantees; it runs when
-// EGRESSD_DEMO=1 (make demo) and skips otherwise.
+// SLUICE_DEMO=1 (make demo) and skips otherwise.
 package demo
 
 import (
@@ -15,23 +15,23 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
+	"github.com/sluice-io/sluice/xds"
 )
 
 func TestMain(m *testing.M) { testbed.Main(m, harness.Roles) }
 
 func TestDemo(t *testing.T) {
-	if os.Getenv("EGRESSD_DEMO") == "" {
+	if os.Getenv("SLUICE_DEMO") == "" {
 		t.Skip("the demo runs with `make demo`")
 	}
 	start := time.Now()
 	say := func(format string, args ...any) { fmt.Printf(format+"\n", args...) }
 
-	say("egressd demo: a throwaway node with two pods, on kernel %s", kernel())
-	say("  building egressd and the testbed (network namespaces, cgroups; nothing leaves this machine)...")
+	say("sluice demo: a throwaway node with two pods, on kernel %s", kernel())
+	say("  building sluice and the testbed (network namespaces, cgroups; nothing leaves this machine)...")
 	envoyBin := os.Getenv("ENVOY_BIN")
 	var e *harness.Env
 	var envoyLog string
@@ -48,18 +48,18 @@ func TestDemo(t *testing.T) {
 	allow := fmt.Sprintf("%s:%d, [%s]:%d, api.example.com:443", testbed.ExternalV4[0], harness.ServerPort, testbed.ExternalV6[0], harness.ServerPort)
 	wl := harness.Workload{Pod: web, Namespace: "demo", Name: "web", Mode: "enforce", Allow: allow}
 	e.WriteWorkloads(t, wl)
-	say("  workloads file: demo/web (%s) selected, mode enforce, egressd.io/allow: %q; %s not listed", web.Name, allow, plain.Name)
+	say("  workloads file: demo/web (%s) selected, mode enforce, sluice.io/allow: %q; %s not listed", web.Name, allow, plain.Name)
 
 	if envoyBin != "" {
 		say("  proxy: Envoy from ENVOY_BIN (%s), configured by the agent over ADS; the POLICY column is Envoy's access log", envoyBin)
 	} else {
 		say("  proxy: stand-in for Envoy's original_dst listener (test/standin: SO_ORIGINAL_DST, dial, splice; it forwards")
-		say("         everything, so the POLICY column is the verdict of the Envoy configuration egressd generated, not enforced here)")
+		say("         everything, so the POLICY column is the verdict of the Envoy configuration sluice generated, not enforced here)")
 		say("         Set ENVOY_BIN=/path/to/envoy to run a real Envoy instead.")
 	}
 	agent := e.StartAgent(t)
 	harness.WaitFor(t, "proxy ready", 10*time.Second, func() bool { return strings.Contains(e.Status(t), "ready=true") })
-	say("  egressd agent running (pid %d), attached to %s, pins at %s; proxy ready", agent.Cmd.Process.Pid, e.TB.Root.Path, e.PinPath)
+	say("  sluice agent running (pid %d), attached to %s, pins at %s; proxy ready", agent.Cmd.Process.Pid, e.TB.Root.Path, e.PinPath)
 
 	policy, _ := xds.ParsePolicy(map[string]string{xds.LabelMode: wl.Mode}, map[string]string{xds.AnnotationAllow: wl.Allow})
 	specs := []string{
@@ -98,23 +98,23 @@ func TestDemo(t *testing.T) {
 	say("\n%s is selected: its connections reach the proxy, which recovered each original destination; the server", web.Name)
 	say("sees the node's address and the application still sees the original peer. %s goes direct.", plain.Name)
 
-	say("\n$ egressd status")
+	say("\n$ sluice status")
 	fmt.Print(indent(e.Status(t)))
 	say("\n$ curl http://127.0.0.1:9464/metrics  (a few lines)")
 	m := e.Metrics(t)
-	for _, prefix := range []string{"egressd_workload_connections_total", "egressd_datapath_events_total{event=\"redirected", "egressd_datapath_events_total{event=\"orig_dst_answered", "egressd_proxy_ready", "egressd_selected_workloads", "egressd_xds_versions_total"} {
+	for _, prefix := range []string{"sluice_workload_connections_total", "sluice_datapath_events_total{event=\"redirected", "sluice_datapath_events_total{event=\"orig_dst_answered", "sluice_proxy_ready", "sluice_selected_workloads", "sluice_xds_versions_total"} {
 		for _, l := range harness.MetricLines(m, prefix) {
 			say("  %s", l)
 		}
 	}
 	harness.StopAgent(t, agent)
-	say("\nagent stopped (SIGTERM); the datapath stays pinned until `egressd uninstall`, which the teardown runs.")
+	say("\nagent stopped (SIGTERM); the datapath stays pinned until `sluice uninstall`, which the teardown runs.")
 	t.Cleanup(func() {
 		say("torn down: programs detached, pins, proxy addresses, namespaces and cgroups removed; demo took %.1fs", time.Since(start).Seconds())
 	})
 }
 
-// envoyLine is the part of egressd's Envoy access log the demo shows.
+// envoyLine is the part of sluice's Envoy access log the demo shows.
 type envoyLine struct {
 	Source  string `json:"source"`
 	OrigDst string `json:"original_destination"`

@@ -1,18 +1,18 @@
 #!/bin/sh
-# Installs the kernel the Vagrant VM should boot (EGRESSD_KERNEL, see the
+# Installs the kernel the Vagrant VM should boot (SLUICE_KERNEL, see the
 # Vagrantfile); Vagrant reboots the VM afterwards.
 set -eu
 export DEBIAN_FRONTEND=noninteractive
-case "${EGRESSD_KERNEL:-6.1}" in
+case "${SLUICE_KERNEL:-6.1}" in
 6.1)
 	pkgs=linux-image-amd64 ;;
 6.12)
 	echo "deb http://deb.debian.org/debian bookworm-backports main" >/etc/apt/sources.list.d/bookworm-backports.list
 	pkgs="-t bookworm-backports linux-image-amd64" ;;
 linux-image-*)
-	pkgs=$EGRESSD_KERNEL ;;
+	pkgs=$SLUICE_KERNEL ;;
 *)
-	echo "EGRESSD_KERNEL=$EGRESSD_KERNEL: want 6.1, 6.12 or a linux-image-* package" >&2
+	echo "SLUICE_KERNEL=$SLUICE_KERNEL: want 6.1, 6.12 or a linux-image-* package" >&2
 	exit 1 ;;
 esac
 apt-get update -qq

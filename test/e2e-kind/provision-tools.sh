@@ -19,4 +19,4 @@ fetch() { # url dest: download and verify against the published sha256
 fetch "https://kind.sigs.k8s.io/dl/$KIND_VERSION/kind-linux-amd64" /usr/local/bin/kind
 fetch "https://dl.k8s.io/release/$KUBECTL_VERSION/bin/linux/amd64/kubectl" /usr/local/bin/kubectl
 echo "kernel $(uname -r); $(docker --version); kind $(kind version); kubectl $(kubectl version --client -o json | jq -r .clientVersion.gitVersion)"
-echo "cgroup: $(stat -fc %T /sys/fs/cgroup) (egressd needs cgroup2fs)"
+echo "cgroup: $(stat -fc %T /sys/fs/cgroup) (sluice needs cgroup2fs)"

@@ -1,6 +1,6 @@
-// Package e2e runs the real egressd agent binary on a netns testbed and
+// Package e2e runs the real sluice agent binary on a netns testbed and
 // checks what users see: which connections the proxy received with which
-// original destination, what the servers saw, `egressd status`, metrics,
+// original destination, what the servers saw, `sluice status`, metrics,
 // and that the datapath survives the agent.
 package e2e
 
@@ -12,10 +12,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 func TestMain(m *testing.M) { testbed.Main(m, harness.Roles) }
@@ -121,17 +121,17 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 
 	m := e.Metrics(t)
 	for _, want := range []string{
-		`egressd_workload_connections_total{namespace="demo",outcome="redirected",pod="web"} 1`,
-		`egressd_proxy_ready 1`,
-		`egressd_selected_workloads 1`,
-		`egressd_datapath_events_total{event="orig_dst_answered"} 1`,
-		`egressd_datapath_inflight_capacity 65536`,
+		`sluice_workload_connections_total{namespace="demo",outcome="redirected",pod="web"} 1`,
+		`sluice_proxy_ready 1`,
+		`sluice_selected_workloads 1`,
+		`sluice_datapath_events_total{event="orig_dst_answered"} 1`,
+		`sluice_datapath_inflight_capacity 65536`,
 	} {
 		if !strings.Contains(m, want) {
-			t.Errorf("metrics lack %s; have:\n%s", want, strings.Join(harness.MetricLines(m, "egressd_"), "\n"))
+			t.Errorf("metrics lack %s; have:\n%s", want, strings.Join(harness.MetricLines(m, "sluice_"), "\n"))
 		}
 	}
-	if v := harness.MetricLines(m, "egressd_xds_versions_total "); len(v) != 1 || v[0] == "egressd_xds_versions_total 0" {
+	if v := harness.MetricLines(m, "sluice_xds_versions_total "); len(v) != 1 || v[0] == "sluice_xds_versions_total 0" {
 		t.Errorf("xds versions: %v", v)
 	}
 

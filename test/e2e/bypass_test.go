@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // counterDeltas reads the pinned datapath's counters by name.
@@ -39,7 +39,7 @@ func counters(t *testing.T, e *harness.Env) map[string]uint64 {
 const secretCanary = "CANARY-7f3a-do-not-export"
 
 // checkExposure: the pins, the ADS socket and the state file are the
-// owner's alone, and neither the metrics nor the state file nor `egressd
+// owner's alone, and neither the metrics nor the state file nor `sluice
 // status` carry annotation values (a pod's annotations may hold secrets)
 // or allow-list entries.
 func checkExposure(t *testing.T, e *harness.Env) {

@@ -7,10 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/testbed"
 	"sigs.k8s.io/yaml"
 )
 
@@ -67,8 +67,8 @@ func TestPrivilegedChurn1000Pods(t *testing.T) {
 		fw := agent.FileWorkload{Namespace: "churn", Name: fmt.Sprintf("p%d", i), Cgroup: cg.Path,
 			IPs: []string{fmt.Sprintf("10.201.%d.%d", i/250, i%250+1)}, Labels: map[string]string{}, Annotations: map[string]string{}}
 		if i%2 == 1 {
-			fw.Labels["egressd.io/mode"] = "enforce"
-			fw.Annotations["egressd.io/allow"] = fmt.Sprintf("api%d.example.com:443, 192.0.2.%d/32", i, i%250)
+			fw.Labels["sluice.io/mode"] = "enforce"
+			fw.Annotations["sluice.io/allow"] = fmt.Sprintf("api%d.example.com:443, 192.0.2.%d/32", i, i%250)
 		}
 		doc.Workloads = append(doc.Workloads, fw)
 	}
@@ -85,7 +85,7 @@ func TestPrivilegedChurn1000Pods(t *testing.T) {
 		}
 	}
 	steady := agent.FileWorkload{Namespace: "shop", Name: "steady", Cgroup: pod.Cgroup.Path, IPs: []string{pod.IPv4.String(), pod.IPv6.String()},
-		Labels: map[string]string{"egressd.io/mode": "enforce"}, Annotations: map[string]string{"egressd.io/allow": dst}}
+		Labels: map[string]string{"sluice.io/mode": "enforce"}, Annotations: map[string]string{"sluice.io/allow": dst}}
 
 	start := time.Now()
 	writeDoc(append([]agent.FileWorkload{steady}, doc.Workloads...))

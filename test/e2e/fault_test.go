@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // stream is a steady stream of connections from a pod (the "stream" role).

@@ -7,10 +7,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/daemonset"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/kube"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/daemonset"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/kube"
+	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -58,10 +58,10 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	agent := e.StartAgent(t, agentArgs...)
 
 	web := kube.RunPod(t, c, besteffort, kube.Pod("web", nodeName,
-		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
-		map[string]string{"egressd.io/allow": dst}), e.TB.Pods[0].IPv4, e.TB.Pods[0].IPv6)
+		map[string]string{"sluice.io/redirect": "true", "sluice.io/mode": "enforce"},
+		map[string]string{"sluice.io/allow": dst}), e.TB.Pods[0].IPv4, e.TB.Pods[0].IPv6)
 	// Not selected: another node's pod, and an unlabelled pod here.
-	if _, err := c.CoreV1().Pods("default").Create(ctx, kube.Pod("elsewhere", "node-b", map[string]string{"egressd.io/redirect": "true"}, nil), metav1.CreateOptions{}); err != nil {
+	if _, err := c.CoreV1().Pods("default").Create(ctx, kube.Pod("elsewhere", "node-b", map[string]string{"sluice.io/redirect": "true"}, nil), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.CoreV1().Pods("default").Create(ctx, kube.Pod("plain", nodeName, nil, nil), metav1.CreateOptions{}); err != nil {
@@ -69,8 +69,8 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	}
 	// Selected, with an annotation that does not parse.
 	kube.RunPod(t, c, besteffort, kube.Pod("broken", nodeName,
-		map[string]string{"egressd.io/redirect": "true", "egressd.io/mode": "enforce"},
-		map[string]string{"egressd.io/allow": "bad_host.example.com"}), e.TB.Pods[1].IPv4, e.TB.Pods[1].IPv6)
+		map[string]string{"sluice.io/redirect": "true", "sluice.io/mode": "enforce"},
+		map[string]string{"sluice.io/allow": "bad_host.example.com"}), e.TB.Pods[1].IPv4, e.TB.Pods[1].IPv6)
 
 	// The agent's state file (names) follows within its 2 s write period.
 	names := map[string]string{}
@@ -144,7 +144,7 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	}
 
 	// Unlabelled: out of the map and out of the snapshot.
-	patch := []byte(`{"metadata":{"labels":{"egressd.io/redirect":null}}}`)
+	patch := []byte(`{"metadata":{"labels":{"sluice.io/redirect":null}}}`)
 	if _, err := c.CoreV1().Pods("default").Patch(ctx, "web", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
 		t.Fatal(err)
 	}

@@ -7,9 +7,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/test/harness"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/sluice-io/sluice/test/harness"
 	rpcstatus "google.golang.org/genproto/googleapis/rpc/status"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -19,7 +19,7 @@ import (
 
 // An ADS client standing in for Envoy subscribes to the real agent, ACKs
 // the first listener and NACKs the next: the agent counts the NACK in its
-// metrics, `egressd status` names the rejected and the kept version, and
+// metrics, `sluice status` names the rejected and the kept version, and
 // the agent goes on serving (a later version is pushed and can be ACKed).
 func TestPrivilegedNACKVisible(t *testing.T) {
 	e := harness.New(t, 2)
@@ -72,15 +72,15 @@ func TestPrivilegedNACKVisible(t *testing.T) {
 		ErrorDetail: &rpcstatus.Status{Code: 3, Message: "fake-envoy: listener rejected"}})
 
 	harness.WaitFor(t, "the NACK in the metrics", 10*time.Second, func() bool {
-		return strings.Contains(e.Metrics(t), "egressd_xds_nacks_total 1")
+		return strings.Contains(e.Metrics(t), "sluice_xds_nacks_total 1")
 	})
-	harness.WaitFor(t, "the NACK in egressd status", 10*time.Second, func() bool {
+	harness.WaitFor(t, "the NACK in sluice status", 10*time.Second, func() bool {
 		return strings.Contains(e.Status(t), "last NACK")
 	})
 	out := e.Status(t)
 	for _, want := range []string{"1 NACKs", "rejected " + bad.GetVersionInfo(), "kept " + good.GetVersionInfo(), "fake-envoy: listener rejected"} {
 		if !strings.Contains(out, want) {
-			t.Errorf("egressd status lacks %q:\n%s", want, out)
+			t.Errorf("sluice status lacks %q:\n%s", want, out)
 		}
 	}
 
@@ -93,6 +93,6 @@ func TestPrivilegedNACKVisible(t *testing.T) {
 	}
 	send(&discovery.DiscoveryRequest{VersionInfo: next.GetVersionInfo(), ResponseNonce: next.GetNonce()})
 	harness.WaitFor(t, "the ACK of the next version", 10*time.Second, func() bool {
-		return strings.Contains(e.Metrics(t), "egressd_xds_nacks_total 1") && strings.Contains(e.Status(t), next.GetVersionInfo())
+		return strings.Contains(e.Metrics(t), "sluice_xds_nacks_total 1") && strings.Contains(e.Status(t), next.GetVersionInfo())
 	})
 }

@@ -1,5 +1,5 @@
-// Package harness runs the real egressd agent on a netns testbed: the
-// egressd binary built from this tree, the stand-in proxy (Envoy's
+// Package harness runs the real sluice agent on a netns testbed: the
+// sluice binary built from this tree, the stand-in proxy (Envoy's
 // original_dst listener, with a /ready endpoint), echo servers on the
 // external addresses, and a workloads file naming the testbed's pods. The
 // agent end-to-end tests and `make demo` use it.
@@ -18,15 +18,15 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
-	"github.com/egressd/egressd/xds"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
+	"github.com/sluice-io/sluice/xds"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
@@ -49,20 +49,20 @@ var (
 	buildErr  error
 )
 
-// Egressd builds cmd/egressd from this tree once per test binary.
-func Egressd(t testing.TB) string {
+// Sluice builds cmd/sluice from this tree once per test binary.
+func Sluice(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "egressd-bin-")
+		dir, err := os.MkdirTemp("", "sluice-bin-")
 		if err != nil {
 			buildErr = err
 			return
 		}
-		binPath = filepath.Join(dir, "egressd")
-		cmd := exec.Command("go", "build", "-o", binPath, "github.com/egressd/egressd/cmd/egressd")
+		binPath = filepath.Join(dir, "sluice")
+		cmd := exec.Command("go", "build", "-o", binPath, "github.com/sluice-io/sluice/cmd/sluice")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build cmd/egressd: %v\n%s", err, out)
+			buildErr = fmt.Errorf("go build cmd/sluice: %v\n%s", err, out)
 		}
 	})
 	if buildErr != nil {
@@ -130,10 +130,10 @@ func NewWithoutProxy(t testing.TB, pods int) *Env {
 		TB:            tb,
 		Dir:           dir,
 		Records:       filepath.Join(dir, "proxy.jsonl"),
-		PinPath:       filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID),
+		PinPath:       filepath.Join(datapath.DefaultBPFFS, "sluice-test-"+tb.ID),
 		StateFile:     filepath.Join(dir, "state.json"),
 		WorkloadsFile: filepath.Join(dir, "workloads.yaml"),
-		Bin:           Egressd(t),
+		Bin:           Sluice(t),
 		AgentCgroup:   tb.Root.Child(t, "agent"),
 	}
 	e.Echo = testbed.ServeEcho(t)
@@ -151,23 +151,23 @@ func NewWithoutProxy(t testing.TB, pods int) *Env {
 		// are the testbed's, never the machine's.
 		out, err := testbed.ExecCommand(t, e.AgentCgroup, tb.Node, e.Bin, "uninstall", "--pin-path", e.PinPath).CombinedOutput()
 		if err != nil {
-			t.Errorf("egressd uninstall: %v\n%s", err, out)
+			t.Errorf("sluice uninstall: %v\n%s", err, out)
 		}
 	})
 	return e
 }
 
 // StartEnvoy runs a real Envoy (bin) in the node's netns, in the proxy's
-// cgroup, with the bootstrap `egressd bootstrap` prints for this agent. Its
+// cgroup, with the bootstrap `sluice bootstrap` prints for this agent. Its
 // stdout (the JSON access log) goes to the returned file. Envoy cannot be
-// installed on the machines egressd is built on; this runs where one is.
+// installed on the machines sluice is built on; this runs where one is.
 func (e *Env) StartEnvoy(t testing.TB, bin string) (accessLog string) {
 	t.Helper()
 	cfg := filepath.Join(e.Dir, "envoy.yaml")
 	out, err := exec.Command(e.Bin, "bootstrap", "--node-id", "demo", "--xds-socket", filepath.Join(e.Dir, "xds.sock"),
 		"--admin-address", adminAddr, "--output", cfg).CombinedOutput()
 	if err != nil {
-		t.Fatalf("egressd bootstrap: %v\n%s", err, out)
+		t.Fatalf("sluice bootstrap: %v\n%s", err, out)
 	}
 	accessLog = filepath.Join(e.Dir, "envoy.log")
 	f, err := os.Create(accessLog)
@@ -189,7 +189,7 @@ func (e *Env) StartEnvoy(t testing.TB, bin string) (accessLog string) {
 }
 
 // EnsureProxyAddrs puts the default proxy addresses on the node netns's
-// egressd0 (or lo), as the agent does.
+// sluice0 (or lo), as the agent does.
 func EnsureProxyAddrs(t testing.TB, node *testbed.Netns) {
 	t.Helper()
 	if _, err := (datapath.ProxyAddrs{Handle: node.NetlinkHandle(t)}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
@@ -218,16 +218,16 @@ func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 		en := agent.FileWorkload{Name: w.Name, Namespace: w.Namespace, Cgroup: w.Pod.Cgroup.Path, IPs: []string{w.Pod.IPv4.String(), w.Pod.IPv6.String()},
 			Labels: map[string]string{}, Annotations: map[string]string{}}
 		if w.Mode != "" {
-			en.Labels["egressd.io/mode"] = w.Mode
+			en.Labels["sluice.io/mode"] = w.Mode
 		}
 		if w.FailMode != "" {
-			en.Labels["egressd.io/fail-mode"] = w.FailMode
+			en.Labels["sluice.io/fail-mode"] = w.FailMode
 		}
 		for k, v := range w.Annotations {
 			en.Annotations[k] = v
 		}
 		if w.Allow != "" {
-			en.Annotations["egressd.io/allow"] = w.Allow
+			en.Annotations["sluice.io/allow"] = w.Allow
 		}
 		doc.Workloads = append(doc.Workloads, en)
 	}
@@ -244,7 +244,7 @@ func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 	}
 }
 
-// StartAgent runs `egressd agent` in the node's netns, attached to the
+// StartAgent runs `sluice agent` in the node's netns, attached to the
 // testbed's root cgroup, with the file source (or the source sourceArgs
 // name); it returns once the agent serves. Its JSON log is in the returned
 // daemon's Stderr.
@@ -262,11 +262,11 @@ func (e *Env) StartAgent(t testing.TB, sourceArgs ...string) *testbed.Daemon {
 		"--metrics-address", metricsAddr,
 		"--state-file", e.StateFile,
 	)...)
-	cmd.Env = append(cmd.Env, "EGRESSD_READY_LINE=1")
-	d := testbed.StartCmd(t, "egressd agent", cmd)
+	cmd.Env = append(cmd.Env, "SLUICE_READY_LINE=1")
+	d := testbed.StartCmd(t, "sluice agent", cmd)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("egressd agent log:\n%s", d.Stderr.String())
+			t.Logf("sluice agent log:\n%s", d.Stderr.String())
 		}
 	})
 	return d
@@ -280,13 +280,13 @@ func StopAgent(t testing.TB, d *testbed.Daemon) {
 	}
 }
 
-// Status runs `egressd status` (it reads the pins, so it runs anywhere).
+// Status runs `sluice status` (it reads the pins, so it runs anywhere).
 func (e *Env) Status(t testing.TB, args ...string) string {
 	t.Helper()
 	cmd := exec.Command(e.Bin, append([]string{"status", "--pin-path", e.PinPath, "--state-file", e.StateFile}, args...)...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		t.Fatalf("egressd status: %v\n%s", err, out)
+		t.Fatalf("sluice status: %v\n%s", err, out)
 	}
 	return string(out)
 }

@@ -6,7 +6,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit} $1 == "require" && $2 == "k8s.io/kubernetes" {print $3; exit}' "$here/apiserver/go.mod")
-cache=${EGRESSD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/egressd}/k8s-$version
+cache=${SLUICE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice}/k8s-$version
 bin=$cache/kube-apiserver
 if [ ! -x "$bin" ]; then
 	echo "building kube-apiserver $version into $cache (6-11 minutes on 2 cores the first time)..." >&2

@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // junkOrigDst is the original destination of every junk entry: were one

@@ -10,10 +10,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/harness"
-	"github.com/egressd/egressd/test/standin"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/standin"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 func TestMain(m *testing.M) {
@@ -59,7 +59,7 @@ func setupWith(t *testing.T, pods int, cfg datapath.Config, proxyArgs ...string)
 	}
 	f.cfg = cfg
 	f.cfg.CgroupPath = tb.Root.Path
-	f.cfg.PinPath = filepath.Join(datapath.DefaultBPFFS, "egressd-test-"+tb.ID)
+	f.cfg.PinPath = filepath.Join(datapath.DefaultBPFFS, "sluice-test-"+tb.ID)
 	dp, err := datapath.Open(f.cfg)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)

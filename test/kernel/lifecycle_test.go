@@ -6,8 +6,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // An agent restart closes its datapath handle and reopens the pins (which

@@ -6,8 +6,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 var (

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // Thousands of short connections from a small pool of source ports, so that

@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
 )
 
 // sideDoors serves UDP on the external addresses (QUIC's 443, an ad-hoc port

@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
 # make test-kernels: the privileged datapath tests (agent/datapath and
-# test/kernel) and `egressd check`, inside Debian's kernels booted under qemu
+# test/kernel) and `sluice check`, inside Debian's kernels booted under qemu
 # with software emulation (KVM here refuses stock kernels), one CPU, no
 # network device. Kernels come from Debian's archive with apt (a private apt
 # configuration; the system's sources are untouched) and are cached by
-# series under $EGRESSD_CACHE/kernels (default ~/.cache/egressd/kernels).
+# series under $SLUICE_CACHE/kernels (default ~/.cache/sluice/kernels).
 #
-#   EGRESSD_KERNELS="5.10 6.1 6.12"   series to test (Debian bullseye, bookworm, bookworm 6.12)
-#   EGRESSD_KERNEL_TIMEOUT=900        seconds per boot before it counts as failed
-#   EGRESSD_KERNEL_TESTRUN=regexp     only the tests matching it (go test -run)
-#   EGRESSD_KERNEL_LOGS=dir           keep each kernel's console log there
+#   SLUICE_KERNELS="5.10 6.1 6.12"   series to test (Debian bullseye, bookworm, bookworm 6.12)
+#   SLUICE_KERNEL_TIMEOUT=900        seconds per boot before it counts as failed
+#   SLUICE_KERNEL_TESTRUN=regexp     only the tests matching it (go test -run)
+#   SLUICE_KERNEL_LOGS=dir           keep each kernel's console log there
 #
 # Prints one PASS/FAIL line per kernel; exits non-zero if any failed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-kernels=${EGRESSD_KERNELS:-"5.10 6.1 6.12"}
-cache=${EGRESSD_CACHE:-$HOME/.cache/egressd}/kernels
-timeout_s=${EGRESSD_KERNEL_TIMEOUT:-900}
-work=$(mktemp -d /tmp/egressd-kernels.XXXXXX)
+kernels=${SLUICE_KERNELS:-"5.10 6.1 6.12"}
+cache=${SLUICE_CACHE:-$HOME/.cache/sluice}/kernels
+timeout_s=${SLUICE_KERNEL_TIMEOUT:-900}
+work=$(mktemp -d /tmp/sluice-kernels.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -84,7 +84,7 @@ fetch_kernel() {
 }
 
 # The initramfs: busybox, the tools the tests run (ip, nsenter, sysctl,
-# setpriv) with their libraries, static test binaries and egressd.
+# setpriv) with their libraries, static test binaries and sluice.
 root=$work/root
 build_initramfs() {
 	mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,lib,lib64,proc,sys,dev,run,tmp,tests,etc}
@@ -104,7 +104,7 @@ build_initramfs() {
 	echo "test-kernels: building static test binaries"
 	CGO_ENABLED=0 go test -c -o "$root/tests/datapath.test" ./agent/datapath
 	CGO_ENABLED=0 go test -c -o "$root/tests/kernel.test" ./test/kernel
-	CGO_ENABLED=0 go build -o "$root/egressd" ./cmd/egressd
+	CGO_ENABLED=0 go build -o "$root/sluice" ./cmd/sluice
 	cat >"$root/init" <<-'EOF'
 		#!/bin/sh
 		export PATH=/usr/bin:/usr/sbin:/bin:/sbin HOME=/tmp TMPDIR=/tmp
@@ -118,14 +118,14 @@ build_initramfs() {
 		mount -t bpf bpf /sys/fs/bpf
 		ip link set lo up
 		insmod /veth.ko
-		echo "EGRESSD-KERNEL $(uname -r)"
+		echo "SLUICE-KERNEL $(uname -r)"
 		rc=0
-		/egressd check || rc=1
+		/sluice check || rc=1
 		for t in /tests/*.test; do
-			echo "EGRESSD-RUN $t"
+			echo "SLUICE-RUN $t"
 			"$t" -test.v -test.count=1 -test.timeout=20m -test.run "${TESTRUN:-.}" || rc=1
 		done
-		echo "EGRESSD-EXIT $rc"
+		echo "SLUICE-EXIT $rc"
 		poweroff -f
 	EOF
 	chmod +x "$root/init"
@@ -141,10 +141,10 @@ run_kernel() {
 	timeout "$timeout_s" qemu-system-x86_64 -accel tcg,thread=multi -cpu max -machine q35 -smp 1 -m 1536 \
 		-nodefaults -nographic -serial stdio -nic none -no-reboot \
 		-kernel "$dir/vmlinuz" -initrd "$work/initramfs-$series.cpio" \
-		-append "console=ttyS0 panic=-1 quiet CI=true TESTRUN=${EGRESSD_KERNEL_TESTRUN:-.}" </dev/null >"$log" 2>&1 || true
+		-append "console=ttyS0 panic=-1 quiet CI=true TESTRUN=${SLUICE_KERNEL_TESTRUN:-.}" </dev/null >"$log" 2>&1 || true
 	local took=$((SECONDS - start)) kver rc
-	kver=$(grep -a -o 'EGRESSD-KERNEL [^[:space:]]*' "$log" | head -n1 | cut -d' ' -f2)
-	rc=$(grep -a -o 'EGRESSD-EXIT [0-9]*' "$log" | head -n1 | cut -d' ' -f2)
+	kver=$(grep -a -o 'SLUICE-KERNEL [^[:space:]]*' "$log" | head -n1 | cut -d' ' -f2)
+	rc=$(grep -a -o 'SLUICE-EXIT [0-9]*' "$log" | head -n1 | cut -d' ' -f2)
 	local passed skipped
 	passed=$(grep -a -c -- '--- PASS' "$log" || true)
 	skipped=$(grep -a -c -- '--- SKIP' "$log" || true)
@@ -156,8 +156,8 @@ run_kernel() {
 		printf 'FAIL  %-5s %-28s %4ss  %3s tests passed, %s skipped  %s%s\n' "$series" "${kver:-?}" "$took" "$passed" "$skipped" "$(cat "$dir/package")" \
 			"$([ -z "$rc" ] && echo ' (no result: timed out or crashed)')" | tee -a "$work/summary"
 	fi
-	if [ -n "${EGRESSD_KERNEL_LOGS:-}" ]; then
-		mkdir -p "$EGRESSD_KERNEL_LOGS" && cp "$log" "$EGRESSD_KERNEL_LOGS/"
+	if [ -n "${SLUICE_KERNEL_LOGS:-}" ]; then
+		mkdir -p "$SLUICE_KERNEL_LOGS" && cp "$log" "$SLUICE_KERNEL_LOGS/"
 	fi
 }
 

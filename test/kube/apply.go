@@ -32,7 +32,7 @@ func (c *Cluster) Apply(ctx context.Context, dryRun bool, objects ...[]byte) err
 		return err
 	}
 	force := true
-	opts := metav1.PatchOptions{FieldManager: "egressd-test", Force: &force, FieldValidation: "Strict"}
+	opts := metav1.PatchOptions{FieldManager: "sluice-test", Force: &force, FieldValidation: "Strict"}
 	if dryRun {
 		opts.DryRun = []string{metav1.DryRunAll}
 	}

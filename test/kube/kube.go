@@ -20,7 +20,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/egressd/egressd/test/testbed"
+	"github.com/sluice-io/sluice/test/testbed"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
@@ -30,8 +30,8 @@ import (
 // Binaries are found through these variables (make test sets them after
 // test/k8s/build.sh).
 const (
-	EnvAPIServer = "EGRESSD_KUBE_APISERVER"
-	EnvEtcd      = "EGRESSD_ETCD"
+	EnvAPIServer = "SLUICE_KUBE_APISERVER"
+	EnvEtcd      = "SLUICE_ETCD"
 )
 
 // Cluster is a running API server.
@@ -99,7 +99,7 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 	token := randomHex(t)
 	keyFile, pubFile := writeServiceAccountKeys(t, dir)
 	tokens := filepath.Join(dir, "tokens.csv")
-	if err := os.WriteFile(tokens, []byte(token+",egressd-test-admin,1,system:masters\n"), 0o600); err != nil {
+	if err := os.WriteFile(tokens, []byte(token+",sluice-test-admin,1,system:masters\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	start(t, ns, "kube-apiserver", filepath.Join(dir, "apiserver.log"), apiserverBin,
@@ -213,7 +213,7 @@ func waitHTTP(t testing.TB, name, url string, client *http.Client, timeout time.
 func etcdDataDir(t testing.TB, fallback string) string {
 	t.Helper()
 	if fi, err := os.Stat("/dev/shm"); err == nil && fi.IsDir() {
-		d, err := os.MkdirTemp("/dev/shm", "egressd-etcd-")
+		d, err := os.MkdirTemp("/dev/shm", "sluice-etcd-")
 		if err == nil {
 			t.Cleanup(func() { os.RemoveAll(d) })
 			return d

@@ -3,7 +3,7 @@
 // does what Envoy does: getsockopt(SO_ORIGINAL_DST) at SOL_IP on IPv4 sockets
 // and SOL_IPV6 (IP6T_SO_ORIGINAL_DST) on IPv6 sockets into a sockaddr_storage
 // buffer, closes the connection when no original destination is known (Envoy
-// would route it to itself, which egressd's config closes), else dials the
+// would route it to itself, which sluice's config closes), else dials the
 // original destination and splices bytes both ways. It records what it
 // recovered, one JSON line per connection.
 package standin
@@ -30,8 +30,8 @@ import (
 	"time"
 	"unsafe"
 
-	"github.com/egressd/egressd/agent"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/xds"
 	"golang.org/x/sys/unix"
 	"sigs.k8s.io/yaml"
 )
@@ -53,7 +53,7 @@ type Record struct {
 // SOOriginalDst is SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
 const SOOriginalDst = 80
 
-// OriginalDst asks the kernel (answered by egressd's getsockopt program) for
+// OriginalDst asks the kernel (answered by sluice's getsockopt program) for
 // the original destination of an accepted connection, as Envoy does.
 func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
 	raw, err := c.SyscallConn()
@@ -107,7 +107,7 @@ type Proxy struct {
 	Drain     bool // ask for the original destination, then read and discard until EOF (bulk benchmarks)
 	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
 	// Workloads, if set, is the agent's workloads file: the proxy then
-	// decides like egressd's generated listener, with the same policy
+	// decides like sluice's generated listener, with the same policy
 	// parser and xds.Policy.Verdict: a source that is no workload's is
 	// closed; an enforce-mode workload's connection is forwarded only if
 	// its destination, the server name of its TLS ClientHello or the Host
@@ -396,7 +396,7 @@ func splice(a, b *net.TCPConn) {
 // address, prints READY on stdout, and serves until SIGTERM/SIGINT.
 func Main(args []string) int {
 	fs := flag.NewFlagSet("standin-proxy", flag.ContinueOnError)
-	listen := fs.String("listen", "169.254.77.1:15001,[fd65:6772:6573:7364::1]:15001", "comma-separated addresses to listen on")
+	listen := fs.String("listen", "169.254.77.1:15001,[fd73:6c75:6963:65::1]:15001", "comma-separated addresses to listen on")
 	records := fs.String("records", "", "append one JSON record per connection to this file (default stderr)")
 	verify := fs.Bool("verify", false, "test mode: read 'WANT <addr>|none' from each client, compare with the recovered original destination, answer match/mismatch, never dial")
 	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")

@@ -254,14 +254,14 @@ func ClientHello(sni string) ([]byte, error) {
 	return buf[:n], nil
 }
 
-// echoRequest is an ICMP (or ICMPv6) echo request carrying "egressd"; a
+// echoRequest is an ICMP (or ICMPv6) echo request carrying "sluice"; a
 // ping socket fills in the id and the checksum.
 func echoRequest(proto int) []byte {
 	typ := byte(8)
 	if proto == unix.IPPROTO_ICMPV6 {
 		typ = 128
 	}
-	return append([]byte{typ, 0, 0, 0, 0, 0, 0, 1}, "egressd"...)
+	return append([]byte{typ, 0, 0, 0, 0, 0, 0, 1}, "sluice"...)
 }
 
 // connectNonblocking is connect(2) on a non-blocking socket: EINPROGRESS,

@@ -18,7 +18,7 @@ import (
 // pod's cgroup and network namespace (see Main and Start).
 type Role func(args []string) int
 
-const roleEnv = "EGRESSD_TESTBED_ROLE"
+const roleEnv = "SLUICE_TESTBED_ROLE"
 
 // Main is the TestMain of packages that use the testbed: when the binary was
 // started as a role it runs that role and exits; otherwise it runs the tests.
@@ -55,7 +55,7 @@ func Command(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...string) *
 	return cmd
 }
 
-// ExecCommand is Command for another program (egressd itself, say): it
+// ExecCommand is Command for another program (sluice itself, say): it
 // runs path in cgroup cg and network namespace ns.
 func ExecCommand(t testing.TB, cg *Cgroup, ns *Netns, path string, args ...string) *exec.Cmd {
 	t.Helper()

@@ -49,7 +49,7 @@ func New(t testing.TB, pods int) *Testbed {
 	RequirePrivileged(t)
 	id := RandomID()
 	tb := &Testbed{ID: id}
-	tb.Root = NewRootCgroup(t, "egressd-test-"+id)
+	tb.Root = NewRootCgroup(t, "sluice-test-"+id)
 	tb.ProxyCgroup = tb.Root.Child(t, "proxy")
 
 	tb.Node = NewNetns(t, "egd-"+id+"-node")

@@ -4,8 +4,8 @@
  * vendored <linux/bpf.h> and our programs use, so building the BPF objects
  * needs no kernel or libc headers from the build machine.
  */
-#ifndef __EGRESSD_LINUX_TYPES_H
-#define __EGRESSD_LINUX_TYPES_H
+#ifndef __SLUICE_LINUX_TYPES_H
+#define __SLUICE_LINUX_TYPES_H
 
 typedef unsigned char __u8;
 typedef signed char __s8;

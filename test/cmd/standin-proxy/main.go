@@ -5,7 +5,7 @@ package main
 import (
 	"os"
 
-	"github.com/egressd/egressd/test/standin"
+	"github.com/sluice-io/sluice/test/standin"
 )
 
 func main() { os.Exit(standin.Main(os.Args[1:])) }

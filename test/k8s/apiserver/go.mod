@@ -1,4 +1,4 @@
-module github.com/egressd/egressd/test/k8s/apiserver
+module github.com/sluice-io/sluice/test/k8s/apiserver
 
 go 1.26.0
 

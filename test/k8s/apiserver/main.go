@@ -1,5 +1,5 @@
 // Command apiserver is kube-apiserver, as upstream's cmd/kube-apiserver
-// builds it, for egressd's integration tests.
+// builds it, for sluice's integration tests.
 package main
 
 import (

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"io"
 
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/sluice-io/sluice/agent/datapath"
 )
 
 func runCheck(args []string, stdout, stderr io.Writer) error {
@@ -41,7 +41,7 @@ agent runs the same check at start. Needs root or CAP_BPF and CAP_NET_ADMIN.`, s
 	if mf != nil {
 		return mf
 	}
-	fmt.Fprintln(stdout, "this kernel has everything egressd needs")
+	fmt.Fprintln(stdout, "this kernel has everything sluice needs")
 	return nil
 }
 

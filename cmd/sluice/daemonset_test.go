@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/daemonset"
 	bootstrap "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"github.com/sluice-io/sluice/daemonset"
 	"google.golang.org/protobuf/encoding/protojson"
 	"sigs.k8s.io/yaml"
 )
@@ -35,7 +35,7 @@ func TestDaemonSetAgentArgsParse(t *testing.T) {
 		env[k] = v
 	}
 	c := in.Agent
-	if len(c.Command) != 2 || c.Command[0] != "/egressd" || c.Command[1] != "agent" {
+	if len(c.Command) != 2 || c.Command[0] != "/sluice" || c.Command[1] != "agent" {
 		t.Fatalf("agent command %v", c.Command)
 	}
 	cfg, _, err := parseAgentFlags(expand(t, c.Args, env), io.Discard)
@@ -64,7 +64,7 @@ func TestDaemonSetBootstrapArgs(t *testing.T) {
 	}
 	c := in.InitByName["envoy-bootstrap"]
 	args := expand(t, c.Command, map[string]string{"NODE_NAME": "node-a"})
-	if args[0] != "/egressd" || args[1] != "bootstrap" {
+	if args[0] != "/sluice" || args[1] != "bootstrap" {
 		t.Fatalf("init container runs %v", args)
 	}
 	out := filepath.Join(t.TempDir(), "envoy.yaml")
@@ -88,7 +88,7 @@ func TestDaemonSetBootstrapArgs(t *testing.T) {
 	if err := protojson.Unmarshal(j, &b); err != nil {
 		t.Fatal(err)
 	}
-	if b.GetNode().GetId() != "node-a" || !strings.Contains(string(y), "/run/egressd/xds.sock") {
+	if b.GetNode().GetId() != "node-a" || !strings.Contains(string(y), "/run/sluice/xds.sock") {
 		t.Errorf("bootstrap node %q, socket missing:\n%s", b.GetNode().GetId(), y)
 	}
 }

@@ -1,12 +1,12 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
-/* Copyright The egressd Authors. */
+/* Copyright The sluice Authors. */
 
 /*
- * Types and maps shared by the egressd datapath programs. The Go side gets
+ * Types and maps shared by the sluice datapath programs. The Go side gets
  * mirrors of the structs below from bpf2go (-type), never hand-written ones.
  */
-#ifndef __EGRESSD_H
-#define __EGRESSD_H
+#ifndef __SLUICE_H
+#define __SLUICE_H
 
 #include <linux/types.h>
 #include <linux/bpf.h>
@@ -149,4 +149,4 @@ enum counter {
 	COUNTER_MAX,
 };
 
-#endif /* __EGRESSD_H */
+#endif /* __SLUICE_H */

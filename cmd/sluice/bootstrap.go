@@ -7,12 +7,12 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/xds"
 	"google.golang.org/protobuf/encoding/protojson"
 )
 
 // Default paths shared by the agent and the bootstrap.
-const defaultXDSSocket = "/run/egressd/xds.sock"
+const defaultXDSSocket = "/run/sluice/xds.sock"
 
 func defaultNodeID() string {
 	if n := os.Getenv("NODE_NAME"); n != "" {
@@ -21,7 +21,7 @@ func defaultNodeID() string {
 	if h, err := os.Hostname(); err == nil {
 		return h
 	}
-	return "egressd"
+	return "sluice"
 }
 
 func runBootstrap(args []string, stdout, stderr io.Writer) error {

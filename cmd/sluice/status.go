@@ -12,11 +12,11 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/egressd/egressd/agent"
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/agent/datapath"
 )
 
-// statusReport is what `egressd status` shows; --format json prints it.
+// statusReport is what `sluice status` shows; --format json prints it.
 type statusReport struct {
 	PinPath          string              `json:"pin_path"`
 	Programs         []programStatus     `json:"programs"`
@@ -57,7 +57,7 @@ func runStatus(args []string, stdout, stderr io.Writer) error {
 selected workloads with their counters, global counters, and the control
 plane's last known state (xDS version, Envoy's ACKs and NACKs). Works while the
 agent runs and after it stopped: it reads the pins and the agent's state file.`, stderr)
-	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of egressd's pins")
+	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of sluice's pins")
 	stateFile := fs.String("state-file", defaultStateFile, "the agent's state file")
 	format := fs.String("format", "text", "text or json")
 	if err := fs.Parse(args); err != nil {
@@ -82,7 +82,7 @@ agent runs and after it stopped: it reads the pins and the agent's state file.`,
 func collectStatus(pin, stateFile string) (*statusReport, error) {
 	dp, err := datapath.OpenPinned(pin)
 	if errors.Is(err, datapath.ErrNotInstalled) {
-		return nil, fmt.Errorf("egressd is not installed (no pins at %s)", pin)
+		return nil, fmt.Errorf("sluice is not installed (no pins at %s)", pin)
 	}
 	if err != nil {
 		return nil, err
@@ -162,7 +162,7 @@ func processAlive(pid int) bool {
 }
 
 func printStatus(w io.Writer, r *statusReport) {
-	fmt.Fprintf(w, "egressd datapath at %s\n%s\n\n", r.PinPath, r.AgentNote)
+	fmt.Fprintf(w, "sluice datapath at %s\n%s\n\n", r.PinPath, r.AgentNote)
 	var addrs []string
 	for _, a := range []netip.Addr{r.Proxy.IPv4, r.Proxy.IPv6} {
 		if a.IsValid() {

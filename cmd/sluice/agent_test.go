@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/agent/datapath"
+	"github.com/sluice-io/sluice/agent/datapath"
 )
 
 // Every agent flag that takes a bounded value refuses what is out of bounds

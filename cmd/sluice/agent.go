@@ -15,14 +15,14 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/egressd/egressd/agent"
-	"github.com/egressd/egressd/agent/datapath"
-	"github.com/egressd/egressd/xds"
+	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/xds"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 )
 
-const defaultStateFile = "/run/egressd/state.json"
+const defaultStateFile = "/run/sluice/state.json"
 
 // addrFlag is an IP address flag where "" or "none" means no address.
 type addrFlag struct{ a *netip.Addr }
@@ -85,12 +85,12 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
-		rc.UserAgent = "egressd/" + version
+		rc.UserAgent = "sluice/" + version
 		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 	}
-	if os.Getenv("EGRESSD_READY_LINE") != "" {
+	if os.Getenv("SLUICE_READY_LINE") != "" {
 		// The testbed and the demo wait for this line on stdout.
 		cfg.Ready = func() { fmt.Fprintln(stdout, "READY") }
 	}
@@ -122,7 +122,7 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.CgroupLayout.KubeletRoot, "kubelet-cgroup-root", "/", "the kubelet's --cgroup-root (kind: /kubelet)")
 	fs.StringVar(&cfg.AttachCgroup, "cgroup-attach", mount, "cgroup v2 directory the programs attach to; every selected workload must be below it (default: the cgroup v2 mount)")
 	fs.StringVar(&cfg.CgroupMount, "cgroup-mount", mount, "cgroup v2 mount that workload cgroup paths are relative to")
-	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for egressd's pinned programs and maps")
+	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for sluice's pinned programs and maps")
 	proxy := proxyFlags(fs)
 	fs.StringVar(&cfg.ProxyAdmin, "proxy-admin", xds.DefaultAdminAddress.String(), `Envoy admin address whose /ready drives fail-open/fail-closed; "" treats the proxy as always ready`)
 	var exclude, excludePorts listFlag
@@ -130,13 +130,13 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
 	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
 	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
-	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'egressd uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
+	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'sluice uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "never redirect connections to this node's own addresses (taken at start)")
 	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
 	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
 	fs.StringVar(&cfg.XDSTCP, "xds-tcp", "", "also serve ADS on this loopback ip:port")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-address", "127.0.0.1:9464", `address for /metrics, /healthz and /readyz; "" for none`)
-	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for egressd status")
+	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for sluice status")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error (JSON logs on stderr)")
 	if err := fs.Parse(args); err != nil {
 		return agent.Config{}, "", err
@@ -204,9 +204,9 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 }
 
 func runUninstall(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("uninstall", `Detach egressd's eBPF programs, remove its pins and the proxy addresses. Only
-egressd's own links, maps and addresses are touched. Stop the agent first.`, stderr)
-	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of egressd's pins")
+	fs := newFlagSet("uninstall", `Detach sluice's eBPF programs, remove its pins and the proxy addresses. Only
+sluice's own links, maps and addresses are touched. Stop the agent first.`, stderr)
+	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of sluice's pins")
 	proxy := proxyFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -217,6 +217,6 @@ egressd's own links, maps and addresses are touched. Stop the agent first.`, std
 	if err := (datapath.ProxyAddrs{}).Remove(proxy.Addrs()...); err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "egressd uninstalled: programs detached, %s removed, proxy addresses %v removed\n", *pin, proxy.Addrs())
+	fmt.Fprintf(stdout, "sluice uninstalled: programs detached, %s removed, proxy addresses %v removed\n", *pin, proxy.Addrs())
 	return nil
 }

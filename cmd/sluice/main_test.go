@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/egressd/egressd/xds"
 	bootstrap "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"github.com/sluice-io/sluice/xds"
 	"google.golang.org/protobuf/encoding/protojson"
 	"sigs.k8s.io/yaml"
 )
@@ -53,7 +53,7 @@ func TestBootstrapCommandWritesFile(t *testing.T) {
 		t.Fatal(err)
 	}
 	b, err := os.ReadFile(path)
-	if err != nil || !strings.Contains(string(b), "egressd_xds") {
+	if err != nil || !strings.Contains(string(b), "sluice_xds") {
 		t.Fatalf("file %q, err %v", b, err)
 	}
 	entries, _ := os.ReadDir(filepath.Dir(path))
@@ -86,7 +86,7 @@ func TestHelpExplainsFlags(t *testing.T) {
 	if err == nil {
 		t.Fatal("--help returned no error (flag.ErrHelp expected)")
 	}
-	for _, want := range []string{"--xds-socket", "/run/egressd/xds.sock", "loopback", "-admin-address"} {
+	for _, want := range []string{"--xds-socket", "/run/sluice/xds.sock", "loopback", "-admin-address"} {
 		if !strings.Contains(stderr, strings.TrimPrefix(want, "-")) {
 			t.Errorf("bootstrap --help lacks %q:\n%s", want, stderr)
 		}

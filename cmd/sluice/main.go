@@ -1,5 +1,5 @@
-// Command egressd is the node agent of egressd: transparent egress control
-// for selected pods through a node-local Envoy. See `egressd help`.
+// Command sluice is the node agent of sluice: transparent egress control
+// for selected pods through a node-local Envoy. See `sluice help`.
 package main
 
 import (
@@ -21,7 +21,7 @@ type command struct {
 
 var commands = map[string]command{
 	"agent":       {"run the node agent (datapath, xDS server, workloads, proxy health, metrics)", runAgent},
-	"check":       {"check that this kernel has every eBPF feature egressd needs", runCheck},
+	"check":       {"check that this kernel has every eBPF feature sluice needs", runCheck},
 	"mount-bpffs": {"mount bpffs unless it is mounted (the DaemonSet's init container)", runMountBPFFS},
 	"bootstrap":   {"print the Envoy bootstrap that connects Envoy to this agent", runBootstrap},
 	"status":      {"show the pinned datapath, workloads, counters and xDS state", runStatus},
@@ -39,7 +39,7 @@ func main() {
 	case errors.Is(err, errUsage):
 		os.Exit(2)
 	default:
-		fmt.Fprintln(os.Stderr, "egressd:", err)
+		fmt.Fprintln(os.Stderr, "sluice:", err)
 		os.Exit(1)
 	}
 }
@@ -54,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 	c, ok := commands[args[0]]
 	if !ok {
-		fmt.Fprintf(stderr, "egressd: unknown command %q\n\n", args[0])
+		fmt.Fprintf(stderr, "sluice: unknown command %q\n\n", args[0])
 		usage(stderr)
 		return errUsage
 	}
@@ -62,8 +62,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprintln(w, "egressd: transparent egress control for selected pods through a node-local Envoy.")
-	fmt.Fprintln(w, "\nUsage: egressd <command> [flags]   (egressd <command> --help for its flags)\n\nCommands:")
+	fmt.Fprintln(w, "sluice: transparent egress control for selected pods through a node-local Envoy.")
+	fmt.Fprintln(w, "\nUsage: sluice <command> [flags]   (sluice <command> --help for its flags)\n\nCommands:")
 	names := make([]string, 0, len(commands))
 	for n := range commands {
 		names = append(names, n)
@@ -80,17 +80,17 @@ func newFlagSet(name, description string, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: egressd %s [flags]\n\n%s\n\nFlags:\n", name, description)
+		fmt.Fprintf(stderr, "Usage: sluice %s [flags]\n\n%s\n\nFlags:\n", name, description)
 		fs.PrintDefaults()
 	}
 	return fs
 }
 
 func runVersion(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("version", "Print egressd's version.", stderr)
+	fs := newFlagSet("version", "Print sluice's version.", stderr)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
-	fmt.Fprintln(stdout, "egressd", version)
+	fmt.Fprintln(stdout, "sluice", version)
 	return nil
 }

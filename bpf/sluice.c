@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
-/* Copyright The egressd Authors. */
+/* Copyright The sluice Authors. */
 
 /*
- * egressd datapath: steer the outbound TCP connections of selected cgroups to
+ * sluice datapath: steer the outbound TCP connections of selected cgroups to
  * a node-local proxy and let that proxy recover each connection's original
  * destination with getsockopt(SO_ORIGINAL_DST), without iptables or conntrack.
  *
@@ -32,7 +32,7 @@
  * connection to the proxy clears any entry for its tuple for the same reason.
  */
 
-#include "egressd.h"
+#include "sluice.h"
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
@@ -312,7 +312,7 @@ static __always_inline enum verdict remember(void *ctx, const struct workload *w
 }
 
 SEC("cgroup/connect4")
-int eg_connect4(struct bpf_sock_addr *ctx)
+int sl_connect4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
 	struct proxy_config *cfg;
@@ -368,7 +368,7 @@ int eg_connect4(struct bpf_sock_addr *ctx)
 }
 
 SEC("cgroup/connect6")
-int eg_connect6(struct bpf_sock_addr *ctx)
+int sl_connect6(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
 	struct proxy_config *cfg;
@@ -466,7 +466,7 @@ int eg_connect6(struct bpf_sock_addr *ctx)
  * gets here: TCP Fast Open's sendto() goes through connect4/6.
  */
 SEC("cgroup/sendmsg4")
-int eg_sendmsg4(struct bpf_sock_addr *ctx)
+int sl_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	struct workload *w = current_workload();
 	__be32 mapped[4];
@@ -478,7 +478,7 @@ int eg_sendmsg4(struct bpf_sock_addr *ctx)
 }
 
 SEC("cgroup/sendmsg6")
-int eg_sendmsg6(struct bpf_sock_addr *ctx)
+int sl_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	struct workload *w = current_workload();
 	__be32 daddr[4];
@@ -639,7 +639,7 @@ static __always_inline void on_close(const struct sk_view *v,
 }
 
 SEC("sockops")
-int eg_sockops(struct bpf_sock_ops *skops)
+int sl_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 family = skops->family, op = skops->op;
 	struct bpf_sock *sk = skops->sk;
@@ -689,7 +689,7 @@ int eg_sockops(struct bpf_sock_ops *skops)
  * allow pods by default), SCTP and raw sockets are refused at socket().
  */
 SEC("cgroup/sock_create")
-int eg_sock_create(struct bpf_sock *sk)
+int sl_sock_create(struct bpf_sock *sk)
 {
 	__u32 type = sk->type, protocol = sk->protocol;
 	struct workload *w;
@@ -710,7 +710,7 @@ int eg_sock_create(struct bpf_sock *sk)
  * (EADDRNOTAVAIL, no route), which never reach a sockops callback.
  */
 SEC("cgroup/sock_release")
-int eg_sock_release(struct bpf_sock *sk)
+int sl_sock_release(struct bpf_sock *sk)
 {
 	__u64 cookie;
 
@@ -746,7 +746,7 @@ struct sockaddr_in6_ {
  * nf_conntrack is not loaded); setting retval to 0 overrides it.
  */
 SEC("cgroup/getsockopt")
-int eg_getsockopt(struct bpf_sockopt *ctx)
+int sl_getsockopt(struct bpf_sockopt *ctx)
 {
 	struct orig_dst *dst;
 	__u8 *optval, *end;
@@ -804,7 +804,7 @@ int eg_getsockopt(struct bpf_sockopt *ctx)
 
 /* Transparency: a redirected socket's peer is its original destination. */
 SEC("cgroup/getpeername4")
-int eg_getpeername4(struct bpf_sock_addr *ctx)
+int sl_getpeername4(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
@@ -818,7 +818,7 @@ int eg_getpeername4(struct bpf_sock_addr *ctx)
 }
 
 SEC("cgroup/getpeername6")
-int eg_getpeername6(struct bpf_sock_addr *ctx)
+int sl_getpeername6(struct bpf_sock_addr *ctx)
 {
 	__u64 cookie = bpf_get_socket_cookie(ctx);
 	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
