@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -20,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -46,6 +48,10 @@ type Config struct {
 	// direct.
 	ExcludeNodeAddresses bool
 	ExcludePorts         []uint16
+	// Metadata are the cloud metadata-service addresses: never redirected;
+	// audit-mode workloads reach them directly (counted), enforce-mode
+	// workloads only where an allow entry names the address. nil: none.
+	Metadata []netip.Addr
 	// DNSResolvers: comma-separated resolvers (ParseResolvers), or
 	// ResolvConf. Selected workloads reach them directly; they are the only
 	// non-TCP destinations of enforce-mode workloads.
@@ -118,13 +124,19 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.SetProxy(datapath.Proxy{IPv4: cfg.Proxy.IPv4, IPv6: cfg.Proxy.IPv6, Port: cfg.Proxy.Port}); err != nil {
 		return err
 	}
+	node, err := nodeAddresses(cfg.Proxy)
+	if err != nil {
+		return err
+	}
+	nodeLocal := policy.NodeLocal{Proxy: cfg.Proxy.Addrs(), Node: node, Metadata: cfg.Metadata}
+	if err := dp.SetNeverDial(nodeLocal.Prefixes(), nodeLocal.MetadataAddrs()); err != nil {
+		return err
+	}
 	exclude := append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)
 	if cfg.ExcludeNodeAddresses {
-		node, err := nodeAddresses(cfg.Proxy)
-		if err != nil {
-			return err
+		for _, a := range node {
+			exclude = append(exclude, netip.PrefixFrom(a, a.BitLen()))
 		}
-		exclude = append(exclude, node...)
 	}
 	if err := dp.SetExclusions(exclude); err != nil {
 		return err
@@ -139,7 +151,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.SetResolvers(dns); err != nil {
 		return err
 	}
-	log.Info("datapath ready", "exclusions", exclude, "dns_resolvers", dns, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
+	log.Info("datapath ready", "exclusions", exclude, "node_local", nodeLocal.Prefixes(), "metadata", nodeLocal.MetadataAddrs(), "dns_resolvers", dns, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
 	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, SocketMode: cfg.XDSSocketMode, TCPAddr: cfg.XDSTCP, Logger: log})
 	if err != nil {
@@ -162,7 +174,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		events.next = kube
 	}
-	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, Reporter: events, Logger: log})
+	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, Reporter: events, Logger: log})
 	if err != nil {
 		return err
 	}
@@ -235,15 +247,15 @@ func Run(ctx context.Context, cfg Config) error {
 }
 
 // nodeAddresses lists the addresses of this network namespace's
-// interfaces as host prefixes, but for loopback, link-local and the proxy's
-// own (the proxy address is never excluded: the datapath checks it first
-// anyway).
-func nodeAddresses(p xds.Proxy) ([]netip.Prefix, error) {
+// interfaces once each (every veth of a point-to-point CNI carries the same
+// gateway address), sorted, but for loopback, link-local and the proxy's
+// own (the never-dial set holds those anyway).
+func nodeAddresses(p xds.Proxy) ([]netip.Addr, error) {
 	addrs, err := net.InterfaceAddrs()
 	if err != nil {
 		return nil, fmt.Errorf("node addresses: %w", err)
 	}
-	var out []netip.Prefix
+	var out []netip.Addr
 	for _, a := range addrs {
 		ipn, ok := a.(*net.IPNet)
 		if !ok {
@@ -257,9 +269,10 @@ func nodeAddresses(p xds.Proxy) ([]netip.Prefix, error) {
 		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip == p.IPv4 || ip == p.IPv6 {
 			continue
 		}
-		out = append(out, netip.PrefixFrom(ip, ip.BitLen()))
+		out = append(out, ip)
 	}
-	return out, nil
+	slices.SortFunc(out, netip.Addr.Compare)
+	return slices.Compact(out), nil
 }
 
 // logReporter counts workload problems (the reconciler logs them) and

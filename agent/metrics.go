@@ -59,10 +59,10 @@ func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.S
 
 var (
 	descEvents = prometheus.NewDesc("sluice_datapath_events_total",
-		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), lease_expired (readiness lease ran out), dns_allowed, denied_non_tcp (enforce mode), orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
+		"Datapath events by kind: redirected_ipv4/ipv6 connects, excluded, proxy_direct, failed_closed (refused, proxy not ready), bypass_not_ready (went direct), lease_expired (readiness lease ran out), dns_allowed, denied_non_tcp (enforce mode), node_local_refused and proxy_port_refused (never-dial destinations), metadata_direct and metadata_refused, orig_dst_answered/orig_dst_unknown (SO_ORIGINAL_DST), and the bookkeeping of original destinations.",
 		[]string{"event"}, nil)
 	descWorkloadConns = prometheus.NewDesc("sluice_workload_connections_total",
-		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), or non-TCP sockets refused in enforce mode (denied_non_tcp).",
+		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), non-TCP sockets refused in enforce mode (denied_non_tcp), never-dial destinations refused (node_local_refused), or connects to a metadata address, direct or refused (metadata).",
 		[]string{"namespace", "pod", "outcome"}, nil)
 	descInFlight = prometheus.NewDesc("sluice_datapath_inflight_entries",
 		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
@@ -113,6 +113,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Redirected), ns, pod, "redirected")
 			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.FailedClosed), ns, pod, "failed_closed")
 			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Denied), ns, pod, "denied_non_tcp")
+			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.NodeLocal), ns, pod, "node_local_refused")
+			ch <- prometheus.MustNewConstMetric(descWorkloadConns, prometheus.CounterValue, float64(s.Metadata), ns, pod, "metadata")
 		}
 	} else if err != nil {
 		failed = 1

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 )
 
@@ -52,6 +53,7 @@ type Reconciler struct {
 	dp       Datapath
 	xds      XDS
 	proxy    xds.Proxy
+	local    policy.NodeLocal
 	report   Reporter
 	log      *slog.Logger
 	cgroupID func(string) (uint64, error)
@@ -70,8 +72,11 @@ type ReconcilerConfig struct {
 	Datapath Datapath
 	XDS      XDS
 	Proxy    xds.Proxy
-	Reporter Reporter
-	Logger   *slog.Logger
+	// NodeLocal is the node's never-dial set: the proxy's listener
+	// refuses it, and its metadata addresses are what allow entries grant.
+	NodeLocal policy.NodeLocal
+	Reporter  Reporter
+	Logger    *slog.Logger
 	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
 	CgroupID func(string) (uint64, error)
 }
@@ -81,7 +86,7 @@ type ReconcilerConfig struct {
 // source claims.
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
-		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -108,7 +113,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
-	policy, perr := xds.ParsePolicy(w.Labels, w.Annotations)
+	pol, perr := xds.ParsePolicy(w.Labels, w.Annotations)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	cur := r.byKey[w.Key()]
@@ -117,10 +122,11 @@ func (r *Reconciler) Upsert(w Workload) error {
 	}
 	id := r.idFor(w.Key(), cg, cur)
 	fail := datapath.FailOpen
-	if policy.FailClosed {
+	if pol.FailClosed {
 		fail = datapath.FailClosed
 	}
-	if err := r.dp.SetWorkload(cg, datapath.Workload{ID: id, FailMode: fail, Enforce: policy.Mode == xds.Enforce}); err != nil {
+	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == xds.Enforce, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
 	if cur != nil && cur.cgroupID != cg {
@@ -130,12 +136,12 @@ func (r *Reconciler) Upsert(w Workload) error {
 			r.log.Warn("deselect old cgroup", "workload", w.Key(), "cgroup_id", cur.cgroupID, "error", err)
 		}
 	}
-	r.byKey[w.Key()] = &selected{w: w, cgroupID: cg, id: id, policy: policy, perr: perr}
+	r.byKey[w.Key()] = &selected{w: w, cgroupID: cg, id: id, policy: pol, perr: perr}
 	r.byID[id] = w.Key()
 	if perr != nil && (cur == nil || cur.perr == nil || cur.perr.Error() != perr.Error()) {
-		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(policy)))
+		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(pol)))
 	}
-	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", policy.Mode.String(), "fail", fail.String(), "ips", w.IPs)
+	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", pol.Mode.String(), "fail", fail.String(), "ips", w.IPs)
 	r.want()
 	return nil
 }
@@ -280,7 +286,7 @@ func (r *Reconciler) Changed() <-chan struct{} { return r.changed }
 func (r *Reconciler) State() xds.State {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := xds.State{Proxy: r.proxy}
+	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All()}
 	for _, s := range r.byKey {
 		w := xds.Workload{Namespace: s.w.Namespace, Name: s.w.Name, IPs: slices.Clone(s.w.IPs), Policy: s.policy}
 		if s.perr != nil {

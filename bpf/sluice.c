@@ -8,6 +8,8 @@
  *
  *   cgroup/connect4|6   selected task, TCP, not excluded: remember the original
  *                       destination under the socket cookie, rewrite to the proxy.
+ *                       Never-dial destinations (the node itself, metadata) are
+ *                       never redirected: direct if excluded, else EPERM.
  *                       Enforce mode, any other socket: only DNS to the
  *                       configured resolvers, else EPERM.
  *   cgroup/sendmsg4|6   enforce mode, UDP sendto()/sendmsg() with an address:
@@ -36,8 +38,9 @@
 
 char __license[] SEC("license") = "Dual BSD/GPL";
 
-/* Keep the counter enum in BTF so bpf2go can mirror it. */
+/* Keep the enums in BTF so bpf2go can mirror them. */
 const enum counter *unused_counter __attribute__((unused));
+const enum dst_class *unused_dst_class __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -82,6 +85,36 @@ struct {
 	__type(key, struct resolver_key);
 	__type(value, __u8);
 } resolvers SEC(".maps");
+
+/*
+ * The never-dial set (enum dst_class per prefix): unspecified, loopback,
+ * link-local, the proxy's and the node's addresses, metadata services. The
+ * agent fills it from policy.NeverDial, the same set the proxy's listener
+ * refuses to forward to.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_NEVER_DIAL);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v4_key);
+	__type(value, __u8);
+} never_dial_v4 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_NEVER_DIAL);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct lpm_v6_key);
+	__type(value, __u8);
+} never_dial_v6 SEC(".maps");
+
+/* Metadata destinations an enforce-mode workload's policy grants. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_METADATA_GRANTS);
+	__type(key, struct metadata_key);
+	__type(value, __u8);
+} metadata_grants SEC(".maps");
 
 /*
  * Original destination per client socket cookie, from connect() until the
@@ -177,26 +210,26 @@ static __always_inline struct workload *current_workload(void)
 	return found;
 }
 
-static __always_inline int excluded4(__be32 addr, __u16 port)
+/* A 16-byte destination (IPv4 v4-mapped) as a key of the v4 or v6 tries. */
+static __always_inline void *lpm_lookup(void *trie4, void *trie6, const __be32 a[4], int v4)
 {
-	struct lpm_v4_key key = { .prefixlen = 32, .addr = addr };
+	struct lpm_v4_key k4 = { .prefixlen = 32, .addr = a[3] };
+	struct lpm_v6_key k6 = { .prefixlen = 128 };
 
-	if (bpf_map_lookup_elem(&excluded_ports, &port))
-		return 1;
-	return bpf_map_lookup_elem(&excluded_v4, &key) != NULL;
+	if (v4)
+		return bpf_map_lookup_elem(trie4, &k4);
+	k6.addr[0] = a[0];
+	k6.addr[1] = a[1];
+	k6.addr[2] = a[2];
+	k6.addr[3] = a[3];
+	return bpf_map_lookup_elem(trie6, &k6);
 }
 
-static __always_inline int excluded6(const __be32 addr[4], __u16 port)
+static __always_inline int excluded(const __be32 a[4], int v4, __u16 port)
 {
-	struct lpm_v6_key key = { .prefixlen = 128 };
-
 	if (bpf_map_lookup_elem(&excluded_ports, &port))
 		return 1;
-	key.addr[0] = addr[0];
-	key.addr[1] = addr[1];
-	key.addr[2] = addr[2];
-	key.addr[3] = addr[3];
-	return bpf_map_lookup_elem(&excluded_v6, &key) != NULL;
+	return lpm_lookup(&excluded_v4, &excluded_v6, a, v4) != NULL;
 }
 
 static __always_inline int is_resolver(const __be32 a[4], __be16 port)
@@ -311,49 +344,150 @@ static __always_inline enum verdict remember(void *ctx, const struct workload *w
 	return REDIRECT;
 }
 
+/* a (16-byte form, v4-mapped when v4) is one of the proxy's addresses. */
+static __always_inline int is_proxy_addr(const struct proxy_config *cfg, const __be32 a[4], int v4)
+{
+	if (v4)
+		return cfg->addr4 && a[3] == cfg->addr4;
+	return proxy_has_v6(cfg) && a[0] == cfg->addr6[0] && a[1] == cfg->addr6[1] &&
+	       a[2] == cfg->addr6[2] && a[3] == cfg->addr6[3];
+}
+
+/* Refuse a connect to a never-dial destination (EPERM), counted. */
+static __always_inline enum verdict refuse_node_local(const struct workload *w, enum counter c)
+{
+	struct workload_stats *s;
+
+	count(c);
+	s = stats_of(w);
+	if (s)
+		s->node_local++;
+	return REFUSE;
+}
+
+/*
+ * A metadata service keeps its own protection only if the pod reaches it
+ * directly: through the proxy, which runs in the node's network, it would
+ * see the node's identity, and IMDSv2's hop limit would stop meaning
+ * anything. So it is never redirected: audit mode goes direct (counted per
+ * workload, so the audit shows who touches it); enforce mode goes direct only
+ * where the workload's policy grants that address and port, else EPERM.
+ */
+static __always_inline enum verdict metadata(const struct workload *w, const __be32 a[4], __be16 port)
+{
+	struct metadata_key key = { .workload_id = w->id, .port = port };
+	struct workload_stats *s = stats_of(w);
+
+	if (s)
+		s->metadata++;
+	if (!(w->flags & WORKLOAD_ENFORCE)) {
+		count(COUNTER_METADATA_DIRECT);
+		return DIRECT;
+	}
+	key.addr[0] = a[0];
+	key.addr[1] = a[1];
+	key.addr[2] = a[2];
+	key.addr[3] = a[3];
+	if (bpf_map_lookup_elem(&metadata_grants, &key)) {
+		count(COUNTER_METADATA_DIRECT);
+		return DIRECT;
+	}
+	key.port = 0; /* a grant for any port */
+	if (bpf_map_lookup_elem(&metadata_grants, &key)) {
+		count(COUNTER_METADATA_DIRECT);
+		return DIRECT;
+	}
+	count(COUNTER_METADATA_REFUSED);
+	return REFUSE;
+}
+
+/*
+ * The checks of a selected workload's TCP connect, shared by connect4 and
+ * connect6 (which sees v4-mapped IPv4 too): a is the destination in 16-byte
+ * form, v4-mapped when v4. REDIRECT means "may be redirected": the caller
+ * still consults readiness. Never-dial destinations are never redirected,
+ * whatever the mode: the proxy dials from the node's network namespace, so
+ * 0.0.0.0 or :: there is the node's loopback, and the proxy address on
+ * another port is whatever listens on the node's wildcard address.
+ */
+static __always_inline enum verdict classify(const struct workload *w, const struct proxy_config *cfg,
+					     const __be32 a[4], int v4, __be16 port)
+{
+	__u8 *class;
+
+	if (is_proxy_addr(cfg, a, v4)) {
+		if (port == cfg->port) {
+			count(COUNTER_PROXY_DIRECT);
+			return DIRECT;
+		}
+		return refuse_node_local(w, COUNTER_PROXY_PORT_REFUSED);
+	}
+	if (is_resolver(a, port)) {
+		count(COUNTER_DNS_ALLOWED); /* DNS over TCP, as over UDP */
+		return DIRECT;
+	}
+	class = lpm_lookup(&never_dial_v4, &never_dial_v6, a, v4);
+	if (class && *class == DST_METADATA)
+		return metadata(w, a, port);
+	if (excluded(a, v4, bpf_ntohs(port))) {
+		count(COUNTER_EXCLUDED);
+		return DIRECT;
+	}
+	if (class)
+		return refuse_node_local(w, COUNTER_NODE_LOCAL_REFUSED);
+	return REDIRECT;
+}
+
+/*
+ * Decide a selected workload's TCP connect to a (16-byte form, v4-mapped
+ * when v4) and, when it is redirected, remember the original destination.
+ */
+static __always_inline enum verdict decide(void *ctx, const struct workload *w,
+					   const struct proxy_config *cfg, const __be32 a[4], int v4,
+					   __be16 port)
+{
+	struct orig_dst dst = {};
+	enum verdict v = classify(w, cfg, a, v4, port);
+
+	if (v != REDIRECT)
+		return v;
+	if (!proxy_ready(cfg) || (v4 ? !cfg->addr4 : !proxy_has_v6(cfg)))
+		return not_ready(w);
+	dst.port = port;
+	if (v4) {
+		dst.family = AF_INET;
+		dst.addr[0] = a[3];
+	} else {
+		dst.family = AF_INET6;
+		dst.addr[0] = a[0];
+		dst.addr[1] = a[1];
+		dst.addr[2] = a[2];
+		dst.addr[3] = a[3];
+	}
+	return remember(ctx, w, &dst);
+}
+
 SEC("cgroup/connect4")
 int sl_connect4(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst dst = {};
 	struct proxy_config *cfg;
 	struct workload *w;
 	__u32 type = ctx->type, protocol = ctx->protocol;
-	__be32 daddr, mapped[4];
+	__be32 mapped[4];
 	__be16 port;
-	__u16 dport;
 
 	w = current_workload();
 	if (!w)
 		return 1;
-	daddr = ctx->user_ip4;
 	port = (__be16)ctx->user_port; /* user_port: network order, low 16 bits */
-	dport = bpf_ntohs(port);
-	set_v4mapped(mapped, daddr);
+	set_v4mapped(mapped, ctx->user_ip4);
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
 		return side_door(w, mapped, port);
 	cfg = get_config();
 	if (!cfg)
 		return 1;
 
-	if (cfg->addr4 && daddr == cfg->addr4) {
-		count(COUNTER_PROXY_DIRECT);
-		return 1;
-	}
-	if (is_resolver(mapped, port)) {
-		count(COUNTER_DNS_ALLOWED); /* DNS over TCP, as over UDP */
-		return 1;
-	}
-	if (excluded4(daddr, dport)) {
-		count(COUNTER_EXCLUDED);
-		return 1;
-	}
-	if (!proxy_ready(cfg) || !cfg->addr4)
-		return not_ready(w) == REFUSE ? 0 : 1;
-
-	dst.family = AF_INET;
-	dst.addr[0] = daddr;
-	dst.port = port;
-	switch (remember(ctx, w, &dst)) {
+	switch (decide(ctx, w, cfg, mapped, 1, port)) {
 	case REFUSE:
 		return 0;
 	case DIRECT:
@@ -370,14 +504,12 @@ int sl_connect4(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect6")
 int sl_connect6(struct bpf_sock_addr *ctx)
 {
-	struct orig_dst dst = {};
 	struct proxy_config *cfg;
 	struct workload *w;
 	__u32 type = ctx->type, protocol = ctx->protocol;
 	__be32 daddr[4];
 	__be16 port;
-	__u16 dport;
-	int mapped;
+	int v4;
 
 	w = current_workload();
 	if (!w)
@@ -387,58 +519,20 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	daddr[2] = ctx->user_ip6[2];
 	daddr[3] = ctx->user_ip6[3];
 	port = (__be16)ctx->user_port;
-	dport = bpf_ntohs(port);
 	/* v4-mapped destinations are keyed v4-mapped, as resolvers are. */
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
 		return side_door(w, daddr, port);
 	cfg = get_config();
 	if (!cfg)
 		return 1;
-	if (is_resolver(daddr, port)) {
-		count(COUNTER_DNS_ALLOWED);
-		return 1;
-	}
 	/*
 	 * An AF_INET6 socket connecting to ::ffff:a.b.c.d lands here, not in
 	 * connect4 (Java and others do this by default). Treat it as IPv4: the
-	 * IPv4 exclusions and proxy apply, and the original destination is
-	 * recovered as IPv4.
+	 * IPv4 never-dial set, exclusions and proxy apply, and the original
+	 * destination is recovered as IPv4.
 	 */
-	mapped = is_v4mapped(daddr);
-	if (mapped) {
-		if (cfg->addr4 && daddr[3] == cfg->addr4) {
-			count(COUNTER_PROXY_DIRECT);
-			return 1;
-		}
-		if (excluded4(daddr[3], dport)) {
-			count(COUNTER_EXCLUDED);
-			return 1;
-		}
-		if (!proxy_ready(cfg) || !cfg->addr4)
-			return not_ready(w) == REFUSE ? 0 : 1;
-		dst.family = AF_INET;
-		dst.addr[0] = daddr[3];
-	} else {
-		if (daddr[0] == cfg->addr6[0] && daddr[1] == cfg->addr6[1] &&
-		    daddr[2] == cfg->addr6[2] && daddr[3] == cfg->addr6[3] &&
-		    proxy_has_v6(cfg)) {
-			count(COUNTER_PROXY_DIRECT);
-			return 1;
-		}
-		if (excluded6(daddr, dport)) {
-			count(COUNTER_EXCLUDED);
-			return 1;
-		}
-		if (!proxy_ready(cfg) || !proxy_has_v6(cfg))
-			return not_ready(w) == REFUSE ? 0 : 1;
-		dst.family = AF_INET6;
-		dst.addr[0] = daddr[0];
-		dst.addr[1] = daddr[1];
-		dst.addr[2] = daddr[2];
-		dst.addr[3] = daddr[3];
-	}
-	dst.port = port;
-	switch (remember(ctx, w, &dst)) {
+	v4 = is_v4mapped(daddr);
+	switch (decide(ctx, w, cfg, daddr, v4, port)) {
 	case REFUSE:
 		return 0;
 	case DIRECT:
@@ -446,7 +540,7 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	default:
 		break;
 	}
-	if (mapped) {
+	if (v4) {
 		ctx->user_ip6[3] = cfg->addr4;
 		count(COUNTER_REDIRECTED_V4);
 	} else {
@@ -546,12 +640,7 @@ static __always_inline void read_view(const struct bpf_sock_ops *skops, __u32 fa
 static __always_inline int is_proxy(const struct proxy_config *cfg, const __be32 a[4],
 				    __u16 port_host)
 {
-	if (port_host != bpf_ntohs(cfg->port))
-		return 0;
-	if (is_v4mapped(a))
-		return cfg->addr4 && a[3] == cfg->addr4;
-	return proxy_has_v6(cfg) && a[0] == cfg->addr6[0] && a[1] == cfg->addr6[1] &&
-	       a[2] == cfg->addr6[2] && a[3] == cfg->addr6[3];
+	return port_host == bpf_ntohs(cfg->port) && is_proxy_addr(cfg, a, is_v4mapped(a));
 }
 
 /* Client side: the tuple of a connection from this socket to the proxy. */

@@ -40,6 +40,8 @@
 #define MAX_EXCLUSIONS 16384
 #define MAX_EXCLUDED_PORTS 1024
 #define MAX_RESOLVERS 64
+#define MAX_NEVER_DIAL 4096
+#define MAX_METADATA_GRANTS 4096
 /*
  * Slots of the global counter array: more than the counters in use, so that
  * a later version adding counters can reuse the pinned map (an array's size
@@ -55,6 +57,29 @@
  * SCTP, MPTCP) is refused at connect() and sendmsg().
  */
 #define WORKLOAD_ENFORCE (1U << 1)
+
+/*
+ * Classes of the never-dial set (values of never_dial_v4/v6): destinations a
+ * selected workload's connection is never redirected to, because the proxy
+ * runs in the node's network namespace and would reach the node itself
+ * (its loopback, its own addresses, link-local services) on the pod's behalf.
+ */
+enum dst_class {
+	DST_NODE_LOCAL = 1, /* refused unless excluded (then direct) */
+	DST_METADATA = 2,   /* cloud metadata: direct if granted or audit, else refused */
+};
+
+/*
+ * A metadata address (v4-mapped for IPv4) and port (0: any) that a
+ * workload's policy allows; enforce-mode workloads reach only these,
+ * directly from the pod.
+ */
+struct metadata_key {
+	__u32 workload_id;
+	__be16 port;
+	__u16 _pad;
+	__be32 addr[4];
+};
 
 /* Selected workload: key is a cgroup v2 id. */
 struct workload {
@@ -124,6 +149,8 @@ struct workload_stats {
 	__u64 redirected;
 	__u64 failed_closed;
 	__u64 denied; /* enforce mode: non-TCP socket refused */
+	__u64 node_local; /* never-dial destination refused (any mode) */
+	__u64 metadata; /* connects to a metadata address, direct or refused */
 };
 
 /* Indexes of the global per-CPU counters. Keep in sync with docs. */
@@ -146,6 +173,10 @@ enum counter {
 	COUNTER_DNS_ALLOWED,        /* selected, DNS to a configured resolver: direct */
 	COUNTER_DENIED_NON_TCP,     /* enforce, non-TCP connect/sendmsg refused */
 	COUNTER_LEASE_EXPIRED,      /* ready flag set but its lease ran out */
+	COUNTER_NODE_LOCAL_REFUSED, /* never-dial destination, not excluded: refused */
+	COUNTER_PROXY_PORT_REFUSED, /* the proxy address on another port: refused */
+	COUNTER_METADATA_DIRECT,    /* metadata address, audit or granted: direct */
+	COUNTER_METADATA_REFUSED,   /* metadata address, enforce, not granted: refused */
 	COUNTER_MAX,
 };
 

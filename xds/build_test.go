@@ -3,6 +3,7 @@ package xds
 import (
 	"bytes"
 	"flag"
+	"github.com/sluice-io/sluice/policy"
 	"math/rand/v2"
 	"net/netip"
 	"os"
@@ -23,6 +24,11 @@ var testProxy = Proxy{
 	IPv6: netip.MustParseAddr("fd73:6c75:6963:65::1"),
 	Port: 15001,
 }
+
+// testNeverDial is a node's never-dial set as the agent computes it.
+var testNeverDial = policy.NodeLocal{
+	Proxy: testProxy.Addrs(), Node: ips("192.0.2.10", "2001:db8:ffff::10"), Metadata: policy.DefaultMetadata,
+}.All()
 
 func ips(ss ...string) []netip.Addr {
 	var out []netip.Addr
@@ -66,8 +72,8 @@ var goldenCases = []struct {
 	},
 	{
 		name: "enforce-cidrs",
-		state: State{Proxy: testProxy, Workloads: []Workload{
-			pod("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443", "10.244.1.7", "fd00:244:1::7"),
+		state: State{Proxy: testProxy, NeverDial: testNeverDial, Workloads: []Workload{
+			pod("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443, 0.0.0.0/0:8443", "10.244.1.7", "fd00:244:1::7"),
 		}},
 	},
 	{

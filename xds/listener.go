@@ -2,6 +2,7 @@ package xds
 
 import (
 	"net/netip"
+	"slices"
 	"strconv"
 
 	xdscore "github.com/cncf/xds/go/xds/core/v3"
@@ -65,7 +66,7 @@ func (b *builder) listener(groups []*group) *listener.Listener {
 		l.AdditionalAddresses = append(l.AdditionalAddresses, &listener.AdditionalAddress{Address: socketAddress(a, port)})
 	}
 	l.FilterChains = append(l.FilterChains,
-		b.denyChain(chainLoop, nil, "destination is the proxy itself or loopback"),
+		b.denyChain(chainLoop, nil, "destination is node-local (proxy, node, loopback, link-local, metadata)"),
 		b.denyChain(chainUnknownSource, nil, "source is not a selected workload"),
 	)
 	for _, g := range groups {
@@ -85,13 +86,21 @@ func socketAddress(a netip.Addr, port uint32) *core.Address {
 // loopRanges are destinations the proxy never connects to: its own
 // addresses (a connection whose original destination could not be
 // recovered keeps the proxy address as its local address, and forwarding it
-// would loop) and loopback (Envoy's admin listens there).
+// would loop), loopback (Envoy's admin listens there) and the state's
+// never-dial set (the node itself, link-local, metadata: Envoy runs in the
+// node's network namespace, where 0.0.0.0 is the node's loopback).
 func (b *builder) loopRanges() []netip.Prefix {
 	var out []netip.Prefix
 	for _, a := range b.state.Proxy.Addrs() {
 		out = append(out, netip.PrefixFrom(a, a.BitLen()))
 	}
-	return append(out, netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128"))
+	out = append(out, netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128"))
+	for _, p := range b.state.NeverDial {
+		if !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // filterChainMatcher selects a chain per connection. Envoy's classic

@@ -92,6 +92,31 @@ type Policy struct {
 	FailClosed bool
 }
 
+// MetadataGrants are the metadata addresses (of metadata) that an
+// enforce-mode policy lets the workload reach, with their ports (0: any):
+// those that an allow entry names exactly, as a single address. A wider
+// CIDR entry grants nothing, so that "0.0.0.0/0" (any public destination)
+// never silently includes instance credentials. Audit mode needs no grant.
+// The datapath sends granted connections direct from the pod, never through
+// the proxy: see docs/security.md.
+func (p Policy) MetadataGrants(metadata []netip.Addr) []netip.AddrPort {
+	if p.Mode != Enforce {
+		return nil
+	}
+	var out []netip.AddrPort
+	for _, r := range p.Allow {
+		if r.IsHost() || !r.Prefix.IsSingleIP() {
+			continue
+		}
+		for _, m := range metadata {
+			if r.Prefix.Addr().Unmap() == m.Unmap() {
+				out = append(out, netip.AddrPortFrom(m.Unmap(), r.Port))
+			}
+		}
+	}
+	return out
+}
+
 // EntryError says which allow entry is wrong and why.
 type EntryError struct {
 	Index  int // 1-based position in the annotation

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
@@ -156,4 +157,28 @@ func FuzzParseAllowList(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestMetadataGrants(t *testing.T) {
+	meta := []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254")}
+	for _, tc := range []struct {
+		mode, allow, want string
+	}{
+		{"enforce", "169.254.169.254:80", "[169.254.169.254:80]"},
+		{"enforce", "169.254.169.254", "[169.254.169.254:0]"},
+		{"enforce", "169.254.169.254/32:80, [fd00:ec2::254]:80", "[169.254.169.254:80 [fd00:ec2::254]:80]"},
+		// A wider CIDR grants nothing: 0.0.0.0/0 means "the internet", not
+		// the node's instance credentials.
+		{"enforce", "0.0.0.0/0, 169.254.0.0/16, ::/0", "[]"},
+		{"enforce", "metadata.example:80", "[]"},
+		{"audit", "169.254.169.254:80", "[]"},
+	} {
+		p, err := ParsePolicy(map[string]string{LabelRedirect: "true", LabelMode: tc.mode}, map[string]string{AnnotationAllow: tc.allow})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := fmt.Sprint(p.MetadataGrants(meta)); got != tc.want {
+			t.Errorf("%s %q: grants %s, want %s", tc.mode, tc.allow, got, tc.want)
+		}
+	}
 }

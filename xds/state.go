@@ -16,6 +16,12 @@ type State struct {
 	// Workloads selected on this node. Order does not matter: the builders
 	// sort them.
 	Workloads []Workload
+	// NeverDial are destinations the listener never forwards to, whatever
+	// a workload's policy (policy.NodeLocal.All: the node's loopback, its
+	// own and the proxy's addresses, link-local, metadata). The datapath
+	// never redirects them; the listener refuses them as a second line.
+	// The proxy's addresses and loopback are refused even when it is empty.
+	NeverDial []netip.Prefix
 	// ListenerFiltersTimeout bounds how long the TLS and HTTP inspectors
 	// wait for a client's first bytes. Server-first protocols (SMTP, SSH,
 	// MySQL) send nothing until the server speaks, so after this long the

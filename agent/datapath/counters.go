@@ -27,29 +27,37 @@ type Counters struct {
 	DNSAllowed       uint64 // selected, DNS to a configured resolver: went direct
 	DeniedNonTCP     uint64 // enforce mode: a non-TCP connect or sendmsg refused
 	LeaseExpired     uint64 // ready flag set but its lease ran out: fail mode applied
+	NodeLocalRefused uint64 // a never-dial destination, not excluded: connect refused
+	ProxyPortRefused uint64 // the proxy address on a port other than the listener's: refused
+	MetadataDirect   uint64 // a metadata address, audit mode or granted: went direct
+	MetadataRefused  uint64 // a metadata address, enforce mode, not granted: refused
 }
 
 // fields lists the counters in the order of the BPF enum counter.
 func (c *Counters) fields() []*uint64 {
 	return []*uint64{
-		sluiceCounterCOUNTER_REDIRECTED_V4:     &c.RedirectedV4,
-		sluiceCounterCOUNTER_REDIRECTED_V6:     &c.RedirectedV6,
-		sluiceCounterCOUNTER_EXCLUDED:          &c.Excluded,
-		sluiceCounterCOUNTER_PROXY_DIRECT:      &c.ProxyDirect,
-		sluiceCounterCOUNTER_FAILED_CLOSED:     &c.FailedClosed,
-		sluiceCounterCOUNTER_BYPASS_NOT_READY:  &c.BypassNotReady,
-		sluiceCounterCOUNTER_ORIG_STORE_FAILED: &c.OrigStoreFailed,
-		sluiceCounterCOUNTER_PUBLISHED:         &c.Published,
-		sluiceCounterCOUNTER_PUBLISH_FAILED:    &c.PublishFailed,
-		sluiceCounterCOUNTER_CLAIMED:           &c.Claimed,
-		sluiceCounterCOUNTER_CLAIM_MISSED:      &c.ClaimMissed,
-		sluiceCounterCOUNTER_STALE_CLEARED:     &c.StaleCleared,
-		sluiceCounterCOUNTER_ORIG_ANSWERED:     &c.OrigDstAnswered,
-		sluiceCounterCOUNTER_ORIG_UNKNOWN:      &c.OrigDstUnknown,
-		sluiceCounterCOUNTER_PEER_REWRITTEN:    &c.PeernameRewrites,
-		sluiceCounterCOUNTER_DNS_ALLOWED:       &c.DNSAllowed,
-		sluiceCounterCOUNTER_DENIED_NON_TCP:    &c.DeniedNonTCP,
-		sluiceCounterCOUNTER_LEASE_EXPIRED:     &c.LeaseExpired,
+		sluiceCounterCOUNTER_REDIRECTED_V4:      &c.RedirectedV4,
+		sluiceCounterCOUNTER_REDIRECTED_V6:      &c.RedirectedV6,
+		sluiceCounterCOUNTER_EXCLUDED:           &c.Excluded,
+		sluiceCounterCOUNTER_PROXY_DIRECT:       &c.ProxyDirect,
+		sluiceCounterCOUNTER_FAILED_CLOSED:      &c.FailedClosed,
+		sluiceCounterCOUNTER_BYPASS_NOT_READY:   &c.BypassNotReady,
+		sluiceCounterCOUNTER_ORIG_STORE_FAILED:  &c.OrigStoreFailed,
+		sluiceCounterCOUNTER_PUBLISHED:          &c.Published,
+		sluiceCounterCOUNTER_PUBLISH_FAILED:     &c.PublishFailed,
+		sluiceCounterCOUNTER_CLAIMED:            &c.Claimed,
+		sluiceCounterCOUNTER_CLAIM_MISSED:       &c.ClaimMissed,
+		sluiceCounterCOUNTER_STALE_CLEARED:      &c.StaleCleared,
+		sluiceCounterCOUNTER_ORIG_ANSWERED:      &c.OrigDstAnswered,
+		sluiceCounterCOUNTER_ORIG_UNKNOWN:       &c.OrigDstUnknown,
+		sluiceCounterCOUNTER_PEER_REWRITTEN:     &c.PeernameRewrites,
+		sluiceCounterCOUNTER_DNS_ALLOWED:        &c.DNSAllowed,
+		sluiceCounterCOUNTER_DENIED_NON_TCP:     &c.DeniedNonTCP,
+		sluiceCounterCOUNTER_LEASE_EXPIRED:      &c.LeaseExpired,
+		sluiceCounterCOUNTER_NODE_LOCAL_REFUSED: &c.NodeLocalRefused,
+		sluiceCounterCOUNTER_PROXY_PORT_REFUSED: &c.ProxyPortRefused,
+		sluiceCounterCOUNTER_METADATA_DIRECT:    &c.MetadataDirect,
+		sluiceCounterCOUNTER_METADATA_REFUSED:   &c.MetadataRefused,
 	}
 }
 
@@ -61,6 +69,7 @@ var CounterNames = []string{
 	"publish_failed", "claimed", "claim_missed", "stale_cleared",
 	"orig_dst_answered", "orig_dst_unknown", "peername_rewrites",
 	"dns_allowed", "denied_non_tcp", "lease_expired",
+	"node_local_refused", "proxy_port_refused", "metadata_direct", "metadata_refused",
 }
 
 // Values returns the counters in CounterNames order.
@@ -92,6 +101,8 @@ type WorkloadStats struct {
 	Redirected   uint64
 	FailedClosed uint64
 	Denied       uint64 // enforce mode: non-TCP sockets refused
+	NodeLocal    uint64 // never-dial destinations refused (any mode)
+	Metadata     uint64 // connects to a metadata address, direct or refused
 }
 
 // WorkloadStats reads the per-workload counters, keyed by workload id.
@@ -108,6 +119,8 @@ func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
 			s.Redirected += v.Redirected
 			s.FailedClosed += v.FailedClosed
 			s.Denied += v.Denied
+			s.NodeLocal += v.NodeLocal
+			s.Metadata += v.Metadata
 		}
 		out[k] = s
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sync"
 	"syscall"
@@ -361,21 +362,17 @@ func programsOf(p *sluicePrograms) map[string]*ebpf.Program {
 	}
 }
 
-// mapFields maps each BPF map name to its field in d.maps.
+// mapFields maps each BPF map name to its field in d.maps, from the
+// generated struct's ebpf tags (so a map added in C needs no Go table).
 func (d *Datapath) mapFields() map[string]**ebpf.Map {
-	return map[string]**ebpf.Map{
-		"workloads":      &d.maps.Workloads,
-		"config":         &d.maps.Config,
-		"excluded_v4":    &d.maps.ExcludedV4,
-		"excluded_v6":    &d.maps.ExcludedV6,
-		"excluded_ports": &d.maps.ExcludedPorts,
-		"resolvers":      &d.maps.Resolvers,
-		"orig_dsts":      &d.maps.OrigDsts,
-		"pending_tuples": &d.maps.PendingTuples,
-		"claimed":        &d.maps.Claimed,
-		"counters":       &d.maps.Counters,
-		"wl_stats":       &d.maps.WlStats,
+	out := map[string]**ebpf.Map{}
+	v := reflect.ValueOf(&d.maps).Elem()
+	for i := range v.NumField() {
+		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
+			out[name] = v.Field(i).Addr().Interface().(**ebpf.Map)
+		}
 	}
+	return out
 }
 
 func (d *Datapath) mapsByName() map[string]*ebpf.Map {

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -92,7 +93,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 		}
 	}
 	ws, err := d.Workloads()
-	if err != nil || ws[1234] != (Workload{ID: 9, FailMode: FailClosed}) {
+	if err != nil || !reflect.DeepEqual(ws[1234], Workload{ID: 9, FailMode: FailClosed}) {
 		t.Errorf("workloads after reopen: %v, %v", ws, err)
 	}
 	ps, err := d.ProxyState()

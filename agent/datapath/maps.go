@@ -45,6 +45,10 @@ type Workload struct {
 	// through the proxy) is refused, except DNS to the resolvers set with
 	// SetResolvers.
 	Enforce bool
+	// MetadataGrants are the metadata destinations (see SetNeverDial) an
+	// enforce-mode workload may reach, directly from its own network; port
+	// 0 means any port. Without a grant its connects to them are refused.
+	MetadataGrants []netip.AddrPort
 }
 
 // Proxy is the node-local proxy's address. An invalid address disables that
@@ -220,6 +224,9 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 	if err := d.maps.WlStats.Update(w.ID, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("create counters of workload %d: %w", w.ID, err)
 	}
+	if err := d.setMetadataGrants(w.ID, w.MetadataGrants); err != nil {
+		return err
+	}
 	v := sluiceWorkload{Id: w.ID}
 	if w.FailMode == FailClosed {
 		v.Flags |= flagFailClosed
@@ -257,11 +264,50 @@ func (d *Datapath) DeleteWorkload(cgroupID uint64) error {
 	if err := d.maps.WlStats.Delete(v.Id); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete counters of workload %d: %w", v.Id, err)
 	}
+	return d.setMetadataGrants(v.Id, nil)
+}
+
+// setMetadataGrants makes workload id's metadata grants exactly grants,
+// adding before removing (a grant in both sets never lapses).
+func (d *Datapath) setMetadataGrants(id uint32, grants []netip.AddrPort) error {
+	want := map[sluiceMetadataKey]uint8{}
+	for _, g := range grants {
+		if !g.IsValid() || g.Addr().Zone() != "" {
+			return fmt.Errorf("workload %d: invalid metadata grant %v", id, g)
+		}
+		want[sluiceMetadataKey{WorkloadId: id, Port: be16(g.Port()), Addr: addr6Words(netip.AddrFrom16(g.Addr().As16()))}] = 1
+	}
+	err := syncMap(d.maps.MetadataGrants, want, func(k sluiceMetadataKey) bool { return k.WorkloadId == id })
+	if err != nil {
+		return fmt.Errorf("metadata grants of workload %d: %w", id, err)
+	}
 	return nil
+}
+
+// MetadataGrants returns the metadata grants of every workload id, sorted.
+func (d *Datapath) MetadataGrants() (map[uint32][]netip.AddrPort, error) {
+	out := map[uint32][]netip.AddrPort{}
+	var k sluiceMetadataKey
+	var v uint8
+	it := d.maps.MetadataGrants.Iterate()
+	for it.Next(&k, &v) {
+		out[k.WorkloadId] = append(out[k.WorkloadId], netip.AddrPortFrom(wordsAddr6(k.Addr).Unmap(), fromBE16(k.Port)))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list metadata grants: %w", err)
+	}
+	for _, g := range out {
+		slices.SortFunc(g, func(a, b netip.AddrPort) int { return a.Compare(b) })
+	}
+	return out, nil
 }
 
 // Workloads returns every selected cgroup id with its settings.
 func (d *Datapath) Workloads() (map[uint64]Workload, error) {
+	grants, err := d.MetadataGrants()
+	if err != nil {
+		return nil, err
+	}
 	out := map[uint64]Workload{}
 	var (
 		k uint64
@@ -274,6 +320,7 @@ func (d *Datapath) Workloads() (map[uint64]Workload, error) {
 			w.FailMode = FailClosed
 		}
 		w.Enforce = v.Flags&flagEnforce != 0
+		w.MetadataGrants = grants[v.Id]
 		out[k] = w
 	}
 	if err := it.Err(); err != nil {
@@ -328,6 +375,88 @@ func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
 	return nil
 }
 
+// SetNeverDial makes the never-dial set exactly nodeLocal (class node-local:
+// never redirected, refused unless excluded) and metadata (class metadata:
+// never redirected; audit goes direct, enforce only where granted). A
+// metadata address inside a node-local prefix keeps its own class: the
+// datapath's longest-prefix match finds it first. IPv4 prefixes also match
+// v4-mapped destinations.
+func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr) error {
+	want4, want6 := map[sluiceLpmV4Key]uint8{}, map[sluiceLpmV6Key]uint8{}
+	add := func(p netip.Prefix, class uint8) error {
+		if !p.IsValid() || p.Addr().Zone() != "" {
+			return fmt.Errorf("invalid never-dial prefix %v", p)
+		}
+		if p.Addr().Is4In6() {
+			p = netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0))
+		}
+		if p.Addr().Is4() {
+			want4[lpm4(p)] = max(want4[lpm4(p)], class)
+		} else {
+			want6[lpm6(p)] = max(want6[lpm6(p)], class)
+		}
+		return nil
+	}
+	for _, p := range nodeLocal {
+		if err := add(p, uint8(sluiceDstClassDST_NODE_LOCAL)); err != nil {
+			return err
+		}
+	}
+	for _, a := range metadata {
+		if err := add(netip.PrefixFrom(a, a.BitLen()), uint8(sluiceDstClassDST_METADATA)); err != nil {
+			return err
+		}
+	}
+	if err := syncMap(d.maps.NeverDialV4, want4, func(sluiceLpmV4Key) bool { return true }); err != nil {
+		return fmt.Errorf("IPv4 never-dial set: %w", err)
+	}
+	if err := syncMap(d.maps.NeverDialV6, want6, func(sluiceLpmV6Key) bool { return true }); err != nil {
+		return fmt.Errorf("IPv6 never-dial set: %w", err)
+	}
+	return nil
+}
+
+// NeverDial reads back the never-dial set: node-local prefixes and metadata
+// addresses, sorted.
+func (d *Datapath) NeverDial() (nodeLocal []netip.Prefix, metadata []netip.Addr, err error) {
+	put := func(p netip.Prefix, class uint8) {
+		if class == uint8(sluiceDstClassDST_METADATA) && p.IsSingleIP() {
+			metadata = append(metadata, p.Addr())
+		} else {
+			nodeLocal = append(nodeLocal, p)
+		}
+	}
+	var k4 sluiceLpmV4Key
+	var v uint8
+	it := d.maps.NeverDialV4.Iterate()
+	for it.Next(&k4, &v) {
+		put(netip.PrefixFrom(wordAddr4(k4.Addr), int(k4.Prefixlen)), v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, nil, fmt.Errorf("list IPv4 never-dial set: %w", err)
+	}
+	var k6 sluiceLpmV6Key
+	it = d.maps.NeverDialV6.Iterate()
+	for it.Next(&k6, &v) {
+		put(netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)), v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, nil, fmt.Errorf("list IPv6 never-dial set: %w", err)
+	}
+	sortPrefixes(nodeLocal)
+	slices.SortFunc(metadata, netip.Addr.Compare)
+	return nodeLocal, metadata, nil
+}
+
+func sortPrefixes(ps []netip.Prefix) {
+	slices.SortFunc(ps, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+}
+
 // Exclusions returns the excluded prefixes, sorted.
 func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
 	var out []netip.Prefix
@@ -348,12 +477,7 @@ func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list IPv6 exclusions: %w", err)
 	}
-	slices.SortFunc(out, func(a, b netip.Prefix) int {
-		if c := a.Addr().Compare(b.Addr()); c != 0 {
-			return c
-		}
-		return a.Bits() - b.Bits()
-	})
+	sortPrefixes(out)
 	return out, nil
 }
 
@@ -429,9 +553,19 @@ func (d *Datapath) Resolvers() ([]netip.AddrPort, error) {
 // syncSet makes the keys of a set-like map (value 1) exactly want: it adds
 // first, then removes what is no longer wanted.
 func syncSet[K comparable](m *ebpf.Map, want map[K]bool) error {
-	one := uint8(1)
+	vals := make(map[K]uint8, len(want))
 	for k := range want {
-		if err := m.Update(k, one, ebpf.UpdateAny); err != nil {
+		vals[k] = 1
+	}
+	return syncMap(m, vals, func(K) bool { return true })
+}
+
+// syncMap makes the entries of a map with one-byte values that mine claims
+// exactly want: it writes first, then removes the claimed keys no longer
+// wanted, so an entry in both the old and the new set never lapses.
+func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool) error {
+	for k, v := range want {
+		if err := m.Update(k, v, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("add %v: %w", k, err)
 		}
 	}
@@ -440,7 +574,7 @@ func syncSet[K comparable](m *ebpf.Map, want map[K]bool) error {
 	var v uint8
 	it := m.Iterate()
 	for it.Next(&k, &v) {
-		if !want[k] {
+		if _, ok := want[k]; !ok && mine(k) {
 			stale = append(stale, k)
 		}
 	}

@@ -16,25 +16,36 @@ import (
 type sluiceCounter uint32
 
 const (
-	sluiceCounterCOUNTER_REDIRECTED_V4     sluiceCounter = 0
-	sluiceCounterCOUNTER_REDIRECTED_V6     sluiceCounter = 1
-	sluiceCounterCOUNTER_EXCLUDED          sluiceCounter = 2
-	sluiceCounterCOUNTER_PROXY_DIRECT      sluiceCounter = 3
-	sluiceCounterCOUNTER_FAILED_CLOSED     sluiceCounter = 4
-	sluiceCounterCOUNTER_BYPASS_NOT_READY  sluiceCounter = 5
-	sluiceCounterCOUNTER_ORIG_STORE_FAILED sluiceCounter = 6
-	sluiceCounterCOUNTER_PUBLISHED         sluiceCounter = 7
-	sluiceCounterCOUNTER_PUBLISH_FAILED    sluiceCounter = 8
-	sluiceCounterCOUNTER_CLAIMED           sluiceCounter = 9
-	sluiceCounterCOUNTER_CLAIM_MISSED      sluiceCounter = 10
-	sluiceCounterCOUNTER_STALE_CLEARED     sluiceCounter = 11
-	sluiceCounterCOUNTER_ORIG_ANSWERED     sluiceCounter = 12
-	sluiceCounterCOUNTER_ORIG_UNKNOWN      sluiceCounter = 13
-	sluiceCounterCOUNTER_PEER_REWRITTEN    sluiceCounter = 14
-	sluiceCounterCOUNTER_DNS_ALLOWED       sluiceCounter = 15
-	sluiceCounterCOUNTER_DENIED_NON_TCP    sluiceCounter = 16
-	sluiceCounterCOUNTER_LEASE_EXPIRED     sluiceCounter = 17
-	sluiceCounterCOUNTER_MAX               sluiceCounter = 18
+	sluiceCounterCOUNTER_REDIRECTED_V4      sluiceCounter = 0
+	sluiceCounterCOUNTER_REDIRECTED_V6      sluiceCounter = 1
+	sluiceCounterCOUNTER_EXCLUDED           sluiceCounter = 2
+	sluiceCounterCOUNTER_PROXY_DIRECT       sluiceCounter = 3
+	sluiceCounterCOUNTER_FAILED_CLOSED      sluiceCounter = 4
+	sluiceCounterCOUNTER_BYPASS_NOT_READY   sluiceCounter = 5
+	sluiceCounterCOUNTER_ORIG_STORE_FAILED  sluiceCounter = 6
+	sluiceCounterCOUNTER_PUBLISHED          sluiceCounter = 7
+	sluiceCounterCOUNTER_PUBLISH_FAILED     sluiceCounter = 8
+	sluiceCounterCOUNTER_CLAIMED            sluiceCounter = 9
+	sluiceCounterCOUNTER_CLAIM_MISSED       sluiceCounter = 10
+	sluiceCounterCOUNTER_STALE_CLEARED      sluiceCounter = 11
+	sluiceCounterCOUNTER_ORIG_ANSWERED      sluiceCounter = 12
+	sluiceCounterCOUNTER_ORIG_UNKNOWN       sluiceCounter = 13
+	sluiceCounterCOUNTER_PEER_REWRITTEN     sluiceCounter = 14
+	sluiceCounterCOUNTER_DNS_ALLOWED        sluiceCounter = 15
+	sluiceCounterCOUNTER_DENIED_NON_TCP     sluiceCounter = 16
+	sluiceCounterCOUNTER_LEASE_EXPIRED      sluiceCounter = 17
+	sluiceCounterCOUNTER_NODE_LOCAL_REFUSED sluiceCounter = 18
+	sluiceCounterCOUNTER_PROXY_PORT_REFUSED sluiceCounter = 19
+	sluiceCounterCOUNTER_METADATA_DIRECT    sluiceCounter = 20
+	sluiceCounterCOUNTER_METADATA_REFUSED   sluiceCounter = 21
+	sluiceCounterCOUNTER_MAX                sluiceCounter = 22
+)
+
+type sluiceDstClass uint32
+
+const (
+	sluiceDstClassDST_NODE_LOCAL sluiceDstClass = 1
+	sluiceDstClassDST_METADATA   sluiceDstClass = 2
 )
 
 type sluiceLpmV4Key struct {
@@ -47,6 +58,14 @@ type sluiceLpmV6Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
 	Addr      [4]uint32
+}
+
+type sluiceMetadataKey struct {
+	_          structs.HostLayout
+	WorkloadId uint32
+	Port       uint16
+	Pad        uint16
+	Addr       [4]uint32
 }
 
 type sluiceOrigDst struct {
@@ -93,6 +112,8 @@ type sluiceWorkloadStats struct {
 	Redirected   uint64
 	FailedClosed uint64
 	Denied       uint64
+	NodeLocal    uint64
+	Metadata     uint64
 }
 
 // Names of all BPF objects in the ELF.
@@ -105,6 +126,9 @@ const (
 	sluiceMapExcludedPorts   = "excluded_ports"
 	sluiceMapExcludedV4      = "excluded_v4"
 	sluiceMapExcludedV6      = "excluded_v6"
+	sluiceMapMetadataGrants  = "metadata_grants"
+	sluiceMapNeverDialV4     = "never_dial_v4"
+	sluiceMapNeverDialV6     = "never_dial_v6"
 	sluiceMapOrigDsts        = "orig_dsts"
 	sluiceMapPendingTuples   = "pending_tuples"
 	sluiceMapResolvers       = "resolvers"
@@ -121,6 +145,7 @@ const (
 	sluiceProgSlSockRelease  = "sl_sock_release"
 	sluiceProgSlSockops      = "sl_sockops"
 	sluiceVarUnusedCounter   = "unused_counter"
+	sluiceVarUnusedDstClass  = "unused_dst_class"
 )
 
 // loadSluice returns the embedded CollectionSpec for sluice.
@@ -181,24 +206,28 @@ type sluiceProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sluiceMapSpecs struct {
-	Claimed       *ebpf.MapSpec `ebpf:"claimed"`
-	Config        *ebpf.MapSpec `ebpf:"config"`
-	Counters      *ebpf.MapSpec `ebpf:"counters"`
-	ExcludedPorts *ebpf.MapSpec `ebpf:"excluded_ports"`
-	ExcludedV4    *ebpf.MapSpec `ebpf:"excluded_v4"`
-	ExcludedV6    *ebpf.MapSpec `ebpf:"excluded_v6"`
-	OrigDsts      *ebpf.MapSpec `ebpf:"orig_dsts"`
-	PendingTuples *ebpf.MapSpec `ebpf:"pending_tuples"`
-	Resolvers     *ebpf.MapSpec `ebpf:"resolvers"`
-	WlStats       *ebpf.MapSpec `ebpf:"wl_stats"`
-	Workloads     *ebpf.MapSpec `ebpf:"workloads"`
+	Claimed        *ebpf.MapSpec `ebpf:"claimed"`
+	Config         *ebpf.MapSpec `ebpf:"config"`
+	Counters       *ebpf.MapSpec `ebpf:"counters"`
+	ExcludedPorts  *ebpf.MapSpec `ebpf:"excluded_ports"`
+	ExcludedV4     *ebpf.MapSpec `ebpf:"excluded_v4"`
+	ExcludedV6     *ebpf.MapSpec `ebpf:"excluded_v6"`
+	MetadataGrants *ebpf.MapSpec `ebpf:"metadata_grants"`
+	NeverDialV4    *ebpf.MapSpec `ebpf:"never_dial_v4"`
+	NeverDialV6    *ebpf.MapSpec `ebpf:"never_dial_v6"`
+	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
+	PendingTuples  *ebpf.MapSpec `ebpf:"pending_tuples"`
+	Resolvers      *ebpf.MapSpec `ebpf:"resolvers"`
+	WlStats        *ebpf.MapSpec `ebpf:"wl_stats"`
+	Workloads      *ebpf.MapSpec `ebpf:"workloads"`
 }
 
 // sluiceVariableSpecs contains global variables before they are loaded into the kernel.
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sluiceVariableSpecs struct {
-	UnusedCounter *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedDstClass *ebpf.VariableSpec `ebpf:"unused_dst_class"`
 }
 
 // sluiceObjects contains all objects after they have been loaded into the kernel.
@@ -221,17 +250,20 @@ func (o *sluiceObjects) Close() error {
 //
 // It can be passed to loadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sluiceMaps struct {
-	Claimed       *ebpf.Map `ebpf:"claimed"`
-	Config        *ebpf.Map `ebpf:"config"`
-	Counters      *ebpf.Map `ebpf:"counters"`
-	ExcludedPorts *ebpf.Map `ebpf:"excluded_ports"`
-	ExcludedV4    *ebpf.Map `ebpf:"excluded_v4"`
-	ExcludedV6    *ebpf.Map `ebpf:"excluded_v6"`
-	OrigDsts      *ebpf.Map `ebpf:"orig_dsts"`
-	PendingTuples *ebpf.Map `ebpf:"pending_tuples"`
-	Resolvers     *ebpf.Map `ebpf:"resolvers"`
-	WlStats       *ebpf.Map `ebpf:"wl_stats"`
-	Workloads     *ebpf.Map `ebpf:"workloads"`
+	Claimed        *ebpf.Map `ebpf:"claimed"`
+	Config         *ebpf.Map `ebpf:"config"`
+	Counters       *ebpf.Map `ebpf:"counters"`
+	ExcludedPorts  *ebpf.Map `ebpf:"excluded_ports"`
+	ExcludedV4     *ebpf.Map `ebpf:"excluded_v4"`
+	ExcludedV6     *ebpf.Map `ebpf:"excluded_v6"`
+	MetadataGrants *ebpf.Map `ebpf:"metadata_grants"`
+	NeverDialV4    *ebpf.Map `ebpf:"never_dial_v4"`
+	NeverDialV6    *ebpf.Map `ebpf:"never_dial_v6"`
+	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
+	PendingTuples  *ebpf.Map `ebpf:"pending_tuples"`
+	Resolvers      *ebpf.Map `ebpf:"resolvers"`
+	WlStats        *ebpf.Map `ebpf:"wl_stats"`
+	Workloads      *ebpf.Map `ebpf:"workloads"`
 }
 
 func (m *sluiceMaps) Close() error {
@@ -242,6 +274,9 @@ func (m *sluiceMaps) Close() error {
 		m.ExcludedPorts,
 		m.ExcludedV4,
 		m.ExcludedV6,
+		m.MetadataGrants,
+		m.NeverDialV4,
+		m.NeverDialV6,
 		m.OrigDsts,
 		m.PendingTuples,
 		m.Resolvers,
@@ -254,7 +289,8 @@ func (m *sluiceMaps) Close() error {
 //
 // It can be passed to loadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sluiceVariables struct {
-	UnusedCounter *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedDstClass *ebpf.Variable `ebpf:"unused_dst_class"`
 }
 
 // sluicePrograms contains all programs after they have been loaded into the kernel.

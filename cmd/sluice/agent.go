@@ -17,6 +17,7 @@ import (
 
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -48,6 +49,14 @@ func (f addrFlag) Set(s string) error {
 }
 
 // listFlag is a comma-separated list.
+func defaultMetadata() string {
+	var s []string
+	for _, a := range policy.DefaultMetadata {
+		s = append(s, a.String())
+	}
+	return strings.Join(s, ",")
+}
+
 type listFlag []string
 
 func (l *listFlag) String() string { return strings.Join(*l, ",") }
@@ -131,7 +140,8 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
 	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
 	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'sluice uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
-	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "never redirect connections to this node's own addresses (taken at start)")
+	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "let connections to this node's own addresses (taken at start) go direct; false refuses them (EPERM). Either way they are never redirected: the proxy would reach the node itself")
+	metadata := fs.String("metadata-addresses", defaultMetadata(), `comma-separated cloud metadata-service addresses, never redirected: audit-mode pods reach them directly (counted per pod), enforce-mode pods only where an allow entry names the address (e.g. "169.254.169.254:80"), else EPERM; "" for none`)
 	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
 	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
 	fs.StringVar(&cfg.XDSTCP, "xds-tcp", "", "also serve ADS on this loopback ip:port")
@@ -194,6 +204,16 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 			return agent.Config{}, "", fmt.Errorf("--exclude-ports %q: want a port in 1-65535", s)
 		}
 		cfg.ExcludePorts = append(cfg.ExcludePorts, uint16(n))
+	}
+	for _, s := range strings.Split(*metadata, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil || a.Zone() != "" {
+			return agent.Config{}, "", fmt.Errorf("--metadata-addresses %q: not an IP address", s)
+		}
+		cfg.Metadata = append(cfg.Metadata, a.Unmap())
 	}
 	var level slog.Level
 	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {

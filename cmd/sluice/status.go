@@ -23,6 +23,8 @@ type statusReport struct {
 	Proxy            datapath.ProxyState `json:"proxy"`
 	Workloads        []workloadStatus    `json:"workloads"`
 	Exclusions       []netip.Prefix      `json:"exclusions"`
+	NodeLocal        []netip.Prefix      `json:"node_local"` // never redirected: refused unless excluded
+	Metadata         []netip.Addr        `json:"metadata"`   // never redirected: audit direct, enforce where granted
 	ExcludedPorts    []uint16            `json:"excluded_ports"`
 	Resolvers        []netip.AddrPort    `json:"dns_resolvers"`
 	Counters         map[string]uint64   `json:"counters"`
@@ -50,6 +52,8 @@ type workloadStatus struct {
 	FailedClosed uint64 `json:"failed_closed"`
 	Enforce      bool   `json:"enforce"`
 	Denied       uint64 `json:"denied_non_tcp"`
+	NodeLocal    uint64 `json:"node_local_refused"`
+	Metadata     uint64 `json:"metadata"`
 }
 
 func runStatus(args []string, stdout, stderr io.Writer) error {
@@ -102,6 +106,9 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 	if rep.Exclusions, err = dp.Exclusions(); err != nil {
 		return nil, err
 	}
+	if rep.NodeLocal, rep.Metadata, err = dp.NeverDial(); err != nil {
+		return nil, err
+	}
 	if rep.Resolvers, err = dp.Resolvers(); err != nil {
 		return nil, err
 	}
@@ -143,7 +150,7 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 	}
 	for cg, w := range ws {
 		s := workloadStatus{CgroupID: cg, ID: w.ID, FailMode: w.FailMode.String(), Redirected: stats[w.ID].Redirected, FailedClosed: stats[w.ID].FailedClosed,
-			Enforce: w.Enforce, Denied: stats[w.ID].Denied}
+			Enforce: w.Enforce, Denied: stats[w.ID].Denied, NodeLocal: stats[w.ID].NodeLocal, Metadata: stats[w.ID].Metadata}
 		if rep.Agent != nil {
 			s.Name = rep.Agent.Workloads[w.ID]
 		}
@@ -180,9 +187,10 @@ func printStatus(w io.Writer, r *statusReport) {
 	if len(r.Resolvers) > 0 {
 		fmt.Fprintf(w, "DNS resolvers: %v\n", r.Resolvers)
 	}
-	fmt.Fprintf(w, "never redirected: %v, ports %v\n\n", r.Exclusions, r.ExcludedPorts)
+	fmt.Fprintf(w, "never redirected, direct: %v, ports %v\n", r.Exclusions, r.ExcludedPorts)
+	fmt.Fprintf(w, "never redirected, refused unless direct: %v\nmetadata (audit direct, enforce where granted): %v\n\n", r.NodeLocal, r.Metadata)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tMODE\tFAIL MODE\tREDIRECTED\tFAILED CLOSED\tDENIED NON-TCP")
+	fmt.Fprintln(tw, "WORKLOAD\tID\tCGROUP ID\tMODE\tFAIL MODE\tREDIRECTED\tFAILED CLOSED\tDENIED NON-TCP\tNODE-LOCAL REFUSED\tMETADATA")
 	for _, s := range r.Workloads {
 		name := s.Name
 		if name == "" {
@@ -192,7 +200,7 @@ func printStatus(w io.Writer, r *statusReport) {
 		if s.Enforce {
 			mode = "enforce"
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%d\n", name, s.ID, s.CgroupID, mode, s.FailMode, s.Redirected, s.FailedClosed, s.Denied)
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", name, s.ID, s.CgroupID, mode, s.FailMode, s.Redirected, s.FailedClosed, s.Denied, s.NodeLocal, s.Metadata)
 	}
 	tw.Flush()
 	if r.Agent != nil {

@@ -92,7 +92,7 @@ func checkExposure(t *testing.T, e *harness.Env) {
 // bypassCase is one attempt to get out of an enforce-mode pod.
 type bypassCase struct {
 	name string
-	pod  int    // index in the testbed's pods: 0 enforced, 1 unselected
+	pod  int    // index in the testbed's pods: 0 enforced, 1 unselected, 2 audited
 	spec string // client spec (testbed.Dial)
 	send string // sent after connecting
 	// reply is the prefix of the first line the application reads; "" when
@@ -115,8 +115,8 @@ type bypassCase struct {
 // got, what the external servers saw, which counter recorded it and what
 // the proxy did. docs/security.md tabulates the result.
 func TestPrivilegedBypassMatrix(t *testing.T) {
-	e := harness.NewEnforcing(t, 2)
-	pod, other := e.TB.Pods[0], e.TB.Pods[1]
+	e := harness.NewEnforcing(t, 3)
+	pod, other, audited := e.TB.Pods[0], e.TB.Pods[1], e.TB.Pods[2]
 	ext4, ext4b := testbed.ExternalV4[0], testbed.ExternalV4[1]
 	ext6, ext6b := testbed.ExternalV6[0], testbed.ExternalV6[1]
 	hp := func(a netip.Addr, port uint16) string { return netip.AddrPortFrom(a, port).String() }
@@ -127,11 +127,12 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 	}
 	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "checkout", Mode: "enforce",
 		Allow:       fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d", ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort),
-		Annotations: map[string]string{"example.com/api-token": secretCanary}})
+		Annotations: map[string]string{"example.com/api-token": secretCanary}},
+		harness.Workload{Pod: audited, Namespace: "shop", Name: "audited", Mode: "audit"})
 	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53", ext4, ext6))
 	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
 		st := readStatus(t, e)
-		return st.Proxy.Ready && len(st.Workloads) == 1
+		return st.Proxy.Ready && len(st.Workloads) == 2
 	})
 	for _, p := range e.TB.Pods {
 		p.Netns.Sysctl(t, "net.ipv4.ping_group_range", "0 2147483647")
@@ -141,6 +142,10 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 	const eperm = "operation not permitted"
 	get := func(host string) string { return "GET / HTTP/1.1\r\nHost: " + host + "\r\n" }
 	proxy4 := hp(datapath.DefaultProxyIPv4, datapath.DefaultProxyPort)
+	// The agent's /metrics listens on the node's loopback (127.0.0.1:9464),
+	// as Envoy's admin and the kubelet's healthz do on a real node.
+	metricsPort := uint16(9464)
+	getMetrics := "GET /metrics HTTP/1.1\r\nHost: allowed.example\r\n"
 	cases := []bypassCase{
 		{name: "IPv4, allowed address", spec: "tcp4:" + hp(ext4b, harness.ServerPort), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
 		{name: "IPv4, address not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
@@ -168,11 +173,25 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		{name: "DNS to a configured resolver, IPv6", spec: "sendto6:" + hp(ext6, 53), reply: "peer=" + pod.IPv6.String(), datagram: hp(ext6, 53), counter: "dns_allowed"},
 		{name: "direct connection to the proxy address", spec: "tcp4:" + proxy4, err: "EOF", counter: "proxy_direct", proxy: "unknown-closed"},
 		{name: "unselected pod, straight to the proxy", pod: 1, spec: "tcp4:" + proxy4, err: "EOF", proxy: "unknown-closed"},
+		{name: "0.0.0.0 to a node-loopback port (the agent's metrics), allowed Host", spec: "tcp4:" + hp(netip.IPv4Unspecified(), metricsPort), send: getMetrics, err: eperm, counter: "node_local_refused"},
+		{name: "[::] to a node-loopback port", spec: "tcp6:" + hp(netip.IPv6Unspecified(), metricsPort), send: getMetrics, err: eperm, counter: "node_local_refused"},
+		{name: "[::ffff:0.0.0.0] to a node-loopback port", spec: "mapped:" + hp(netip.IPv4Unspecified(), metricsPort), send: getMetrics, err: eperm, counter: "node_local_refused"},
+		{name: "127.0.0.1 stays in the pod's own loopback", spec: "tcp4:" + hp(netip.MustParseAddr("127.0.0.1"), metricsPort), err: "connection refused", counter: "excluded"},
+		{name: "the proxy address on another port", spec: "tcp4:" + hp(datapath.DefaultProxyIPv4, metricsPort), err: eperm, counter: "proxy_port_refused"},
+		{name: "the proxy IPv6 address on another port", spec: "tcp6:" + hp(datapath.DefaultProxyIPv6, metricsPort), err: eperm, counter: "proxy_port_refused"},
+		{name: "the node's own address", spec: "tcp4:" + hp(testbed.NodeV4, metricsPort), err: "connection refused", counter: "excluded"},
+		{name: "the metadata service, IPv4", spec: "tcp4:169.254.169.254:80", err: eperm, counter: "metadata_refused"},
+		{name: "the metadata service, IPv6", spec: "tcp6:[fd00:ec2::254]:80", err: eperm, counter: "metadata_refused"},
+		{name: "audit pod: 0.0.0.0 to a node-loopback port (the agent's metrics)", pod: 2, spec: "tcp4:" + hp(netip.IPv4Unspecified(), metricsPort), send: getMetrics, err: eperm, counter: "node_local_refused"},
+		{name: "audit pod: the proxy address on another port", pod: 2, spec: "tcp4:" + hp(datapath.DefaultProxyIPv4, metricsPort), err: eperm, counter: "proxy_port_refused"},
 	}
+	// Counters that must move only in the case that names them.
+	watched := []string{"denied_non_tcp", "dns_allowed", "redirected_ipv4", "redirected_ipv6", "proxy_direct", "excluded",
+		"node_local_refused", "proxy_port_refused", "metadata_refused", "metadata_direct"}
 	t.Run("owner-only files, no secrets in metrics", func(t *testing.T) { checkExposure(t, e) })
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			p := []*testbed.Pod{pod, other}[c.pod]
+			p := []*testbed.Pod{pod, other, audited}[c.pod]
 			peers, grams, recs := len(e.Echo.Peers()), len(e.Echo.Datagrams()), len(standin.ReadRecords(e.Records))
 			before := counters(t, e)
 			args := []string{}
@@ -204,7 +223,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 				switch {
 				case name == c.counter && d != 1:
 					t.Errorf("counter %s moved by %d, want 1", name, d)
-				case name != c.counter && (name == "denied_non_tcp" || name == "dns_allowed" || name == "redirected_ipv4" || name == "redirected_ipv6" || name == "proxy_direct") && d != 0:
+				case name != c.counter && slices.Contains(watched, name) && d != 0:
 					t.Errorf("counter %s moved by %d, want 0", name, d)
 				}
 			}
