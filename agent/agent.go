@@ -117,11 +117,14 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("the pinned datapath keeps its in-flight map size; the new size applies after 'sluice uninstall' (open connections would lose their original destinations)",
 			"in_effect", dp.InFlightCapacity(), "asked", want)
 	}
-	ifname, err := datapath.ProxyAddrs{}.Ensure(cfg.Proxy.Addrs()...)
+	if err := dp.SetProxy(datapath.Proxy{IPv4: cfg.Proxy.IPv4, IPv6: cfg.Proxy.IPv6, Port: cfg.Proxy.Port}); err != nil {
+		return err
+	}
+	ifname, added, err := datapath.ProxyAddrs{}.Ensure(cfg.Proxy.Addrs()...)
 	if err != nil {
 		return err
 	}
-	if err := dp.SetProxy(datapath.Proxy{IPv4: cfg.Proxy.IPv4, IPv6: cfg.Proxy.IPv6, Port: cfg.Proxy.Port}); err != nil {
+	if err := dp.MarkAdded(added); err != nil {
 		return err
 	}
 	node, err := nodeAddresses(cfg.Proxy)

@@ -49,6 +49,10 @@
  */
 #define COUNTER_SLOTS 64
 
+/* Bits of proxy_config.added. */
+#define PROXY_ADDED_V4 (1U << 0)
+#define PROXY_ADDED_V6 (1U << 1)
+
 /* Bits of workload.flags. */
 #define WORKLOAD_FAIL_CLOSED (1U << 0)
 /*
@@ -93,7 +97,12 @@ struct proxy_config {
 	__be32 addr6[4]; /* all zero: no IPv6 proxy */
 	__be16 port;
 	__u8 ready; /* the proxy answers /ready; see fail modes */
-	__u8 _pad;
+	/*
+	 * PROXY_ADDED_*: sluice put that address on the node (it was not
+	 * there before), so uninstall removes it and nothing else. The
+	 * programs never read it; it lives here to share the pins' lifetime.
+	 */
+	__u8 added;
 	/*
 	 * Readiness lease: ready only holds until this bpf_ktime_get_ns()
 	 * (CLOCK_MONOTONIC) deadline, which the agent renews while the proxy

@@ -97,7 +97,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 		t.Errorf("workloads after reopen: %v, %v", ws, err)
 	}
 	ps, err := d.ProxyState()
-	if err != nil || ps != (ProxyState{Proxy: proxy, Ready: true, Effective: true}) {
+	if err != nil || !reflect.DeepEqual(ps, ProxyState{Proxy: proxy, Ready: true, Effective: true}) {
 		t.Errorf("proxy state after reopen: %+v, %v", ps, err)
 	}
 	if n := len(attachedIDs(t, cfg.CgroupPath, ebpf.AttachCGroupInet4Connect)); n != 1 {
@@ -214,46 +214,95 @@ func TestPrivilegedMaps(t *testing.T) {
 }
 
 // The proxy address goes on lo when dummy interfaces are unavailable (as
-// here), or on sluice0; Ensure is idempotent and Remove takes it away.
+// here), or on sluice0; Ensure is idempotent and says which addresses it
+// added, and Remove takes away exactly those: an address that was on the
+// node before sluice stays, and is not reported as removed.
 func TestPrivilegedProxyAddrs(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	tns := testbed.NewNetns(t, "egd-addr-"+testbed.RandomID())
 	h := tns.NetlinkHandle(t)
 	pa := ProxyAddrs{Handle: h}
-	var (
-		dev string
-		err error
-	)
-	for range 2 {
-		if dev, err = pa.Ensure(DefaultProxyIPv4, DefaultProxyIPv6); err != nil {
-			t.Fatal(err)
-		}
+	// Someone else's address, already on lo, that is also the IPv6 proxy's.
+	tns.IP(t, "addr", "add", DefaultProxyIPv6.String()+"/128", "dev", "lo", "nodad")
+	dev, added, err := pa.Ensure(DefaultProxyIPv4, DefaultProxyIPv6)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(added, []netip.Addr{DefaultProxyIPv4}) {
+		t.Errorf("first Ensure added %v, want only %s (the IPv6 address was there)", added, DefaultProxyIPv4)
+	}
+	if _, again, err := pa.Ensure(DefaultProxyIPv4, DefaultProxyIPv6); err != nil || len(again) != 0 {
+		t.Errorf("second Ensure added %v (%v), want nothing", again, err)
 	}
 	l, err := h.LinkByName(dev)
 	if err != nil {
 		t.Fatal(err)
 	}
-	addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+	on := func() map[netip.Addr]bool {
+		addrs, err := h.AddrList(l, netlink.FAMILY_ALL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[netip.Addr]bool{}
+		for _, a := range addrs {
+			if ip, ok := netip.AddrFromSlice(a.IP); ok {
+				out[ip.Unmap()] = true
+			}
+		}
+		return out
+	}
+	if got := on(); !got[DefaultProxyIPv4] || !got[DefaultProxyIPv6] {
+		t.Errorf("%s after Ensure: %v, want both proxy addresses", dev, got)
+	}
+	removed, err := pa.Remove(added...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	found := 0
-	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok && (ip.Unmap() == DefaultProxyIPv4 || ip == DefaultProxyIPv6) {
-			found++
-		}
+	if !slices.Equal(removed, []netip.Addr{DefaultProxyIPv4}) {
+		t.Errorf("Remove reported %v, want [%s]", removed, DefaultProxyIPv4)
 	}
-	if found != 2 {
-		t.Errorf("%s has %d proxy addresses after two Ensures, want 2: %v", dev, found, addrs)
+	if got := on(); got[DefaultProxyIPv4] || !got[DefaultProxyIPv6] {
+		t.Errorf("%s after Remove: %v, want the IPv4 proxy address gone and the pre-existing IPv6 one kept", dev, got)
 	}
-	if err := pa.Remove(DefaultProxyIPv4, DefaultProxyIPv6); err != nil {
+	// Removing what is already gone removes nothing and says so.
+	if removed, err := pa.Remove(DefaultProxyIPv4); err != nil || len(removed) != 0 {
+		t.Errorf("second Remove: %v, %v; want nothing removed", removed, err)
+	}
+}
+
+// The pinned config records which proxy addresses sluice added, for the
+// address it was recorded for only.
+func TestPrivilegedMarkAdded(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	d, err := Open(testConfig(t))
+	if err != nil {
 		t.Fatal(err)
 	}
-	addrs, _ = h.AddrList(l, netlink.FAMILY_ALL)
-	for _, a := range addrs {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok && (ip.Unmap() == DefaultProxyIPv4 || ip == DefaultProxyIPv6) {
-			t.Errorf("proxy address %s still on %s", ip, dev)
-		}
+	defer d.Close()
+	p := Proxy{IPv4: DefaultProxyIPv4, IPv6: DefaultProxyIPv6, Port: DefaultProxyPort}
+	if err := d.SetProxy(p); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.MarkAdded([]netip.Addr{DefaultProxyIPv4, netip.MustParseAddr("192.0.2.1")}); err != nil {
+		t.Fatal(err)
+	}
+	if ps, _ := d.ProxyState(); !slices.Equal(ps.Added, []netip.Addr{DefaultProxyIPv4}) {
+		t.Errorf("added %v, want [%s]", ps.Added, DefaultProxyIPv4)
+	}
+	// Same address again (an agent restart): the record stays.
+	if err := d.SetProxy(p); err != nil {
+		t.Fatal(err)
+	}
+	if ps, _ := d.ProxyState(); len(ps.Added) != 1 {
+		t.Errorf("after the same SetProxy: added %v, want it kept", ps.Added)
+	}
+	// Another address: what was recorded was of the old one.
+	p.IPv4 = netip.MustParseAddr("169.254.77.2")
+	if err := d.SetProxy(p); err != nil {
+		t.Fatal(err)
+	}
+	if ps, _ := d.ProxyState(); len(ps.Added) != 0 {
+		t.Errorf("after a new address: added %v, want none", ps.Added)
 	}
 }
 

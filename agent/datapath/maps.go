@@ -33,6 +33,9 @@ func (m FailMode) String() string {
 const (
 	flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
 	flagEnforce    = 1 << 1 // WORKLOAD_ENFORCE
+
+	addedV4 = 1 << 0 // PROXY_ADDED_V4
+	addedV6 = 1 << 1 // PROXY_ADDED_V6
 )
 
 // Workload is the datapath's view of a selected workload.
@@ -128,6 +131,7 @@ func (d *Datapath) SetProxy(p Proxy) error {
 		return errors.New("proxy port must not be 0")
 	}
 	return d.updateConfig(func(c *sluiceProxyConfig) {
+		old4, old6 := c.Addr4, c.Addr6
 		c.Addr4, c.Addr6 = 0, [4]uint32{}
 		if p.IPv4.IsValid() {
 			b := p.IPv4.As4()
@@ -136,7 +140,33 @@ func (d *Datapath) SetProxy(p Proxy) error {
 		if p.IPv6.IsValid() {
 			c.Addr6 = addr6Words(p.IPv6)
 		}
+		// Whether sluice added an address is known only of the address
+		// it was recorded for.
+		if c.Addr4 != old4 {
+			c.Added &^= addedV4
+		}
+		if c.Addr6 != old6 {
+			c.Added &^= addedV6
+		}
 		c.Port = be16(p.Port)
+	})
+}
+
+// MarkAdded records that sluice put these proxy addresses on the node
+// (ProxyAddrs.Ensure says which it added), so that uninstall removes them
+// and only them. Addresses other than the configured proxy's are ignored.
+// The record is sticky: a restarted agent finds the address present and
+// adds nothing, and the first agent's record stands.
+func (d *Datapath) MarkAdded(addrs []netip.Addr) error {
+	return d.updateConfig(func(c *sluiceProxyConfig) {
+		for _, a := range addrs {
+			switch {
+			case a.Is4() && c.Addr4 != 0 && wordAddr4(c.Addr4) == a:
+				c.Added |= addedV4
+			case a.Is6() && c.Addr6 != [4]uint32{} && wordsAddr6(c.Addr6) == a:
+				c.Added |= addedV6
+			}
+		}
 	})
 }
 
@@ -188,6 +218,9 @@ type ProxyState struct {
 	// expired); zero with HasLease false when there is no lease.
 	LeaseLeft time.Duration
 	HasLease  bool
+	// Added are the proxy addresses sluice put on the node (MarkAdded):
+	// what uninstall removes.
+	Added []netip.Addr
 }
 
 // ProxyState reads back the proxy configuration.
@@ -209,9 +242,15 @@ func (d *Datapath) ProxyState() (ProxyState, error) {
 	}
 	if c.Addr4 != 0 {
 		s.IPv4 = wordAddr4(c.Addr4)
+		if c.Added&addedV4 != 0 {
+			s.Added = append(s.Added, s.IPv4)
+		}
 	}
 	if c.Addr6 != [4]uint32{} {
 		s.IPv6 = wordsAddr6(c.Addr6)
+		if c.Added&addedV6 != 0 {
+			s.Added = append(s.Added, s.IPv6)
+		}
 	}
 	return s, nil
 }

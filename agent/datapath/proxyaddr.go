@@ -42,14 +42,21 @@ func (p ProxyAddrs) h() *netlink.Handle {
 
 // Ensure puts addrs (host routes: /32 and /128) on the dummy interface
 // sluice0, creating it, or on lo when the kernel has no dummy interfaces
-// (CONFIG_DUMMY off). It is idempotent and returns the interface it used.
-func (p ProxyAddrs) Ensure(addrs ...netip.Addr) (string, error) {
+// (CONFIG_DUMMY off). It is idempotent; it returns the interface it used
+// and the addresses it added (those that were not on it already), which
+// Datapath.MarkAdded records for uninstall.
+func (p ProxyAddrs) Ensure(addrs ...netip.Addr) (dev string, added []netip.Addr, err error) {
 	link, err := p.proxyLink()
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
+	name := link.Attrs().Name
 	if err := p.h().LinkSetUp(link); err != nil {
-		return "", fmt.Errorf("set %s up: %w", link.Attrs().Name, err)
+		return "", nil, fmt.Errorf("set %s up: %w", name, err)
+	}
+	have, err := p.addrsOn(link)
+	if err != nil {
+		return "", nil, err
 	}
 	for _, a := range addrs {
 		if !a.IsValid() {
@@ -61,10 +68,29 @@ func (p ProxyAddrs) Ensure(addrs ...netip.Addr) (string, error) {
 			addr.Flags = unix.IFA_F_NODAD
 		}
 		if err := p.h().AddrReplace(link, addr); err != nil {
-			return "", fmt.Errorf("add %s to %s: %w", a, link.Attrs().Name, err)
+			return "", nil, fmt.Errorf("add %s to %s: %w", a, name, err)
+		}
+		if !have[a] {
+			added = append(added, a)
 		}
 	}
-	return link.Attrs().Name, nil
+	return name, added, nil
+}
+
+// addrsOn lists the host addresses (/32, /128) on link.
+func (p ProxyAddrs) addrsOn(link netlink.Link) (map[netip.Addr]bool, error) {
+	list, err := p.h().AddrList(link, netlink.FAMILY_ALL)
+	if err != nil {
+		return nil, fmt.Errorf("list addresses of %s: %w", link.Attrs().Name, err)
+	}
+	out := map[netip.Addr]bool{}
+	for _, a := range list {
+		ones, bits := a.Mask.Size()
+		if ip, ok := netip.AddrFromSlice(a.IP); ok && ones == bits {
+			out[ip.Unmap()] = true
+		}
+	}
+	return out, nil
 }
 
 func hostAddr(a netip.Addr) *netlink.Addr {
@@ -92,9 +118,15 @@ func (p ProxyAddrs) proxyLink() (netlink.Link, error) {
 }
 
 // Remove takes addrs off sluice0 or lo, wherever Ensure put them, and
-// deletes sluice0 if it exists. Addresses already gone are not an error.
-func (p ProxyAddrs) Remove(addrs ...netip.Addr) error {
-	var errs []error
+// deletes sluice0 if it exists. It returns the addresses it removed:
+// addresses already gone are not an error, and not reported as removed.
+// Pass only what Ensure added (ProxyState.Added): an address that was on lo
+// before sluice came is someone else's.
+func (p ProxyAddrs) Remove(addrs ...netip.Addr) ([]netip.Addr, error) {
+	var (
+		errs    []error
+		removed []netip.Addr
+	)
 	for _, name := range []string{ProxyInterface, "lo"} {
 		l, err := p.h().LinkByName(name)
 		if err != nil {
@@ -104,7 +136,11 @@ func (p ProxyAddrs) Remove(addrs ...netip.Addr) error {
 			if !a.IsValid() {
 				continue
 			}
-			if err := p.h().AddrDel(l, hostAddr(a)); err != nil && !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT) {
+			err := p.h().AddrDel(l, hostAddr(a))
+			switch {
+			case err == nil:
+				removed = append(removed, a)
+			case !errors.Is(err, unix.EADDRNOTAVAIL) && !errors.Is(err, unix.ENOENT):
 				errs = append(errs, fmt.Errorf("remove %s from %s: %w", a, name, err))
 			}
 		}
@@ -114,5 +150,5 @@ func (p ProxyAddrs) Remove(addrs ...netip.Addr) error {
 			}
 		}
 	}
-	return errors.Join(errs...)
+	return removed, errors.Join(errs...)
 }

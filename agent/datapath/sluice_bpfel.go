@@ -82,7 +82,7 @@ type sluiceProxyConfig struct {
 	Addr6      [4]uint32
 	Port       uint16
 	Ready      uint8
-	Pad        uint8
+	Added      uint8
 	ReadyUntil uint64
 }
 

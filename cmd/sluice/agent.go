@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -224,19 +225,50 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 }
 
 func runUninstall(args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("uninstall", `Detach sluice's eBPF programs, remove its pins and the proxy addresses. Only
-sluice's own links, maps and addresses are touched. Stop the agent first.`, stderr)
+	fs := newFlagSet("uninstall", `Detach sluice's eBPF programs, remove its pins, and remove the proxy
+addresses sluice itself put on the node (the pinned datapath records which; an
+address that was there before sluice is left alone). Only sluice's own links,
+maps and addresses are touched. Stop the agent first.`, stderr)
 	pin := fs.String("pin-path", datapath.DefaultPinPath, "bpffs directory of sluice's pins")
-	proxy := proxyFlags(fs)
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		fs.Usage()
+		return fmt.Errorf("uninstall takes no arguments, got %q: %w", fs.Args(), errUsage)
+	}
+	// Read what sluice added before the pins that record it go.
+	var added []netip.Addr
+	var note string
+	switch dp, err := datapath.OpenPinned(*pin); {
+	case errors.Is(err, datapath.ErrNotInstalled):
+		note = "no pinned datapath"
+	case err != nil:
+		note = fmt.Sprintf("cannot read which proxy addresses sluice added (%v); left every address in place", err)
+	default:
+		ps, err := dp.ProxyState()
+		dp.Close()
+		if err != nil {
+			note = fmt.Sprintf("cannot read which proxy addresses sluice added (%v); left every address in place", err)
+		}
+		added = ps.Added
 	}
 	if err := datapath.Uninstall(*pin); err != nil {
 		return err
 	}
-	if err := (datapath.ProxyAddrs{}).Remove(proxy.Addrs()...); err != nil {
+	removed, err := (datapath.ProxyAddrs{}).Remove(added...)
+	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stdout, "sluice uninstalled: programs detached, %s removed, proxy addresses %v removed\n", *pin, proxy.Addrs())
+	msg := fmt.Sprintf("sluice uninstalled: programs detached, %s removed", *pin)
+	if len(removed) > 0 {
+		msg += fmt.Sprintf(", proxy addresses %v removed", removed)
+	} else {
+		msg += ", no proxy address removed (none that sluice added is on the node)"
+	}
+	if note != "" {
+		msg += "; " + note
+	}
+	fmt.Fprintln(stdout, msg)
 	return nil
 }

@@ -192,7 +192,7 @@ func (e *Env) StartEnvoy(t testing.TB, bin string) (accessLog string) {
 // sluice0 (or lo), as the agent does.
 func EnsureProxyAddrs(t testing.TB, node *testbed.Netns) {
 	t.Helper()
-	if _, err := (datapath.ProxyAddrs{Handle: node.NetlinkHandle(t)}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
+	if _, _, err := (datapath.ProxyAddrs{Handle: node.NetlinkHandle(t)}).Ensure(datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6); err != nil {
 		t.Fatalf("proxy address: %v", err)
 	}
 }
