@@ -66,18 +66,8 @@ func TestPrivilegedRedirect(t *testing.T) {
 	}
 
 	after := f.counters(t)
-	if d := after.RedirectedV4 - before.RedirectedV4; d != 2 {
-		t.Errorf("redirected_ipv4 counted %d, want 2 (tcp4 and mapped)", d)
-	}
-	if d := after.RedirectedV6 - before.RedirectedV6; d != 1 {
-		t.Errorf("redirected_ipv6 counted %d, want 1", d)
-	}
-	if d := after.OrigDstAnswered - before.OrigDstAnswered; d != 3 {
-		t.Errorf("orig_dst_answered counted %d, want 3", d)
-	}
-	if d := after.Claimed - before.Claimed; d != 3 {
-		t.Errorf("claimed counted %d, want 3", d)
-	}
+	// tcp4 and mapped are IPv4.
+	wantCounted(t, before, after, map[string]uint64{"redirected_ipv4": 2, "redirected_ipv6": 1, "orig_dst_answered": 3, "claimed": 3})
 	ws, err := f.dp.WorkloadStats()
 	if err != nil {
 		t.Fatal(err)
