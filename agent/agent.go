@@ -177,7 +177,7 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		events.next = kube
 	}
-	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, Reporter: events, Logger: log})
+	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Reporter: events, Logger: log})
 	if err != nil {
 		return err
 	}

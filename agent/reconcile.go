@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"slices"
 	"sort"
 	"sync"
@@ -54,6 +55,7 @@ type Reconciler struct {
 	xds      XDS
 	proxy    xds.Proxy
 	local    policy.NodeLocal
+	dns      []netip.AddrPort
 	report   Reporter
 	log      *slog.Logger
 	cgroupID func(string) (uint64, error)
@@ -75,8 +77,10 @@ type ReconcilerConfig struct {
 	// NodeLocal is the node's never-dial set: the proxy's listener
 	// refuses it, and its metadata addresses are what allow entries grant.
 	NodeLocal policy.NodeLocal
-	Reporter  Reporter
-	Logger    *slog.Logger
+	// DNSResolvers are what the proxy resolves hostname entries with.
+	DNSResolvers []netip.AddrPort
+	Reporter     Reporter
+	Logger       *slog.Logger
 	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
 	CgroupID func(string) (uint64, error)
 }
@@ -86,7 +90,7 @@ type ReconcilerConfig struct {
 // source claims.
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
-		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -286,7 +290,7 @@ func (r *Reconciler) Changed() <-chan struct{} { return r.changed }
 func (r *Reconciler) State() xds.State {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All()}
+	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All(), DNSResolvers: slices.Clone(r.dns)}
 	for _, s := range r.byKey {
 		w := xds.Workload{Namespace: s.w.Namespace, Name: s.w.Name, IPs: slices.Clone(s.w.IPs), Policy: s.policy}
 		if s.perr != nil {

@@ -71,7 +71,7 @@ func Build(s State) (*Resources, []Issue, error) {
 	groups, issues := groupWorkloads(s)
 	b := &builder{state: s}
 	lis := b.listener(groups)
-	clusters := []*cluster.Cluster{b.originalDstCluster(), b.denyCluster()}
+	clusters := []*cluster.Cluster{b.originalDstCluster(), b.denyCluster(), b.dynamicForwardProxyCluster()}
 	if b.err != nil {
 		return nil, nil, b.err
 	}

@@ -66,7 +66,7 @@ var goldenCases = []struct {
 	},
 	{
 		name: "enforce-hostnames",
-		state: State{Proxy: testProxy, Workloads: []Workload{
+		state: State{Proxy: testProxy, NeverDial: testNeverDial, DNSResolvers: []netip.AddrPort{netip.MustParseAddrPort("10.96.0.10:53")}, Workloads: []Workload{
 			pod("shop", "checkout", "enforce", "api.stripe.com:443, *.googleapis.com, status.example.com:80, status.example.com:8080", "10.244.1.6"),
 		}},
 	},

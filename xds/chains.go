@@ -52,7 +52,9 @@ func (b *builder) groupChains(g *group) []*listener.FilterChain {
 		chains = append(chains, b.tcpChain(chainName("tcp", g), g, OriginalDstClusterName, verdictAllow, "destination in the allow list"))
 	}
 	if len(hosts) > 0 {
-		chains = append(chains, b.tcpChain(chainName("tls", g), g, OriginalDstClusterName, verdictAllow, "SNI in the allow list"))
+		// Forwarded to where DNS says the SNI is, at the original port.
+		chains = append(chains, b.tcpChain(chainName("tls", g), g, DynamicForwardProxyClusterName, verdictAllow, "SNI in the allow list",
+			b.portFromOriginalDst(), b.sniForwardProxy()))
 	}
 	for _, port := range rulePorts(hosts) {
 		if port != 0 {
@@ -70,7 +72,8 @@ func (b *builder) denyChain(name string, g *group, reason string) *listener.Filt
 	return b.tcpChain(name, g, DenyClusterName, verdictDeny, reason)
 }
 
-func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason string) *listener.FilterChain {
+// tcpChain ends in a tcp_proxy to cluster, after the filters before.
+func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason string, before ...*listener.Filter) *listener.FilterChain {
 	prefix := "sluice." + statName(name)
 	if g != nil {
 		prefix = "sluice." + statName(g.key)
@@ -82,17 +85,18 @@ func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason strin
 	}
 	return &listener.FilterChain{
 		Name: name,
-		Filters: []*listener.Filter{{
+		Filters: append(before, &listener.Filter{
 			Name:       tcpProxyFilterName,
 			ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(tp)},
-		}},
+		}),
 	}
 }
 
 // httpChain serves plaintext HTTP for one port of an enforce group (port 0:
 // ports no hostname entry names). Requests whose Host (port stripped) is
-// allowed go to the original destination; every other request gets a 403
-// that names sluice and the pod.
+// allowed go to where DNS says that host is, at the original destination's
+// port (the dynamic forward proxy), never to the address the pod dialled;
+// CONNECT and every other request get a 403 that names sluice and the pod.
 func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.FilterChain {
 	name := httpChainName(g, port)
 	var domains []string
@@ -103,16 +107,31 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 			domains = append(domains, r.Host)
 		}
 	}
+	deny := func(match *route.RouteMatch, body string) *route.Route {
+		return &route.Route{
+			Name:  verdictDeny,
+			Match: match,
+			Action: &route.Route_DirectResponse{DirectResponse: &route.DirectResponseAction{
+				Status: 403,
+				Body:   &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: body}},
+			}},
+		}
+	}
+	// CONNECT would open a tunnel to whatever its authority names: HTTP/1.1
+	// CONNECT matches only a connect_matcher route, so each virtual host
+	// starts with one that answers 403.
+	connect := deny(&route.RouteMatch{PathSpecifier: &route.RouteMatch_ConnectMatcher_{ConnectMatcher: &route.RouteMatch_ConnectMatcher{}}},
+		connectBody(g))
 	var vhosts []*route.VirtualHost
 	if len(domains) > 0 {
 		vhosts = append(vhosts, &route.VirtualHost{
 			Name:    "allow",
 			Domains: domains,
-			Routes: []*route.Route{{
+			Routes: []*route.Route{connect, {
 				Name:  verdictAllow,
 				Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
 				Action: &route.Route_Route{Route: &route.RouteAction{
-					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: OriginalDstClusterName},
+					ClusterSpecifier: &route.RouteAction_Cluster{Cluster: DynamicForwardProxyClusterName},
 					// No route timeout: long polls and streams are the
 					// application's business, as they are without sluice.
 					Timeout: durationpb.New(0),
@@ -123,14 +142,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 	vhosts = append(vhosts, &route.VirtualHost{
 		Name:    verdictDeny,
 		Domains: []string{"*"},
-		Routes: []*route.Route{{
-			Name:  verdictDeny,
-			Match: &route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}},
-			Action: &route.Route_DirectResponse{DirectResponse: &route.DirectResponseAction{
-				Status: 403,
-				Body:   &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: denyBody(g, port)}},
-			}},
-		}},
+		Routes:  []*route.Route{connect, deny(&route.RouteMatch{PathSpecifier: &route.RouteMatch_Prefix{Prefix: "/"}}, denyBody(g, port))},
 	})
 	m := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
@@ -140,6 +152,9 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 			VirtualHosts: vhosts,
 		}},
 		HttpFilters: []*hcm.HttpFilter{{
+			Name:       httpDFPFilterName,
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(b.httpForwardProxy())},
+		}, {
 			Name:       routerFilterName,
 			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(&router.Router{SuppressEnvoyHeaders: true})},
 		}},
@@ -152,11 +167,15 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 	}
 	return &listener.FilterChain{
 		Name: name,
-		Filters: []*listener.Filter{{
+		Filters: []*listener.Filter{b.portFromOriginalDst(), {
 			Name:       hcmFilterName,
 			ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(m)},
 		}},
 	}
+}
+
+func connectBody(g *group) string {
+	return sanitize(fmt.Sprintf("sluice: request denied by the egress policy of %s (mode enforce): CONNECT is never forwarded\n", g.key), maxDirectResponseBody-4)
 }
 
 // oneLine joins the lines of a multi-error for a log field or a body.

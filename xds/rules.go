@@ -13,6 +13,7 @@ import (
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	filelog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	dfphttp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/dynamic_forward_proxy/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	httpinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/http_inspector/v3"
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
@@ -21,6 +22,8 @@ import (
 	directresponse "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/direct_response/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
+	netsetstate "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/set_filter_state/v3"
+	snidfp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/sni_dynamic_forward_proxy/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	network "github.com/envoyproxy/go-control-plane/envoy/extensions/matching/common_inputs/network/v3"
 	ipmatcher "github.com/envoyproxy/go-control-plane/envoy/extensions/matching/input_matchers/ip/v3"
@@ -56,9 +59,12 @@ var (
 		typeURL(&hcm.HttpConnectionManager{}): {name: hcmFilterName, terminal: true},
 		typeURL(&directresponse.Config{}):     {name: "envoy.filters.network.direct_response", terminal: true},
 		typeURL(&netrbac.RBAC{}):              {name: "envoy.filters.network.rbac"},
+		typeURL(&netsetstate.Config{}):        {name: setFilterStateName},
+		typeURL(&snidfp.FilterConfig{}):       {name: sniDFPFilterName},
 	}
 	httpFilters = map[string]extension{
-		typeURL(&router.Router{}): {name: routerFilterName, terminal: true},
+		typeURL(&router.Router{}):        {name: routerFilterName, terminal: true},
+		typeURL(&dfphttp.FilterConfig{}): {name: httpDFPFilterName},
 	}
 	accessLoggers = map[string]extension{
 		typeURL(&stream.StdoutAccessLog{}): {name: stdoutLoggerName},
@@ -106,6 +112,9 @@ func checkCluster(path string, c *cluster.Cluster) []error {
 		}
 	} else if c.GetLbPolicy() == cluster.Cluster_CLUSTER_PROVIDED && c.GetClusterType() == nil {
 		errs = append(errs, fmt.Errorf("%s: lb_policy CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters, not %s", path, c.GetType()))
+	}
+	if ct := c.GetClusterType(); ct != nil {
+		errs = append(errs, checkCustomCluster(path, c, ct)...)
 	}
 	if c.GetType() == cluster.Cluster_STATIC && c.GetLoadAssignment() != nil {
 		for _, lle := range c.GetLoadAssignment().GetEndpoints() {

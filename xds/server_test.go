@@ -175,7 +175,7 @@ func TestADSSubscribeAckUpdateNack(t *testing.T) {
 		names = append(names, cl.GetName())
 	}
 	slices.Sort(names)
-	if strings.Join(names, ",") != DenyClusterName+","+OriginalDstClusterName {
+	if strings.Join(names, ",") != DenyClusterName+","+DynamicForwardProxyClusterName+","+OriginalDstClusterName {
 		t.Fatalf("clusters %v", names)
 	}
 	c.ack(cds)

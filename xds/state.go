@@ -22,6 +22,10 @@ type State struct {
 	// never redirects them; the listener refuses them as a second line.
 	// The proxy's addresses and loopback are refused even when it is empty.
 	NeverDial []netip.Prefix
+	// DNSResolvers are what the proxy resolves hostname entries with (the
+	// agent's --dns-resolvers: the cluster DNS). Empty: the node's
+	// resolv.conf, which rarely knows cluster names.
+	DNSResolvers []netip.AddrPort
 	// ListenerFiltersTimeout bounds how long the TLS and HTTP inspectors
 	// wait for a client's first bytes. Server-first protocols (SMTP, SSH,
 	// MySQL) send nothing until the server speaks, so after this long the

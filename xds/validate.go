@@ -150,6 +150,7 @@ func Validate(r *Resources) error {
 		listeners[l.GetName()] = true
 		errs = append(errs, checkListener(name, l, clusters)...)
 	}
+	errs = append(errs, checkDNSCaches(r)...)
 	return errors.Join(errs...)
 }
 

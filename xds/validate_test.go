@@ -13,9 +13,12 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
+	dfpcluster "github.com/envoyproxy/go-control-plane/envoy/extensions/clusters/dynamic_forward_proxy/v3"
+	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -72,10 +75,35 @@ func editTyped[T proto.Message](t *testing.T, f *listener.Filter, m T, edit func
 
 func editHCM(t *testing.T, r *Resources, edit func(*hcm.HttpConnectionManager)) {
 	t.Helper()
-	editTyped(t, chain(t, r, "http|shop/checkout|80").GetFilters()[0], &hcm.HttpConnectionManager{}, edit)
+	fs := chain(t, r, "http|shop/checkout|80").GetFilters()
+	editTyped(t, fs[len(fs)-1], &hcm.HttpConnectionManager{}, edit)
 }
 
 func originalDst(r *Resources) *cluster.Cluster { return r.Clusters[0] }
+
+func dfpCluster(t *testing.T, r *Resources) *cluster.Cluster {
+	t.Helper()
+	for _, c := range r.Clusters {
+		if c.GetName() == DynamicForwardProxyClusterName {
+			return c
+		}
+	}
+	t.Fatal("no dynamic forward proxy cluster")
+	return nil
+}
+
+// editDNSCache changes the DNS cache of the dynamic forward proxy cluster
+// only (not of the filters that attach to it).
+func editDNSCache(t *testing.T, r *Resources, edit func(*dnscache.DnsCacheConfig)) {
+	t.Helper()
+	c := dfpCluster(t, r)
+	var cfg dfpcluster.ClusterConfig
+	if err := c.GetClusterType().GetTypedConfig().UnmarshalTo(&cfg); err != nil {
+		t.Fatal(err)
+	}
+	edit(cfg.GetDnsCacheConfig())
+	c.GetClusterType().TypedConfig = mustAny(t, &cfg)
+}
 
 // Each rule of the validator, fed a resource that breaks it.
 func TestValidateRejects(t *testing.T) {
@@ -111,6 +139,29 @@ func TestValidateRejects(t *testing.T) {
 		}, "an ORIGINAL_DST cluster must not have a load_assignment"},
 		{"CLUSTER_PROVIDED on a STATIC cluster", func(t *testing.T, r *Resources) { r.Clusters[1].LbPolicy = cluster.Cluster_CLUSTER_PROVIDED },
 			"lb_policy CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters, not STATIC"},
+		{"dynamic forward proxy without CLUSTER_PROVIDED", func(t *testing.T, r *Resources) { dfpCluster(t, r).LbPolicy = cluster.Cluster_ROUND_ROBIN },
+			"a dynamic forward proxy cluster needs lb_policy CLUSTER_PROVIDED"},
+		{"dynamic forward proxy HTTP options without auto_sni", func(t *testing.T, r *Resources) {
+			c := dfpCluster(t, r)
+			var o upstreamhttp.HttpProtocolOptions
+			if err := c.TypedExtensionProtocolOptions[httpProtocolOptionsKey].UnmarshalTo(&o); err != nil {
+				t.Fatal(err)
+			}
+			o.UpstreamHttpProtocolOptions = nil
+			c.TypedExtensionProtocolOptions[httpProtocolOptionsKey] = mustAny(t, &o)
+		}, "lack auto_sni and auto_san_validation"},
+		{"unknown custom cluster type", func(t *testing.T, r *Resources) {
+			dfpCluster(t, r).GetClusterType().Name = "envoy.clusters.redis"
+		}, `cluster_type "envoy.clusters.redis"`},
+		{"DNS cache differs between cluster and filter", func(t *testing.T, r *Resources) {
+			editDNSCache(t, r, func(dc *dnscache.DnsCacheConfig) { dc.MaxHosts = wrapperspb.UInt32(7) })
+		}, `DNS cache "sluice" differs from its configuration`},
+		{"DNS cache without the rebinding filter", func(t *testing.T, r *Resources) {
+			editDNSCache(t, r, func(dc *dnscache.DnsCacheConfig) { dc.ResolvedAddressFilter = nil })
+		}, "keeps every answer"},
+		{"DNS cache on the node's resolv.conf", func(t *testing.T, r *Resources) {
+			editDNSCache(t, r, func(dc *dnscache.DnsCacheConfig) { dc.TypedDnsResolverConfig = nil })
+		}, "has no typed_dns_resolver_config"},
 		{"duplicate cluster names", func(t *testing.T, r *Resources) {
 			r.Clusters = append(r.Clusters, proto.Clone(r.Clusters[1]).(*cluster.Cluster))
 		}, `cluster "sluice_deny": duplicate cluster name`},
@@ -121,7 +172,7 @@ func TestValidateRejects(t *testing.T) {
 			`cluster "sluice_original_dst" does not exist`},
 		{"route names a missing cluster", func(t *testing.T, r *Resources) {
 			editHCM(t, r, func(m *hcm.HttpConnectionManager) {
-				m.GetRouteConfig().VirtualHosts[0].Routes[0].GetRoute().ClusterSpecifier = &route.RouteAction_Cluster{Cluster: "nope"}
+				m.GetRouteConfig().VirtualHosts[0].Routes[1].GetRoute().ClusterSpecifier = &route.RouteAction_Cluster{Cluster: "nope"}
 			})
 		}, `virtual host "allow": cluster "nope" does not exist`},
 		{"terminal filter not last", func(t *testing.T, r *Resources) {
@@ -197,7 +248,7 @@ func TestValidateRejects(t *testing.T) {
 		}, `virtual host "deny": domain "*.googleapis.com" is also in virtual host "allow"; Envoy permits each domain once`},
 		{"direct response body over 4 KiB", func(t *testing.T, r *Resources) {
 			editHCM(t, r, func(m *hcm.HttpConnectionManager) {
-				dr := m.GetRouteConfig().VirtualHosts[1].Routes[0].GetDirectResponse()
+				dr := m.GetRouteConfig().VirtualHosts[1].Routes[1].GetDirectResponse()
 				dr.Body = &core.DataSource{Specifier: &core.DataSource_InlineString{InlineString: strings.Repeat("x", 5000)}}
 			})
 		}, "direct response body is 5000 bytes; Envoy's limit is 4096"},

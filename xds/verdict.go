@@ -5,20 +5,32 @@ import (
 	"strings"
 )
 
-// Verdict says what the generated Envoy configuration does with one
+// Decision is what the generated Envoy configuration does with one
+// connection.
+type Decision struct {
+	Allowed bool
+	Reason  string
+	// Host is set when a hostname entry allowed the connection: the proxy
+	// then dials the address DNS gives for Host (Envoy's dynamic forward
+	// proxy), at the original destination's port, never the address the
+	// client dialled. Empty: the proxy dials the original destination.
+	Host string
+}
+
+// Decide says what the generated Envoy configuration does with one
 // connection of a workload with this policy: the same decision, in the same
 // order, as the enforce matcher (matcher.go). sni is the TLS server name
 // ("" if not TLS); host is the HTTP Host without port ("" if not plaintext
 // HTTP). Tools and the demo use it to explain a connection; Envoy, not this
 // function, enforces.
-func (p Policy) Verdict(dst netip.AddrPort, sni, host string) (allowed bool, reason string) {
+func (p Policy) Decide(dst netip.AddrPort, sni, host string) Decision {
 	if p.Mode == Audit {
-		return true, "audit mode"
+		return Decision{Allowed: true, Reason: "audit mode"}
 	}
 	a := dst.Addr().Unmap()
 	for _, r := range p.Allow {
 		if !r.IsHost() && r.Prefix.Contains(a) && (r.Port == 0 || r.Port == dst.Port()) {
-			return true, "destination in the allow list (" + r.String() + ")"
+			return Decision{Allowed: true, Reason: "destination in the allow list (" + r.String() + ")"}
 		}
 	}
 	name := sni
@@ -30,19 +42,19 @@ func (p Policy) Verdict(dst netip.AddrPort, sni, host string) (allowed bool, rea
 		for _, r := range p.Allow {
 			if r.IsHost() && hostMatches(r.Host, name) && (r.Port == 0 || r.Port == dst.Port()) {
 				if sni != "" {
-					return true, "SNI in the allow list (" + r.String() + ")"
+					return Decision{Allowed: true, Reason: "SNI in the allow list (" + r.String() + ")", Host: name}
 				}
-				return true, "Host in the allow list (" + r.String() + ")"
+				return Decision{Allowed: true, Reason: "Host in the allow list (" + r.String() + ")", Host: name}
 			}
 		}
 	}
 	switch {
 	case host != "":
-		return false, "HTTP 403: Host not in the allow list"
+		return Decision{Reason: "HTTP 403: Host not in the allow list"}
 	case sni != "":
-		return false, "closed: SNI not in the allow list"
+		return Decision{Reason: "closed: SNI not in the allow list"}
 	}
-	return false, "closed: destination not in the allow list"
+	return Decision{Reason: "closed: destination not in the allow list"}
 }
 
 func hostMatches(pattern, name string) bool {

@@ -67,6 +67,9 @@ func TestDemo(t *testing.T) {
 		fmt.Sprintf("tcp6:[%s]:%d", testbed.ExternalV6[0], harness.ServerPort),
 		fmt.Sprintf("mapped:%s:%d", testbed.ExternalV4[0], harness.ServerPort),
 		fmt.Sprintf("tcp4:%s:%d", testbed.ExternalV4[1], harness.ServerPort),
+		// The agent's /metrics on the node's loopback: never through the
+		// proxy (which would dial 0.0.0.0 as the node's loopback).
+		"tcp4:0.0.0.0:9464",
 	}
 	say("")
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
@@ -83,9 +86,12 @@ func TestDemo(t *testing.T) {
 			} else if rec, ok := standin.FindRecord(e.Records, r.Local, time.Second); ok {
 				redirected, orig = "yes", rec.OrigDst
 				if ap, err := netip.ParseAddrPort(rec.OrigDst); err == nil {
-					ok, why := policy.Verdict(ap, "", "")
-					verdict = map[bool]string{true: "allow", false: "deny"}[ok] + ": " + why
+					d := policy.Decide(ap, "", "")
+					verdict = map[bool]string{true: "allow", false: "deny"}[d.Allowed] + ": " + d.Reason
 				}
+			}
+			if strings.Contains(r.Err, "operation not permitted") {
+				verdict = "refused at connect() by the datapath"
 			}
 			seen := strings.TrimPrefix(r.Reply, "peer=")
 			if r.Err != "" {
@@ -97,12 +103,14 @@ func TestDemo(t *testing.T) {
 	w.Flush()
 	say("\n%s is selected: its connections reach the proxy, which recovered each original destination; the server", web.Name)
 	say("sees the node's address and the application still sees the original peer. %s goes direct.", plain.Name)
+	say("0.0.0.0:9464 is the node's loopback as the proxy would dial it: for %s it is refused (EPERM), never", web.Name)
+	say("redirected; for %s it is its own loopback, where nothing listens.", plain.Name)
 
 	say("\n$ sluice status")
 	fmt.Print(indent(e.Status(t)))
 	say("\n$ curl http://127.0.0.1:9464/metrics  (a few lines)")
 	m := e.Metrics(t)
-	for _, prefix := range []string{"sluice_workload_connections_total", "sluice_datapath_events_total{event=\"redirected", "sluice_datapath_events_total{event=\"orig_dst_answered", "sluice_proxy_ready", "sluice_selected_workloads", "sluice_xds_versions_total"} {
+	for _, prefix := range []string{"sluice_workload_connections_total", "sluice_datapath_events_total{event=\"redirected", "sluice_datapath_events_total{event=\"orig_dst_answered", "sluice_datapath_events_total{event=\"node_local_refused", "sluice_proxy_ready", "sluice_selected_workloads", "sluice_xds_versions_total"} {
 		for _, l := range harness.MetricLines(m, prefix) {
 			say("  %s", l)
 		}

@@ -98,9 +98,11 @@ type bypassCase struct {
 	// reply is the prefix of the first line the application reads; "" when
 	// it must read nothing. err is a substring of the error it gets.
 	reply, err string
-	// server: the external TCP server accepts a connection; datagram: the
-	// UDP server at this address receives one datagram.
+	// server: the external TCP server accepts a connection (at: at this
+	// address, when set); datagram: the UDP server at this address
+	// receives one datagram.
 	server   bool
+	at       string
 	datagram string
 	// counter is the datapath counter that records the case.
 	counter string
@@ -126,10 +128,19 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		}
 	}
 	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "checkout", Mode: "enforce",
-		Allow:       fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d", ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort),
+		Allow: fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d, rebind.example:%[5]d, meta.example:%[5]d, node.example:%[5]d, nxdomain.example:%[5]d, broken.example:%[5]d",
+			ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort),
 		Annotations: map[string]string{"example.com/api-token": secretCanary}},
 		harness.Workload{Pod: audited, Namespace: "shop", Name: "audited", Mode: "audit"})
-	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53", ext4, ext6))
+	// Where the allowed names really are: allowed.example is the server at
+	// ext4b (an allowed address too, so that CIDR and name agree); the
+	// others resolve to node-local addresses (DNS rebinding) or not at all.
+	e.DNS.Set("allowed.example", ext4b)
+	e.DNS.Set("rebind.example", netip.MustParseAddr("127.0.0.1"))
+	e.DNS.Set("meta.example", netip.MustParseAddr("169.254.169.254"))
+	e.DNS.Set("node.example", testbed.NodeV4)
+	e.DNS.Fail("broken.example")
+	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53,%s", ext4, ext6, harness.DNSResolver))
 	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
 		st := readStatus(t, e)
 		return st.Proxy.Ready && len(st.Workloads) == 2
@@ -156,8 +167,16 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		{name: "non-blocking connect, not allowed", spec: "nb4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
 		{name: "TCP Fast Open, allowed address", spec: "tfo4:" + hp(ext4b, harness.ServerPort), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
 		{name: "TCP Fast Open, address not allowed", spec: "tfo4:" + hp(ext4, harness.ServerPort), err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
-		{name: "HTTP, allowed host", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("allowed.example"), reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
-		{name: "TLS, allowed server name", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:allowed.example", reply: node4, server: true, counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP, allowed host, dialled at another address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("allowed.example"), reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP, allowed host, dialled at an IPv6 address", spec: "tcp6:" + hp(ext6, harness.ServerPort), send: get("allowed.example"), reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv6", proxy: "forwarded"},
+		{name: "WebSocket upgrade on an allowed host, dialled at another address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("allowed.example") + "Upgrade: websocket\r\nConnection: Upgrade\r\n", reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP CONNECT naming an allowed host", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "CONNECT allowed.example:8080 HTTP/1.1\r\nHost: allowed.example:8080\r\n", reply: "HTTP/1.1 403", counter: "redirected_ipv4", proxy: "denied-403"},
+		{name: "TLS, allowed server name, dialled at another address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:allowed.example", reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "TLS, allowed name resolving to 127.0.0.1", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:rebind.example", err: "EOF", counter: "redirected_ipv4", proxy: "never-dial-closed"},
+		{name: "TLS, allowed name resolving to the metadata service", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:meta.example", err: "EOF", counter: "redirected_ipv4", proxy: "never-dial-closed"},
+		{name: "HTTP, allowed name resolving to the node's address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("node.example"), reply: "HTTP/1.1 503", counter: "redirected_ipv4", proxy: "never-dial-closed"},
+		{name: "TLS, allowed name with no address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:nxdomain.example", err: "EOF", counter: "redirected_ipv4", proxy: "dns-failed"},
+		{name: "TLS, allowed name whose lookup fails", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:broken.example", err: "EOF", counter: "redirected_ipv4", proxy: "dns-failed"},
 		{name: "TLS, server name not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:blocked.example", err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
 		{name: "TLS, allowed name as a subdomain prefix", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:allowed.example.evil.test", err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},
 		{name: "HTTP, host not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("blocked.example"), reply: "HTTP/1.1 403", counter: "redirected_ipv4", proxy: "denied-403"},
@@ -212,6 +231,10 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 			if got := len(e.Echo.Peers()) - peers; got != map[bool]int{true: 1}[c.server] {
 				t.Errorf("external TCP servers accepted %d connections, want %d", got, map[bool]int{true: 1}[c.server])
+			} else if c.at != "" {
+				if got := e.Echo.Conns()[peers].To; got != c.at {
+					t.Errorf("the server at %s accepted the connection, want the one at %s (where DNS says the name is), never the address dialled", got, c.at)
+				}
 			}
 			newGrams := e.Echo.Datagrams()[grams:]
 			if c.datagram == "" && len(newGrams) != 0 || c.datagram != "" && (len(newGrams) != 1 || newGrams[0].To != c.datagram) {

@@ -24,9 +24,11 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
 	"github.com/sluice-io/sluice/xds"
+	"github.com/vishvananda/netlink"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
@@ -85,7 +87,13 @@ type Env struct {
 	AgentCgroup   *testbed.Cgroup
 	// Proxy is the stand-in proxy NewEnforcing or StartProxy started.
 	Proxy *testbed.Daemon
+	// DNS answers for hostname entries at testbed.DNSV4:53; tests set its
+	// records.
+	DNS *testbed.DNSServer
 }
+
+// DNSResolver is the testbed's DNS server, as --dns-resolvers takes it.
+var DNSResolver = netip.AddrPortFrom(testbed.DNSV4, 53)
 
 // New builds the testbed with pods, the echo servers and the stand-in
 // proxy.
@@ -114,8 +122,30 @@ func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
 	t.Helper()
 	e.Proxy = testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
 		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
-		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile)
+		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile,
+		"-dns", DNSResolver.String(), "-never-dial", strings.Join(e.neverDial(t), ","))
 	return e.Proxy
+}
+
+// neverDial is the node's never-dial set as the agent computes it: the
+// addresses of the node's interfaces, the proxy's, the metadata defaults.
+func (e *Env) neverDial(t testing.TB) []string {
+	t.Helper()
+	list, err := e.TB.Node.NetlinkHandle(t).AddrList(nil, netlink.FAMILY_ALL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nl := policy.NodeLocal{Proxy: []netip.Addr{datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6}, Metadata: policy.DefaultMetadata}
+	for _, a := range list {
+		if ip, ok := netip.AddrFromSlice(a.IP); ok {
+			nl.Node = append(nl.Node, ip.Unmap())
+		}
+	}
+	var out []string
+	for _, p := range nl.All() {
+		out = append(out, p.String())
+	}
+	return out
 }
 
 // NewWithoutProxy is New without a proxy: the caller starts one (Envoy).
@@ -136,6 +166,7 @@ func NewWithoutProxy(t testing.TB, pods int) *Env {
 		Bin:           Sluice(t),
 		AgentCgroup:   tb.Root.Child(t, "agent"),
 	}
+	e.DNS = testbed.ServeDNS(t, tb.External.ListenPacket(t, "udp", DNSResolver.String()), 2)
 	e.Echo = testbed.ServeEcho(t)
 	for _, a := range append(append([]netip.Addr{}, testbed.ExternalV4...), testbed.ExternalV6...) {
 		for _, port := range []uint16{ServerPort, ExcludedPort} {

@@ -55,7 +55,11 @@ func TestPrivilegedTupleReuse(t *testing.T) {
 		if name == "redirected" && st.Unknown != 0 {
 			t.Errorf("%s client: %d connections lost their original destination", name, st.Unknown)
 		}
-		if st.Match < n/2 {
+		// The clients stop at a time budget, so how many of the n they
+		// make depends on the machine (under qemu's emulation with the
+		// other core busy, about half). Reuse is exercised once each of
+		// the 12 source ports has carried 50 verified connections.
+		if st.Match < 12*50 {
 			t.Errorf("%s client: only %d verified connections of %d; the test did not exercise reuse", name, st.Match, n)
 		}
 	}

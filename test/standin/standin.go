@@ -46,8 +46,13 @@ type Record struct {
 	// ("none" when it connected to the proxy directly).
 	Want   string `json:"want,omitempty"`
 	Asked  bool   `json:"asked"`
-	Result string `json:"result"` // forwarded, unknown-closed, loop-closed, dial-failed, match, mismatch, unknown, skipped
+	Result string `json:"result"` // forwarded, unknown-closed, loop-closed, dial-failed, dns-failed, never-dial-closed, match, mismatch, unknown, skipped
 	Err    string `json:"err,omitempty"`
+	// Host is the allowed hostname whose DNS answer was dialled, and
+	// Upstream the address dialled (the original destination, or that
+	// answer).
+	Host     string `json:"host,omitempty"`
+	Upstream string `json:"upstream,omitempty"`
 }
 
 // SOOriginalDst is SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
@@ -114,6 +119,14 @@ type Proxy struct {
 	// of its plaintext HTTP request is allowed; a denied HTTP request gets
 	// 403, anything else denied is closed.
 	Workloads string
+	// DNS is the resolver for hostname entries (the agent's configured
+	// resolvers, as in the served DNS cache). A connection a hostname entry
+	// allows is forwarded to the address DNS gives for the name, at the
+	// original destination's port, as Envoy's dynamic forward proxy does,
+	// never to the address the client dialled; an answer in NeverDial is
+	// refused (DNS rebinding), and a failed lookup closes the connection.
+	DNS       netip.AddrPort
+	NeverDial []netip.Prefix
 	Log       io.Writer
 
 	mu    sync.Mutex
@@ -206,16 +219,29 @@ func (p *Proxy) handle(c *net.TCPConn) {
 		return
 	}
 	var early []byte
+	upstream := netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
 	if p.Workloads != "" {
-		var ok bool
-		if early, ok = p.enforce(c, dst, &r); !ok {
+		var ok, http bool
+		if early, http, ok = p.enforce(c, dst, &r); !ok {
 			p.record(r)
 			return
 		}
+		if r.Host != "" {
+			if upstream, ok = p.resolve(r.Host, dst.Port(), &r); !ok {
+				if http {
+					// The HTTP dynamic forward proxy filter answers a failed
+					// (or wholly filtered) lookup with 503, flag DF.
+					fmt.Fprintf(c, "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+				}
+				p.record(r)
+				return
+			}
+		}
 	}
+	r.Upstream = upstream.String()
 	d := net.Dialer{Timeout: 3 * time.Second}
 	d.SetMultipathTCP(false)
-	up, err := d.Dial("tcp", r.OrigDst)
+	up, err := d.Dial("tcp", r.Upstream)
 	if err != nil {
 		r.Result, r.Err = "dial-failed", err.Error()
 		p.record(r)
@@ -234,32 +260,74 @@ func (p *Proxy) handle(c *net.TCPConn) {
 
 // enforce applies the workloads file's policy to one connection, as the
 // generated listener does. It returns the bytes it read to find an HTTP
-// Host (to forward first) and whether to forward; r.Result says why not.
-func (p *Proxy) enforce(c *net.TCPConn, dst netip.AddrPort, r *Record) ([]byte, bool) {
+// Host (to forward first), whether it was HTTP, and whether to forward;
+// r.Result says why not.
+func (p *Proxy) enforce(c *net.TCPConn, dst netip.AddrPort, r *Record) (early []byte, http, ok bool) {
 	src := c.RemoteAddr().(*net.TCPAddr).AddrPort().Addr().Unmap()
 	pol, ok := p.policyOf(src)
 	if !ok {
 		r.Result = "unknown-source-closed"
-		return nil, false
+		return nil, false, false
 	}
 	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
-	allowed, reason := pol.Verdict(dst, "", "")
-	var early []byte
-	if !allowed && hasHostRules(pol) {
-		var sni, host string
-		early, sni, host = sniff(c)
-		allowed, reason = pol.Verdict(dst, sni, host)
-		if !allowed && host != "" {
+	d := pol.Decide(dst, "", "")
+	if !d.Allowed && hasHostRules(pol) {
+		var sni, host, method string
+		early, sni, host, method = sniff(c)
+		d = pol.Decide(dst, sni, host)
+		if host != "" && method == "CONNECT" {
+			// The HTTP chains route no CONNECT: it falls to the deny
+			// virtual host's 403 whatever the Host.
+			d = xds.Decision{Reason: "HTTP 403: CONNECT is not forwarded"}
+		}
+		http = host != ""
+		if !d.Allowed && http {
 			fmt.Fprintf(c, "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
-			r.Result, r.Err = "denied-403", reason
-			return nil, false
+			r.Result, r.Err = "denied-403", d.Reason
+			return nil, true, false
 		}
 	}
-	if !allowed {
-		r.Result, r.Err = "denied-closed", reason
-		return nil, false
+	if !d.Allowed {
+		r.Result, r.Err = "denied-closed", d.Reason
+		return nil, http, false
 	}
-	return early, true
+	r.Host = d.Host
+	return early, http, true
+}
+
+// resolve looks name up as the DNS cache of the served configuration does
+// (A records first, then AAAA) and returns the first answer at port;
+// r.Result says why not when it fails or the answer is never-dial.
+func (p *Proxy) resolve(name string, port uint16, r *Record) (netip.AddrPort, bool) {
+	if !p.DNS.IsValid() {
+		r.Result, r.Err = "dns-failed", "no DNS resolver configured"
+		return netip.AddrPort{}, false
+	}
+	res := &net.Resolver{PreferGo: true, Dial: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "udp", p.DNS.String())
+	}}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	var answers []netip.Addr
+	for _, network := range []string{"ip4", "ip6"} {
+		as, err := res.LookupNetIP(ctx, network, name)
+		if err == nil {
+			answers = append(answers, as...)
+		}
+	}
+	if len(answers) == 0 {
+		r.Result, r.Err = "dns-failed", "no address for "+name
+		return netip.AddrPort{}, false
+	}
+	a := answers[0].Unmap()
+	for _, nd := range p.NeverDial {
+		if nd.Contains(a) {
+			r.Result, r.Err = "never-dial-closed", fmt.Sprintf("%s resolves to %s, which is node-local", name, a)
+			return netip.AddrPort{}, false
+		}
+	}
+	return netip.AddrPortFrom(a, port), true
 }
 
 // policyOf reads the workloads file (each time: it is small, and the agent
@@ -298,20 +366,23 @@ func hasHostRules(p xds.Policy) bool {
 // listener filters do: a TLS ClientHello gives its server name
 // (tls_inspector), a plaintext HTTP/1 request head its Host (http_inspector,
 // then the HTTP connection manager). It returns what it read, to forward
-// first.
-func sniff(c *net.TCPConn) (early []byte, sni, host string) {
+// first, and the HTTP method.
+func sniff(c *net.TCPConn) (early []byte, sni, host, method string) {
 	c.SetReadDeadline(time.Now().Add(2 * time.Second))
 	defer c.SetReadDeadline(time.Time{})
 	first := make([]byte, 1)
 	if n, _ := c.Read(first); n == 0 {
-		return nil, "", ""
+		return nil, "", "", ""
 	}
 	if first[0] == 0x16 { // TLS handshake record
 		early, sni = sniffSNI(c, first)
-		return early, sni, ""
+		return early, sni, "", ""
 	}
 	early, host = sniffHTTPHost(c, first)
-	return early, "", host
+	if host != "" {
+		method, _, _ = strings.Cut(string(early), " ")
+	}
+	return early, "", host, method
 }
 
 // errSniffed stops a TLS handshake once the ClientHello is read.
@@ -404,10 +475,31 @@ func Main(args []string) int {
 	drain := fs.Bool("drain", false, "bulk benchmark mode: ask for each original destination, then read and discard everything")
 	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
 	workloads := fs.String("workloads", "", "the agent's workloads file: enforce each workload's policy as the generated listener does (unknown sources closed, denied destinations closed or 403)")
+	dns := fs.String("dns", "", "with -workloads: the DNS resolver (addr:port) for hostname entries; an allowed name is dialled where DNS says, never where the client dialled")
+	neverDial := fs.String("never-dial", "", "with -dns: comma-separated CIDRs a resolved address may not be in (DNS rebinding)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Workloads: *workloads, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	if *dns != "" {
+		ap, err := netip.ParseAddrPort(*dns)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "standin-proxy: -dns %q: %v\n", *dns, err)
+			return 2
+		}
+		p.DNS = ap
+	}
+	for _, s := range strings.Split(*neverDial, ",") {
+		if s = strings.TrimSpace(s); s == "" {
+			continue
+		}
+		pfx, err := netip.ParsePrefix(s)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "standin-proxy: -never-dial %q: %v\n", s, err)
+			return 2
+		}
+		p.NeverDial = append(p.NeverDial, pfx)
+	}
 	if *records != "" {
 		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {

@@ -3,6 +3,7 @@ package testbed
 import (
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"testing"
 )
@@ -12,7 +13,14 @@ import (
 type EchoServer struct {
 	mu        sync.Mutex
 	peers     []string
+	conns     []Conn
 	datagrams []Datagram
+}
+
+// Conn is one TCP connection an echo server accepted: from the client's
+// address (as the server saw it) to the server's.
+type Conn struct {
+	From, To string
 }
 
 // Datagram is one UDP datagram an echo server received.
@@ -40,8 +48,10 @@ func (s *EchoServer) serve(l net.Listener) {
 			return
 		}
 		peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+		local := c.LocalAddr().(*net.TCPAddr).AddrPort()
 		s.mu.Lock()
 		s.peers = append(s.peers, peer.String())
+		s.conns = append(s.conns, Conn{From: peer.String(), To: netip.AddrPortFrom(local.Addr().Unmap(), local.Port()).String()})
 		s.mu.Unlock()
 		go func() {
 			defer c.Close()
@@ -75,6 +85,13 @@ func (s *EchoServer) Datagrams() []Datagram {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]Datagram(nil), s.datagrams...)
+}
+
+// Conns returns the TCP connections accepted so far.
+func (s *EchoServer) Conns() []Conn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]Conn(nil), s.conns...)
 }
 
 // Peers returns the remote addresses seen so far.

@@ -12,7 +12,7 @@ import (
 //
 //	pod<i> eth0 10.200.<i>.2/24, fd00:200:<i>::2/64  --veth--  node p<i> 10.200.<i>.1, fd00:200:<i>::1
 //	node ext   198.51.100.1/24, 2001:db8:100::1/64   --veth--  external eth0 198.51.100.2, 2001:db8:100::2
-//	external lo: ExternalV4 (203.0.113.7, .8), ExternalV6 (2001:db8:77::7, ::8)
+//	external lo: ExternalV4 (203.0.113.7, .8), ExternalV6 (2001:db8:77::7, ::8), DNSV4 (203.0.113.53)
 var (
 	ExternalV4 = []netip.Addr{netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("203.0.113.8")}
 	ExternalV6 = []netip.Addr{netip.MustParseAddr("2001:db8:77::7"), netip.MustParseAddr("2001:db8:77::8")}
@@ -70,6 +70,7 @@ func New(t testing.TB, pods int) *Testbed {
 	for _, a := range ExternalV6 {
 		tb.External.IP(t, "addr", "add", a.String()+"/128", "dev", "lo", "nodad")
 	}
+	tb.External.IP(t, "addr", "add", DNSV4.String()+"/32", "dev", "lo")
 	tb.Node.IP(t, "route", "add", "203.0.113.0/24", "via", "198.51.100.2")
 	tb.Node.IP(t, "-6", "route", "add", "2001:db8:77::/64", "via", "2001:db8:100::2")
 	tb.External.IP(t, "route", "add", "10.200.0.0/16", "via", NodeV4.String())
