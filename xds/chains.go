@@ -152,9 +152,6 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 			VirtualHosts: vhosts,
 		}},
 		HttpFilters: []*hcm.HttpFilter{{
-			Name:       httpDFPFilterName,
-			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(b.httpForwardProxy())},
-		}, {
 			Name:       routerFilterName,
 			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(&router.Router{SuppressEnvoyHeaders: true})},
 		}},
@@ -165,13 +162,19 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 		UpgradeConfigs:    []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
 		AccessLog:         b.accessLog(g, "%ROUTE_NAME%", "Host checked against the allow list", true),
 	}
-	return &listener.FilterChain{
-		Name: name,
-		Filters: []*listener.Filter{b.portFromOriginalDst(), {
-			Name:       hcmFilterName,
-			ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(m)},
-		}},
+	hcmFilter := func() *listener.Filter {
+		return &listener.Filter{Name: hcmFilterName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(m)}}
 	}
+	if len(domains) == 0 {
+		// Nothing to forward: the chain only answers 403, and needs no DNS
+		// cache (every copy counts, per pod).
+		return &listener.FilterChain{Name: name, Filters: []*listener.Filter{hcmFilter()}}
+	}
+	m.HttpFilters = append([]*hcm.HttpFilter{{
+		Name:       httpDFPFilterName,
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(b.httpForwardProxy())},
+	}}, m.HttpFilters...)
+	return &listener.FilterChain{Name: name, Filters: []*listener.Filter{b.portFromOriginalDst(), hcmFilter()}}
 }
 
 func connectBody(g *group) string {

@@ -68,9 +68,11 @@ const (
 // service fails as if it had no address (DNS rebinding).
 func (b *builder) dnsCache() *dnscache.DnsCacheConfig {
 	resolver := &cares.CaresDnsResolverConfig{
-		// An empty list would mean the node's resolv.conf.
+		// An empty list would mean the node's resolv.conf. The search list
+		// stays Envoy's resolv.conf's (the DaemonSet's ClusterFirstWithHostNet
+		// gives svc.cluster.local and cluster.local), so that an entry such
+		// as external.e2e.svc resolves as it would in a pod.
 		UseResolversAsFallback: false,
-		DnsResolverOptions:     &core.DnsResolverOptions{NoDefaultSearchDomain: true},
 	}
 	for _, r := range b.state.DNSResolvers {
 		resolver.Resolvers = append(resolver.Resolvers, &core.Address{Address: &core.Address_SocketAddress{SocketAddress: &core.SocketAddress{
@@ -96,8 +98,26 @@ func (b *builder) dnsCache() *dnscache.DnsCacheConfig {
 }
 
 // neverDial is what the proxy never connects to: loopRanges (the proxy's
-// own addresses, loopback and the state's never-dial set).
-func (b *builder) neverDial() []netip.Prefix { return b.loopRanges() }
+// own addresses, loopback and the state's never-dial set), without the
+// prefixes another one covers. Every TLS and HTTP chain of every pod
+// carries a copy of the DNS cache, so its size counts per pod.
+func (b *builder) neverDial() []netip.Prefix {
+	all := b.loopRanges()
+	var out []netip.Prefix
+	for i, p := range all {
+		covered := false
+		for j, q := range all {
+			if i != j && q.Bits() < p.Bits() && q.Contains(p.Addr()) {
+				covered = true
+				break
+			}
+		}
+		if !covered {
+			out = append(out, p)
+		}
+	}
+	return out
+}
 
 func xdsCidrs(ps []netip.Prefix) []*xdscore.CidrRange {
 	var out []*xdscore.CidrRange

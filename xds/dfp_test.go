@@ -79,13 +79,18 @@ func TestHostnameEntriesUseDNS(t *testing.T) {
 		t.Fatal(err)
 	}
 	dc := cfg.GetDnsCacheConfig()
-	filtered := map[netip.Prefix]bool{}
+	var filtered []netip.Prefix
 	for _, c := range dc.GetResolvedAddressFilter().GetRanges() {
-		filtered[netip.PrefixFrom(netip.MustParseAddr(c.GetAddressPrefix()), int(c.GetPrefixLen().GetValue()))] = true
+		filtered = append(filtered, netip.PrefixFrom(netip.MustParseAddr(c.GetAddressPrefix()), int(c.GetPrefixLen().GetValue())))
 	}
 	for _, p := range testNeverDial {
-		if !filtered[p] {
-			t.Errorf("DNS answers in %s are not dropped", p)
+		if !slices.ContainsFunc(filtered, func(f netip.Prefix) bool { return f.Bits() <= p.Bits() && f.Contains(p.Addr()) }) {
+			t.Errorf("DNS answers in %s are not dropped (filter %v)", p, filtered)
+		}
+	}
+	for _, a := range []string{"203.0.113.7", "2001:db8:77::7", "10.96.0.10"} {
+		if slices.ContainsFunc(filtered, func(f netip.Prefix) bool { return f.Contains(netip.MustParseAddr(a)) }) {
+			t.Errorf("DNS answers at %s (an ordinary address) are dropped", a)
 		}
 	}
 	var res cares.CaresDnsResolverConfig

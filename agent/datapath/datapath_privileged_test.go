@@ -219,7 +219,7 @@ func TestPrivilegedMaps(t *testing.T) {
 // node before sluice stays, and is not reported as removed.
 func TestPrivilegedProxyAddrs(t *testing.T) {
 	testbed.RequirePrivileged(t)
-	tns := testbed.NewNetns(t, "egd-addr-"+testbed.RandomID())
+	tns := testbed.NewNetns(t, "slc-addr-"+testbed.RandomID())
 	h := tns.NetlinkHandle(t)
 	pa := ProxyAddrs{Handle: h}
 	// Someone else's address, already on lo, that is also the IPv6 proxy's.

@@ -110,6 +110,11 @@ func TestPrivilegedChurn1000Pods(t *testing.T) {
 	t.Logf("1,000 pods selected in %v (datapath and xDS), removed in %v; steady pod: %d connections %v", up.Round(time.Millisecond), down.Round(time.Millisecond), len(tl.at), tl.count)
 	if tl.count["redirected"] != len(tl.at) {
 		t.Errorf("steady pod during the churn: %v, want every connection redirected", tl.count)
+		for i, o := range tl.outcome {
+			if o != "redirected" {
+				t.Logf("  %s at +%v: %s", o, tl.at[i].Sub(s.start).Round(time.Millisecond), tl.errs[i])
+			}
+		}
 	}
 	w1, s1, orig, pending := mapSizes(t, e)
 	if w1 != w0 || s1 != s0 {

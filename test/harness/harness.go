@@ -355,7 +355,10 @@ func WaitFor(t testing.TB, what string, timeout time.Duration, cond func() bool)
 // would, and returns it as YAML (empty if there is none yet).
 func (e *Env) XDSListenerYAML(t testing.TB) string {
 	t.Helper()
-	conn, err := grpc.NewClient("unix://"+filepath.Join(e.Dir, "xds.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// Envoy's xDS client (envoy_grpc) takes messages of any size; grpc-go's
+	// default of 4 MiB would refuse a 1,000-pod listener.
+	conn, err := grpc.NewClient("unix://"+filepath.Join(e.Dir, "xds.sock"), grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(256<<20)))
 	if err != nil {
 		t.Fatal(err)
 	}

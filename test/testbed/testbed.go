@@ -52,11 +52,11 @@ func New(t testing.TB, pods int) *Testbed {
 	tb.Root = NewRootCgroup(t, "sluice-test-"+id)
 	tb.ProxyCgroup = tb.Root.Child(t, "proxy")
 
-	tb.Node = NewNetns(t, "egd-"+id+"-node")
+	tb.Node = NewNetns(t, "slc-"+id+"-node")
 	tb.Node.Sysctl(t, "net.ipv4.ip_forward", "1")
 	tb.Node.Sysctl(t, "net.ipv6.conf.all.forwarding", "1")
 
-	tb.External = NewNetns(t, "egd-"+id+"-ext")
+	tb.External = NewNetns(t, "slc-"+id+"-ext")
 	tb.Node.IP(t, "link", "add", "ext", "type", "veth", "peer", "name", "eth0", "netns", tb.External.Name)
 	tb.Node.IP(t, "addr", "add", NodeV4.String()+"/24", "dev", "ext")
 	tb.Node.IP(t, "addr", "add", NodeV6.String()+"/64", "dev", "ext", "nodad")
@@ -87,7 +87,7 @@ func (tb *Testbed) addPod(t testing.TB, i int) *Pod {
 	name := fmt.Sprintf("pod%d", i)
 	p := &Pod{
 		Name:   name,
-		Netns:  NewNetns(t, fmt.Sprintf("egd-%s-%s", tb.ID, name)),
+		Netns:  NewNetns(t, fmt.Sprintf("slc-%s-%s", tb.ID, name)),
 		Cgroup: tb.Root.Child(t, name),
 		IPv4:   netip.MustParseAddr(fmt.Sprintf("10.200.%d.2", i)),
 		IPv6:   netip.MustParseAddr(fmt.Sprintf("fd00:200:%x::2", i)),
