@@ -249,14 +249,31 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 }
 
+// serviceVIPDevices carry Service addresses, not the node's own: kube-proxy
+// in IPVS mode binds every ClusterIP, external and load-balancer IP to
+// kube-ipvs0. Counted as node addresses they would be excluded (direct,
+// around the proxy and the policy) or refused.
+var serviceVIPDevices = map[string]bool{"kube-ipvs0": true}
+
 // nodeAddresses lists the addresses of this network namespace's
 // interfaces once each (every veth of a point-to-point CNI carries the same
 // gateway address), sorted, but for loopback, link-local and the proxy's
 // own (the never-dial set holds those anyway).
 func nodeAddresses(p xds.Proxy) ([]netip.Addr, error) {
-	addrs, err := net.InterfaceAddrs()
+	ifaces, err := net.Interfaces()
 	if err != nil {
 		return nil, fmt.Errorf("node addresses: %w", err)
+	}
+	var addrs []net.Addr
+	for _, ifc := range ifaces {
+		if serviceVIPDevices[ifc.Name] {
+			continue
+		}
+		as, err := ifc.Addrs()
+		if err != nil {
+			return nil, fmt.Errorf("addresses of %s: %w", ifc.Name, err)
+		}
+		addrs = append(addrs, as...)
 	}
 	var out []netip.Addr
 	for _, a := range addrs {

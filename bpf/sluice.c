@@ -373,27 +373,28 @@ static __always_inline enum verdict refuse_node_local(const struct workload *w, 
  * workload, so the audit shows who touches it); enforce mode goes direct only
  * where the workload's policy grants that address and port, else EPERM.
  */
-static __always_inline enum verdict metadata(const struct workload *w, const __be32 a[4], __be16 port)
+/* The workload's policy names a (and port, or any port) exactly. */
+static __always_inline int granted(const struct workload *w, const __be32 a[4], __be16 port)
 {
 	struct metadata_key key = { .workload_id = w->id, .port = port };
-	struct workload_stats *s = stats_of(w);
 
-	if (s)
-		s->metadata++;
-	if (!(w->flags & WORKLOAD_ENFORCE)) {
-		count(COUNTER_METADATA_DIRECT);
-		return DIRECT;
-	}
 	key.addr[0] = a[0];
 	key.addr[1] = a[1];
 	key.addr[2] = a[2];
 	key.addr[3] = a[3];
-	if (bpf_map_lookup_elem(&metadata_grants, &key)) {
-		count(COUNTER_METADATA_DIRECT);
-		return DIRECT;
-	}
+	if (bpf_map_lookup_elem(&metadata_grants, &key))
+		return 1;
 	key.port = 0; /* a grant for any port */
-	if (bpf_map_lookup_elem(&metadata_grants, &key)) {
+	return bpf_map_lookup_elem(&metadata_grants, &key) != NULL;
+}
+
+static __always_inline enum verdict metadata(const struct workload *w, const __be32 a[4], __be16 port)
+{
+	struct workload_stats *s = stats_of(w);
+
+	if (s)
+		s->metadata++;
+	if (!(w->flags & WORKLOAD_ENFORCE) || granted(w, a, port)) {
 		count(COUNTER_METADATA_DIRECT);
 		return DIRECT;
 	}
@@ -429,6 +430,9 @@ static __always_inline enum verdict classify(const struct workload *w, const str
 	class = lpm_lookup(&never_dial_v4, &never_dial_v6, a, v4);
 	if (class && *class == DST_METADATA)
 		return metadata(w, a, port);
+	/* Link-local is excluded by default; enforce mode needs a grant. */
+	if (class && *class == DST_LINK_LOCAL && (w->flags & WORKLOAD_ENFORCE) && !granted(w, a, port))
+		return refuse_node_local(w, COUNTER_NODE_LOCAL_REFUSED);
 	if (excluded(a, v4, bpf_ntohs(port))) {
 		count(COUNTER_EXCLUDED);
 		return DIRECT;

@@ -71,12 +71,19 @@
 enum dst_class {
 	DST_NODE_LOCAL = 1, /* refused unless excluded (then direct) */
 	DST_METADATA = 2,   /* cloud metadata: direct if granted or audit, else refused */
+	/*
+	 * Link-local (169.254/16, fe80::/10): excluded by default, so audit
+	 * pods reach it directly; enforce pods only where granted (or a
+	 * resolver), since the node routes it to node and cloud services
+	 * (the VPC resolver, pod-identity agents).
+	 */
+	DST_LINK_LOCAL = 3,
 };
 
 /*
- * A metadata address (v4-mapped for IPv4) and port (0: any) that a
- * workload's policy allows; enforce-mode workloads reach only these,
- * directly from the pod.
+ * A metadata or other link-local address (v4-mapped for IPv4) and port (0:
+ * any) that a workload's policy names exactly; enforce-mode workloads reach
+ * only these of them, directly from the pod.
  */
 struct metadata_key {
 	__u32 workload_id;

@@ -13,10 +13,16 @@ import (
 
 // DefaultMetadata are the cloud instance-metadata addresses: AWS, GCP,
 // Azure, OpenStack and others answer at 169.254.169.254; AWS's IPv6
-// endpoint is fd00:ec2::254.
+// endpoint is fd00:ec2::254, GCE's fd20:ce::254; Alibaba Cloud's is
+// 100.100.100.200; Azure's WireServer (agent and extension configuration)
+// is 168.63.129.16, which also serves Azure DNS: list it as a resolver
+// where pods use it for DNS.
 var DefaultMetadata = []netip.Addr{
 	netip.MustParseAddr("169.254.169.254"),
 	netip.MustParseAddr("fd00:ec2::254"),
+	netip.MustParseAddr("fd20:ce::254"),
+	netip.MustParseAddr("100.100.100.200"),
+	netip.MustParseAddr("168.63.129.16"),
 }
 
 // alwaysNodeLocal are node-local on every node. The proxy runs in the node's

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -92,13 +93,14 @@ type Policy struct {
 	FailClosed bool
 }
 
-// MetadataGrants are the metadata addresses (of metadata) that an
-// enforce-mode policy lets the workload reach, with their ports (0: any):
-// those that an allow entry names exactly, as a single address. A wider
-// CIDR entry grants nothing, so that "0.0.0.0/0" (any public destination)
-// never silently includes instance credentials. Audit mode needs no grant.
-// The datapath sends granted connections direct from the pod, never through
-// the proxy: see docs/security.md.
+// MetadataGrants are the metadata addresses (of metadata) and other
+// link-local addresses that an enforce-mode policy lets the workload reach,
+// with their ports (0: any): those that an allow entry names exactly, as a
+// single address. A wider CIDR entry grants nothing, so that "0.0.0.0/0"
+// (any public destination) never silently includes instance credentials or
+// the node's link. Audit mode needs no grant. The datapath sends granted
+// connections direct from the pod, never through the proxy: see
+// docs/security.md.
 func (p Policy) MetadataGrants(metadata []netip.Addr) []netip.AddrPort {
 	if p.Mode != Enforce {
 		return nil
@@ -108,10 +110,9 @@ func (p Policy) MetadataGrants(metadata []netip.Addr) []netip.AddrPort {
 		if r.IsHost() || !r.Prefix.IsSingleIP() {
 			continue
 		}
-		for _, m := range metadata {
-			if r.Prefix.Addr().Unmap() == m.Unmap() {
-				out = append(out, netip.AddrPortFrom(m.Unmap(), r.Port))
-			}
+		a := r.Prefix.Addr().Unmap()
+		if a.IsLinkLocalUnicast() || slices.ContainsFunc(metadata, func(m netip.Addr) bool { return m.Unmap() == a }) {
+			out = append(out, netip.AddrPortFrom(a, r.Port))
 		}
 	}
 	return out

@@ -170,6 +170,8 @@ func TestMetadataGrants(t *testing.T) {
 		// A wider CIDR grants nothing: 0.0.0.0/0 means "the internet", not
 		// the node's instance credentials.
 		{"enforce", "0.0.0.0/0, 169.254.0.0/16, ::/0", "[]"},
+		// Other link-local addresses are granted the same way.
+		{"enforce", "169.254.20.10:8080, [fe80::1]:80, 10.0.0.1:80", "[169.254.20.10:8080 [fe80::1]:80]"},
 		{"enforce", "metadata.example:80", "[]"},
 		{"audit", "169.254.169.254:80", "[]"},
 	} {

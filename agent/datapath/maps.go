@@ -416,10 +416,12 @@ func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
 
 // SetNeverDial makes the never-dial set exactly nodeLocal (class node-local:
 // never redirected, refused unless excluded) and metadata (class metadata:
-// never redirected; audit goes direct, enforce only where granted). A
-// metadata address inside a node-local prefix keeps its own class: the
-// datapath's longest-prefix match finds it first. IPv4 prefixes also match
-// v4-mapped destinations.
+// never redirected; audit goes direct, enforce only where granted). Node-local
+// prefixes inside link-local get the link-local class: excluded by default
+// for audit workloads, granted-only for enforce workloads. A metadata address
+// inside a link-local prefix keeps its own class: the datapath's
+// longest-prefix match finds it first. IPv4 prefixes also match v4-mapped
+// destinations.
 func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr) error {
 	want4, want6 := map[sluiceLpmV4Key]uint8{}, map[sluiceLpmV6Key]uint8{}
 	add := func(p netip.Prefix, class uint8) error {
@@ -437,7 +439,11 @@ func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr)
 		return nil
 	}
 	for _, p := range nodeLocal {
-		if err := add(p, uint8(sluiceDstClassDST_NODE_LOCAL)); err != nil {
+		class := uint8(sluiceDstClassDST_NODE_LOCAL)
+		if isLinkLocal(p) {
+			class = uint8(sluiceDstClassDST_LINK_LOCAL)
+		}
+		if err := add(p, class); err != nil {
 			return err
 		}
 	}
@@ -453,6 +459,20 @@ func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr)
 		return fmt.Errorf("IPv6 never-dial set: %w", err)
 	}
 	return nil
+}
+
+var linkLocal = []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("fe80::/10")}
+
+// isLinkLocal: p lies within IPv4 or IPv6 link-local (enforce-mode
+// workloads reach it only where granted).
+func isLinkLocal(p netip.Prefix) bool {
+	p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits())
+	for _, ll := range linkLocal {
+		if ll.Bits() <= p.Bits() && ll.Contains(p.Addr()) {
+			return true
+		}
+	}
+	return false
 }
 
 // NeverDial reads back the never-dial set: node-local prefixes and metadata

@@ -46,6 +46,7 @@ type sluiceDstClass uint32
 const (
 	sluiceDstClassDST_NODE_LOCAL sluiceDstClass = 1
 	sluiceDstClassDST_METADATA   sluiceDstClass = 2
+	sluiceDstClassDST_LINK_LOCAL sluiceDstClass = 3
 )
 
 type sluiceLpmV4Key struct {

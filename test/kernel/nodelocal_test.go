@@ -22,6 +22,10 @@ const (
 var (
 	metadataV4 = policy.DefaultMetadata[0]
 	metadataV6 = policy.DefaultMetadata[1]
+	// A link-local node service (a VPC resolver's TCP, a pod-identity
+	// agent, node-local-dns beyond port 53).
+	linkLocalSvc  = netip.MustParseAddr("169.254.20.10")
+	linkLocalPort = uint16(8053)
 )
 
 // nodeServices starts the node's loopback and wildcard listeners and a
@@ -32,10 +36,12 @@ func (f *fixture) nodeServices(t *testing.T) (node, meta *testbed.EchoServer) {
 	t.Helper()
 	f.tb.Node.IP(t, "addr", "add", metadataV4.String()+"/32", "dev", "lo")
 	f.tb.Node.IP(t, "addr", "add", metadataV6.String()+"/128", "dev", "lo", "nodad")
+	f.tb.Node.IP(t, "addr", "add", linkLocalSvc.String()+"/32", "dev", "lo")
 	node, meta = testbed.ServeEcho(t), testbed.ServeEcho(t)
 	node.Add(f.tb.Node.Listen(t, "tcp", hostport(netip.MustParseAddr("127.0.0.1"), nodeLoopbackPort)))
 	node.Add(f.tb.Node.Listen(t, "tcp", hostport(netip.IPv6Loopback(), nodeLoopbackPort)))
 	node.Add(f.tb.Node.Listen(t, "tcp", hostport(netip.IPv6Unspecified(), nodeWildcardPort))) // dual-stack
+	node.Add(f.tb.Node.Listen(t, "tcp", hostport(linkLocalSvc, int(linkLocalPort))))
 	meta.Add(f.tb.Node.Listen(t, "tcp", hostport(metadataV4, metadataPort)))
 	meta.Add(f.tb.Node.Listen(t, "tcp", hostport(metadataV6, metadataPort)))
 
@@ -64,7 +70,7 @@ func TestPrivilegedNeverDial(t *testing.T) {
 	f.selectWorkload(t, enforced, datapath.Workload{ID: 1, FailMode: datapath.FailClosed, Enforce: true})
 	f.selectWorkload(t, audited, datapath.Workload{ID: 2, FailMode: datapath.FailOpen})
 	f.selectWorkload(t, granted, datapath.Workload{ID: 3, FailMode: datapath.FailClosed, Enforce: true,
-		MetadataGrants: []netip.AddrPort{netip.AddrPortFrom(metadataV4, metadataPort)}})
+		MetadataGrants: []netip.AddrPort{netip.AddrPortFrom(metadataV4, metadataPort), netip.AddrPortFrom(linkLocalSvc, linkLocalPort)}})
 	before := f.counters(t)
 
 	const (
@@ -75,6 +81,7 @@ func TestPrivilegedNeverDial(t *testing.T) {
 		err   string // the application's error; "" for a reply
 		reply string // what the server answered ("peer=<address it saw>")
 		meta  bool   // the metadata service must have seen exactly this connection
+		node  bool   // a node listener must have seen exactly this connection, from the pod
 	}
 	type row struct {
 		name string
@@ -111,6 +118,12 @@ func TestPrivilegedNeverDial(t *testing.T) {
 		row{"granted: metadata v4-mapped goes direct", granted, "mapped:" + hostport(metadataV4, metadataPort), want{reply: "peer=" + granted.IPv4.String(), meta: true}},
 		row{"granted: metadata on another port", granted, "tcp4:" + hostport(metadataV4, metadataPort+1), want{err: eperm}},
 		row{"granted: the other metadata address", granted, "tcp6:" + hostport(metadataV6, metadataPort), want{err: eperm}},
+		// Link-local goes direct for audit pods (excluded by default) and
+		// for enforce pods only where granted.
+		row{"enforce: a link-local node service", enforced, "tcp4:" + hostport(linkLocalSvc, int(linkLocalPort)), want{err: eperm}},
+		row{"enforce: a link-local node service, v4-mapped", enforced, "mapped:" + hostport(linkLocalSvc, int(linkLocalPort)), want{err: eperm}},
+		row{"audit: a link-local node service goes direct", audited, "tcp4:" + hostport(linkLocalSvc, int(linkLocalPort)), want{reply: "peer=" + audited.IPv4.String(), node: true}},
+		row{"granted: a link-local node service goes direct", granted, "tcp4:" + hostport(linkLocalSvc, int(linkLocalPort)), want{reply: "peer=" + granted.IPv4.String(), node: true}},
 	)
 	for _, r := range rows {
 		t.Run(r.name, func(t *testing.T) {
@@ -123,8 +136,8 @@ func TestPrivilegedNeverDial(t *testing.T) {
 			} else if got.Err != "" || got.Reply != r.want.reply {
 				t.Errorf("%s: %+v, want reply %q", r.spec, got, r.want.reply)
 			}
-			if p := nodeSrv.Peers()[nodeSeen:]; len(p) != 0 {
-				t.Errorf("%s: the node's own listeners saw %v, want nothing", r.spec, p)
+			if p := nodeSrv.Peers()[nodeSeen:]; r.want.node && len(p) != 1 || !r.want.node && len(p) != 0 {
+				t.Errorf("%s: the node's own listeners saw %v, want %v", r.spec, p, map[bool]string{true: "one connection from the pod itself", false: "nothing"}[r.want.node])
 			}
 			p := metaSrv.Peers()[metaSeen:]
 			if r.want.meta && len(p) != 1 || !r.want.meta && len(p) != 0 {
@@ -145,10 +158,10 @@ func TestPrivilegedNeverDial(t *testing.T) {
 	// Metadata: three refused for the enforce pod and two for the granted
 	// one; two direct each for the audit and the granted pod.
 	wantCounted(t, before, after, map[string]uint64{
-		"node_local_refused": 12, "proxy_port_refused": 6, "metadata_refused": 5, "metadata_direct": 4,
+		"node_local_refused": 14, "proxy_port_refused": 6, "metadata_refused": 5, "metadata_direct": 4,
 		"redirected_ipv4": 0, "redirected_ipv6": 0,
 	})
-	for id, w := range map[uint32]datapath.WorkloadStats{1: {NodeLocal: 9, Metadata: 3}, 2: {NodeLocal: 9, Metadata: 2}, 3: {Metadata: 4}} {
+	for id, w := range map[uint32]datapath.WorkloadStats{1: {NodeLocal: 11, Metadata: 3}, 2: {NodeLocal: 9, Metadata: 2}, 3: {Metadata: 4}} {
 		if ws[id].NodeLocal != w.NodeLocal || ws[id].Metadata != w.Metadata || ws[id].Redirected != 0 {
 			t.Errorf("workload %d counters %+v, want node_local %d, metadata %d, nothing redirected", id, ws[id], w.NodeLocal, w.Metadata)
 		}
