@@ -25,30 +25,40 @@ const (
 // Envoy requires lb_policy CLUSTER_PROVIDED and no load_assignment for an
 // ORIGINAL_DST cluster; the validator holds us to both.
 func (b *builder) originalDstCluster() *cluster.Cluster {
-	limit := wrapperspb.UInt32(nodeScaleLimit)
 	return &cluster.Cluster{
-		Name:                 OriginalDstClusterName,
-		ClusterDiscoveryType: &cluster.Cluster_Type{Type: cluster.Cluster_ORIGINAL_DST},
-		LbPolicy:             cluster.Cluster_CLUSTER_PROVIDED,
-		ConnectTimeout:       durationpb.New(connectTimeout),
-		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
-			Priority:           core.RoutingPriority_DEFAULT,
-			MaxConnections:     limit,
-			MaxPendingRequests: limit,
-			MaxRequests:        limit,
-		}}},
-		// HTTP chains speak to the upstream in the protocol the pod used
-		// (HTTP/1.1 or h2c), as it would have without the proxy.
-		TypedExtensionProtocolOptions: map[string]*anypb.Any{
-			httpProtocolOptionsKey: b.any(&upstreamhttp.HttpProtocolOptions{
-				UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_UseDownstreamProtocolConfig{
-					UseDownstreamProtocolConfig: &upstreamhttp.HttpProtocolOptions_UseDownstreamHttpConfig{
-						HttpProtocolOptions:  &core.Http1ProtocolOptions{},
-						Http2ProtocolOptions: &core.Http2ProtocolOptions{},
-					},
+		Name:                          OriginalDstClusterName,
+		ClusterDiscoveryType:          &cluster.Cluster_Type{Type: cluster.Cluster_ORIGINAL_DST},
+		LbPolicy:                      cluster.Cluster_CLUSTER_PROVIDED,
+		ConnectTimeout:                durationpb.New(connectTimeout),
+		CircuitBreakers:               nodeScaleBreakers(),
+		TypedExtensionProtocolOptions: b.downstreamProtocol(nil),
+	}
+}
+
+// nodeScaleBreakers: one cluster serves every selected pod of the node.
+func nodeScaleBreakers() *cluster.CircuitBreakers {
+	limit := wrapperspb.UInt32(nodeScaleLimit)
+	return &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
+		Priority:           core.RoutingPriority_DEFAULT,
+		MaxConnections:     limit,
+		MaxPendingRequests: limit,
+		MaxRequests:        limit,
+	}}}
+}
+
+// downstreamProtocol: HTTP chains speak to the upstream in the protocol
+// the pod used (HTTP/1.1 or h2c), as it would have without the proxy.
+func (b *builder) downstreamProtocol(common *core.UpstreamHttpProtocolOptions) map[string]*anypb.Any {
+	return map[string]*anypb.Any{
+		httpProtocolOptionsKey: b.any(&upstreamhttp.HttpProtocolOptions{
+			UpstreamHttpProtocolOptions: common,
+			UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_UseDownstreamProtocolConfig{
+				UseDownstreamProtocolConfig: &upstreamhttp.HttpProtocolOptions_UseDownstreamHttpConfig{
+					HttpProtocolOptions:  &core.Http1ProtocolOptions{},
+					Http2ProtocolOptions: &core.Http2ProtocolOptions{},
 				},
-			}),
-		},
+			},
+		}),
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"net/netip"
 	"time"
 
-	xdscore "github.com/cncf/xds/go/xds/core/v3"
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -15,9 +14,7 @@ import (
 	netsetstate "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/set_filter_state/v3"
 	snidfp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/sni_dynamic_forward_proxy/v3"
 	cares "github.com/envoyproxy/go-control-plane/envoy/extensions/network/dns_resolver/cares/v3"
-	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	envoymatcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
-	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -93,7 +90,7 @@ func (b *builder) dnsCache() *dnscache.DnsCacheConfig {
 			MaxInterval:  durationpb.New(dnsFailureMax),
 		},
 		TypedDnsResolverConfig: &core.TypedExtensionConfig{Name: caresResolverName, TypedConfig: b.any(resolver)},
-		ResolvedAddressFilter:  &envoymatcher.AddressMatcher{Ranges: xdsCidrs(b.neverDial())},
+		ResolvedAddressFilter:  &envoymatcher.AddressMatcher{Ranges: cidrRanges(b.neverDial())},
 	}
 }
 
@@ -119,49 +116,25 @@ func (b *builder) neverDial() []netip.Prefix {
 	return out
 }
 
-func xdsCidrs(ps []netip.Prefix) []*xdscore.CidrRange {
-	var out []*xdscore.CidrRange
-	for _, p := range ps {
-		out = append(out, &xdscore.CidrRange{AddressPrefix: p.Addr().String(), PrefixLen: wrapU32(p.Bits())})
-	}
-	return out
-}
-
 // dynamicForwardProxyCluster connects to the hosts the DNS cache resolved:
 // the name from the SNI (tcp_proxy chains) or the Host (HTTP chains), the
 // port from the envoy.upstream.dynamic_port filter state that
 // portFromOriginalDst sets.
 func (b *builder) dynamicForwardProxyCluster() *cluster.Cluster {
-	limit := wrapperspb.UInt32(nodeScaleLimit)
 	return &cluster.Cluster{
 		Name: DynamicForwardProxyClusterName,
 		ClusterDiscoveryType: &cluster.Cluster_ClusterType{ClusterType: &cluster.Cluster_CustomClusterType{
 			Name:        dfpClusterType,
 			TypedConfig: b.any(&dfpcluster.ClusterConfig{ClusterImplementationSpecifier: &dfpcluster.ClusterConfig_DnsCacheConfig{DnsCacheConfig: b.dnsCache()}}),
 		}},
-		LbPolicy:       cluster.Cluster_CLUSTER_PROVIDED,
-		ConnectTimeout: durationpb.New(connectTimeout),
-		CircuitBreakers: &cluster.CircuitBreakers{Thresholds: []*cluster.CircuitBreakers_Thresholds{{
-			Priority:           core.RoutingPriority_DEFAULT,
-			MaxConnections:     limit,
-			MaxPendingRequests: limit,
-			MaxRequests:        limit,
-		}}},
-		TypedExtensionProtocolOptions: map[string]*anypb.Any{
-			httpProtocolOptionsKey: b.any(&upstreamhttp.HttpProtocolOptions{
-				// The dynamic forward proxy cluster refuses protocol options
-				// without these (cluster.cc, unless
-				// allow_insecure_cluster_options). sluice never originates TLS:
-				// they have no effect on the plaintext HTTP it forwards.
-				UpstreamHttpProtocolOptions: &core.UpstreamHttpProtocolOptions{AutoSni: true, AutoSanValidation: true},
-				UpstreamProtocolOptions: &upstreamhttp.HttpProtocolOptions_UseDownstreamProtocolConfig{
-					UseDownstreamProtocolConfig: &upstreamhttp.HttpProtocolOptions_UseDownstreamHttpConfig{
-						HttpProtocolOptions:  &core.Http1ProtocolOptions{},
-						Http2ProtocolOptions: &core.Http2ProtocolOptions{},
-					},
-				},
-			}),
-		},
+		LbPolicy:        cluster.Cluster_CLUSTER_PROVIDED,
+		ConnectTimeout:  durationpb.New(connectTimeout),
+		CircuitBreakers: nodeScaleBreakers(),
+		// The dynamic forward proxy cluster refuses protocol options without
+		// auto_sni and auto_san_validation (cluster.cc, unless
+		// allow_insecure_cluster_options). sluice never originates TLS: they
+		// have no effect on the plaintext HTTP it forwards.
+		TypedExtensionProtocolOptions: b.downstreamProtocol(&core.UpstreamHttpProtocolOptions{AutoSni: true, AutoSanValidation: true}),
 	}
 }
 
