@@ -21,9 +21,9 @@ type stream struct {
 	done  chan []testbed.Attempt
 }
 
-func startStream(t *testing.T, p *testbed.Pod, d time.Duration, spec string) *stream {
+func startStream(t *testing.T, p *testbed.Pod, d time.Duration, spec string, flags ...string) *stream {
 	t.Helper()
-	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", "-duration", d.String(), spec)
+	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", append(append([]string{"-duration", d.String()}, flags...), spec)...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

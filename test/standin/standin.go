@@ -133,6 +133,11 @@ type Proxy struct {
 	n     int
 	enc   *json.Encoder
 	addrs map[netip.AddrPort]bool
+	// The workloads file as last parsed, and the size and modification
+	// time it had then: a 1,000-workload file parsed per connection would
+	// make the proxy, not the datapath, the bottleneck of churn tests.
+	file    agent.WorkloadFile
+	fileKey string
 }
 
 func (p *Proxy) record(r Record) {
@@ -330,16 +335,11 @@ func (p *Proxy) resolve(name string, port uint16, r *Record) (netip.AddrPort, bo
 	return netip.AddrPortFrom(a, port), true
 }
 
-// policyOf reads the workloads file (each time: it is small, and the agent
-// may have been given a new one) and returns the policy of the workload
-// with address a.
+// policyOf returns the policy of the workload with address a in the
+// workloads file as it is now.
 func (p *Proxy) policyOf(a netip.Addr) (xds.Policy, bool) {
-	b, err := os.ReadFile(p.Workloads)
-	if err != nil {
-		return xds.Policy{}, false
-	}
-	var f agent.WorkloadFile
-	if err := yaml.Unmarshal(b, &f); err != nil {
+	f, ok := p.workloads()
+	if !ok {
 		return xds.Policy{}, false
 	}
 	for _, w := range f.Workloads {
@@ -351,6 +351,34 @@ func (p *Proxy) policyOf(a netip.Addr) (xds.Policy, bool) {
 		}
 	}
 	return xds.Policy{}, false
+}
+
+// workloads returns the workloads file, parsed again only when its size or
+// modification time changed (the agent's writers replace it by rename).
+func (p *Proxy) workloads() (agent.WorkloadFile, bool) {
+	fi, err := os.Stat(p.Workloads)
+	if err != nil {
+		return agent.WorkloadFile{}, false
+	}
+	key := fmt.Sprintf("%d/%d", fi.Size(), fi.ModTime().UnixNano())
+	p.mu.Lock()
+	if key == p.fileKey {
+		defer p.mu.Unlock()
+		return p.file, true
+	}
+	p.mu.Unlock()
+	b, err := os.ReadFile(p.Workloads)
+	if err != nil {
+		return agent.WorkloadFile{}, false
+	}
+	var f agent.WorkloadFile
+	if err := yaml.Unmarshal(b, &f); err != nil {
+		return agent.WorkloadFile{}, false
+	}
+	p.mu.Lock()
+	p.file, p.fileKey = f, key
+	p.mu.Unlock()
+	return f, true
 }
 
 func hasHostRules(p xds.Policy) bool {
