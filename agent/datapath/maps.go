@@ -263,9 +263,9 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 	if err := d.maps.WlStats.Update(w.ID, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("create counters of workload %d: %w", w.ID, err)
 	}
-	if err := d.setMetadataGrants(w.ID, w.MetadataGrants); err != nil {
-		return err
-	}
+	// Mode and fail mode first, grants after: should the grants fail (their
+	// map full), the workload is still selected and enforced, only without
+	// the direct routes it asked for; the error is the caller's to report.
 	v := sluiceWorkload{Id: w.ID}
 	if w.FailMode == FailClosed {
 		v.Flags |= flagFailClosed
@@ -276,7 +276,7 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 	if err := d.maps.Workloads.Update(cgroupID, &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("select cgroup %d: %w", cgroupID, err)
 	}
-	return nil
+	return d.setMetadataGrants(w.ID, w.MetadataGrants)
 }
 
 // DeleteWorkload deselects a cgroup. The workload's counters go with it unless
@@ -306,8 +306,9 @@ func (d *Datapath) DeleteWorkload(cgroupID uint64) error {
 	return d.setMetadataGrants(v.Id, nil)
 }
 
-// setMetadataGrants makes workload id's metadata grants exactly grants,
-// adding before removing (a grant in both sets never lapses).
+// setMetadataGrants makes workload id's metadata grants exactly grants. A
+// grant widens what the workload reaches, so the stale ones go first: a
+// failure half-way leaves fewer grants than asked, never more.
 func (d *Datapath) setMetadataGrants(id uint32, grants []netip.AddrPort) error {
 	want := map[sluiceMetadataKey]uint8{}
 	for _, g := range grants {
@@ -316,7 +317,7 @@ func (d *Datapath) setMetadataGrants(id uint32, grants []netip.AddrPort) error {
 		}
 		want[sluiceMetadataKey{WorkloadId: id, Port: be16(g.Port()), Addr: addr6Words(netip.AddrFrom16(g.Addr().As16()))}] = 1
 	}
-	err := syncMap(d.maps.MetadataGrants, want, func(k sluiceMetadataKey) bool { return k.WorkloadId == id })
+	err := syncMap(d.maps.MetadataGrants, want, func(k sluiceMetadataKey) bool { return k.WorkloadId == id }, removeFirst)
 	if err != nil {
 		return fmt.Errorf("metadata grants of workload %d: %w", id, err)
 	}
@@ -452,10 +453,10 @@ func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr)
 			return err
 		}
 	}
-	if err := syncMap(d.maps.NeverDialV4, want4, func(sluiceLpmV4Key) bool { return true }); err != nil {
+	if err := syncMap(d.maps.NeverDialV4, want4, func(sluiceLpmV4Key) bool { return true }, addFirst); err != nil {
 		return fmt.Errorf("IPv4 never-dial set: %w", err)
 	}
-	if err := syncMap(d.maps.NeverDialV6, want6, func(sluiceLpmV6Key) bool { return true }); err != nil {
+	if err := syncMap(d.maps.NeverDialV6, want6, func(sluiceLpmV6Key) bool { return true }, addFirst); err != nil {
 		return fmt.Errorf("IPv6 never-dial set: %w", err)
 	}
 	return nil
@@ -616,16 +617,33 @@ func syncSet[K comparable](m *ebpf.Map, want map[K]bool) error {
 	for k := range want {
 		vals[k] = 1
 	}
-	return syncMap(m, vals, func(K) bool { return true })
+	return syncMap(m, vals, func(K) bool { return true }, addFirst)
 }
 
+// The order in which syncMap changes a map: add first where an entry
+// narrows what workloads reach (exclusions, never-dial), remove first where
+// it widens it (grants), so that a failure half-way errs narrow.
+const (
+	addFirst    = false
+	removeFirst = true
+)
+
 // syncMap makes the entries of a map with one-byte values that mine claims
-// exactly want: it writes first, then removes the claimed keys no longer
-// wanted, so an entry in both the old and the new set never lapses.
-func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool) error {
-	for k, v := range want {
-		if err := m.Update(k, v, ebpf.UpdateAny); err != nil {
-			return fmt.Errorf("add %v: %w", k, err)
+// exactly want. With addFirst it writes, then removes the claimed keys no
+// longer wanted, so an entry in both sets never lapses; with removeFirst
+// the other way round.
+func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool, order bool) error {
+	add := func() error {
+		for k, v := range want {
+			if err := m.Update(k, v, ebpf.UpdateAny); err != nil {
+				return fmt.Errorf("add %v: %w", k, err)
+			}
+		}
+		return nil
+	}
+	if order == addFirst {
+		if err := add(); err != nil {
+			return err
 		}
 	}
 	var stale []K
@@ -644,6 +662,9 @@ func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool) err
 		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("remove %v: %w", k, err)
 		}
+	}
+	if order == removeFirst {
+		return add()
 	}
 	return nil
 }

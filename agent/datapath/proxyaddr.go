@@ -126,12 +126,20 @@ func (p ProxyAddrs) Remove(addrs ...netip.Addr) ([]netip.Addr, error) {
 	var (
 		errs    []error
 		removed []netip.Addr
+		onDummy bool
 	)
+	// Ensure used sluice0 where the kernel has dummy interfaces, else lo:
+	// only that one holds what it added. A copy of the address on lo beside
+	// sluice0 is someone else's.
 	for _, name := range []string{ProxyInterface, "lo"} {
 		l, err := p.h().LinkByName(name)
 		if err != nil {
 			continue
 		}
+		if name == "lo" && onDummy {
+			break
+		}
+		onDummy = name == ProxyInterface
 		for _, a := range addrs {
 			if !a.IsValid() {
 				continue

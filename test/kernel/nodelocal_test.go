@@ -214,4 +214,29 @@ func TestPrivilegedMetadataGrantsFollowWorkload(t *testing.T) {
 	if n := len(metaSrv.Peers()); n != 1 {
 		t.Errorf("the metadata service saw %d connections, want 1 (the granted one)", n)
 	}
+
+	// Another workload fills the grants map (4,096 entries). The pod's
+	// update with a grant then fails, but errs closed: the pod is selected
+	// and enforced, without the grant.
+	var flood []netip.AddrPort
+	for port := range uint16(4096) {
+		flood = append(flood, netip.AddrPortFrom(metadataV4, port+1))
+	}
+	other := f.tb.Root.Child(t, "grant-flood")
+	ocg, err := datapath.CgroupID(other.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.dp.SetWorkload(ocg, datapath.Workload{ID: 8, Enforce: true, MetadataGrants: flood}); err != nil {
+		t.Fatalf("fill the grants map: %v", err)
+	}
+	if err := f.dp.SetWorkload(cg, datapath.Workload{ID: 7, FailMode: datapath.FailClosed, Enforce: true, MetadataGrants: grant}); err == nil {
+		t.Fatal("a grant into a full map was accepted")
+	}
+	if got := f.dial(t, pod.Cgroup, pod, spec)[0]; !strings.Contains(got.Err, "operation not permitted") {
+		t.Errorf("metadata with the grant refused for want of room: %+v, want EPERM", got)
+	}
+	if got := f.dial(t, pod.Cgroup, pod, "tcp4:"+hostport(ext4, serverPort))[0]; got.Reply != "peer="+testbed.NodeV4.String() {
+		t.Errorf("after the failed update the pod's connection %+v was not redirected: the pod must stay selected", got)
+	}
 }
