@@ -13,7 +13,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -21,7 +20,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sluice-io/sluice/agent/datapath"
-	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -127,21 +125,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.MarkAdded(added); err != nil {
 		return err
 	}
-	node, err := nodeAddresses(cfg.Proxy)
+	watch := &nodeWatch{dp: dp, log: log, proxy: cfg.Proxy, metadata: cfg.Metadata, excludeNode: cfg.ExcludeNodeAddresses,
+		exclude: append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)}
+	nodeLocal, exclude, err := watch.apply(true)
 	if err != nil {
-		return err
-	}
-	nodeLocal := policy.NodeLocal{Proxy: cfg.Proxy.Addrs(), Node: node, Metadata: cfg.Metadata}
-	if err := dp.SetNeverDial(nodeLocal.Prefixes(), nodeLocal.MetadataAddrs()); err != nil {
-		return err
-	}
-	exclude := append(append([]netip.Prefix{}, datapath.DefaultExclusions...), cfg.Exclude...)
-	if cfg.ExcludeNodeAddresses {
-		for _, a := range node {
-			exclude = append(exclude, netip.PrefixFrom(a, a.BitLen()))
-		}
-	}
-	if err := dp.SetExclusions(exclude); err != nil {
 		return err
 	}
 	if err := dp.SetExcludedPorts(cfg.ExcludePorts); err != nil {
@@ -181,6 +168,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	watch.rec = rec
 	m := NewMetrics(reg, dp, rec, xs)
 	events.policyErrors = m.PolicyErrors
 
@@ -188,6 +176,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer cancel()
 	errc := make(chan error, 4)
 	go func() { errc <- xs.Serve(ctx) }()
+	go watch.run(ctx, 30*time.Second)
 	rec.PushXDS(ctx) // Envoy gets a listener that closes everything until workloads arrive
 	go rec.RunXDS(ctx, 100*time.Millisecond)
 
@@ -247,52 +236,6 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err
 	}
-}
-
-// serviceVIPDevices carry Service addresses, not the node's own: kube-proxy
-// in IPVS mode binds every ClusterIP, external and load-balancer IP to
-// kube-ipvs0. Counted as node addresses they would be excluded (direct,
-// around the proxy and the policy) or refused.
-var serviceVIPDevices = map[string]bool{"kube-ipvs0": true}
-
-// nodeAddresses lists the addresses of this network namespace's
-// interfaces once each (every veth of a point-to-point CNI carries the same
-// gateway address), sorted, but for loopback, link-local and the proxy's
-// own (the never-dial set holds those anyway).
-func nodeAddresses(p xds.Proxy) ([]netip.Addr, error) {
-	ifaces, err := net.Interfaces()
-	if err != nil {
-		return nil, fmt.Errorf("node addresses: %w", err)
-	}
-	var addrs []net.Addr
-	for _, ifc := range ifaces {
-		if serviceVIPDevices[ifc.Name] {
-			continue
-		}
-		as, err := ifc.Addrs()
-		if err != nil {
-			return nil, fmt.Errorf("addresses of %s: %w", ifc.Name, err)
-		}
-		addrs = append(addrs, as...)
-	}
-	var out []netip.Addr
-	for _, a := range addrs {
-		ipn, ok := a.(*net.IPNet)
-		if !ok {
-			continue
-		}
-		ip, ok := netip.AddrFromSlice(ipn.IP)
-		if !ok {
-			continue
-		}
-		ip = ip.Unmap()
-		if ip.IsLoopback() || ip.IsLinkLocalUnicast() || ip == p.IPv4 || ip == p.IPv6 {
-			continue
-		}
-		out = append(out, ip)
-	}
-	slices.SortFunc(out, netip.Addr.Compare)
-	return slices.Compact(out), nil
 }
 
 // logReporter counts workload problems (the reconciler logs them) and

@@ -283,6 +283,15 @@ func (r *Reconciler) want() {
 	}
 }
 
+// SetNodeLocal replaces the node's never-dial set (its addresses changed)
+// and schedules an xDS update.
+func (r *Reconciler) SetNodeLocal(nl policy.NodeLocal) {
+	r.mu.Lock()
+	r.local = nl
+	r.mu.Unlock()
+	r.want()
+}
+
 // Changed is signalled (coalesced) whenever the selection changes.
 func (r *Reconciler) Changed() <-chan struct{} { return r.changed }
 

@@ -32,6 +32,7 @@ type status struct {
 	} `json:"workloads"`
 	AgentNote        string   `json:"agent_note"`
 	Exclusions       []string `json:"exclusions"`
+	NodeLocal        []string `json:"node_local"`
 	InFlightCapacity int      `json:"in_flight_capacity"`
 }
 

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -88,5 +89,42 @@ func TestPrivilegedUninstallRemovesOnlyWhatItAdded(t *testing.T) {
 		if out := uninstall(t, e); !strings.Contains(out, "no pinned datapath") {
 			t.Errorf("second uninstall said %q", out)
 		}
+	})
+}
+
+// An address the node gets after the agent started (a CNI bridge, a
+// renumbered interface) joins the never-dial set and the node-address
+// exclusions: a selected pod's connection to it goes direct from the pod,
+// as to any node address, never through the proxy, which would dial the
+// node from the node itself. Removed again, it leaves both.
+func TestPrivilegedNodeAddressesFollowed(t *testing.T) {
+	e := harness.New(t, 1)
+	pod := e.TB.Pods[0]
+	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "audited", Mode: "audit"})
+	e.StartAgent(t)
+	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
+		st := readStatus(t, e)
+		return st.Proxy.Ready && len(st.Workloads) == 1
+	})
+	late := netip.MustParseAddr("10.99.0.1")
+	host := late.String() + "/32"
+	e.TB.Node.IP(t, "addr", "add", host, "dev", "lo")
+	srv := testbed.ServeEcho(t, e.TB.Node.Listen(t, "tcp", netip.AddrPortFrom(late, 9470).String()))
+	has := func(list []string) bool { return slices.Contains(list, host) }
+	harness.WaitFor(t, "the new node address in the never-dial set and the exclusions", 10*time.Second, func() bool {
+		st := readStatus(t, e)
+		return has(st.NodeLocal) && has(st.Exclusions)
+	})
+	r := dial(t, pod, "tcp4:"+netip.AddrPortFrom(late, 9470).String())
+	if r.Reply != "peer="+pod.IPv4.String() {
+		t.Errorf("connection to the new node address: %+v; want it direct from the pod (%s), never through the proxy", r, pod.IPv4)
+	}
+	if got := srv.Peers(); len(got) != 1 {
+		t.Errorf("the node listener saw %v, want exactly the pod's connection", got)
+	}
+	e.TB.Node.IP(t, "addr", "del", host, "dev", "lo")
+	harness.WaitFor(t, "the address gone from both again", 10*time.Second, func() bool {
+		st := readStatus(t, e)
+		return !has(st.NodeLocal) && !has(st.Exclusions)
 	})
 }
