@@ -334,10 +334,17 @@ func parseHost(h string) (string, string) {
 	if len(h) > maxHostnameBytes {
 		return "", "hostname longer than 253 characters"
 	}
-	for _, label := range strings.Split(name, ".") {
+	labels := strings.Split(name, ".")
+	for _, label := range labels {
 		if reason := checkLabel(label); reason != "" {
 			return "", reason
 		}
+	}
+	// No top-level domain is numeric (RFC 3696 section 2): "*.0.0.1" would
+	// match a client's SNI or Host of "10.0.0.1", an address the proxy
+	// would dial as a literal, with no DNS and no rebinding check.
+	if strings.Trim(labels[len(labels)-1], "0123456789") == "" {
+		return "", "the last label is numeric: write an address as a CIDR entry"
 	}
 	return h, ""
 }

@@ -159,6 +159,19 @@ func FuzzParseAllowList(f *testing.F) {
 	})
 }
 
+// Hostname entries whose last label is numeric would match IP literals
+// sent as SNI or Host.
+func TestNumericHostnamesRefused(t *testing.T) {
+	for _, entry := range []string{"*.0.0.1", "*.168.1.1:443", "example.123"} {
+		if _, err := ParseAllowList(entry); err == nil || !strings.Contains(err.Error(), "numeric") {
+			t.Errorf("%q: %v, want it refused as numeric", entry, err)
+		}
+	}
+	if _, err := ParseAllowList("api.example.com, 3com.example, x.example1"); err != nil {
+		t.Errorf("names with digits refused: %v", err)
+	}
+}
+
 func TestMetadataGrants(t *testing.T) {
 	meta := []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd00:ec2::254")}
 	for _, tc := range []struct {
