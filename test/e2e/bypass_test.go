@@ -128,7 +128,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		}
 	}
 	e.WriteWorkloads(t, harness.Workload{Pod: pod, Namespace: "shop", Name: "checkout", Mode: "enforce",
-		Allow: fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d, rebind.example:%[5]d, meta.example:%[5]d, node.example:%[5]d, nxdomain.example:%[5]d, broken.example:%[5]d",
+		Allow: fmt.Sprintf("%s:%d, [%s]:%d, allowed.example:%d, rebind.example:%[5]d, meta.example:%[5]d, node.example:%[5]d, nxdomain.example:%[5]d, broken.example:%[5]d, mixed.example:%[5]d",
 			ext4b, harness.ServerPort, ext6b, harness.ServerPort, harness.ServerPort),
 		Annotations: map[string]string{"example.com/api-token": secretCanary}},
 		harness.Workload{Pod: audited, Namespace: "shop", Name: "audited", Mode: "audit"})
@@ -140,6 +140,8 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 	e.DNS.Set("meta.example", netip.MustParseAddr("169.254.169.254"))
 	e.DNS.Set("node.example", testbed.NodeV4)
 	e.DNS.Fail("broken.example")
+	// A node-local answer beside a real one: only the real one is dialled.
+	e.DNS.Set("mixed.example", netip.MustParseAddr("127.0.0.1"), ext4b)
 	e.StartAgent(t, "--workloads-file", e.WorkloadsFile, "--dns-resolvers", fmt.Sprintf("%s,[%s]:53,%s", ext4, ext6, harness.DNSResolver))
 	harness.WaitFor(t, "the pod selected and the proxy ready", 10*time.Second, func() bool {
 		st := readStatus(t, e)
@@ -175,6 +177,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		{name: "TLS, allowed name resolving to 127.0.0.1", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:rebind.example", err: "EOF", counter: "redirected_ipv4", proxy: "never-dial-closed"},
 		{name: "TLS, allowed name resolving to the metadata service", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:meta.example", err: "EOF", counter: "redirected_ipv4", proxy: "never-dial-closed"},
 		{name: "HTTP, allowed name resolving to the node's address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: get("node.example"), reply: "HTTP/1.1 503", counter: "redirected_ipv4", proxy: "never-dial-closed"},
+		{name: "TLS, allowed name resolving to 127.0.0.1 and a real address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:mixed.example", reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv4", proxy: "forwarded"},
 		{name: "TLS, allowed name with no address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:nxdomain.example", err: "EOF", counter: "redirected_ipv4", proxy: "dns-failed"},
 		{name: "TLS, allowed name whose lookup fails", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:broken.example", err: "EOF", counter: "redirected_ipv4", proxy: "dns-failed"},
 		{name: "TLS, server name not allowed", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:blocked.example", err: "EOF", counter: "redirected_ipv4", proxy: "denied-closed"},

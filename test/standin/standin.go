@@ -24,6 +24,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -301,8 +302,10 @@ func (p *Proxy) enforce(c *net.TCPConn, dst netip.AddrPort, r *Record) (early []
 }
 
 // resolve looks name up as the DNS cache of the served configuration does
-// (A records first, then AAAA) and returns the first answer at port;
-// r.Result says why not when it fails or the answer is never-dial.
+// (V4_PREFERRED: A records first, then AAAA), drops the answers in the
+// never-dial set as its resolved_address_filter does, and returns the
+// first that remains, at port; r.Result says why not when the lookup fails
+// or no answer remains.
 func (p *Proxy) resolve(name string, port uint16, r *Record) (netip.AddrPort, bool) {
 	if !p.DNS.IsValid() {
 		r.Result, r.Err = "dns-failed", "no DNS resolver configured"
@@ -325,14 +328,14 @@ func (p *Proxy) resolve(name string, port uint16, r *Record) (netip.AddrPort, bo
 		r.Result, r.Err = "dns-failed", "no address for "+name
 		return netip.AddrPort{}, false
 	}
-	a := answers[0].Unmap()
-	for _, nd := range p.NeverDial {
-		if nd.Contains(a) {
-			r.Result, r.Err = "never-dial-closed", fmt.Sprintf("%s resolves to %s, which is node-local", name, a)
-			return netip.AddrPort{}, false
+	for _, a := range answers {
+		a = a.Unmap()
+		if !slices.ContainsFunc(p.NeverDial, func(nd netip.Prefix) bool { return nd.Contains(a) }) {
+			return netip.AddrPortFrom(a, port), true
 		}
 	}
-	return netip.AddrPortFrom(a, port), true
+	r.Result, r.Err = "never-dial-closed", fmt.Sprintf("%s resolves only to node-local addresses %v", name, answers)
+	return netip.AddrPort{}, false
 }
 
 // policyOf returns the policy of the workload with address a in the
