@@ -89,7 +89,7 @@ struct {
 /*
  * The never-dial set (enum dst_class per prefix): unspecified, loopback,
  * link-local, the proxy's and the node's addresses, metadata services. The
- * agent fills it from policy.NeverDial, the same set the proxy's listener
+ * agent fills it from policy.NodeLocal, the same set the proxy's listener
  * refuses to forward to.
  */
 struct {
@@ -108,7 +108,10 @@ struct {
 	__type(value, __u8);
 } never_dial_v6 SEC(".maps");
 
-/* Metadata destinations an enforce-mode workload's policy grants. */
+/*
+ * Metadata and other link-local destinations an enforce-mode workload's
+ * policy names exactly: reached directly, never through the proxy.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, MAX_METADATA_GRANTS);
@@ -365,14 +368,6 @@ static __always_inline enum verdict refuse_node_local(const struct workload *w, 
 	return REFUSE;
 }
 
-/*
- * A metadata service keeps its own protection only if the pod reaches it
- * directly: through the proxy, which runs in the node's network, it would
- * see the node's identity, and IMDSv2's hop limit would stop meaning
- * anything. So it is never redirected: audit mode goes direct (counted per
- * workload, so the audit shows who touches it); enforce mode goes direct only
- * where the workload's policy grants that address and port, else EPERM.
- */
 /* The workload's policy names a (and port, or any port) exactly. */
 static __always_inline int granted(const struct workload *w, const __be32 a[4], __be16 port)
 {
@@ -388,6 +383,14 @@ static __always_inline int granted(const struct workload *w, const __be32 a[4], 
 	return bpf_map_lookup_elem(&metadata_grants, &key) != NULL;
 }
 
+/*
+ * A metadata service keeps its own protection only if the pod reaches it
+ * directly: through the proxy, which runs in the node's network, it would
+ * see the node's identity, and IMDSv2's hop limit would stop meaning
+ * anything. So it is never redirected: audit mode goes direct (counted per
+ * workload, so the audit shows who touches it); enforce mode goes direct only
+ * where the workload's policy grants that address and port, else EPERM.
+ */
 static __always_inline enum verdict metadata(const struct workload *w, const __be32 a[4], __be16 port)
 {
 	struct workload_stats *s = stats_of(w);
@@ -414,7 +417,7 @@ static __always_inline enum verdict metadata(const struct workload *w, const __b
 static __always_inline enum verdict classify(const struct workload *w, const struct proxy_config *cfg,
 					     const __be32 a[4], int v4, __be16 port)
 {
-	__u8 *class;
+	__u8 *found, class;
 
 	if (is_proxy_addr(cfg, a, v4)) {
 		if (port == cfg->port) {
@@ -427,11 +430,12 @@ static __always_inline enum verdict classify(const struct workload *w, const str
 		count(COUNTER_DNS_ALLOWED); /* DNS over TCP, as over UDP */
 		return DIRECT;
 	}
-	class = lpm_lookup(&never_dial_v4, &never_dial_v6, a, v4);
-	if (class && *class == DST_METADATA)
+	found = lpm_lookup(&never_dial_v4, &never_dial_v6, a, v4);
+	class = found ? *found : 0;
+	if (class == DST_METADATA)
 		return metadata(w, a, port);
 	/* Link-local is excluded by default; enforce mode needs a grant. */
-	if (class && *class == DST_LINK_LOCAL && (w->flags & WORKLOAD_ENFORCE) && !granted(w, a, port))
+	if (class == DST_LINK_LOCAL && (w->flags & WORKLOAD_ENFORCE) && !granted(w, a, port))
 		return refuse_node_local(w, COUNTER_NODE_LOCAL_REFUSED);
 	if (excluded(a, v4, bpf_ntohs(port))) {
 		count(COUNTER_EXCLUDED);

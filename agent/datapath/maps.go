@@ -392,27 +392,14 @@ func lpm6(p netip.Prefix) sluiceLpmV6Key {
 // Entries are added before stale ones are removed, so a destination present
 // in both the old and new sets is never redirected in between.
 func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
-	want4, want6 := map[sluiceLpmV4Key]bool{}, map[sluiceLpmV6Key]bool{}
+	t := newPrefixTries()
 	for _, p := range prefixes {
 		if !p.IsValid() {
 			return fmt.Errorf("invalid exclusion prefix %v", p)
 		}
-		if p.Addr().Is4() {
-			want4[lpm4(p)] = true
-		} else if p.Addr().Is4In6() {
-			// Exclusions apply to v4-mapped destinations as IPv4.
-			want4[lpm4(netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0)))] = true
-		} else {
-			want6[lpm6(p)] = true
-		}
+		t.set(p, 1)
 	}
-	if err := syncSet(d.maps.ExcludedV4, want4); err != nil {
-		return fmt.Errorf("IPv4 exclusions: %w", err)
-	}
-	if err := syncSet(d.maps.ExcludedV6, want6); err != nil {
-		return fmt.Errorf("IPv6 exclusions: %w", err)
-	}
-	return nil
+	return t.sync(d.maps.ExcludedV4, d.maps.ExcludedV6, "exclusions")
 }
 
 // SetNeverDial makes the never-dial set exactly nodeLocal (class node-local:
@@ -424,84 +411,117 @@ func (d *Datapath) SetExclusions(prefixes []netip.Prefix) error {
 // longest-prefix match finds it first. IPv4 prefixes also match v4-mapped
 // destinations.
 func (d *Datapath) SetNeverDial(nodeLocal []netip.Prefix, metadata []netip.Addr) error {
-	want4, want6 := map[sluiceLpmV4Key]uint8{}, map[sluiceLpmV6Key]uint8{}
-	add := func(p netip.Prefix, class uint8) error {
+	t := newPrefixTries()
+	for _, p := range nodeLocal {
 		if !p.IsValid() || p.Addr().Zone() != "" {
 			return fmt.Errorf("invalid never-dial prefix %v", p)
 		}
-		if p.Addr().Is4In6() {
-			p = netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0))
+		class := sluiceDstClassDST_NODE_LOCAL
+		if isLinkLocal(unmapPrefix(p)) {
+			class = sluiceDstClassDST_LINK_LOCAL
 		}
-		if p.Addr().Is4() {
-			want4[lpm4(p)] = max(want4[lpm4(p)], class)
-		} else {
-			want6[lpm6(p)] = max(want6[lpm6(p)], class)
-		}
-		return nil
+		t.set(p, uint8(class))
 	}
-	for _, p := range nodeLocal {
-		class := uint8(sluiceDstClassDST_NODE_LOCAL)
-		if isLinkLocal(p) {
-			class = uint8(sluiceDstClassDST_LINK_LOCAL)
-		}
-		if err := add(p, class); err != nil {
-			return err
-		}
-	}
+	// Last, so that a metadata address that is also node-local keeps its
+	// own class.
 	for _, a := range metadata {
-		if err := add(netip.PrefixFrom(a, a.BitLen()), uint8(sluiceDstClassDST_METADATA)); err != nil {
-			return err
+		if !a.IsValid() || a.Zone() != "" {
+			return fmt.Errorf("invalid metadata address %v", a)
 		}
+		t.set(netip.PrefixFrom(a, a.BitLen()), uint8(sluiceDstClassDST_METADATA))
 	}
-	if err := syncMap(d.maps.NeverDialV4, want4, func(sluiceLpmV4Key) bool { return true }, addFirst); err != nil {
-		return fmt.Errorf("IPv4 never-dial set: %w", err)
+	return t.sync(d.maps.NeverDialV4, d.maps.NeverDialV6, "never-dial set")
+}
+
+// isLinkLocal: p (unmapped) lies within IPv4 or IPv6 link-local,
+// 169.254.0.0/16 or fe80::/10 (enforce-mode workloads reach it only where
+// granted).
+func isLinkLocal(p netip.Prefix) bool {
+	bits := 16
+	if p.Addr().Is6() {
+		bits = 10
 	}
-	if err := syncMap(d.maps.NeverDialV6, want6, func(sluiceLpmV6Key) bool { return true }, addFirst); err != nil {
-		return fmt.Errorf("IPv6 never-dial set: %w", err)
+	return p.Addr().IsLinkLocalUnicast() && p.Bits() >= bits
+}
+
+// unmapPrefix turns a v4-mapped prefix into the IPv4 prefix the programs
+// look v4-mapped destinations up as; other prefixes are returned as they are.
+func unmapPrefix(p netip.Prefix) netip.Prefix {
+	if p.Addr().Is4In6() {
+		return netip.PrefixFrom(p.Addr().Unmap(), max(p.Bits()-96, 0))
+	}
+	return p
+}
+
+// prefixTries are the wanted entries of an IPv4 and an IPv6 LPM trie with
+// one-byte values (exclusions, the never-dial set).
+type prefixTries struct {
+	v4 map[sluiceLpmV4Key]uint8
+	v6 map[sluiceLpmV6Key]uint8
+}
+
+func newPrefixTries() prefixTries {
+	return prefixTries{v4: map[sluiceLpmV4Key]uint8{}, v6: map[sluiceLpmV6Key]uint8{}}
+}
+
+// set puts p in its family's trie with value v; a v4-mapped prefix goes in
+// the IPv4 trie, as the programs look v4-mapped destinations up as IPv4.
+func (t prefixTries) set(p netip.Prefix, v uint8) {
+	p = unmapPrefix(p)
+	if p.Addr().Is4() {
+		t.v4[lpm4(p)] = v
+	} else {
+		t.v6[lpm6(p)] = v
+	}
+}
+
+// sync makes the two maps exactly t, adding before removing (these entries
+// narrow what workloads reach).
+func (t prefixTries) sync(m4, m6 *ebpf.Map, what string) error {
+	if err := syncMap(m4, t.v4, func(sluiceLpmV4Key) bool { return true }, addFirst); err != nil {
+		return fmt.Errorf("IPv4 %s: %w", what, err)
+	}
+	if err := syncMap(m6, t.v6, func(sluiceLpmV6Key) bool { return true }, addFirst); err != nil {
+		return fmt.Errorf("IPv6 %s: %w", what, err)
 	}
 	return nil
 }
 
-var linkLocal = []netip.Prefix{netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("fe80::/10")}
-
-// isLinkLocal: p lies within IPv4 or IPv6 link-local (enforce-mode
-// workloads reach it only where granted).
-func isLinkLocal(p netip.Prefix) bool {
-	p = netip.PrefixFrom(p.Addr().Unmap(), p.Bits())
-	for _, ll := range linkLocal {
-		if ll.Bits() <= p.Bits() && ll.Contains(p.Addr()) {
-			return true
-		}
+// readTries calls f on every prefix of an IPv4 and an IPv6 LPM trie with
+// its value.
+func readTries(m4, m6 *ebpf.Map, what string, f func(netip.Prefix, uint8)) error {
+	var k4 sluiceLpmV4Key
+	var v uint8
+	it := m4.Iterate()
+	for it.Next(&k4, &v) {
+		f(netip.PrefixFrom(wordAddr4(k4.Addr), int(k4.Prefixlen)), v)
 	}
-	return false
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list IPv4 %s: %w", what, err)
+	}
+	var k6 sluiceLpmV6Key
+	it = m6.Iterate()
+	for it.Next(&k6, &v) {
+		f(netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)), v)
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list IPv6 %s: %w", what, err)
+	}
+	return nil
 }
 
 // NeverDial reads back the never-dial set: node-local prefixes and metadata
 // addresses, sorted.
 func (d *Datapath) NeverDial() (nodeLocal []netip.Prefix, metadata []netip.Addr, err error) {
-	put := func(p netip.Prefix, class uint8) {
+	err = readTries(d.maps.NeverDialV4, d.maps.NeverDialV6, "never-dial set", func(p netip.Prefix, class uint8) {
 		if class == uint8(sluiceDstClassDST_METADATA) && p.IsSingleIP() {
 			metadata = append(metadata, p.Addr())
 		} else {
 			nodeLocal = append(nodeLocal, p)
 		}
-	}
-	var k4 sluiceLpmV4Key
-	var v uint8
-	it := d.maps.NeverDialV4.Iterate()
-	for it.Next(&k4, &v) {
-		put(netip.PrefixFrom(wordAddr4(k4.Addr), int(k4.Prefixlen)), v)
-	}
-	if err := it.Err(); err != nil {
-		return nil, nil, fmt.Errorf("list IPv4 never-dial set: %w", err)
-	}
-	var k6 sluiceLpmV6Key
-	it = d.maps.NeverDialV6.Iterate()
-	for it.Next(&k6, &v) {
-		put(netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)), v)
-	}
-	if err := it.Err(); err != nil {
-		return nil, nil, fmt.Errorf("list IPv6 never-dial set: %w", err)
+	})
+	if err != nil {
+		return nil, nil, err
 	}
 	sortPrefixes(nodeLocal)
 	slices.SortFunc(metadata, netip.Addr.Compare)
@@ -520,22 +540,8 @@ func sortPrefixes(ps []netip.Prefix) {
 // Exclusions returns the excluded prefixes, sorted.
 func (d *Datapath) Exclusions() ([]netip.Prefix, error) {
 	var out []netip.Prefix
-	var k4 sluiceLpmV4Key
-	var v uint8
-	it := d.maps.ExcludedV4.Iterate()
-	for it.Next(&k4, &v) {
-		out = append(out, netip.PrefixFrom(wordAddr4(k4.Addr), int(k4.Prefixlen)))
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list IPv4 exclusions: %w", err)
-	}
-	var k6 sluiceLpmV6Key
-	it = d.maps.ExcludedV6.Iterate()
-	for it.Next(&k6, &v) {
-		out = append(out, netip.PrefixFrom(wordsAddr6(k6.Addr), int(k6.Prefixlen)))
-	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list IPv6 exclusions: %w", err)
+	if err := readTries(d.maps.ExcludedV4, d.maps.ExcludedV6, "exclusions", func(p netip.Prefix, _ uint8) { out = append(out, p) }); err != nil {
+		return nil, err
 	}
 	sortPrefixes(out)
 	return out, nil
@@ -623,16 +629,18 @@ func syncSet[K comparable](m *ebpf.Map, want map[K]bool) error {
 // The order in which syncMap changes a map: add first where an entry
 // narrows what workloads reach (exclusions, never-dial), remove first where
 // it widens it (grants), so that a failure half-way errs narrow.
+type syncOrder bool
+
 const (
-	addFirst    = false
-	removeFirst = true
+	addFirst    syncOrder = false
+	removeFirst syncOrder = true
 )
 
 // syncMap makes the entries of a map with one-byte values that mine claims
 // exactly want. With addFirst it writes, then removes the claimed keys no
 // longer wanted, so an entry in both sets never lapses; with removeFirst
 // the other way round.
-func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool, order bool) error {
+func syncMap[K comparable](m *ebpf.Map, want map[K]uint8, mine func(K) bool, order syncOrder) error {
 	add := func() error {
 		for k, v := range want {
 			if err := m.Update(k, v, ebpf.UpdateAny); err != nil {

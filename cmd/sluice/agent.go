@@ -49,7 +49,7 @@ func (f addrFlag) Set(s string) error {
 	return nil
 }
 
-// listFlag is a comma-separated list.
+// defaultMetadata is --metadata-addresses' default, policy.DefaultMetadata.
 func defaultMetadata() string {
 	var s []string
 	for _, a := range policy.DefaultMetadata {
@@ -58,6 +58,7 @@ func defaultMetadata() string {
 	return strings.Join(s, ",")
 }
 
+// listFlag is a comma-separated list.
 type listFlag []string
 
 func (l *listFlag) String() string { return strings.Join(*l, ",") }
