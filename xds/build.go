@@ -9,6 +9,7 @@ import (
 
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 )
@@ -174,6 +175,9 @@ func samePolicy(a, b Policy) bool {
 type builder struct {
 	state State
 	err   error
+	// dns is the DNS cache configuration, built once: every hostname
+	// chain of every pod carries a copy (packed into its own Any).
+	dns *dnscache.DnsCacheConfig
 }
 
 // any packs m deterministically: map fields (access log formats are

@@ -64,6 +64,13 @@ const (
 // resolves only to the node's loopback, its addresses or the metadata
 // service fails as if it had no address (DNS rebinding).
 func (b *builder) dnsCache() *dnscache.DnsCacheConfig {
+	if b.dns == nil {
+		b.dns = b.newDNSCache()
+	}
+	return b.dns
+}
+
+func (b *builder) newDNSCache() *dnscache.DnsCacheConfig {
 	resolver := &cares.CaresDnsResolverConfig{
 		// An empty list would mean the node's resolv.conf. The search list
 		// stays Envoy's resolv.conf's (the DaemonSet's ClusterFirstWithHostNet
