@@ -54,6 +54,10 @@ type Config struct {
 	// ResolvConf. Selected workloads reach them directly; they are the only
 	// non-TCP destinations of enforce-mode workloads.
 	DNSResolvers string
+	// Names configures the resolver of TCP-hostname rules: its Resolvers
+	// are DNSResolvers'; zero TTLs and caps take the defaults, a zero
+	// Grace is none (`sluice agent` defaults it to DefaultNameGrace).
+	Names NameConfig
 	// ReadinessLease: the proxy-ready flag lapses unless the agent renews it
 	// within this time (a node whose agent and proxy are gone falls back to
 	// each workload's fail mode); zero: no lease.
@@ -164,12 +168,18 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		events.next = kube
 	}
-	rec, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Reporter: events, Logger: log})
+	var rec *Reconciler
+	ncfg := cfg.Names
+	ncfg.Resolvers, ncfg.Logger = dns, log
+	ncfg.Refuse = func(a netip.Addr) bool { return rec.Refuse(a) }
+	ncfg.OnChange = func() { rec.NameChanged() }
+	names := NewNames(ncfg)
+	rec, err = NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Names: names, Reporter: events, Logger: log})
 	if err != nil {
 		return err
 	}
 	watch.rec = rec
-	m := NewMetrics(reg, dp, rec, xs)
+	m := NewMetrics(reg, dp, rec, xs, names)
 	events.policyErrors = m.PolicyErrors
 
 	ctx, cancel := context.WithCancel(ctx)
@@ -177,6 +187,7 @@ func Run(ctx context.Context, cfg Config) error {
 	errc := make(chan error, 4)
 	go func() { errc <- xs.Serve(ctx) }()
 	go watch.run(ctx, 30*time.Second)
+	go names.Run(ctx)
 	rec.PushXDS(ctx) // Envoy gets a listener that closes everything until workloads arrive
 	go rec.RunXDS(ctx, 100*time.Millisecond)
 
@@ -213,7 +224,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 
 	go probeProxy(ctx, cfg.ProxyAdmin, cfg.ReadinessLease, dp, m, log)
-	go writeState(ctx, cfg.StateFile, rec, xs, log)
+	go writeState(ctx, cfg.StateFile, rec, xs, names, log)
 
 	if cfg.MetricsAddr != "" {
 		srv, err := serveHTTP(cfg.MetricsAddr, reg, &synced)
@@ -350,9 +361,12 @@ type State struct {
 	PID       int               `json:"pid"`
 	Workloads map[uint32]string `json:"workloads"`
 	XDS       xds.Status        `json:"xds"`
+	// Names are the TCP-hostname rules' names and the addresses they
+	// allow now.
+	Names map[string]NameStatus `json:"names,omitempty"`
 }
 
-func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, log *slog.Logger) {
+func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, names *Names, log *slog.Logger) {
 	if path == "" {
 		return
 	}
@@ -361,7 +375,7 @@ func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, 
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {
-		st := State{Updated: time.Now().UTC(), PID: os.Getpid(), Workloads: r.Names(), XDS: x.Status()}
+		st := State{Updated: time.Now().UTC(), PID: os.Getpid(), Workloads: r.Names(), XDS: x.Status(), Names: names.Status()}
 		if err := writeJSONAtomic(path, st); err != nil {
 			log.Warn("write state file", "path", path, "error", err)
 		}

@@ -30,7 +30,7 @@ type Metrics struct {
 
 // NewMetrics registers the agent's metrics and the collectors that read
 // the datapath, the reconciler and the xDS server at scrape time.
-func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server) *Metrics {
+func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server, names *Names) *Metrics {
 	m := &Metrics{
 		Reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "sluice_reconcile_duration_seconds", Help: "Time to program one workload change into the datapath.",
@@ -53,7 +53,7 @@ func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.S
 		}),
 	}
 	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions)
-	reg.MustRegister(&collector{bpf: bpf, r: r, x: x})
+	reg.MustRegister(&collector{bpf: bpf, r: r, x: x, names: names})
 	return m
 }
 
@@ -78,17 +78,22 @@ var (
 	descXDSNacks    = prometheus.NewDesc("sluice_xds_nacks_total", "Configurations Envoy rejected (it keeps the last good one).", nil, nil)
 	descXDSStreams  = prometheus.NewDesc("sluice_xds_connected_proxies", "Envoys connected over ADS.", nil, nil)
 	descXDSVersion  = prometheus.NewDesc("sluice_xds_version_info", "The configuration version being served (label), value 1.", []string{"version"}, nil)
+	descNameLookups = prometheus.NewDesc("sluice_tcp_hostname_lookups_total",
+		"DNS lookups of TCP-hostname rules' names by result: ok, nxdomain, error (the name's addresses stay allowed until their grace ends).", []string{"result"}, nil)
+	descNames     = prometheus.NewDesc("sluice_tcp_hostnames", "Names of TCP-hostname rules the agent resolves.", nil, nil)
+	descNameAddrs = prometheus.NewDesc("sluice_tcp_hostname_addresses", "Addresses TCP-hostname rules allow now, over all names.", nil, nil)
 )
 
 type collector struct {
-	bpf BPFStats
-	r   *Reconciler
-	x   *xds.Server
+	bpf   BPFStats
+	r     *Reconciler
+	x     *xds.Server
+	names *Names
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descInFlightCap, descSelected, descScrapeErr,
-		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion} {
+		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion, descNameLookups, descNames, descNameAddrs} {
 		ch <- d
 	}
 }
@@ -127,6 +132,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		failed = 1
 	}
 	ch <- prometheus.MustNewConstMetric(descScrapeErr, prometheus.GaugeValue, failed)
+	c.collectNames(ch)
 	if c.r != nil {
 		ch <- prometheus.MustNewConstMetric(descSelected, prometheus.GaugeValue, float64(len(c.r.Keys())))
 	}
@@ -141,6 +147,23 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(descXDSVersion, prometheus.GaugeValue, 1, st.Version)
 		}
 	}
+}
+
+func (c *collector) collectNames(ch chan<- prometheus.Metric) {
+	if c.names == nil {
+		return
+	}
+	lookups := c.names.Lookups()
+	for _, r := range []string{"ok", "nxdomain", "error"} {
+		ch <- prometheus.MustNewConstMetric(descNameLookups, prometheus.CounterValue, float64(lookups[r]), r)
+	}
+	st := c.names.Status()
+	addrs := 0
+	for _, s := range st {
+		addrs += len(s.Addrs)
+	}
+	ch <- prometheus.MustNewConstMetric(descNames, prometheus.GaugeValue, float64(len(st)))
+	ch <- prometheus.MustNewConstMetric(descNameAddrs, prometheus.GaugeValue, float64(addrs))
 }
 
 func splitKey(key string) (ns, name string) {

@@ -56,6 +56,7 @@ type Reconciler struct {
 	proxy    xds.Proxy
 	local    policy.NodeLocal
 	dns      []netip.AddrPort
+	names    *Names
 	report   Reporter
 	log      *slog.Logger
 	cgroupID func(string) (uint64, error)
@@ -79,8 +80,10 @@ type ReconcilerConfig struct {
 	NodeLocal policy.NodeLocal
 	// DNSResolvers are what the proxy resolves hostname entries with.
 	DNSResolvers []netip.AddrPort
-	Reporter     Reporter
-	Logger       *slog.Logger
+	// Names resolves TCP-hostname rules; nil: they allow nothing.
+	Names    *Names
+	Reporter Reporter
+	Logger   *slog.Logger
 	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
 	CgroupID func(string) (uint64, error)
 }
@@ -90,7 +93,7 @@ type ReconcilerConfig struct {
 // source claims.
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
-		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -275,12 +278,47 @@ func (r *Reconciler) Names() map[uint32]string {
 }
 
 func (r *Reconciler) want() {
+	if r.names != nil {
+		r.names.Want(r.wantedNames())
+	}
 	for _, c := range []chan struct{}{r.pending, r.changed} {
 		select {
 		case c <- struct{}{}:
 		default:
 		}
 	}
+}
+
+// wantedNames are the names of the TCP-hostname rules of the enforce-mode
+// workloads (audit mode allows everything: nothing to resolve). r.mu held.
+func (r *Reconciler) wantedNames() []string {
+	var out []string
+	for _, s := range r.byKey {
+		if s.policy.Mode == xds.Enforce {
+			out = append(out, s.policy.ResolvedNames()...)
+		}
+	}
+	return out
+}
+
+// NameChanged is Names' OnChange: a TCP-hostname's addresses changed, the
+// listener must follow.
+func (r *Reconciler) NameChanged() {
+	for _, c := range []chan struct{}{r.pending, r.changed} {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// Refuse reports whether a is in the node's never-dial set: no
+// TCP-hostname answer may allow it (Names' Refuse).
+func (r *Reconciler) Refuse(a netip.Addr) bool {
+	r.mu.Lock()
+	nd := r.local.All()
+	r.mu.Unlock()
+	return slices.ContainsFunc(nd, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
 }
 
 // SetNodeLocal replaces the node's never-dial set (its addresses changed)
@@ -300,8 +338,19 @@ func (r *Reconciler) State() xds.State {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All(), DNSResolvers: slices.Clone(r.dns)}
+	refuse := func(a netip.Addr) bool {
+		return slices.ContainsFunc(st.NeverDial, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
+	}
 	for _, s := range r.byKey {
-		w := xds.Workload{Namespace: s.w.Namespace, Name: s.w.Name, IPs: slices.Clone(s.w.IPs), Policy: s.policy}
+		pol := s.policy
+		if pol.Mode == xds.Enforce && r.names != nil {
+			pol = pol.Expand(func(name string) []netip.Addr {
+				// Filtered again: the node's addresses may have changed
+				// since the lookup.
+				return slices.DeleteFunc(r.names.Addrs(name), refuse)
+			})
+		}
+		w := xds.Workload{Namespace: s.w.Namespace, Name: s.w.Name, IPs: slices.Clone(s.w.IPs), Policy: pol}
 		if s.perr != nil {
 			w.PolicyError = s.perr.Error()
 		}

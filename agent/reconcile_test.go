@@ -6,10 +6,13 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 )
 
@@ -218,5 +221,67 @@ func TestReconcileReplaceAndXDSIssues(t *testing.T) {
 	}
 	if len(dp.m) != 1 || dp.m[300].ID == 0 {
 		t.Fatalf("after replace: %v", dp.m)
+	}
+}
+
+// TCP-hostname rules of enforce workloads are resolved and turned into
+// address rules in the xDS state; node-local answers never are; audit
+// workloads resolve nothing; a deselected workload's names are forgotten.
+func TestReconcileTCPHostnames(t *testing.T) {
+	f := newFakeDNS()
+	var r *Reconciler
+	names := NewNames(NameConfig{Lookup: f.lookup, Now: f.clock, Refuse: func(a netip.Addr) bool { return r.Refuse(a) }, OnChange: func() { r.NameChanged() }})
+	r, err := NewReconciler(ReconcilerConfig{
+		Datapath: &fakeDatapath{m: map[uint64]datapath.Workload{}}, XDS: &fakeXDS{}, Names: names,
+		CgroupID:  cgroups{"/cg/a": 100, "/cg/b": 200}.id,
+		Proxy:     xds.Proxy{IPv4: netip.MustParseAddr("169.254.77.1"), Port: 15001},
+		NodeLocal: policy.NodeLocal{Proxy: []netip.Addr{netip.MustParseAddr("169.254.77.1")}, Node: []netip.Addr{netip.MustParseAddr("192.0.2.10")}, Metadata: policy.DefaultMetadata},
+		Logger:    slog.New(slog.NewTextHandler(io.Discard, nil)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.set("db.example.com", time.Minute, "203.0.113.7", "192.0.2.10", "127.0.0.1", "169.254.169.254")
+	f.set("audit.example.com", time.Minute, "203.0.113.9")
+	if err := r.Upsert(wl("a", "/cg/a", "enforce", "tcp://db.example.com:5432")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Upsert(wl("b", "/cg/b", "", "tcp://audit.example.com:22")); err != nil {
+		t.Fatal(err)
+	}
+	names.Step(context.Background())
+	if f.count("audit.example.com") != 0 {
+		t.Error("an audit workload's name was resolved")
+	}
+	rules := func() []xds.Rule {
+		for _, w := range r.State().Workloads {
+			if w.Name == "a" {
+				return w.Policy.Allow
+			}
+		}
+		t.Fatal("workload a not in the state")
+		return nil
+	}
+	got := rules()
+	want := []xds.Rule{{Host: "db.example.com", Port: 5432, Resolve: true}, {Prefix: netip.MustParsePrefix("203.0.113.7/32"), Port: 5432, Via: "tcp://db.example.com:5432"}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("state rules %v, want %v (node-local answers dropped)", got, want)
+	}
+	select {
+	case <-r.pending:
+	default:
+		t.Fatal("a resolution change did not schedule an xDS update")
+	}
+	// The node gains the answer's address: it is refused at once, before
+	// any lookup.
+	r.SetNodeLocal(policy.NodeLocal{Node: []netip.Addr{netip.MustParseAddr("203.0.113.7")}})
+	if got := rules(); len(got) != 1 {
+		t.Fatalf("after the node took the address: %v", got)
+	}
+	if err := r.Remove("ns/a"); err != nil {
+		t.Fatal(err)
+	}
+	if st := names.Status(); len(st) != 0 {
+		t.Fatalf("names still wanted after the workload left: %v", st)
 	}
 }

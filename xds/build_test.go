@@ -53,6 +53,13 @@ func pod(ns, name, mode, allow string, addrs ...string) Workload {
 	return w
 }
 
+// expanded is w with its TCP-hostname rules turned into answers' addresses,
+// as the agent does.
+func expanded(w Workload, answers map[string][]netip.Addr) Workload {
+	w.Policy = w.Policy.Expand(func(n string) []netip.Addr { return answers[n] })
+	return w
+}
+
 // goldenCases are representative policies; their YAML is in
 // testdata/golden, reviewed by hand against Envoy's documentation.
 var goldenCases = []struct {
@@ -74,6 +81,16 @@ var goldenCases = []struct {
 		name: "enforce-cidrs",
 		state: State{Proxy: testProxy, NeverDial: testNeverDial, Workloads: []Workload{
 			pod("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443, 0.0.0.0/0:8443", "10.244.1.7", "fd00:244:1::7"),
+		}},
+	},
+	{
+		// A TCP-hostname rule as the agent hands it over: expanded to the
+		// name's current addresses at its port; the rule itself adds no
+		// chain, no server name, no DNS cache entry.
+		name: "enforce-tcp-hostname",
+		state: State{Proxy: testProxy, NeverDial: testNeverDial, Workloads: []Workload{
+			expanded(pod("db", "billing", "enforce", "tcp://pg.example.com:5432, tcp://gone.example.com:22", "10.244.1.9"),
+				map[string][]netip.Addr{"pg.example.com": {netip.MustParseAddr("203.0.113.40"), netip.MustParseAddr("2001:db8::40")}}),
 		}},
 	},
 	{

@@ -88,11 +88,15 @@ func (b *builder) groupOnMatch(g *group) *matcher.Matcher_OnMatch {
 }
 
 // splitRules separates prefix rules from hostname rules, keeping order.
+// TCP-hostname rules are neither: they allow only what Policy.Expand
+// turned them into.
 func splitRules(rules []Rule) (cidrs, hosts []Rule) {
 	for _, r := range rules {
-		if r.IsHost() {
+		switch {
+		case r.IsResolved():
+		case r.IsHost():
 			hosts = append(hosts, r)
-		} else {
+		default:
 			cidrs = append(cidrs, r)
 		}
 	}

@@ -46,20 +46,38 @@ func (m Mode) String() string {
 }
 
 // Rule is one allow entry: a hostname (exact, or "*.suffix" for subdomains
-// of suffix only) or an IP prefix, and a port (0: any port).
+// of suffix only) or an IP prefix, and a port (0: any port); or, with
+// Resolve, a TCP hostname: a name the agent resolves, whose addresses are
+// allowed at Port for any protocol.
 type Rule struct {
 	Host   string
 	Prefix netip.Prefix
 	Port   uint16
+	// Resolve marks a TCP-hostname rule ("tcp://db.example.com:5432"): the
+	// client need not send the name (no SNI, no Host); the agent resolves
+	// Host and allows connections to its answers at Port. The builders
+	// never see the rule itself, only the address rules Policy.Expand
+	// turns it into.
+	Resolve bool
+	// Via, on an address rule Expand added, is the TCP-hostname rule it
+	// comes from: such a rule never grants metadata access.
+	Via string
 }
 
-// IsHost reports whether the rule names a hostname rather than a prefix.
-func (r Rule) IsHost() bool { return r.Host != "" }
+// IsHost reports whether the rule is matched against the name a client
+// sends (TLS SNI, HTTP Host).
+func (r Rule) IsHost() bool { return r.Host != "" && !r.Resolve }
+
+// IsResolved reports whether the rule is a TCP hostname, allowed by the
+// addresses the agent resolves it to.
+func (r Rule) IsResolved() bool { return r.Host != "" && r.Resolve }
 
 // String renders the rule in the annotation grammar; parsing it gives r back.
 func (r Rule) String() string {
 	var s string
 	switch {
+	case r.IsResolved():
+		return TCPScheme + r.Host + ":" + strconv.Itoa(int(r.Port))
 	case r.IsHost():
 		s = r.Host
 	case r.Prefix.Addr().Is6():
@@ -107,7 +125,7 @@ func (p Policy) MetadataGrants(metadata []netip.Addr) []netip.AddrPort {
 	}
 	var out []netip.AddrPort
 	for _, r := range p.Allow {
-		if r.IsHost() || !r.Prefix.IsSingleIP() {
+		if r.Host != "" || r.Via != "" || !r.Prefix.IsSingleIP() {
 			continue
 		}
 		a := r.Prefix.Addr().Unmap()
@@ -180,6 +198,8 @@ func ParsePolicy(labels, annotations map[string]string) (Policy, error) {
 //	203.0.113.0/24:5432       with a port
 //	2001:db8::/32             IPv6 prefix or address, any port
 //	[2001:db8::/32]:443       with a port (brackets required with a port)
+//	tcp://db.example.com:5432 TCP hostname: any protocol to the addresses
+//	                          the agent resolves the name to (port required)
 //
 // Every entry is checked; the error joins one *EntryError per bad entry.
 func ParseAllowList(s string) ([]Rule, error) {
@@ -215,6 +235,12 @@ func ParseAllowList(s string) ([]Rule, error) {
 }
 
 func parseEntry(e string) (Rule, string) {
+	if rest, ok := cutPrefixFold(e, TCPScheme); ok {
+		return parseTCPHost(rest)
+	}
+	if strings.Contains(e, "://") {
+		return Rule{}, "unknown scheme: the only one is tcp:// (a TCP hostname)"
+	}
 	if strings.HasPrefix(e, "[") {
 		end := strings.Index(e, "]")
 		if end < 0 {
@@ -259,6 +285,42 @@ func parseEntry(e string) (Rule, string) {
 	}
 	h, reason := parseHost(host)
 	return Rule{Host: h, Port: port}, reason
+}
+
+// TCPScheme starts a TCP-hostname entry.
+const TCPScheme = "tcp://"
+
+func cutPrefixFold(s, prefix string) (string, bool) {
+	if len(s) >= len(prefix) && strings.EqualFold(s[:len(prefix)], prefix) {
+		return s[len(prefix):], true
+	}
+	return s, false
+}
+
+// parseTCPHost parses what follows tcp://: an exact hostname and a port.
+// The port is required: an address the name shares with other services
+// (a CDN, a cloud load balancer) is allowed too, and only at that port.
+// A wildcard cannot be resolved.
+func parseTCPHost(s string) (Rule, string) {
+	host, portStr, hasPort := strings.Cut(s, ":")
+	if !hasPort {
+		return Rule{}, "a TCP hostname needs a port (tcp://db.example.com:5432)"
+	}
+	if strings.HasPrefix(host, "*") {
+		return Rule{}, "a TCP hostname cannot be a wildcard: the agent resolves it"
+	}
+	if looksNumeric(host) || strings.HasPrefix(host, "[") {
+		return Rule{}, "a TCP hostname is a name: write an address as a CIDR entry"
+	}
+	port, reason := parsePort(portStr)
+	if reason != "" {
+		return Rule{}, reason
+	}
+	h, reason := parseHost(host)
+	if reason != "" {
+		return Rule{}, reason
+	}
+	return Rule{Host: h, Port: port, Resolve: true}, ""
 }
 
 // looksNumeric: digits, dots and a slash only; such a name is meant as IPv4.

@@ -197,3 +197,92 @@ func TestMetadataGrants(t *testing.T) {
 		}
 	}
 }
+
+func TestTCPHostnameEntries(t *testing.T) {
+	got, err := ParseAllowList("tcp://DB.Example.com.:5432, TCP://redis.internal.example:6379")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Rule{{Host: "db.example.com", Port: 5432, Resolve: true}, {Host: "redis.internal.example", Port: 6379, Resolve: true}}
+	if !slices.Equal(got, want) {
+		t.Fatalf("got %+v, want %+v", got, want)
+	}
+	for _, r := range got {
+		if r.IsHost() || !r.IsResolved() {
+			t.Errorf("%v: IsHost %v IsResolved %v", r, r.IsHost(), r.IsResolved())
+		}
+		back, err := ParseAllowList(r.String())
+		if err != nil || len(back) != 1 || back[0] != r {
+			t.Errorf("%v round-trips to %v, %v", r, back, err)
+		}
+	}
+	for in, reason := range map[string]string{
+		"tcp://db.example.com":        "needs a port",
+		"tcp://*.example.com:5432":    "cannot be a wildcard",
+		"tcp://203.0.113.7:5432":      "write an address as a CIDR entry",
+		"tcp://[2001:db8::1]:5432":    "write an address as a CIDR entry",
+		"tcp://db.example.com:0":      "not in 1-65535",
+		"tcp://db..example.com:5432":  "empty label",
+		"tcp://db.example.com:5432/x": "not a number",
+		"udp://db.example.com:53":     "unknown scheme",
+		"https://api.example.com":     "unknown scheme",
+	} {
+		_, err := ParseAllowList(in)
+		if err == nil || !strings.Contains(err.Error(), reason) {
+			t.Errorf("%q: error %v, want %q", in, err, reason)
+		}
+	}
+}
+
+// A TCP-hostname rule allows nothing by itself: not the name as SNI or
+// Host, not any address; only the addresses Expand adds, at its port.
+func TestTCPHostnameExpand(t *testing.T) {
+	pol, err := ParsePolicy(map[string]string{LabelMode: "enforce"}, map[string]string{AnnotationAllow: "tcp://db.example.com:5432,tcp://gone.example.com:22"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db := netip.MustParseAddrPort("203.0.113.7:5432")
+	if d := pol.Decide(db, "db.example.com", ""); d.Allowed {
+		t.Fatalf("unexpanded rule allowed %v: %+v", db, d)
+	}
+	if d := pol.Decide(db, "", "db.example.com"); d.Allowed {
+		t.Fatalf("unexpanded rule allowed Host db.example.com: %+v", d)
+	}
+	answers := map[string][]netip.Addr{"db.example.com": {netip.MustParseAddr("203.0.113.7"), netip.MustParseAddr("2001:db8::7"), netip.MustParseAddr("::ffff:203.0.113.7")}}
+	ex := pol.Expand(func(n string) []netip.Addr { return answers[n] })
+	if len(pol.Allow) != 2 {
+		t.Fatalf("Expand changed its receiver: %v", pol.Allow)
+	}
+	via := "tcp://db.example.com:5432"
+	wantAdded := []Rule{{Prefix: netip.MustParsePrefix("203.0.113.7/32"), Port: 5432, Via: via}, {Prefix: netip.MustParsePrefix("2001:db8::7/128"), Port: 5432, Via: via}}
+	if !slices.Equal(ex.Allow[2:], wantAdded) {
+		t.Fatalf("expanded to %v, want the original rules then %v", ex.Allow, wantAdded)
+	}
+	for _, c := range []struct {
+		dst     string
+		allowed bool
+	}{
+		{"203.0.113.7:5432", true},
+		{"[2001:db8::7]:5432", true},
+		{"203.0.113.7:5433", false}, // the rule's port only
+		{"203.0.113.8:5432", false}, // not an answer
+		{"198.51.100.1:22", false},  // a name with no answers allows nothing
+	} {
+		if d := ex.Decide(netip.MustParseAddrPort(c.dst), "", ""); d.Allowed != c.allowed {
+			t.Errorf("%s: allowed %v, want %v (%s)", c.dst, d.Allowed, c.allowed, d.Reason)
+		}
+	}
+	if got := pol.ResolvedNames(); !slices.Equal(got, []string{"db.example.com", "gone.example.com"}) {
+		t.Errorf("ResolvedNames = %v", got)
+	}
+	// An answer that is a metadata address grants no metadata access (the
+	// agent drops such answers before this, too): only an entry naming the
+	// address does.
+	md := netip.MustParseAddr("169.254.169.254")
+	ex = pol.Expand(func(string) []netip.Addr { return []netip.Addr{md} })
+	for _, p := range []Policy{pol, ex} {
+		if g := p.MetadataGrants([]netip.Addr{md}); len(g) != 0 {
+			t.Errorf("tcp:// rule granted metadata: %v", g)
+		}
+	}
+}

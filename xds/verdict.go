@@ -2,6 +2,7 @@ package xds
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 )
 
@@ -30,6 +31,9 @@ func (p Policy) Decide(dst netip.AddrPort, sni, host string) Decision {
 	a := dst.Addr().Unmap()
 	for _, r := range p.Allow {
 		if !r.IsHost() && r.Prefix.Contains(a) && (r.Port == 0 || r.Port == dst.Port()) {
+			if r.Via != "" {
+				return Decision{Allowed: true, Reason: "destination is an address of " + r.Via + " (" + r.Prefix.Addr().String() + ")"}
+			}
 			return Decision{Allowed: true, Reason: "destination in the allow list (" + r.String() + ")"}
 		}
 	}
@@ -62,4 +66,40 @@ func hostMatches(pattern, name string) bool {
 		return strings.HasSuffix(name, suffix)
 	}
 	return pattern == name
+}
+
+// Expand returns the policy with each TCP-hostname rule replaced, for the
+// builders, by address rules at its port: one per address answers gives
+// for its name (the agent's resolutions, already filtered of node-local
+// answers). The TCP-hostname rules stay in Allow, where the builders and
+// Decide skip them. A name with no answers allows nothing.
+func (p Policy) Expand(answers func(name string) []netip.Addr) Policy {
+	out := p
+	out.Allow = slices.Clone(p.Allow)
+	seen := map[Rule]bool{}
+	for _, r := range p.Allow {
+		if !r.IsResolved() {
+			continue
+		}
+		for _, a := range answers(r.Host) {
+			a = a.Unmap()
+			ar := Rule{Prefix: netip.PrefixFrom(a, a.BitLen()), Port: r.Port, Via: r.String()}
+			if !seen[ar] {
+				seen[ar] = true
+				out.Allow = append(out.Allow, ar)
+			}
+		}
+	}
+	return out
+}
+
+// ResolvedNames lists the names of the policy's TCP-hostname rules.
+func (p Policy) ResolvedNames() []string {
+	var out []string
+	for _, r := range p.Allow {
+		if r.IsResolved() && !slices.Contains(out, r.Host) {
+			out = append(out, r.Host)
+		}
+	}
+	return out
 }

@@ -140,6 +140,10 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.Var(&exclude, "exclude", "comma-separated CIDRs never redirected, beside loopback and link-local (e.g. pod and service CIDRs)")
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
 	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
+	fs.DurationVar(&cfg.Names.MinTTL, "dns-min-ttl", agent.DefaultNameMinTTL, "TCP-hostname rules (tcp://name:port): look a name up again no sooner than this, whatever its TTL")
+	fs.DurationVar(&cfg.Names.MaxTTL, "dns-max-ttl", agent.DefaultNameMaxTTL, "TCP-hostname rules: look a name up again no later than this, whatever its TTL")
+	fs.DurationVar(&cfg.Names.Grace, "dns-grace", agent.DefaultNameGrace, "TCP-hostname rules: keep an address allowed this long after its TTL ran out without DNS giving it again (it left DNS, or lookups fail), so clients that resolved it earlier can reconnect")
+	fs.IntVar(&cfg.Names.MaxAddrs, "dns-max-addresses", agent.DefaultNameMaxAddrs, "TCP-hostname rules: addresses allowed per name at most (the latest answers first)")
 	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
 	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'sluice uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "let connections to this node's own addresses (taken at start) go direct; false refuses them (EPERM). Either way they are never redirected: the proxy would reach the node itself")
@@ -169,6 +173,16 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 		if _, err := agent.ParseResolvers(cfg.DNSResolvers); err != nil {
 			return agent.Config{}, "", fmt.Errorf("--dns-resolvers: %w", err)
 		}
+	}
+	switch {
+	case cfg.Names.MinTTL < time.Second:
+		return agent.Config{}, "", fmt.Errorf("--dns-min-ttl %v: want at least 1s", cfg.Names.MinTTL)
+	case cfg.Names.MaxTTL < cfg.Names.MinTTL:
+		return agent.Config{}, "", fmt.Errorf("--dns-max-ttl %v is below --dns-min-ttl %v", cfg.Names.MaxTTL, cfg.Names.MinTTL)
+	case cfg.Names.Grace < 0:
+		return agent.Config{}, "", fmt.Errorf("--dns-grace %v: negative", cfg.Names.Grace)
+	case cfg.Names.MaxAddrs < 1 || cfg.Names.MaxAddrs > 1024:
+		return agent.Config{}, "", fmt.Errorf("--dns-max-addresses %d: want 1-1024", cfg.Names.MaxAddrs)
 	}
 	if cfg.ReadinessLease < 0 || cfg.ReadinessLease > 0 && cfg.ReadinessLease < 5*time.Second {
 		return agent.Config{}, "", fmt.Errorf("--readiness-lease %v: want 0 (no lease) or at least 5s (several probe intervals)", cfg.ReadinessLease)

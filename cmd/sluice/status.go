@@ -34,6 +34,42 @@ type statusReport struct {
 	AgentNote        string              `json:"agent_note"`
 }
 
+// printNames shows the TCP-hostname rules' names: what each allows, until
+// when without DNS giving it again, and the last lookup's failure.
+func printNames(w io.Writer, names map[string]agent.NameStatus, at time.Time) {
+	if len(names) == 0 {
+		return
+	}
+	keys := make([]string, 0, len(names))
+	for k := range names {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	fmt.Fprintln(w, "\nTCP hostnames (tcp:// rules):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  NAME\tALLOWED ADDRESSES (kept for)\tNEXT LOOKUP\tLAST ERROR")
+	for _, k := range keys {
+		n := names[k]
+		var addrs []string
+		for _, a := range n.Addrs {
+			addrs = append(addrs, fmt.Sprintf("%s (%v)", a.Addr, a.Until.Sub(at).Round(time.Second)))
+		}
+		if len(addrs) == 0 {
+			addrs = []string{"none: allows nothing"}
+		}
+		next := "-"
+		if !n.Next.IsZero() {
+			next = "in " + n.Next.Sub(at).Round(time.Second).String()
+		}
+		msg := n.Error
+		if n.Dropped > 0 {
+			msg = strings.TrimSpace(fmt.Sprintf("%s (%d answers not allowed: node-local or beyond the cap)", msg, n.Dropped))
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", k, strings.Join(addrs, ", "), next, msg)
+	}
+	tw.Flush()
+}
+
 type programStatus struct {
 	Name       string `json:"name"`
 	AttachType string `json:"attach_type"`
@@ -209,6 +245,7 @@ func printStatus(w io.Writer, r *statusReport) {
 		if x.LastNACK != nil {
 			fmt.Fprintf(w, "last NACK %s: %s rejected %s, kept %s: %s\n", x.LastNACK.Time.Format(time.RFC3339), x.LastNACK.TypeURL, x.LastNACK.Rejected, x.LastNACK.Kept, x.LastNACK.Message)
 		}
+		printNames(w, r.Agent.Names, r.Agent.Updated)
 	}
 	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlightCapacity)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)

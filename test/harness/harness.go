@@ -123,7 +123,7 @@ func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
 	e.Proxy = testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
 		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
 		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile,
-		"-dns", DNSResolver.String(), "-never-dial", strings.Join(e.neverDial(t), ","))
+		"-dns", DNSResolver.String(), "-never-dial", strings.Join(e.neverDial(t), ","), "-state", e.StateFile)
 	return e.Proxy
 }
 

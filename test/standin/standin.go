@@ -128,7 +128,11 @@ type Proxy struct {
 	// refused (DNS rebinding), and a failed lookup closes the connection.
 	DNS       netip.AddrPort
 	NeverDial []netip.Prefix
-	Log       io.Writer
+	// State, if set, is the agent's state file: a TCP-hostname rule
+	// (tcp://name:port) allows the addresses the agent resolved the name
+	// to, as the agent's listener does (xds.Policy.Expand).
+	State string
+	Log   io.Writer
 
 	mu    sync.Mutex
 	n     int
@@ -137,8 +141,10 @@ type Proxy struct {
 	// The workloads file as last parsed, and the size and modification
 	// time it had then: a 1,000-workload file parsed per connection would
 	// make the proxy, not the datapath, the bottleneck of churn tests.
-	file    agent.WorkloadFile
-	fileKey string
+	file     agent.WorkloadFile
+	fileKey  string
+	state    agent.State
+	stateKey string
 }
 
 func (p *Proxy) record(r Record) {
@@ -349,6 +355,18 @@ func (p *Proxy) policyOf(a netip.Addr) (xds.Policy, bool) {
 		for _, ip := range w.IPs {
 			if wa, err := netip.ParseAddr(ip); err == nil && wa.Unmap() == a {
 				pol, _ := xds.ParsePolicy(w.Labels, w.Annotations) // the safest policy on error
+				if pol.Mode == xds.Enforce {
+					names := p.names()
+					pol = pol.Expand(func(name string) []netip.Addr {
+						var out []netip.Addr
+						for _, a := range names[name].Addrs {
+							if time.Now().Before(a.Until) {
+								out = append(out, a.Addr)
+							}
+						}
+						return out
+					})
+				}
 				return pol, true
 			}
 		}
@@ -382,6 +400,33 @@ func (p *Proxy) workloads() (agent.WorkloadFile, bool) {
 	p.file, p.fileKey = f, key
 	p.mu.Unlock()
 	return f, true
+}
+
+// names returns the agent's TCP-hostname resolutions from its state file,
+// read again only when the file changed.
+func (p *Proxy) names() map[string]agent.NameStatus {
+	if p.State == "" {
+		return nil
+	}
+	fi, err := os.Stat(p.State)
+	if err != nil {
+		return nil
+	}
+	key := fmt.Sprintf("%d/%d", fi.Size(), fi.ModTime().UnixNano())
+	p.mu.Lock()
+	if key == p.stateKey {
+		defer p.mu.Unlock()
+		return p.state.Names
+	}
+	p.mu.Unlock()
+	st, err := agent.ReadState(p.State)
+	if err != nil {
+		return nil
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.state, p.stateKey = st, key
+	return st.Names
 }
 
 func hasHostRules(p xds.Policy) bool {
@@ -508,10 +553,11 @@ func Main(args []string) int {
 	workloads := fs.String("workloads", "", "the agent's workloads file: enforce each workload's policy as the generated listener does (unknown sources closed, denied destinations closed or 403)")
 	dns := fs.String("dns", "", "with -workloads: the DNS resolver (addr:port) for hostname entries; an allowed name is dialled where DNS says, never where the client dialled")
 	neverDial := fs.String("never-dial", "", "with -dns: comma-separated CIDRs a resolved address may not be in (DNS rebinding)")
+	state := fs.String("state", "", "with -workloads: the agent's state file, for the addresses of TCP-hostname rules (tcp://name:port)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Workloads: *workloads, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Workloads: *workloads, State: *state, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *dns != "" {
 		ap, err := netip.ParseAddrPort(*dns)
 		if err != nil {
