@@ -188,7 +188,12 @@ func Run(ctx context.Context, cfg Config) error {
 	go func() { errc <- xs.Serve(ctx) }()
 	go watch.run(ctx, 30*time.Second)
 	go names.Run(ctx)
-	rec.PushXDS(ctx) // Envoy gets a listener that closes everything until workloads arrive
+	// No configuration until the sources have delivered their first full
+	// view (Sync): a listener built from a partial view would close the
+	// connections of every workload not yet seen. Until then a connecting
+	// Envoy waits in its initial fetch, is not ready, and each workload
+	// gets its fail mode; across an agent restart Envoy keeps the previous
+	// agent's configuration.
 	go rec.RunXDS(ctx, 100*time.Millisecond)
 
 	var synced atomic.Bool

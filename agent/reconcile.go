@@ -66,6 +66,7 @@ type Reconciler struct {
 	byID    map[uint32]string // per-workload counter id -> key
 	adopt   map[uint64]uint32 // pinned at start, not yet claimed: cgroup id -> counter id
 	pending chan struct{}     // an xDS update is wanted
+	synced  bool              // Sync ran: the state is a full view, fit for xDS
 	changed chan struct{}     // the selection changed (for the state file)
 	issues  map[string]string // last reported xDS issue per key
 }
@@ -236,11 +237,14 @@ func (r *Reconciler) Keys() []string {
 // interrupt that workload's redirection.
 func (r *Reconciler) Sync() error {
 	pinned, err := r.dp.Workloads()
-	if err != nil {
-		return err
-	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if err != nil {
+		// Stale entries stay; the view is full all the same.
+		r.synced = true
+		r.want()
+		return err
+	}
 	claimed := map[uint64]bool{}
 	for _, s := range r.byKey {
 		claimed[s.cgroupID] = true
@@ -260,6 +264,7 @@ func (r *Reconciler) Sync() error {
 		delete(r.adopt, cg)
 		r.log.Info("stale workload removed", "cgroup_id", cg, "id", w.ID)
 	}
+	r.synced = true
 	r.want()
 	return errors.Join(errs...)
 }
@@ -361,7 +366,8 @@ func (r *Reconciler) State() xds.State {
 
 // RunXDS pushes the desired state to the xDS server whenever it changes,
 // batching changes that arrive within debounce of each other (one
-// snapshot costs the same for one change as for a hundred).
+// snapshot costs the same for one change as for a hundred), from the first
+// Sync on: before it the state is a partial view.
 func (r *Reconciler) RunXDS(ctx context.Context, debounce time.Duration) {
 	for {
 		select {
@@ -374,7 +380,12 @@ func (r *Reconciler) RunXDS(ctx context.Context, debounce time.Duration) {
 			return
 		case <-time.After(debounce):
 		}
-		r.PushXDS(ctx)
+		r.mu.Lock()
+		synced := r.synced
+		r.mu.Unlock()
+		if synced {
+			r.PushXDS(ctx)
+		}
 	}
 }
 

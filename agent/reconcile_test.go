@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -36,12 +37,24 @@ func (f *fakeDatapath) Workloads() (map[uint64]datapath.Workload, error) {
 	return out, nil
 }
 
-type fakeXDS struct{ states []xds.State }
+type fakeXDS struct {
+	mu     sync.Mutex
+	states []xds.State
+}
 
 func (f *fakeXDS) Update(_ context.Context, st xds.State) (string, []xds.Issue, error) {
+	f.mu.Lock()
 	f.states = append(f.states, st)
+	n := len(f.states)
+	f.mu.Unlock()
 	_, issues, err := xds.Build(st)
-	return fmt.Sprint(len(f.states)), issues, err
+	return fmt.Sprint(n), issues, err
+}
+
+func (f *fakeXDS) statesCopy() []xds.State {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.states)
 }
 
 type fakeReporter struct{ got []string }
@@ -283,5 +296,33 @@ func TestReconcileTCPHostnames(t *testing.T) {
 	}
 	if st := names.Status(); len(st) != 0 {
 		t.Fatalf("names still wanted after the workload left: %v", st)
+	}
+}
+
+// Nothing is published before the sources delivered a full view: a
+// listener from a partial view would close the connections of every
+// workload not yet seen (the conformance proxy found this across an agent
+// restart).
+func TestReconcileNoXDSBeforeSync(t *testing.T) {
+	r, _, x, _ := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{"/cg/a": 100})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.RunXDS(ctx, time.Millisecond)
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if n := len(x.statesCopy()); n != 0 {
+		t.Fatalf("%d xDS updates before Sync", n)
+	}
+	if err := r.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for len(x.statesCopy()) == 0 && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	if st := x.statesCopy(); len(st) != 1 || len(st[0].Workloads) != 1 {
+		t.Fatalf("after Sync: %d updates, want one with the workload", len(st))
 	}
 }

@@ -194,7 +194,60 @@ func Compile(listeners []*listener.Listener, clusters []*cluster.Cluster) (*Conf
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
+	if err := cfg.checkCaches(); err != nil {
+		return nil, err
+	}
 	return cfg, nil
+}
+
+// caches lists every DNS cache configuration, where it is used.
+func (c *Config) caches() map[string][]*DNSCache {
+	out := map[string][]*DNSCache{}
+	for _, cl := range c.Clusters {
+		if cl.Cache != nil {
+			out[cl.Cache.Name] = append(out[cl.Cache.Name], cl.Cache)
+		}
+	}
+	chains := append([]*Chain{c.Listener.Default}, mapValues(c.Listener.Chains)...)
+	for _, ch := range chains {
+		if ch == nil {
+			continue
+		}
+		for _, f := range ch.Filters {
+			switch f := f.(type) {
+			case *SNIForwardProxy:
+				out[f.Cache.Name] = append(out[f.Cache.Name], f.Cache)
+			case *HTTPConnectionManager:
+				if f.ForwardProxy != nil {
+					out[f.ForwardProxy.Cache.Name] = append(out[f.ForwardProxy.Cache.Name], f.ForwardProxy.Cache)
+				}
+			}
+		}
+	}
+	return out
+}
+
+// checkCaches: one DNS cache per name, so every filter and cluster naming
+// it must configure it identically; Envoy refuses the configuration
+// otherwise (dns_cache_manager_impl.cc: "config specified DNS cache ...
+// with different settings").
+func (c *Config) checkCaches() error {
+	for name, cs := range c.caches() {
+		for _, x := range cs[1:] {
+			if x.wholeConfig != cs[0].wholeConfig {
+				return fmt.Errorf("DNS cache %q is configured differently in two places", name)
+			}
+		}
+	}
+	return nil
+}
+
+func mapValues[V any](m map[string]V) []V {
+	out := make([]V, 0, len(m))
+	for _, k := range sortedKeys(m) {
+		out = append(out, m[k])
+	}
+	return out
 }
 
 func duration(d interface{ AsDuration() time.Duration }, isNil bool) time.Duration {
@@ -462,9 +515,8 @@ func compileChain(path string, fc *listener.FilterChain, clusters map[string]*Cl
 			if err := unpack(fp, tc, &tp); err != nil {
 				return nil, err
 			}
-			if clusters[tp.GetCluster()] == nil {
-				return nil, fmt.Errorf("%s.cluster: %q is not a cluster", fp, tp.GetCluster())
-			}
+			// A cluster that does not exist (yet) is no config error: Envoy
+			// looks it up per connection (no cluster: flag NC).
 			logs, err := compileAccessLogs(fp+".access_log", tp.GetAccessLog())
 			if err != nil {
 				return nil, err
@@ -540,9 +592,6 @@ func compileHCM(fp string, tc *anypb.Any, clusters map[string]*Cluster) (*HTTPCo
 				cr.Body = r.GetDirectResponse().GetBody().GetInlineString()
 			case r.GetRoute() != nil:
 				cr.Cluster = r.GetRoute().GetCluster()
-				if clusters[cr.Cluster] == nil {
-					return nil, fmt.Errorf("%s.route.cluster: %q is not a cluster", rp, cr.Cluster)
-				}
 				if t := r.GetRoute().GetTimeout(); t != nil {
 					cr.HasTimeout, cr.Timeout = true, t.AsDuration()
 				}

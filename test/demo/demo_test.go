@@ -16,9 +16,7 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/test/harness"
-	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
-	"github.com/sluice-io/sluice/xds"
 )
 
 func TestMain(m *testing.M) { testbed.Main(m, harness.Roles) }
@@ -34,12 +32,13 @@ func TestDemo(t *testing.T) {
 	say("  building sluice and the testbed (network namespaces, cgroups; nothing leaves this machine)...")
 	envoyBin := os.Getenv("ENVOY_BIN")
 	var e *harness.Env
-	var envoyLog string
+	var accessLog string
 	if envoyBin != "" {
 		e = harness.NewWithoutProxy(t, 2)
-		envoyLog = e.StartEnvoy(t, envoyBin)
+		accessLog = e.StartEnvoy(t, envoyBin)
 	} else {
-		e = harness.New(t, 2)
+		e = harness.NewEnforcing(t, 2)
+		accessLog = e.Records
 	}
 	web, plain := e.TB.Pods[0], e.TB.Pods[1]
 	say("  node netns %s; pods %s (%s) and %s (%s); external servers %s, %s, %s",
@@ -53,15 +52,14 @@ func TestDemo(t *testing.T) {
 	if envoyBin != "" {
 		say("  proxy: Envoy from ENVOY_BIN (%s), configured by the agent over ADS; the POLICY column is Envoy's access log", envoyBin)
 	} else {
-		say("  proxy: stand-in for Envoy's original_dst listener (test/standin: SO_ORIGINAL_DST, dial, splice; it forwards")
-		say("         everything, so the POLICY column is the verdict of the Envoy configuration sluice generated, not enforced here)")
+		say("  proxy: the conformance proxy (test/conformance): it takes the listener and clusters from the agent over ADS")
+		say("         and executes them as Envoy would; the POLICY column is its access log, in the served format.")
 		say("         Set ENVOY_BIN=/path/to/envoy to run a real Envoy instead.")
 	}
 	agent := e.StartAgent(t)
 	harness.WaitFor(t, "proxy ready", 10*time.Second, func() bool { return strings.Contains(e.Status(t), "ready=true") })
 	say("  sluice agent running (pid %d), attached to %s, pins at %s; proxy ready", agent.Cmd.Process.Pid, e.TB.Root.Path, e.PinPath)
 
-	policy, _ := xds.ParsePolicy(map[string]string{xds.LabelMode: wl.Mode}, map[string]string{xds.AnnotationAllow: wl.Allow})
 	specs := []string{
 		fmt.Sprintf("tcp4:%s:%d", testbed.ExternalV4[0], harness.ServerPort),
 		fmt.Sprintf("tcp6:[%s]:%d", testbed.ExternalV6[0], harness.ServerPort),
@@ -73,34 +71,36 @@ func TestDemo(t *testing.T) {
 	}
 	say("")
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "POD\tDESTINATION\tREDIRECTED\tORIGINAL DST (proxy)\tPOLICY (Envoy config)\tAPP'S GETPEERNAME\tSERVER SAW")
+	fmt.Fprintln(w, "POD\tDESTINATION\tREDIRECTED\tORIGINAL DST (proxy)\tPOLICY (proxy's access log)\tAPP'S GETPEERNAME\tSERVER SAW")
+	accepted := len(e.Echo.Conns())
+	replied := 0
 	for _, p := range []*testbed.Pod{web, plain} {
-		out := testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", specs...)
+		// The client speaks first, as most do: the proxy's TLS and HTTP
+		// inspectors decide at once (a silent client waits 1 s for them).
+		out := testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", append([]string{"-send", "hello"}, specs...)...)
 		for _, r := range testbed.Dial(t, out) {
 			kind, dst, _ := strings.Cut(r.Spec, ":")
 			orig, redirected, verdict := "-", "no", "- (direct)"
-			if envoyBin != "" {
-				if l, ok := envoyLogFor(envoyLog, r.Local, 2*time.Second); ok {
-					redirected, orig, verdict = "yes", l.OrigDst, l.Verdict+": "+l.Reason
-				}
-			} else if rec, ok := standin.FindRecord(e.Records, r.Local, time.Second); ok {
-				redirected, orig = "yes", rec.OrigDst
-				if ap, err := netip.ParseAddrPort(rec.OrigDst); err == nil {
-					d := policy.Decide(ap, "", "")
-					verdict = map[bool]string{true: "allow", false: "deny"}[d.Allowed] + ": " + d.Reason
-				}
+			if l, ok := envoyLogFor(accessLog, r.Local, 2*time.Second); ok {
+				redirected, orig, verdict = "yes", l.OrigDst, l.Verdict+": "+l.Reason
 			}
 			if strings.Contains(r.Err, "operation not permitted") {
 				verdict = "refused at connect() by the datapath"
 			}
+			if strings.HasPrefix(r.Reply, "peer=") {
+				replied++
+			}
 			seen := strings.TrimPrefix(r.Reply, "peer=")
 			if r.Err != "" {
-				seen = "error: " + r.Err
+				seen = "nothing (app: " + r.Err + ")"
 			}
 			fmt.Fprintf(w, "%s\t%s (%s)\t%s\t%s\t%s\t%s\t%s\n", p.Name, dst, kind, redirected, orig, verdict, r.Peer, seen)
 		}
 	}
 	w.Flush()
+	if envoyBin == "" {
+		say("\nthe external servers accepted %d connections: the %d rows with a reply, nothing for the denied and refused rows.", len(e.Echo.Conns())-accepted, replied)
+	}
 	say("\n%s is selected: its connections reach the proxy, which recovered each original destination; the server", web.Name)
 	say("sees the node's address and the application still sees the original peer. %s goes direct.", plain.Name)
 	say("0.0.0.0:9464 is the node's loopback as the proxy would dial it: for %s it is refused (EPERM), never", web.Name)

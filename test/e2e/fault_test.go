@@ -23,7 +23,10 @@ type stream struct {
 
 func startStream(t *testing.T, p *testbed.Pod, d time.Duration, spec string, flags ...string) *stream {
 	t.Helper()
-	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", append(append([]string{"-duration", d.String()}, flags...), spec)...)
+	// The connections speak first, as most clients do: the proxy's TLS and
+	// HTTP inspectors then decide at once; a silent client would wait out
+	// the listener filter timeout (1 s) on every connection.
+	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", append(append([]string{"-duration", d.String(), "-send", "hello"}, flags...), spec)...)
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

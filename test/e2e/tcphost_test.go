@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/test/conformance"
 	"github.com/sluice-io/sluice/test/harness"
-	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -46,22 +46,27 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 	allows := func(name string, a netip.Addr) bool {
 		return slices.ContainsFunc(names()[name].Addrs, func(na agent.NameAddr) bool { return na.Addr == a })
 	}
-	harness.WaitFor(t, "db.example resolved", 10*time.Second, func() bool { return allows("db.example", oldAddr) })
+	harness.WaitFor(t, "db.example resolved and the proxy ready", 10*time.Second, func() bool {
+		return allows("db.example", oldAddr) && readStatus(t, e).Proxy.Ready
+	})
 
 	// dial connects from the pod and reports what the application read and
 	// which server (if any) accepted the connection.
 	dial := func(t *testing.T, a netip.Addr, p uint16) (reply, at, proxy string) {
 		t.Helper()
-		conns, recs := len(e.Echo.Conns()), len(standin.ReadRecords(e.Records))
+		conns, recs := len(e.Echo.Conns()), len(conformance.ReadAccessLog(e.Records))
 		res := testbed.Dial(t, testbed.Run(t, 30*time.Second, pod.Cgroup, pod.Netns, "client", "tcp4:"+hp(a, p)))[0]
+		if res.Err != "" {
+			t.Logf("%s: %s", hp(a, p), res.Err)
+		}
 		time.Sleep(50 * time.Millisecond)
 		if cs := e.Echo.Conns()[conns:]; len(cs) == 1 {
 			at = cs[0].To
 		} else if len(cs) > 1 {
 			t.Fatalf("one dial reached %d servers", len(cs))
 		}
-		if rs := standin.ReadRecords(e.Records)[recs:]; len(rs) == 1 {
-			proxy = rs[0].Result
+		if rs := conformance.ReadAccessLog(e.Records)[recs:]; len(rs) == 1 {
+			proxy = rs[0].Outcome()
 		}
 		return res.Reply, at, proxy
 	}
@@ -124,8 +129,6 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 		if !allows("db.example", oldAddr) {
 			t.Fatal("the old address left before its grace ended")
 		}
-		// What the stand-in executes is the agent's resolution; the listener
-		// it serves Envoy carries the same addresses.
 		harness.WaitFor(t, "the served listener to allow the new address", 5*time.Second, func() bool {
 			return strings.Contains(e.XDSListenerYAML(t), "address_prefix: "+newAddr.String())
 		})
@@ -134,9 +137,11 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 		stillOpen(t, "after-change")
 	})
 	harness.WaitFor(t, "the old address's grace to end", 2*grace+10*time.Second, func() bool { return !allows("db.example", oldAddr) })
-	// The stand-in reads the state file when it changes; the agent writes it
-	// within 2 s.
-	time.Sleep(2500 * time.Millisecond)
+	// The agent pushes the listener without the old address at once (its
+	// xDS debounce is 100 ms).
+	harness.WaitFor(t, "the served listener to drop the old address", 5*time.Second, func() bool {
+		return !strings.Contains(e.XDSListenerYAML(t), "address_prefix: "+oldAddr.String())
+	})
 	t.Run("after the grace: the old address is denied, the open connection stays", func(t *testing.T) {
 		expect(t, oldAddr, port, false)
 		expect(t, newAddr, port, true)

@@ -24,11 +24,9 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/agent/datapath"
-	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
 	"github.com/sluice-io/sluice/xds"
-	"github.com/vishvananda/netlink"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"sigs.k8s.io/yaml"
@@ -38,8 +36,11 @@ import (
 const (
 	ServerPort   = 8080
 	ExcludedPort = 9090
-	adminAddr    = "127.0.0.1:15000"
-	metricsAddr  = "127.0.0.1:9464"
+	// HTTPPort serves HTTP/1.1 (testbed.EchoServer.AddHTTP) on every
+	// external address.
+	HTTPPort    = 80
+	adminAddr   = "127.0.0.1:15000"
+	metricsAddr = "127.0.0.1:9464"
 )
 
 // Roles are the testbed roles the harness needs; pass them to testbed.Main.
@@ -116,36 +117,20 @@ func NewEnforcing(t testing.TB, pods int) *Env {
 	return e
 }
 
-// StartProxy starts the enforcing stand-in proxy (again, after a test
-// killed it).
+// StartProxy starts the conformance proxy (again, after a test killed
+// it): it takes the agent's listener and clusters over ADS and executes
+// them as Envoy would (test/conformance); its access log is e.Records.
 func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
 	t.Helper()
 	e.Proxy = testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
-		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort, datapath.DefaultProxyIPv6, datapath.DefaultProxyPort),
-		"-records", e.Records, "-admin", adminAddr, "-workloads", e.WorkloadsFile,
-		"-dns", DNSResolver.String(), "-never-dial", strings.Join(e.neverDial(t), ","), "-state", e.StateFile)
-	return e.Proxy
-}
-
-// neverDial is the node's never-dial set as the agent computes it: the
-// addresses of the node's interfaces, the proxy's, the metadata defaults.
-func (e *Env) neverDial(t testing.TB) []string {
-	t.Helper()
-	list, err := e.TB.Node.NetlinkHandle(t).AddrList(nil, netlink.FAMILY_ALL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	nl := policy.NodeLocal{Proxy: []netip.Addr{datapath.DefaultProxyIPv4, datapath.DefaultProxyIPv6}, Metadata: policy.DefaultMetadata}
-	for _, a := range list {
-		if ip, ok := netip.AddrFromSlice(a.IP); ok {
-			nl.Node = append(nl.Node, ip.Unmap())
+		"-xds", filepath.Join(e.Dir, "xds.sock"), "-records", e.Records, "-admin", adminAddr)
+	d := e.Proxy
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("conformance proxy log:\n%s", d.Stderr.String())
 		}
-	}
-	var out []string
-	for _, p := range nl.All() {
-		out = append(out, p.String())
-	}
-	return out
+	})
+	return e.Proxy
 }
 
 // NewWithoutProxy is New without a proxy: the caller starts one (Envoy).
@@ -172,6 +157,7 @@ func NewWithoutProxy(t testing.TB, pods int) *Env {
 		for _, port := range []uint16{ServerPort, ExcludedPort} {
 			e.Echo.Add(tb.External.Listen(t, "tcp", netip.AddrPortFrom(a, port).String()))
 		}
+		e.Echo.AddHTTP(tb.External.Listen(t, "tcp", netip.AddrPortFrom(a, HTTPPort).String()))
 	}
 	// The agent puts the proxy addresses on the node (idempotently); in a
 	// cluster Envoy binds them only when the agent's listener arrives. Here

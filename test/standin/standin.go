@@ -13,12 +13,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -29,11 +29,10 @@ import (
 	"sync"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/test/conformance"
 	"github.com/sluice-io/sluice/xds"
-	"golang.org/x/sys/unix"
 	"sigs.k8s.io/yaml"
 )
 
@@ -57,54 +56,11 @@ type Record struct {
 }
 
 // SOOriginalDst is SO_ORIGINAL_DST / IP6T_SO_ORIGINAL_DST.
-const SOOriginalDst = 80
+const SOOriginalDst = conformance.SOOriginalDst
 
 // OriginalDst asks the kernel (answered by sluice's getsockopt program) for
 // the original destination of an accepted connection, as Envoy does.
-func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-	level := unix.SOL_IP
-	if local.Addr().Is6() && !local.Addr().Is4In6() {
-		level = unix.SOL_IPV6
-	}
-	var buf [128]byte // sizeof(struct sockaddr_storage)
-	n := uint32(len(buf))
-	var errno syscall.Errno
-	err = raw.Control(func(fd uintptr) {
-		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), SOOriginalDst,
-			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
-	})
-	if err != nil {
-		return netip.AddrPort{}, err
-	}
-	if errno != 0 {
-		return netip.AddrPort{}, errno
-	}
-	return parseSockaddr(buf[:n])
-}
-
-func parseSockaddr(b []byte) (netip.AddrPort, error) {
-	if len(b) < 2 {
-		return netip.AddrPort{}, fmt.Errorf("short sockaddr (%d bytes)", len(b))
-	}
-	switch binary.NativeEndian.Uint16(b) {
-	case unix.AF_INET:
-		if len(b) < 8 {
-			return netip.AddrPort{}, errors.New("short sockaddr_in")
-		}
-		return netip.AddrPortFrom(netip.AddrFrom4([4]byte(b[4:8])), binary.BigEndian.Uint16(b[2:4])), nil
-	case unix.AF_INET6:
-		if len(b) < 24 {
-			return netip.AddrPort{}, errors.New("short sockaddr_in6")
-		}
-		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[8:24])), binary.BigEndian.Uint16(b[2:4])), nil
-	}
-	return netip.AddrPort{}, fmt.Errorf("unknown address family %d", binary.NativeEndian.Uint16(b))
-}
+func OriginalDst(c *net.TCPConn) (netip.AddrPort, error) { return conformance.OriginalDst(c) }
 
 // Proxy is a running stand-in proxy.
 type Proxy struct {
@@ -554,8 +510,12 @@ func Main(args []string) int {
 	dns := fs.String("dns", "", "with -workloads: the DNS resolver (addr:port) for hostname entries; an allowed name is dialled where DNS says, never where the client dialled")
 	neverDial := fs.String("never-dial", "", "with -dns: comma-separated CIDRs a resolved address may not be in (DNS rebinding)")
 	state := fs.String("state", "", "with -workloads: the agent's state file, for the addresses of TCP-hostname rules (tcp://name:port)")
+	xdsSocket := fs.String("xds", "", "conformance mode: take the listener and clusters from this ADS socket and execute them as Envoy would (test/conformance); the access log goes to -records. The other modes' flags do not apply")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *xdsSocket != "" {
+		return conformanceMain(*xdsSocket, *admin, *records)
 	}
 	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Workloads: *workloads, State: *state, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *dns != "" {
@@ -665,4 +625,27 @@ func FindRecord(path, client string, wait time.Duration) (Record, bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// conformanceMain runs the conformance proxy (test/conformance) until
+// SIGTERM/SIGINT.
+func conformanceMain(socket, admin, records string) int {
+	out := os.Stdout
+	if records != "" {
+		f, err := os.OpenFile(records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "standin-proxy:", err)
+			return 1
+		}
+		defer f.Close()
+		out = f
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	log := slog.New(slog.NewJSONHandler(os.Stderr, nil))
+	if err := conformance.Server(ctx, socket, admin, out, log, func() { fmt.Println("READY") }); err != nil {
+		fmt.Fprintln(os.Stderr, "standin-proxy:", err)
+		return 1
+	}
+	return 0
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"strings"
@@ -27,6 +28,9 @@ type DialResult struct {
 	// "peer=<address it saw>".
 	Reply string `json:"reply,omitempty"`
 	Err   string `json:"err,omitempty"`
+	// Header is an HTTP reply's header (Reply is then "<status line> |
+	// <first body line>").
+	Header http.Header `json:"header,omitempty"`
 }
 
 // Dial runs the client role in a pod and returns one result per spec. A spec
@@ -220,10 +224,28 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	} else if send != "" {
 		fmt.Fprintln(c, send)
 	}
-	line, err := bufio.NewReader(c).ReadString('\n')
+	br := bufio.NewReader(c)
+	line, err := br.ReadString('\n')
 	r.Reply = strings.TrimSpace(line)
 	if err != nil && r.Reply == "" {
 		r.Err = "read: " + err.Error()
+	}
+	if strings.HasPrefix(r.Reply, "HTTP/1.") {
+		// An HTTP response: the status line, then " | " and the first
+		// line of the body (after a 101, of the upgraded stream).
+		hr := bufio.NewReader(io.MultiReader(strings.NewReader(line), br))
+		resp, err := http.ReadResponse(hr, nil)
+		if err == nil {
+			var first string
+			if resp.StatusCode == http.StatusSwitchingProtocols {
+				first, _ = hr.ReadString('\n')
+			} else {
+				b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+				first, _, _ = strings.Cut(string(b), "\n")
+			}
+			r.Reply += " | " + strings.TrimSpace(first)
+			r.Header = resp.Header
+		}
 	}
 	return r
 }

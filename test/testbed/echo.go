@@ -1,9 +1,13 @@
 package testbed
 
 import (
+	"bufio"
+	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -58,6 +62,45 @@ func (s *EchoServer) serve(l net.Listener) {
 			c.Write([]byte("peer=" + peer.Addr().Unmap().String() + "\n"))
 			io.Copy(c, c) // then echo until the client is done
 		}()
+	}
+}
+
+// AddHTTP serves HTTP/1.1 on l: each request gets 200 with the body
+// "peer=<remote address>"; a WebSocket upgrade gets 101, then that line,
+// then an echo of the stream. Connections are recorded as for Add.
+func (s *EchoServer) AddHTTP(l net.Listener) {
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+			local := c.LocalAddr().(*net.TCPAddr).AddrPort()
+			s.mu.Lock()
+			s.peers = append(s.peers, peer.String())
+			s.conns = append(s.conns, Conn{From: peer.String(), To: netip.AddrPortFrom(local.Addr().Unmap(), local.Port()).String()})
+			s.mu.Unlock()
+			go serveHTTPEcho(c, "peer="+peer.Addr().Unmap().String()+"\n")
+		}
+	}()
+}
+
+func serveHTTPEcho(c net.Conn, body string) {
+	defer c.Close()
+	br := bufio.NewReader(c)
+	for {
+		req, err := http.ReadRequest(br)
+		if err != nil {
+			return
+		}
+		io.Copy(io.Discard, req.Body)
+		if strings.EqualFold(req.Header.Get("Upgrade"), "websocket") {
+			fmt.Fprintf(c, "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n%s", body)
+			io.Copy(c, br)
+			return
+		}
+		fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\nServer: testbed-echo\r\n\r\n%s", len(body), body)
 	}
 }
 

@@ -24,8 +24,9 @@ func streamMain(args []string) int {
 	duration := fs.Duration("duration", 5*time.Second, "how long to keep connecting")
 	interval := fs.Duration("interval", 10*time.Millisecond, "pause between connections")
 	timeout := fs.Duration("timeout", time.Second, "per-connection timeout")
+	send := fs.String("send", "", "line each connection sends first (a client-first protocol: the proxy's listener filters then decide at once instead of waiting out their timeout)")
 	if err := fs.Parse(args); err != nil || fs.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: stream [-duration d] [-interval d] SPEC")
+		fmt.Fprintln(os.Stderr, "usage: stream [-duration d] [-interval d] [-timeout d] [-send line] SPEC")
 		return 2
 	}
 	var out []Attempt
@@ -33,7 +34,7 @@ func streamMain(args []string) int {
 	fmt.Println("READY")
 	for time.Since(start) < *duration {
 		at := time.Since(start)
-		out = append(out, Attempt{At: at, DialResult: dialOne(fs.Arg(0), "", *timeout)})
+		out = append(out, Attempt{At: at, DialResult: dialOne(fs.Arg(0), *send, *timeout)})
 		time.Sleep(*interval)
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
