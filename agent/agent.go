@@ -54,6 +54,8 @@ type Config struct {
 	// ResolvConf. Selected workloads reach them directly; they are the only
 	// non-TCP destinations of enforce-mode workloads.
 	DNSResolvers string
+	// ProxyTimeouts are served to Envoy (idle timeouts).
+	ProxyTimeouts Timeouts
 	// Names configures the resolver of TCP-hostname rules: its Resolvers
 	// are DNSResolvers'; zero TTLs and caps take the defaults, a zero
 	// Grace is none (`sluice agent` defaults it to DefaultNameGrace).
@@ -174,7 +176,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ncfg.Refuse = func(a netip.Addr) bool { return rec.Refuse(a) }
 	ncfg.OnChange = func() { rec.NameChanged() }
 	names := NewNames(ncfg)
-	rec, err = NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Names: names, Reporter: events, Logger: log})
+	rec, err = NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Names: names, Timeouts: cfg.ProxyTimeouts, Reporter: events, Logger: log})
 	if err != nil {
 		return err
 	}

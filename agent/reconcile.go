@@ -57,6 +57,7 @@ type Reconciler struct {
 	local    policy.NodeLocal
 	dns      []netip.AddrPort
 	names    *Names
+	timeouts Timeouts
 	report   Reporter
 	log      *slog.Logger
 	cgroupID func(string) (uint64, error)
@@ -82,11 +83,23 @@ type ReconcilerConfig struct {
 	// DNSResolvers are what the proxy resolves hostname entries with.
 	DNSResolvers []netip.AddrPort
 	// Names resolves TCP-hostname rules; nil: they allow nothing.
-	Names    *Names
+	Names *Names
+	// Timeouts are the proxy's, as served.
+	Timeouts Timeouts
 	Reporter Reporter
 	Logger   *slog.Logger
 	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
 	CgroupID func(string) (uint64, error)
+}
+
+// Timeouts are the proxy timeouts the agent serves; zero: none (a
+// connection lives as long as it would without the proxy).
+type Timeouts struct {
+	TCPIdle        time.Duration
+	HTTPStreamIdle time.Duration
+	// MaxConnectionsPerChain caps each of a workload's Envoy filter
+	// chains' open connections; zero: no cap.
+	MaxConnectionsPerChain uint64
 }
 
 // NewReconciler adopts the workloads already in the pinned datapath (their
@@ -94,7 +107,7 @@ type ReconcilerConfig struct {
 // source claims.
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
-		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, timeouts: cfg.Timeouts, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -342,7 +355,8 @@ func (r *Reconciler) Changed() <-chan struct{} { return r.changed }
 func (r *Reconciler) State() xds.State {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All(), DNSResolvers: slices.Clone(r.dns)}
+	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All(), DNSResolvers: slices.Clone(r.dns),
+		TCPIdleTimeout: r.timeouts.TCPIdle, HTTPStreamIdleTimeout: r.timeouts.HTTPStreamIdle, MaxConnectionsPerChain: r.timeouts.MaxConnectionsPerChain}
 	refuse := func(a netip.Addr) bool {
 		return slices.ContainsFunc(st.NeverDial, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
 	}

@@ -152,6 +152,13 @@ func TestDaemonSetSecurity(t *testing.T) {
 	if spec.SecurityContext == nil || spec.SecurityContext.FSGroup == nil || es.RunAsGroup == nil || *spec.SecurityContext.FSGroup != *es.RunAsGroup {
 		t.Error("the pod's fsGroup (the ADS socket's group) is not Envoy's group")
 	}
+	// A revoked destination stays reachable on open connections for the
+	// drain time at most; workers are fixed, not one per node CPU.
+	for _, arg := range []string{"--drain-time-s=5", "--drain-strategy=immediate", "--concurrency=2"} {
+		if !slices.Contains(in.Envoy.Args, arg) {
+			t.Errorf("envoy lacks %s", arg)
+		}
+	}
 	if !slices.Contains(in.Agent.Args, "--xds-socket-mode=0660") {
 		t.Error("the ADS socket is not opened to the group; Envoy (another user) could not connect")
 	}

@@ -3,6 +3,9 @@ package xds
 import (
 	"errors"
 	"fmt"
+	overload "github.com/envoyproxy/go-control-plane/envoy/config/overload/v3"
+	downstreamconns "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/downstream_connections/v3"
+	fixedheap "github.com/envoyproxy/go-control-plane/envoy/extensions/resource_monitors/fixed_heap/v3"
 	"net/netip"
 	"time"
 
@@ -33,7 +36,24 @@ type BootstrapConfig struct {
 	// AdminAddress is Envoy's admin listener: loopback only, since admin
 	// can reconfigure and stop Envoy. /ready on it is the readiness probe.
 	AdminAddress netip.AddrPort
+	// MaxHeapBytes is what Envoy's overload manager measures its heap
+	// against: at 95% it shrinks the heap, at 98% it stops accepting
+	// requests and connections, so one pod cannot push the node's only
+	// Envoy into the container's OOM kill. Set it below the container's
+	// memory limit. Zero: DefaultMaxHeapBytes.
+	MaxHeapBytes uint64
+	// MaxDownstreamConnections caps Envoy's open downstream connections
+	// (the global downstream connection monitor); beyond it new
+	// connections are closed at once. Zero: DefaultMaxDownstreamConnections.
+	MaxDownstreamConnections uint64
 }
+
+// Overload manager defaults: the DaemonSet's Envoy container has a 512 MiB
+// memory limit.
+const (
+	DefaultMaxHeapBytes             = 400 << 20
+	DefaultMaxDownstreamConnections = 50000
+)
 
 // Bootstrap builds Envoy's startup configuration: listeners and clusters
 // from the agent over ADS (gRPC, HTTP/2 over the unix socket), admin on
@@ -47,6 +67,12 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 	}
 	if !cfg.AdminAddress.IsValid() {
 		cfg.AdminAddress = DefaultAdminAddress
+	}
+	if cfg.MaxHeapBytes == 0 {
+		cfg.MaxHeapBytes = DefaultMaxHeapBytes
+	}
+	if cfg.MaxDownstreamConnections == 0 {
+		cfg.MaxDownstreamConnections = DefaultMaxDownstreamConnections
 	}
 	b := &builder{}
 	ads := &core.ConfigSource{
@@ -70,6 +96,7 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 			LdsConfig: ads,
 			CdsConfig: ads,
 		},
+		OverloadManager: b.overloadManager(cfg),
 		StaticResources: &bootstrap.Bootstrap_StaticResources{
 			Clusters: []*cluster.Cluster{{
 				Name:                 XDSClusterName,
@@ -106,6 +133,33 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 	}
 	return bs, nil
 }
+
+// overloadManager: Envoy protects itself (and so every selected pod of the
+// node) from one pod's load: heap pressure shrinks the heap, then stops new
+// requests and connections; the global connection monitor refuses
+// connections beyond the cap.
+func (b *builder) overloadManager(cfg BootstrapConfig) *overload.OverloadManager {
+	trigger := func(threshold float64) []*overload.Trigger {
+		return []*overload.Trigger{{Name: fixedHeapMonitor, TriggerOneof: &overload.Trigger_Threshold{Threshold: &overload.ThresholdTrigger{Value: threshold}}}}
+	}
+	return &overload.OverloadManager{
+		RefreshInterval: durationpb.New(250 * time.Millisecond),
+		ResourceMonitors: []*overload.ResourceMonitor{
+			{Name: fixedHeapMonitor, ConfigType: &overload.ResourceMonitor_TypedConfig{TypedConfig: b.any(&fixedheap.FixedHeapConfig{MaxHeapSizeBytes: cfg.MaxHeapBytes})}},
+			{Name: connectionsMonitor, ConfigType: &overload.ResourceMonitor_TypedConfig{TypedConfig: b.any(&downstreamconns.DownstreamConnectionsConfig{MaxActiveDownstreamConnections: int64(cfg.MaxDownstreamConnections)})}},
+		},
+		Actions: []*overload.OverloadAction{
+			{Name: "envoy.overload_actions.shrink_heap", Triggers: trigger(0.95)},
+			{Name: "envoy.overload_actions.stop_accepting_requests", Triggers: trigger(0.98)},
+			{Name: "envoy.overload_actions.stop_accepting_connections", Triggers: trigger(0.98)},
+		},
+	}
+}
+
+const (
+	fixedHeapMonitor   = "envoy.resource_monitors.fixed_heap"
+	connectionsMonitor = "envoy.resource_monitors.global_downstream_max_connections"
+)
 
 // ValidateBootstrap checks a bootstrap like Validate checks resources, plus
 // sluice's own rules: admin on loopback, ADS through a static cluster that

@@ -8,9 +8,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
@@ -79,7 +81,8 @@ var goldenCases = []struct {
 	},
 	{
 		name: "enforce-cidrs",
-		state: State{Proxy: testProxy, NeverDial: testNeverDial, Workloads: []Workload{
+		// With the per-chain connection cap and idle timeouts set.
+		state: State{Proxy: testProxy, NeverDial: testNeverDial, MaxConnectionsPerChain: 1000, TCPIdleTimeout: time.Hour, HTTPStreamIdleTimeout: 10 * time.Minute, Workloads: []Workload{
 			pod("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443, 0.0.0.0/0:8443", "10.244.1.7", "fd00:244:1::7"),
 		}},
 	},
@@ -322,4 +325,37 @@ func FuzzBuildFromPod(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Stat prefixes are one stats name element (no dots), so that Envoy's tag
+// extraction turns them into the envoy_tcp_prefix / envoy_http_conn_manager_prefix
+// label instead of leaving the workload in the metric name; allowed and
+// denied traffic have different prefixes.
+func TestStatPrefixesAreOneElement(t *testing.T) {
+	re := regexp.MustCompile(`stat_prefix: (\S+)`)
+	for _, tc := range goldenCases {
+		r, _, err := Build(tc.state)
+		if err != nil {
+			t.Fatal(err)
+		}
+		y, err := r.YAML()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range re.FindAllStringSubmatch(string(y), -1) {
+			if strings.Contains(m[1], ".") {
+				t.Errorf("%s: stat_prefix %q has a dot", tc.name, m[1])
+			}
+		}
+	}
+	r, _, err := Build(goldenCases[2].state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	y, _ := r.YAML()
+	for _, want := range []string{"stat_prefix: sluice_allow_db_migrator", "stat_prefix: sluice_deny_db_migrator"} {
+		if !strings.Contains(string(y), want) {
+			t.Errorf("%s: no %q", goldenCases[2].name, want)
+		}
+	}
 }

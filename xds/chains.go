@@ -2,7 +2,9 @@ package xds
 
 import (
 	"fmt"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	"strings"
+	"time"
 
 	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -22,6 +24,17 @@ const (
 	hcmFilterName      = "envoy.filters.network.http_connection_manager"
 	routerFilterName   = "envoy.filters.http.router"
 	stdoutLoggerName   = "envoy.access_loggers.stdout"
+
+	// http10DefaultHost is the Host of an HTTP/1.0 request that sends
+	// none: .invalid is reserved (RFC 6761), and no allow entry matches it.
+	http10DefaultHost = "http10-no-host.sluice.invalid"
+
+	connectionLimitFilterName = "envoy.filters.network.connection_limit"
+
+	// bufferLimit is the per-connection buffer (listener and upstream):
+	// Envoy's default of 1 MiB per connection lets a few thousand slow
+	// readers of one pod hold gigabytes; 32 KiB is Envoy's edge advice.
+	bufferLimit = 32 << 10
 
 	// maxReasonBytes bounds the policy error quoted in logs and 403s.
 	maxReasonBytes = 512
@@ -74,22 +87,41 @@ func (b *builder) denyChain(name string, g *group, reason string) *listener.Filt
 
 // tcpChain ends in a tcp_proxy to cluster, after the filters before.
 func (b *builder) tcpChain(name string, g *group, cluster, verdict, reason string, before ...*listener.Filter) *listener.FilterChain {
-	prefix := "sluice." + statName(name)
+	prefix := statPrefix(verdict, name)
 	if g != nil {
-		prefix = "sluice." + statName(g.key)
+		prefix = statPrefix(verdict, g.key)
 	}
 	tp := &tcpproxy.TcpProxy{
 		StatPrefix:       prefix,
 		ClusterSpecifier: &tcpproxy.TcpProxy_Cluster{Cluster: cluster},
-		AccessLog:        b.accessLog(g, verdict, reason, false),
+		AccessLog:        b.accessLog(g, verdict, reason, logTCP),
+		AccessLogOptions: &tcpproxy.TcpProxy_TcpAccessLogOptions{
+			FlushAccessLogOnConnected: true,
+			AccessLogFlushInterval:    durationpb.New(AccessLogFlushInterval),
+		},
+		// Set deliberately: 0s is no idle timeout (Envoy's default is 1 h).
+		IdleTimeout: durationpb.New(b.state.TCPIdleTimeout),
 	}
 	return &listener.FilterChain{
 		Name: name,
-		Filters: append(before, &listener.Filter{
+		Filters: append(append(b.connectionLimit(g, name), before...), &listener.Filter{
 			Name:       tcpProxyFilterName,
 			ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(tp)},
 		}),
 	}
+}
+
+// connectionLimit is the first filter of a workload's chain when a cap is
+// set: one pod cannot hold all of the node's Envoy.
+func (b *builder) connectionLimit(g *group, chain string) []*listener.Filter {
+	if g == nil || b.state.MaxConnectionsPerChain == 0 {
+		return nil
+	}
+	cl := &connlimit.ConnectionLimit{
+		StatPrefix:     statPrefix("limit", chain),
+		MaxConnections: wrapperspb.UInt64(b.state.MaxConnectionsPerChain),
+	}
+	return []*listener.Filter{{Name: connectionLimitFilterName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(cl)}}}
 }
 
 // httpChain serves plaintext HTTP for one port of an enforce group (port 0:
@@ -146,7 +178,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 	})
 	m := &hcm.HttpConnectionManager{
 		CodecType:  hcm.HttpConnectionManager_AUTO,
-		StatPrefix: "sluice." + statName(g.key),
+		StatPrefix: statPrefix("http", g.key),
 		RouteSpecifier: &hcm.HttpConnectionManager_RouteConfig{RouteConfig: &route.RouteConfiguration{
 			Name:         name,
 			VirtualHosts: vhosts,
@@ -157,25 +189,54 @@ func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.Filte
 		}},
 		// Hosts are matched without their port: the port was checked by
 		// the filter-chain matcher that chose this chain.
-		StripPortMode:     &hcm.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true},
-		GenerateRequestId: wrapperspb.Bool(false),
-		UpgradeConfigs:    []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
-		AccessLog:         b.accessLog(g, "%ROUTE_NAME%", "Host checked against the allow list", true),
+		StripPortMode: &hcm.HttpConnectionManager_StripAnyHostPort{StripAnyHostPort: true},
+		// "Host: api.example.com." is the same name: matched, and sent
+		// upstream, without the dot.
+		StripTrailingHostDot: true,
+		// HTTP/1.0 is still spoken (health checkers, old clients): without
+		// this Envoy answers 426. A request without Host gets a host that
+		// no entry can match, so it is denied with the 403 that says why.
+		HttpProtocolOptions: &core.Http1ProtocolOptions{AcceptHttp_10: true, DefaultHostForHttp_10: http10DefaultHost},
+		// Transparent: the upstream's Server header reaches the pod as it
+		// would without the proxy (Envoy's default overwrites it).
+		ServerHeaderTransformation: hcm.HttpConnectionManager_PASS_THROUGH,
+		GenerateRequestId:          wrapperspb.Bool(false),
+		// Set deliberately: 0s is none (Envoy's default is 5 min).
+		StreamIdleTimeout: durationpb.New(b.state.HTTPStreamIdleTimeout),
+		// h2c from a pod: bounded streams and windows (Envoy's defaults
+		// allow 2^31 streams and 256 MiB windows per connection).
+		Http2ProtocolOptions: &core.Http2ProtocolOptions{
+			MaxConcurrentStreams:        wrapperspb.UInt32(100),
+			InitialStreamWindowSize:     wrapperspb.UInt32(64 << 10),
+			InitialConnectionWindowSize: wrapperspb.UInt32(1 << 20),
+		},
+		UpgradeConfigs: []*hcm.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
+		AccessLog:      b.accessLog(g, "%ROUTE_NAME%", "Host checked against the allow list", logHTTP),
 	}
 	hcmFilter := func() *listener.Filter {
 		return &listener.Filter{Name: hcmFilterName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(m)}}
 	}
+	limit := b.connectionLimit(g, name)
 	if len(domains) == 0 {
 		// Nothing to forward: the chain only answers 403, and needs no DNS
 		// cache (every copy counts, per pod).
-		return &listener.FilterChain{Name: name, Filters: []*listener.Filter{hcmFilter()}}
+		return &listener.FilterChain{Name: name, Filters: append(limit, hcmFilter())}
 	}
 	m.HttpFilters = append([]*hcm.HttpFilter{{
 		Name:       httpDFPFilterName,
 		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(b.httpForwardProxy())},
 	}}, m.HttpFilters...)
-	return &listener.FilterChain{Name: name, Filters: []*listener.Filter{b.portFromOriginalDst(), hcmFilter()}}
+	return &listener.FilterChain{Name: name, Filters: append(limit, b.portFromOriginalDst(), hcmFilter())}
 }
+
+// statPrefix is one stats name element, without dots: Envoy's tag
+// extraction takes the element after "tcp." or "http." as the
+// envoy_tcp_prefix / envoy_http_conn_manager_prefix tag, so a dot would push
+// the workload into the metric's name. kind (allow, deny, http) keeps
+// allowed and denied traffic apart: envoy_tcp_downstream_cx_total{
+// envoy_tcp_prefix="sluice_deny_shop_checkout"}. Kubernetes names have no
+// '_', so "_" between namespace and name is unambiguous.
+func statPrefix(kind, id string) string { return "sluice_" + kind + "_" + statName(id) }
 
 func connectBody(g *group) string {
 	return sanitize(fmt.Sprintf("sluice: request denied by the egress policy of %s (mode enforce): CONNECT is never forwarded\n", g.key), maxDirectResponseBody-4)
@@ -196,10 +257,24 @@ func denyBody(g *group, port uint16) string {
 	return sanitize(body, maxDirectResponseBody-4)
 }
 
-// accessLog is one JSON line per connection (per request on HTTP chains)
-// on Envoy's stdout, carrying the workload's identity as constants so no
-// lookup is needed to tell who connected where.
-func (b *builder) accessLog(g *group, verdict, reason string, http bool) []*accesslog.AccessLog {
+// Access log kinds: which operators a line can fill.
+const (
+	logTCP      = "tcp"
+	logHTTP     = "http"
+	logListener = "listener"
+)
+
+// AccessLogFlushInterval: a long tcp_proxy connection is logged when it
+// connects upstream, every interval while it lasts, and when it ends, so a
+// connection open for hours is seen at once, not at its close.
+const AccessLogFlushInterval = time.Minute
+
+// accessLog is one JSON line per connection (per request on HTTP chains,
+// and on tcp_proxy chains also one when the upstream connects and one per
+// AccessLogFlushInterval; log_type tells them apart) on Envoy's stdout,
+// carrying the workload's identity as constants so no lookup is needed to
+// tell who connected where.
+func (b *builder) accessLog(g *group, verdict, reason, kind string) []*accesslog.AccessLog {
 	ns, pod := "", ""
 	if g != nil {
 		ns, pod = g.namespace, g.name
@@ -210,20 +285,28 @@ func (b *builder) accessLog(g *group, verdict, reason string, http bool) []*acce
 		"pod":                  pod,
 		"verdict":              verdict,
 		"reason":               reason,
-		"chain":                "%FILTER_CHAIN_NAME%",
+		"log_type":             "%ACCESS_LOG_TYPE%",
+		"connection_id":        "%CONNECTION_ID%",
 		"source":               "%DOWNSTREAM_REMOTE_ADDRESS%",
 		"original_destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
-		"upstream":             "%UPSTREAM_HOST%",
 		"sni":                  "%REQUESTED_SERVER_NAME%",
-		"bytes_from_pod":       "%BYTES_RECEIVED%",
-		"bytes_to_pod":         "%BYTES_SENT%",
 		"duration_ms":          "%DURATION%",
 		"response_flags":       "%RESPONSE_FLAGS%",
+		"termination":          "%CONNECTION_TERMINATION_DETAILS%",
 	}
-	if http {
+	if kind != logListener {
+		fields["chain"] = "%FILTER_CHAIN_NAME%"
+		fields["upstream"] = "%UPSTREAM_HOST%"
+		fields["upstream_local"] = "%UPSTREAM_LOCAL_ADDRESS%"
+		fields["upstream_failure"] = "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
+		fields["bytes_from_pod"] = "%BYTES_RECEIVED%"
+		fields["bytes_to_pod"] = "%BYTES_SENT%"
+	}
+	if kind == logHTTP {
 		fields["authority"] = "%REQ(:AUTHORITY)%"
 		fields["method"] = "%REQ(:METHOD)%"
 		fields["response_code"] = "%RESPONSE_CODE%"
+		fields["response_code_details"] = "%RESPONSE_CODE_DETAILS%"
 	}
 	st, err := structpb.NewStruct(fields)
 	if err != nil && b.err == nil {

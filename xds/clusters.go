@@ -32,7 +32,20 @@ func (b *builder) originalDstCluster() *cluster.Cluster {
 		ConnectTimeout:                durationpb.New(connectTimeout),
 		CircuitBreakers:               nodeScaleBreakers(),
 		TypedExtensionProtocolOptions: b.downstreamProtocol(nil),
+		UpstreamConnectionOptions:     upstreamKeepalive(),
+		PerConnectionBufferLimitBytes: wrapperspb.UInt32(bufferLimit),
 	}
+}
+
+// upstreamKeepalive: with no idle timeout, TCP keepalive is what finds an
+// upstream that vanished (a peer rebooted, a NAT dropped the flow): probes
+// after 5 min of silence, every 30 s, 5 of them, as common server defaults.
+func upstreamKeepalive() *cluster.UpstreamConnectionOptions {
+	return &cluster.UpstreamConnectionOptions{TcpKeepalive: &core.TcpKeepalive{
+		KeepaliveTime:     wrapperspb.UInt32(300),
+		KeepaliveInterval: wrapperspb.UInt32(30),
+		KeepaliveProbes:   wrapperspb.UInt32(5),
+	}}
 }
 
 // nodeScaleBreakers: one cluster serves every selected pod of the node.

@@ -142,6 +142,8 @@ func (b *builder) dynamicForwardProxyCluster() *cluster.Cluster {
 		// allow_insecure_cluster_options). sluice never originates TLS: they
 		// have no effect on the plaintext HTTP it forwards.
 		TypedExtensionProtocolOptions: b.downstreamProtocol(&core.UpstreamHttpProtocolOptions{AutoSni: true, AutoSanValidation: true}),
+		UpstreamConnectionOptions:     upstreamKeepalive(),
+		PerConnectionBufferLimitBytes: wrapperspb.UInt32(bufferLimit),
 	}
 }
 

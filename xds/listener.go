@@ -13,6 +13,7 @@ import (
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 // Canonical extension names. Envoy picks an extension by the type URL of
@@ -61,6 +62,10 @@ func (b *builder) listener(groups []*group) *listener.Listener {
 		FilterChainMatcher:               b.filterChainMatcher(groups),
 		DefaultFilterChain:               b.denyChain(chainDefault, nil, "no filter chain matched"),
 		StatPrefix:                       ListenerName,
+		PerConnectionBufferLimitBytes:    wrapperspb.UInt32(bufferLimit),
+		// Connections a listener filter closes (an oversized ClientHello)
+		// never reach a chain; without this they are never logged.
+		AccessLog: b.accessLog(nil, verdictDeny, "closed by a listener filter", logListener),
 	}
 	for _, a := range addrs[1:] {
 		l.AdditionalAddresses = append(l.AdditionalAddresses, &listener.AdditionalAddress{Address: socketAddress(a, port)})

@@ -197,7 +197,7 @@ func (b *builder) destinationIn(g *group, prefixes []netip.Prefix) *matcher.Matc
 			Input: b.input("destination_ip", &destinationIPInput),
 			Matcher: &matcher.Matcher_MatcherList_Predicate_SinglePredicate_CustomMatch{CustomMatch: &xdscore.TypedExtensionConfig{
 				Name:        ipMatcherName,
-				TypedConfig: b.any(&ipmatcher.Ip{CidrRanges: envoyCidrRanges(prefixes), StatPrefix: "sluice." + statName(g.key)}),
+				TypedConfig: b.any(&ipmatcher.Ip{CidrRanges: envoyCidrRanges(prefixes), StatPrefix: statPrefix("ip", g.key)}),
 			}},
 		},
 	}}

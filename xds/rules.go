@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	"net/netip"
 
 	xdscore "github.com/cncf/xds/go/xds/core/v3"
@@ -61,6 +62,7 @@ var (
 		typeURL(&netrbac.RBAC{}):              {name: "envoy.filters.network.rbac"},
 		typeURL(&netsetstate.Config{}):        {name: setFilterStateName},
 		typeURL(&snidfp.FilterConfig{}):       {name: sniDFPFilterName},
+		typeURL(&connlimit.ConnectionLimit{}): {name: connectionLimitFilterName},
 	}
 	httpFilters = map[string]extension{
 		typeURL(&router.Router{}):        {name: routerFilterName, terminal: true},
@@ -172,7 +174,7 @@ func checkListener(path string, l *listener.Listener, clusters map[string]bool) 
 	for _, c := range chains {
 		errs = append(errs, checkChain(fmt.Sprintf("%s: filter chain %q", path, c.GetName()), c, clusters)...)
 	}
-	return errs
+	return append(errs, checkAccessLogs(path, l.GetAccessLog())...)
 }
 
 // checkMatchedChains: with filter_chain_matcher, every chain needs a
@@ -351,7 +353,7 @@ func checkClusterRef(path, name string, clusters map[string]bool) []error {
 }
 
 func checkAccessLogs(path string, logs []*accesslog.AccessLog) []error {
-	var errs []error
+	errs := checkLogFormats(path, logs)
 	for i, l := range logs {
 		if _, err := checkExtension(fmt.Sprintf("%s.access_log[%d]", path, i), "access logger", accessLoggers, l.GetName(), l.GetTypedConfig()); err != nil {
 			errs = append(errs, err)

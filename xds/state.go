@@ -31,6 +31,19 @@ type State struct {
 	// MySQL) send nothing until the server speaks, so after this long the
 	// connection goes on without SNI or HTTP detection. Zero: the default.
 	ListenerFiltersTimeout time.Duration
+	// TCPIdleTimeout closes a proxied TCP connection (tcp_proxy chains)
+	// idle this long; zero: never, as without the proxy (Envoy's default
+	// would be 1 h). Dead peers are found by TCP keepalive upstream.
+	TCPIdleTimeout time.Duration
+	// HTTPStreamIdleTimeout ends an HTTP request idle this long (HCM
+	// stream_idle_timeout); zero: never (Envoy's default would be 5 min,
+	// which cuts long polls and quiet streams).
+	HTTPStreamIdleTimeout time.Duration
+	// MaxConnectionsPerChain caps the open connections of each of a
+	// workload's filter chains (Envoy's connection_limit filter counts per
+	// chain: a workload has up to one per kind, tcp, tls, http per port,
+	// deny); beyond it new connections are closed at once. Zero: no cap.
+	MaxConnectionsPerChain uint64
 }
 
 // DefaultListenerFiltersTimeout is short enough that a server-first
@@ -91,8 +104,8 @@ func (s State) check() error {
 	if s.Proxy.Port == 0 {
 		return fmt.Errorf("proxy port is 0")
 	}
-	if s.ListenerFiltersTimeout < 0 {
-		return fmt.Errorf("listener filters timeout %s is negative", s.ListenerFiltersTimeout)
+	if s.ListenerFiltersTimeout < 0 || s.TCPIdleTimeout < 0 || s.HTTPStreamIdleTimeout < 0 {
+		return fmt.Errorf("negative timeout (listener filters %s, TCP idle %s, HTTP stream idle %s)", s.ListenerFiltersTimeout, s.TCPIdleTimeout, s.HTTPStreamIdleTimeout)
 	}
 	seen := make(map[string]bool, len(s.Workloads))
 	for _, w := range s.Workloads {

@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"google.golang.org/protobuf/types/known/structpb"
 	"strings"
 	"testing"
 
@@ -127,6 +128,26 @@ func TestValidateRejects(t *testing.T) {
 				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
 			})
 		}, "typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
+		{"unknown command operator in an access log format", func(t *testing.T, r *Resources) {
+			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
+				var l stream.StdoutAccessLog
+				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
+					t.Fatal(err)
+				}
+				l.GetLogFormat().GetJsonFormat().Fields["bogus"] = structpb.NewStringValue("%UPSTREAM_HOSTNAME_TYPO%")
+				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
+			})
+		}, "unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
+		{"unterminated command operator", func(t *testing.T, r *Resources) {
+			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
+				var l stream.StdoutAccessLog
+				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
+					t.Fatal(err)
+				}
+				l.GetLogFormat().GetJsonFormat().Fields["bogus"] = structpb.NewStringValue("%DURATION")
+				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
+			})
+		}, "unterminated command operator"},
 		{"unknown type URL", func(t *testing.T, r *Resources) {
 			chain(t, r, "audit|").GetFilters()[0].GetTypedConfig().TypeUrl = "type.googleapis.com/envoy.extensions.filters.network.made_up.v3.MadeUp"
 		}, "Envoy rejects type URLs it does not know"},

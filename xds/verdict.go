@@ -39,7 +39,9 @@ func (p Policy) Decide(dst netip.AddrPort, sni, host string) Decision {
 	}
 	name := sni
 	if name == "" {
-		name = host
+		// One trailing dot on a Host is the same name
+		// (strip_trailing_host_dot); a server name is taken as sent.
+		name = strings.TrimSuffix(host, ".")
 	}
 	if name != "" {
 		name = strings.ToLower(name)

@@ -140,6 +140,9 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 	fs.Var(&exclude, "exclude", "comma-separated CIDRs never redirected, beside loopback and link-local (e.g. pod and service CIDRs)")
 	fs.Var(&excludePorts, "exclude-ports", "comma-separated destination ports never redirected")
 	fs.StringVar(&cfg.DNSResolvers, "dns-resolvers", agent.ResolvConf, `comma-separated DNS resolvers (addr, or addr:port, [IPv6]:port; port 53 by default) that selected pods reach directly over UDP and TCP; the only non-TCP destinations of enforce-mode pods. "resolv.conf": the nameservers of /etc/resolv.conf at start (the cluster DNS under dnsPolicy ClusterFirstWithHostNet); "" for none`)
+	fs.DurationVar(&cfg.ProxyTimeouts.TCPIdle, "proxy-tcp-idle-timeout", 0, "Envoy closes a proxied TCP connection idle this long; 0: never, as without the proxy (dead peers are found by TCP keepalive upstream)")
+	fs.DurationVar(&cfg.ProxyTimeouts.HTTPStreamIdle, "proxy-http-stream-idle-timeout", 0, "Envoy ends an HTTP request that is idle this long (408 before the response starts); 0: never, so long polls and quiet streams live as they would without the proxy")
+	fs.Uint64Var(&cfg.ProxyTimeouts.MaxConnectionsPerChain, "proxy-max-connections-per-chain", 10000, "Envoy closes a pod's new connections beyond this many open ones on one of its filter chains (a pod has one per kind: tcp, tls, http per port, deny), so one pod cannot hold the node's Envoy; 0: no cap")
 	fs.DurationVar(&cfg.Names.MinTTL, "dns-min-ttl", agent.DefaultNameMinTTL, "TCP-hostname rules (tcp://name:port): look a name up again no sooner than this, whatever its TTL")
 	fs.DurationVar(&cfg.Names.MaxTTL, "dns-max-ttl", agent.DefaultNameMaxTTL, "TCP-hostname rules: look a name up again no later than this, whatever its TTL")
 	fs.DurationVar(&cfg.Names.Grace, "dns-grace", agent.DefaultNameGrace, "TCP-hostname rules: keep an address allowed this long after its TTL ran out without DNS giving it again (it left DNS, or lookups fail), so clients that resolved it earlier can reconnect")
@@ -175,6 +178,8 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 		}
 	}
 	switch {
+	case cfg.ProxyTimeouts.TCPIdle < 0 || cfg.ProxyTimeouts.HTTPStreamIdle < 0:
+		return agent.Config{}, "", fmt.Errorf("--proxy-tcp-idle-timeout and --proxy-http-stream-idle-timeout cannot be negative")
 	case cfg.Names.MinTTL < time.Second:
 		return agent.Config{}, "", fmt.Errorf("--dns-min-ttl %v: want at least 1s", cfg.Names.MinTTL)
 	case cfg.Names.MaxTTL < cfg.Names.MinTTL:

@@ -35,6 +35,8 @@ The configuration is validated before it is printed.`, stderr)
 	admin := fs.String("admin-address", xds.DefaultAdminAddress.String(), "Envoy admin address, loopback only")
 	format := fs.String("format", "yaml", "output format: yaml or json")
 	output := fs.String("output", "-", "file to write (written atomically), or - for stdout")
+	maxHeap := fs.Uint64("max-heap-bytes", xds.DefaultMaxHeapBytes, "Envoy's overload manager: at 95% of this heap Envoy shrinks its heap, at 98% it stops accepting requests and connections; keep it below the Envoy container's memory limit")
+	maxConns := fs.Uint64("max-downstream-connections", xds.DefaultMaxDownstreamConnections, "Envoy closes new downstream connections beyond this many open ones (all pods of the node together)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -46,7 +48,10 @@ The configuration is validated before it is printed.`, stderr)
 	if err != nil {
 		return fmt.Errorf("--admin-address %q: want ip:port: %w", *admin, err)
 	}
-	bs, err := xds.Bootstrap(xds.BootstrapConfig{NodeID: *nodeID, SocketPath: *socket, AdminAddress: adminAddr})
+	if *maxHeap < 64<<20 || *maxConns < 1 {
+		return fmt.Errorf("--max-heap-bytes %d, --max-downstream-connections %d: want at least 64 MiB and 1", *maxHeap, *maxConns)
+	}
+	bs, err := xds.Bootstrap(xds.BootstrapConfig{NodeID: *nodeID, SocketPath: *socket, AdminAddress: adminAddr, MaxHeapBytes: *maxHeap, MaxDownstreamConnections: *maxConns})
 	if err != nil {
 		return err
 	}

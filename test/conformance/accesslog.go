@@ -24,8 +24,37 @@ func ReadAccessLog(path string) []LogEntry {
 	s := bufio.NewScanner(bytes.NewReader(b))
 	s.Buffer(make([]byte, 1<<20), 1<<20)
 	for s.Scan() {
-		var e LogEntry
-		if json.Unmarshal(s.Bytes(), &e) == nil && e != nil {
+		if e := parseEntry(s.Text()); e != nil {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+func parseEntry(line string) LogEntry {
+	var e LogEntry
+	if json.Unmarshal([]byte(line), &e) != nil {
+		return nil
+	}
+	return e
+}
+
+// Final reports whether the entry is a connection's (or request's) last:
+// not the one written when the upstream connected, nor a periodic one.
+func (e LogEntry) Final() bool {
+	switch e.Str("log_type") {
+	case "TcpUpstreamConnected", "TcpPeriodic", "DownstreamPeriodic", "DownstreamStart":
+		return false
+	}
+	return true
+}
+
+// ReadFinal is ReadAccessLog's final entries only: one per connection
+// (per request on HTTP chains).
+func ReadFinal(path string) []LogEntry {
+	var out []LogEntry
+	for _, e := range ReadAccessLog(path) {
+		if e.Final() {
 			out = append(out, e)
 		}
 	}

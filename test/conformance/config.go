@@ -10,8 +10,12 @@
 package conformance
 
 import (
+	"sync/atomic"
+
 	"errors"
 	"fmt"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
+	"net"
 	"net/netip"
 	"sort"
 	"time"
@@ -56,12 +60,23 @@ type Listener struct {
 	Matcher                                  *Matcher
 	Chains                                   map[string]*Chain
 	Default                                  *Chain
+	// AccessLogs log connections that end before a filter chain (closed
+	// by a listener filter, or no chain).
+	AccessLogs []*AccessLog
 }
 
 // Chain is one filter chain: its network filters in order.
 type Chain struct {
 	Name    string
-	Filters []any // *SetFilterState, *SNIForwardProxy, *TCPProxy, *HTTPConnectionManager
+	Filters []any // *ConnectionLimit, *SetFilterState, *SNIForwardProxy, *TCPProxy, *HTTPConnectionManager
+}
+
+// ConnectionLimit is the connection_limit network filter: at most Max
+// connections open through this filter instance (per chain; a new
+// configuration of the chain starts a new count, as in Envoy).
+type ConnectionLimit struct {
+	Max    uint64
+	active atomic.Int64
 }
 
 // SetFilterState sets connection filter state when a connection starts.
@@ -79,6 +94,13 @@ type TCPProxy struct {
 	Cluster    string
 	StatPrefix string
 	AccessLogs []*AccessLog
+	// FlushOnConnected logs when the upstream connects; FlushInterval
+	// while the connection lasts (zero: never).
+	FlushOnConnected bool
+	FlushInterval    time.Duration
+	// IdleTimeout closes the connection after this long without bytes
+	// either way; zero: never (an explicit 0s; unset is Envoy's 1 h).
+	IdleTimeout time.Duration
 }
 
 // HTTPConnectionManager serves HTTP/1.x with a route table.
@@ -87,8 +109,19 @@ type HTTPConnectionManager struct {
 	Routes           *RouteConfig
 	ForwardProxy     *HTTPForwardProxy // the dynamic_forward_proxy HTTP filter, if any
 	StripAnyHostPort bool
-	Upgrades         []string
-	AccessLogs       []*AccessLog
+	StripTrailingDot bool
+	// AcceptHTTP10 with DefaultHost10 for requests without Host; off, Envoy
+	// answers HTTP/1.0 with 426.
+	AcceptHTTP10  bool
+	DefaultHost10 string
+	// PassServer: server_header_transformation PASS_THROUGH (the default
+	// OVERWRITE sets "server: envoy").
+	PassServer bool
+	// StreamIdle ends a request idle this long; zero: never (unset is
+	// Envoy's 5 min).
+	StreamIdle time.Duration
+	Upgrades   []string
+	AccessLogs []*AccessLog
 }
 
 // HTTPForwardProxy is the HTTP dynamic_forward_proxy filter.
@@ -130,6 +163,8 @@ type Cluster struct {
 	ConnectTimeout time.Duration
 	Endpoints      []netip.AddrPort // STATIC
 	Cache          *DNSCache        // DYNAMIC_FORWARD_PROXY
+	// Keepalive on upstream connections (upstream_connection_options).
+	Keepalive *net.KeepAliveConfig
 }
 
 // DNSCache is a dynamic forward proxy DNS cache configuration.
@@ -290,6 +325,19 @@ func compileCluster(c *cluster.Cluster) (*Cluster, error) {
 	cc := &Cluster{Name: c.GetName(), ConnectTimeout: duration(c.GetConnectTimeout(), c.GetConnectTimeout() == nil)}
 	if cc.ConnectTimeout == 0 {
 		cc.ConnectTimeout = 5 * time.Second // Envoy's default connect_timeout
+	}
+	if ka := c.GetUpstreamConnectionOptions().GetTcpKeepalive(); ka != nil {
+		// Unset values are the kernel's defaults.
+		cc.Keepalive = &net.KeepAliveConfig{Enable: true, Idle: -1, Interval: -1, Count: -1}
+		if v := ka.GetKeepaliveTime(); v != nil {
+			cc.Keepalive.Idle = time.Duration(v.GetValue()) * time.Second
+		}
+		if v := ka.GetKeepaliveInterval(); v != nil {
+			cc.Keepalive.Interval = time.Duration(v.GetValue()) * time.Second
+		}
+		if v := ka.GetKeepaliveProbes(); v != nil {
+			cc.Keepalive.Count = int(v.GetValue())
+		}
 	}
 	if len(c.GetCircuitBreakers().GetThresholds()) > 1 {
 		return nil, fmt.Errorf("%s.circuit_breakers: one threshold (priority DEFAULT) implemented", path)
@@ -461,6 +509,9 @@ func compileListener(l *listener.Listener, clusters map[string]*Cluster) (*Liste
 			return nil, err
 		}
 	}
+	if cl.AccessLogs, err = compileAccessLogs(path+".access_log", l.GetAccessLog()); err != nil {
+		return nil, err
+	}
 	if l.GetFilterChainMatcher() == nil {
 		return nil, fmt.Errorf("%s: no filter_chain_matcher: filter_chain_match is not implemented", path)
 	}
@@ -500,6 +551,15 @@ func compileChain(path string, fc *listener.FilterChain, clusters map[string]*Cl
 				v.Values[fs.GetObjectKey()] = format
 			}
 			c.Filters = append(c.Filters, v)
+		case tc.MessageIs(&connlimit.ConnectionLimit{}):
+			var cl connlimit.ConnectionLimit
+			if err := unpack(fp, tc, &cl); err != nil {
+				return nil, err
+			}
+			if cl.GetMaxConnections().GetValue() == 0 {
+				return nil, fmt.Errorf("%s: max_connections must be at least 1", fp)
+			}
+			c.Filters = append(c.Filters, &ConnectionLimit{Max: cl.GetMaxConnections().GetValue()})
 		case tc.MessageIs(&snidfp.FilterConfig{}):
 			var sc snidfp.FilterConfig
 			if err := unpack(fp, tc, &sc); err != nil {
@@ -521,7 +581,13 @@ func compileChain(path string, fc *listener.FilterChain, clusters map[string]*Cl
 			if err != nil {
 				return nil, err
 			}
-			c.Filters = append(c.Filters, &TCPProxy{Cluster: tp.GetCluster(), StatPrefix: tp.GetStatPrefix(), AccessLogs: logs})
+			idle := time.Hour
+			if tp.GetIdleTimeout() != nil {
+				idle = tp.GetIdleTimeout().AsDuration()
+			}
+			opts := tp.GetAccessLogOptions()
+			c.Filters = append(c.Filters, &TCPProxy{Cluster: tp.GetCluster(), StatPrefix: tp.GetStatPrefix(), AccessLogs: logs, IdleTimeout: idle,
+				FlushOnConnected: opts.GetFlushAccessLogOnConnected(), FlushInterval: duration(opts.GetAccessLogFlushInterval(), opts.GetAccessLogFlushInterval() == nil)})
 			terminal = true
 		case tc.MessageIs(&hcm.HttpConnectionManager{}):
 			m, err := compileHCM(fp, tc, clusters)
@@ -556,7 +622,19 @@ func compileHCM(fp string, tc *anypb.Any, clusters map[string]*Cluster) (*HTTPCo
 	if h.GetGenerateRequestId() == nil || h.GetGenerateRequestId().GetValue() {
 		return nil, fmt.Errorf("%s.generate_request_id: request ids are not implemented; set it false", fp)
 	}
-	m := &HTTPConnectionManager{StatPrefix: h.GetStatPrefix(), StripAnyHostPort: h.GetStripAnyHostPort()}
+	m := &HTTPConnectionManager{StatPrefix: h.GetStatPrefix(), StripAnyHostPort: h.GetStripAnyHostPort(), StripTrailingDot: h.GetStripTrailingHostDot(),
+		AcceptHTTP10: h.GetHttpProtocolOptions().GetAcceptHttp_10(), DefaultHost10: h.GetHttpProtocolOptions().GetDefaultHostForHttp_10()}
+	m.StreamIdle = 5 * time.Minute
+	if h.GetStreamIdleTimeout() != nil {
+		m.StreamIdle = h.GetStreamIdleTimeout().AsDuration()
+	}
+	switch h.GetServerHeaderTransformation() {
+	case hcm.HttpConnectionManager_OVERWRITE:
+	case hcm.HttpConnectionManager_PASS_THROUGH:
+		m.PassServer = true
+	default:
+		return nil, fmt.Errorf("%s.server_header_transformation: %s not implemented", fp, h.GetServerHeaderTransformation())
+	}
 	for i, u := range h.GetUpgradeConfigs() {
 		if u.GetUpgradeType() != "websocket" {
 			return nil, fmt.Errorf("%s.upgrade_configs[%d]: %q not implemented", fp, i, u.GetUpgradeType())

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
@@ -13,7 +14,7 @@ import (
 	"github.com/sluice-io/sluice/xds"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
-	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
 var (
@@ -52,8 +53,8 @@ func testStates() map[string]xds.State {
 	return map[string]xds.State{
 		"empty": st(),
 		"audit": st(workload("shop", "web", "audit", "", "10.244.1.5", "fd00:244:1::5")),
-		"enforce-hostnames": st(workload("shop", "checkout", "enforce",
-			"api.stripe.com:443, *.googleapis.com, plain.example.com:80, 203.0.113.0/24:5432, [2001:db8::/32]:443", "10.244.1.6", "fd00:244:1::6")),
+		"enforce-hostnames": withLimits(st(workload("shop", "checkout", "enforce",
+			"api.stripe.com:443, *.googleapis.com, plain.example.com:80, 203.0.113.0/24:5432, [2001:db8::/32]:443", "10.244.1.6", "fd00:244:1::6"))),
 		"enforce-cidrs": st(workload("db", "migrator", "enforce", "203.0.113.0/24:5432, 198.51.100.7, [2001:db8::/32]:443, 0.0.0.0/0:8443", "10.244.1.7")),
 		"malformed":     st(workload("shop", "broken", "enforce", "api.github.com, bad_host.com", "10.244.1.8")),
 		"tcp-hostname":  st(db),
@@ -67,6 +68,11 @@ func testStates() map[string]xds.State {
 			workload("c", "host-b", "audit", "", "192.168.1.10"),
 		),
 	}
+}
+
+func withLimits(st xds.State) xds.State {
+	st.MaxConnectionsPerChain, st.TCPIdleTimeout, st.HTTPStreamIdleTimeout = 100, time.Hour, time.Minute
+	return st
 }
 
 func compileState(t *testing.T, st xds.State) *Config {
@@ -125,10 +131,10 @@ func TestCompileRefusesWhatItDoesNotImplement(t *testing.T) {
 			f := l.FilterChains[0].Filters[len(l.FilterChains[0].Filters)-1]
 			var tp tcpproxy.TcpProxy
 			f.GetTypedConfig().UnmarshalTo(&tp)
-			tp.IdleTimeout = durationpb.New(0)
+			tp.MaxConnectAttempts = wrapperspb.UInt32(3)
 			a, _ := anypb.New(&tp)
 			f.ConfigType = &listener.Filter_TypedConfig{TypedConfig: a}
-		}, "<TcpProxy>.idle_timeout: field envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.idle_timeout is not implemented"},
+		}, "<TcpProxy>.max_connect_attempts: field envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy.max_connect_attempts is not implemented"},
 		"a type": {func(l *listener.Listener) {
 			a, _ := anypb.New(&listener.Listener{})
 			l.ListenerFilters[1].ConfigType = &listener.ListenerFilter_TypedConfig{TypedConfig: a}
@@ -182,7 +188,7 @@ func (c *Config) decide(d MatchData, host, method string) verdict {
 // here.
 func TestServedConfigDecidesAsThePolicy(t *testing.T) {
 	ports := []uint16{22, 80, 443, 5432, 8080, 8443}
-	names := []string{"", "api.stripe.com", "API.Stripe.com", "storage.googleapis.com", "a.b.googleapis.com", "googleapis.com",
+	names := []string{"", "api.stripe.com", "API.Stripe.com", "api.stripe.com.", "storage.googleapis.com", "a.b.googleapis.com", "googleapis.com",
 		"plain.example.com", "one.example.com", "a.example.com", "evil.example", "api.stripe.com.evil.test", "pg.example.com"}
 	dsts := []string{"203.0.113.5", "203.0.113.40", "198.51.100.7", "198.51.100.8", "10.100.0.1", "2001:db8::1", "2001:db9::1",
 		"127.0.0.1", "169.254.169.254", "169.254.77.1", "192.168.1.10", "fd73:6c75:6963:65::1", "::1"}

@@ -23,6 +23,13 @@ type Proxy struct {
 	cfg    atomic.Pointer[Config]
 	logMu  sync.Mutex
 	caches dnsCaches
+
+	// Test seams (nil: the real thing): the original destination of an
+	// accepted connection, and where a dial to an upstream really goes.
+	origDst func(*net.TCPConn) (netip.AddrPort, error)
+	dialAt  func(netip.AddrPort) netip.AddrPort
+
+	ids atomic.Uint64 // %CONNECTION_ID%
 }
 
 // SetConfig makes cfg the configuration new connections get; connections
@@ -72,6 +79,7 @@ func unmap(ap netip.AddrPort) netip.AddrPort {
 
 // conn is one downstream connection as the chain's filters see it.
 type conn struct {
+	p       *Proxy
 	c       *replayConn
 	cfg     *Config
 	start   time.Time
@@ -94,13 +102,36 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	if l.OriginalDst {
 		// original_dst: the restored destination becomes the local
 		// address; when the kernel knows none, it stays the listener's.
-		if od, err := OriginalDst(c); err == nil {
+		od, err := OriginalDst(c)
+		if p.origDst != nil {
+			od, err = p.origDst(c)
+		}
+		if err == nil {
 			dst = unmap(od)
 		}
 	}
+	id := p.ids.Add(1)
+	base := values{
+		"START_TIME":                start.UTC().Format(envoyTime),
+		"DOWNSTREAM_REMOTE_ADDRESS": remote.String(),
+		"DOWNSTREAM_LOCAL_ADDRESS":  dst.String(),
+		"DOWNSTREAM_LOCAL_PORT":     int(dst.Port()),
+		"CONNECTION_ID":             id,
+		"RESPONSE_FLAGS":            "-",
+	}
+	listenerLog := func(details string) {
+		base["DURATION"] = time.Since(start).Milliseconds()
+		base["CONNECTION_TERMINATION_DETAILS"] = details
+		p.log(l.AccessLogs, base)
+	}
 	in, ok := inspect(c, l)
 	if !ok {
-		return // closed by a listener filter; no listener access log is configured
+		// Closed by a listener filter: only the listener's access log sees it.
+		listenerLog("listener filter closed the connection (ClientHello too large, or its timeout)")
+		return
+	}
+	if in.sni != "" {
+		base["REQUESTED_SERVER_NAME"] = in.sni
 	}
 	md := MatchData{Source: remote, Destination: dst, TransportProtocol: in.transport, ServerName: in.sni, ALPN: in.alpn}
 	if md.TransportProtocol == "" {
@@ -108,20 +139,21 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	}
 	ch := l.ChainFor(md)
 	if ch == nil {
-		return // no filter chain: Envoy closes the connection
+		listenerLog("no filter chain matched")
+		return
 	}
-	cn := &conn{c: newReplayConn(c, in.early), cfg: cfg, start: start, state: map[string]string{}, v: values{
-		"START_TIME":                start.UTC().Format(envoyTime),
-		"DOWNSTREAM_REMOTE_ADDRESS": remote.String(),
-		"DOWNSTREAM_LOCAL_ADDRESS":  dst.String(),
-		"DOWNSTREAM_LOCAL_PORT":     int(dst.Port()),
-		"FILTER_CHAIN_NAME":         ch.Name,
-	}}
-	if in.sni != "" {
-		cn.v["REQUESTED_SERVER_NAME"] = in.sni
-	}
+	base["FILTER_CHAIN_NAME"] = ch.Name
+	cn := &conn{p: p, c: newReplayConn(c, in.early), cfg: cfg, start: start, state: map[string]string{}, v: base}
 	for _, f := range ch.Filters {
 		switch f := f.(type) {
+		case *ConnectionLimit:
+			// connection_limit: beyond the cap the connection is closed
+			// (delay 0) before any later filter runs; only its stats see it.
+			if f.active.Add(1) > int64(f.Max) {
+				f.active.Add(-1)
+				return
+			}
+			defer f.active.Add(-1)
 		case *SetFilterState:
 			for _, k := range sortedKeys(f.Values) {
 				cn.state[k] = formatText(f.Values[k], cn.v)
@@ -157,22 +189,29 @@ func (p *Proxy) handle(c *net.TCPConn) {
 // destination, the dynamic forward proxy the resolved address, the static
 // cluster none. flag is the response flag when there is none: NC (no such
 // cluster), UH (no healthy upstream).
-func (cn *conn) upstream(name string, dfp netip.AddrPort) (netip.AddrPort, time.Duration, string) {
+func (cn *conn) upstream(name string, dfp netip.AddrPort) (netip.AddrPort, *Cluster, string) {
 	cl := cn.cfg.Clusters[name]
 	switch {
 	case cl == nil:
-		return netip.AddrPort{}, 0, "NC"
+		return netip.AddrPort{}, nil, "NC"
 	case cl.Kind == "ORIGINAL_DST":
-		return netip.MustParseAddrPort(cn.v["DOWNSTREAM_LOCAL_ADDRESS"].(string)), cl.ConnectTimeout, ""
+		return netip.MustParseAddrPort(cn.v["DOWNSTREAM_LOCAL_ADDRESS"].(string)), cl, ""
 	case cl.Kind == "DYNAMIC_FORWARD_PROXY" && dfp.IsValid():
-		return dfp, cl.ConnectTimeout, ""
+		return dfp, cl, ""
 	}
-	return netip.AddrPort{}, 0, "UH"
+	return netip.AddrPort{}, cl, "UH"
 }
 
-func dial(up netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
-	d := net.Dialer{Timeout: timeout}
+// dial connects to a cluster's host with its connect timeout and keepalive.
+func (cn *conn) dial(up netip.AddrPort, cl *Cluster) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: cl.ConnectTimeout, KeepAlive: -1}
+	if cl.Keepalive != nil {
+		d.KeepAliveConfig = *cl.Keepalive
+	}
 	d.SetMultipathTCP(false)
+	if cn.p.dialAt != nil {
+		up = cn.p.dialAt(up)
+	}
 	c, err := d.Dial("tcp", up.String())
 	if err != nil {
 		return nil, err
@@ -182,43 +221,115 @@ func dial(up netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
 
 func (p *Proxy) tcpProxy(cn *conn, f *TCPProxy) {
 	v := cn.v
-	v["RESPONSE_FLAGS"] = "-"
-	var received, sent int64
-	defer func() {
-		v["BYTES_RECEIVED"], v["BYTES_SENT"] = received, sent
+	var received, sent atomic.Int64
+	var mu sync.Mutex // v is shared with the periodic flush
+	flush := func(kind string) {
+		mu.Lock()
+		defer mu.Unlock()
+		v["ACCESS_LOG_TYPE"] = kind
+		v["BYTES_RECEIVED"], v["BYTES_SENT"] = received.Load(), sent.Load()
 		v["DURATION"] = time.Since(cn.start).Milliseconds()
 		p.log(f.AccessLogs, v)
-	}()
-	up, timeout, flag := cn.upstream(f.Cluster, cn.dfpAddr)
+	}
+	defer func() { flush("TcpConnectionEnd") }()
+	up, cl, flag := cn.upstream(f.Cluster, cn.dfpAddr)
 	if flag != "" {
 		v["RESPONSE_FLAGS"] = flag
 		return
 	}
 	v["UPSTREAM_HOST"] = up.String()
-	uc, err := dial(up, timeout)
+	uc, err := cn.dial(up, cl)
 	if err != nil {
 		v["RESPONSE_FLAGS"] = "UF" // upstream connection failure
+		v["UPSTREAM_TRANSPORT_FAILURE_REASON"] = err.Error()
 		return
 	}
 	defer uc.Close()
-	received, sent = splice(cn.c, uc)
+	v["UPSTREAM_LOCAL_ADDRESS"] = unmap(uc.LocalAddr().(*net.TCPAddr).AddrPort()).String()
+	if f.FlushOnConnected {
+		flush("TcpUpstreamConnected")
+	}
+	if f.FlushInterval > 0 {
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			t := time.NewTicker(f.FlushInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-done:
+					return
+				case <-t.C:
+					flush("TcpPeriodic")
+				}
+			}
+		}()
+	}
+	if splice(cn.c, uc, f.IdleTimeout, &received, &sent) {
+		// tcp_proxy's idle timeout closed both sides.
+		mu.Lock()
+		v["CONNECTION_TERMINATION_DETAILS"] = "idle timeout"
+		mu.Unlock()
+	}
 }
 
 // splice copies both ways until both directions end, half-closing each as
 // it ends (tcp_proxy's half-close), and returns the bytes from and to the
-// downstream.
-func splice(down *replayConn, up *net.TCPConn) (received, sent int64) {
+// downstream. With idle > 0 it closes both sides once no byte moved either
+// way for that long, and says so.
+func splice(down *replayConn, up *net.TCPConn, idle time.Duration, received, sent *atomic.Int64) (idled bool) {
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	done := make(chan struct{})
+	var timedOut atomic.Bool
+	if idle > 0 {
+		go func() {
+			t := time.NewTicker(min(idle/4+time.Millisecond, time.Second))
+			defer t.Stop()
+			for {
+				select {
+				case <-done:
+					return
+				case <-t.C:
+					if time.Since(time.Unix(0, last.Load())) >= idle {
+						timedOut.Store(true)
+						down.TCPConn.Close()
+						up.Close()
+						return
+					}
+				}
+			}
+		}()
+	}
+	cp := func(dst io.Writer, src io.Reader, n *atomic.Int64) {
+		buf := make([]byte, 32<<10)
+		for {
+			k, err := src.Read(buf)
+			if k > 0 {
+				last.Store(time.Now().UnixNano())
+				w, werr := dst.Write(buf[:k])
+				n.Add(int64(w))
+				if werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				return
+			}
+		}
+	}
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		sent, _ = io.Copy(down.TCPConn, up)
+		cp(down.TCPConn, up, sent)
 		down.CloseWrite()
 	}()
-	received, _ = io.Copy(up, down)
+	cp(up, down, received)
 	up.CloseWrite()
 	wg.Wait()
-	return received, sent
+	close(done)
+	return timedOut.Load()
 }
 
 // serveHTTP is the HTTP connection manager for HTTP/1.x: each request is
@@ -266,6 +377,8 @@ func (p *Proxy) logRequest(cn *conn, m *HTTPConnectionManager, req *http.Request
 		flag = "-"
 	}
 	v["RESPONSE_CODE"], v["RESPONSE_FLAGS"] = status, flag
+	v["ACCESS_LOG_TYPE"] = "DownstreamEnd"
+	v["RESPONSE_CODE_DETAILS"] = responseCodeDetails(status, flag, route)
 	v["BYTES_RECEIVED"], v["BYTES_SENT"] = received, sent
 	v["DURATION"] = time.Since(cn.start).Milliseconds()
 	p.log(m.AccessLogs, v)
@@ -273,11 +386,21 @@ func (p *Proxy) logRequest(cn *conn, m *HTTPConnectionManager, req *http.Request
 
 // serveRequest handles one request; false: the connection is done.
 func (p *Proxy) serveRequest(cn *conn, m *HTTPConnectionManager, br *bufio.Reader, req *http.Request) bool {
-	// accept_http_10 is off: Envoy answers HTTP/1.0 with 426.
 	if req.ProtoMajor == 1 && req.ProtoMinor == 0 {
-		p.respond(cn, m, req, nil, 426, "Upgrade Required", "", "")
-		return false
+		if !m.AcceptHTTP10 {
+			// accept_http_10 off: Envoy answers HTTP/1.0 with 426.
+			p.respond(cn, m, req, nil, 426, "Upgrade Required", "", "")
+			return false
+		}
+		if req.Host == "" {
+			req.Host = m.DefaultHost10
+		}
+		// HTTP/1.0 without keep-alive: one request per connection.
+		if !containsToken(req.Header.Get("Connection"), "keep-alive") {
+			req.Close = true
+		}
 	}
+	req.Host = m.normalizeHost(req.Host)
 	if req.Host == "" {
 		p.respond(cn, m, req, nil, 400, "Bad Request", "DPE", "")
 		return false
@@ -317,12 +440,12 @@ func (p *Proxy) serveRequest(cn *conn, m *HTTPConnectionManager, br *bufio.Reade
 		}
 		dfp = netip.AddrPortFrom(addrs[0], uint16(port))
 	}
-	up, timeout, flag := cn.upstream(route.Cluster, dfp)
+	up, cl, flag := cn.upstream(route.Cluster, dfp)
 	if flag != "" {
 		p.respond(cn, m, req, route, 503, "no healthy upstream", flag, "")
 		return false
 	}
-	uc, err := dial(up, timeout)
+	uc, err := cn.dial(up, cl)
 	if err != nil {
 		p.respond(cn, m, req, route, 503, "upstream connect error or disconnect/reset before headers", "UF", up.String())
 		return false
@@ -345,14 +468,25 @@ func (p *Proxy) serveRequest(cn *conn, m *HTTPConnectionManager, br *bufio.Reade
 		return false
 	}
 	ubr := bufio.NewReader(uc)
+	if m.StreamIdle > 0 {
+		uc.SetReadDeadline(time.Now().Add(m.StreamIdle))
+	}
 	resp, err := http.ReadResponse(ubr, req)
+	uc.SetReadDeadline(time.Time{})
+	if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		// stream_idle_timeout before the response headers: 408, flag SI.
+		p.respond(cn, m, req, route, 408, "stream timeout", "SI", up.String())
+		return false
+	}
 	if err != nil {
 		// Not HTTP from upstream: 503, upstream protocol error.
 		p.respond(cn, m, req, route, 503, "upstream connect error or disconnect/reset before headers. reset reason: protocol error", "UPE", up.String())
 		return false
 	}
-	// server_header_transformation OVERWRITE (the default): Envoy's name.
-	resp.Header.Set("Server", "envoy")
+	if !m.PassServer {
+		// server_header_transformation OVERWRITE (the default).
+		resp.Header.Set("Server", "envoy")
+	}
 	cw := &countWriter{w: cn.c.TCPConn}
 	if upgrade && resp.StatusCode == http.StatusSwitchingProtocols {
 		resp.Write(cw)
@@ -363,13 +497,42 @@ func (p *Proxy) serveRequest(cn *conn, m *HTTPConnectionManager, br *bufio.Reade
 			b, _ := ubr.Peek(n)
 			cn.c.TCPConn.Write(b)
 		}
-		splice(&replayConn{TCPConn: cn.c.TCPConn, r: br}, uc)
+		var in, out atomic.Int64
+		splice(&replayConn{TCPConn: cn.c.TCPConn, r: br}, uc, 0, &in, &out)
 		return false
 	}
 	resp.Write(cw)
 	resp.Body.Close()
 	p.logRequest(cn, m, req, route, resp.StatusCode, "", up.String(), 0, cw.n)
 	return !req.Close && !resp.Close
+}
+
+// responseCodeDetails is %RESPONSE_CODE_DETAILS% for the cases the proxy
+// produces (envoy/stream_info/stream_info.h ResponseCodeDetailValues).
+func responseCodeDetails(status int, flag string, route *Route) string {
+	switch {
+	case flag == "NR":
+		return "route_not_found"
+	case flag == "DF":
+		return "dns_resolution_failure"
+	case flag == "UF":
+		return "upstream_reset_before_response_started{connection_failure}"
+	case flag == "UPE":
+		return "upstream_reset_before_response_started{protocol_error}"
+	case flag == "UH":
+		return "no_healthy_upstream"
+	case flag == "NC":
+		return "cluster_not_found"
+	case flag == "SI":
+		return "stream_idle_timeout"
+	case flag == "DPE":
+		return "http1.codec_error"
+	case status == 426:
+		return "low_version"
+	case route != nil && route.Cluster == "":
+		return "direct_response"
+	}
+	return "via_upstream"
 }
 
 type countWriter struct {

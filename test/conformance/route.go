@@ -14,7 +14,7 @@ import (
 // and a connect_matcher route only CONNECT. nil: no route (Envoy answers
 // 404, NR).
 func (m *HTTPConnectionManager) RouteFor(host, method, path string) (*VirtualHost, *Route) {
-	host = strings.ToLower(host)
+	host = strings.ToLower(m.normalizeHost(host))
 	if m.StripAnyHostPort {
 		if h, _, err := net.SplitHostPort(host); err == nil {
 			host = h
@@ -38,6 +38,18 @@ func (m *HTTPConnectionManager) RouteFor(host, method, path string) (*VirtualHos
 		}
 	}
 	return vh, nil
+}
+
+// normalizeHost applies strip_trailing_host_dot: "name." (or "name.:port")
+// is "name" ("name:port").
+func (m *HTTPConnectionManager) normalizeHost(host string) string {
+	if !m.StripTrailingDot {
+		return host
+	}
+	if h, p, err := net.SplitHostPort(host); err == nil && !strings.HasPrefix(host, "[") {
+		return strings.TrimSuffix(h, ".") + ":" + p
+	}
+	return strings.TrimSuffix(host, ".")
 }
 
 func (rc *RouteConfig) virtualHost(host string) *VirtualHost {

@@ -110,6 +110,8 @@ type bypassCase struct {
 	proxy string
 	// timeout is the client's, when not the default 3 s.
 	timeout time.Duration
+	// serverHeader is the Server header the HTTP reply must carry.
+	serverHeader string
 }
 
 // The bypass matrix: from an enforce-mode pod whose allow list names one
@@ -179,6 +181,9 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 		{name: "HTTP, allowed host, dialled at another address", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: get("allowed.example"), reply: httpOK + node4, server: true, at: hp(ext4b, harness.HTTPPort), counter: "redirected_ipv4", proxy: "forwarded"},
 		{name: "HTTP, allowed host, dialled at an IPv6 address", spec: "tcp6:" + hp(ext6, harness.HTTPPort), send: get("allowed.example"), reply: httpOK + node4, server: true, at: hp(ext4b, harness.HTTPPort), counter: "redirected_ipv6", proxy: "forwarded"},
 		{name: "WebSocket upgrade on an allowed host, dialled at another address", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: get("allowed.example") + "Upgrade: websocket\r\nConnection: Upgrade\r\n", reply: "HTTP/1.1 101 Switching Protocols | " + node4, server: true, at: hp(ext4b, harness.HTTPPort), counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP/1.0, allowed host", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: "GET / HTTP/1.0\r\nHost: allowed.example\r\n", reply: httpOK + node4, server: true, at: hp(ext4b, harness.HTTPPort), counter: "redirected_ipv4", proxy: "forwarded"},
+		{name: "HTTP/1.0 without Host", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: "GET / HTTP/1.0\r\n", reply: "HTTP/1.1 403", counter: "redirected_ipv4", proxy: "denied-403"},
+		{name: "HTTP, allowed host with a trailing dot; the server's own Server header", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: get("allowed.example."), reply: httpOK + node4, server: true, at: hp(ext4b, harness.HTTPPort), counter: "redirected_ipv4", proxy: "forwarded", serverHeader: "testbed-echo"},
 		{name: "HTTP CONNECT naming an allowed host", spec: "tcp4:" + hp(ext4, harness.HTTPPort), send: "CONNECT allowed.example:8080 HTTP/1.1\r\nHost: allowed.example:8080\r\n", reply: "HTTP/1.1 403", counter: "redirected_ipv4", proxy: "denied-403"},
 		{name: "TLS, allowed server name, dialled at another address", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:allowed.example", reply: node4, server: true, at: hp(ext4b, harness.ServerPort), counter: "redirected_ipv4", proxy: "forwarded"},
 		{name: "TLS, allowed name resolving to 127.0.0.1", spec: "tcp4:" + hp(ext4, harness.ServerPort), send: "tls-client-hello:rebind.example", err: "EOF", counter: "redirected_ipv4", proxy: "dns-failed"},
@@ -227,7 +232,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
 			p := []*testbed.Pod{pod, other, audited}[c.pod]
-			peers, grams, recs := len(e.Echo.Peers()), len(e.Echo.Datagrams()), len(conformance.ReadAccessLog(e.Records))
+			peers, grams, recs := len(e.Echo.Peers()), len(e.Echo.Datagrams()), len(conformance.ReadFinal(e.Records))
 			before := counters(t, e)
 			args := []string{}
 			if c.send != "" {
@@ -242,6 +247,9 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 				t.Errorf("application read %q (err %q), want %q...", res.Reply, res.Err, c.reply)
 			case c.reply == "" && res.Reply != "":
 				t.Errorf("application read %q, want nothing", res.Reply)
+			}
+			if c.serverHeader != "" && res.Header.Get("Server") != c.serverHeader {
+				t.Errorf("Server header %q, want the upstream's %q", res.Header.Get("Server"), c.serverHeader)
 			}
 			if c.err != "" && !strings.Contains(res.Err, c.err) {
 				t.Errorf("application error %q, want %q", res.Err, c.err)
@@ -273,7 +281,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 					t.Errorf("counter %s moved by %d, want 0", name, d)
 				}
 			}
-			newRecs := conformance.ReadAccessLog(e.Records)[recs:]
+			newRecs := conformance.ReadFinal(e.Records)[recs:]
 			var results []string
 			for _, r := range newRecs {
 				results = append(results, r.Outcome())

@@ -54,7 +54,7 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 	// which server (if any) accepted the connection.
 	dial := func(t *testing.T, a netip.Addr, p uint16) (reply, at, proxy string) {
 		t.Helper()
-		conns, recs := len(e.Echo.Conns()), len(conformance.ReadAccessLog(e.Records))
+		conns, recs := len(e.Echo.Conns()), len(conformance.ReadFinal(e.Records))
 		res := testbed.Dial(t, testbed.Run(t, 30*time.Second, pod.Cgroup, pod.Netns, "client", "tcp4:"+hp(a, p)))[0]
 		if res.Err != "" {
 			t.Logf("%s: %s", hp(a, p), res.Err)
@@ -65,7 +65,7 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 		} else if len(cs) > 1 {
 			t.Fatalf("one dial reached %d servers", len(cs))
 		}
-		if rs := conformance.ReadAccessLog(e.Records)[recs:]; len(rs) == 1 {
+		if rs := conformance.ReadFinal(e.Records)[recs:]; len(rs) == 1 {
 			proxy = rs[0].Outcome()
 		}
 		return res.Reply, at, proxy
