@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sluice-io/sluice/agent/datapath"
@@ -181,6 +182,11 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	watch.rec = rec
+	xs.OnACK(func(typeURL, _ string) {
+		if typeURL == resource.ListenerType {
+			rec.ProxyAccepted()
+		}
+	})
 	m := NewMetrics(reg, dp, rec, xs, names)
 	events.policyErrors = m.PolicyErrors
 

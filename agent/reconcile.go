@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
@@ -28,6 +29,10 @@ type Datapath interface {
 // XDS is what the reconciler needs of the xDS server (*xds.Server).
 type XDS interface {
 	Update(ctx context.Context, st xds.State) (string, []xds.Issue, error)
+	// AckedAtLeast: an Envoy accepted this listener version or a later one.
+	AckedAtLeast(typeURL, version string) bool
+	// Connected: an Envoy holds an ADS stream.
+	Connected() bool
 }
 
 // Reporter tells people about a workload: a Kubernetes Event on the pod, a
@@ -44,6 +49,10 @@ type selected struct {
 	id       uint32
 	policy   xds.Policy
 	perr     error
+	// awaiting: the proxy has not accepted a listener with this workload's
+	// addresses; version is the first pushed that has them ("" not yet).
+	awaiting bool
+	version  string
 }
 
 // Reconciler programs the datapath and the xDS server from workloads. Its
@@ -141,12 +150,26 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if cur != nil && cur.cgroupID == cg && cur.w.Equal(w) {
 		return nil
 	}
+	_, adopted := r.adopt[cg]
 	id := r.idFor(w.Key(), cg, cur)
 	fail := datapath.FailOpen
 	if pol.FailClosed {
 		fail = datapath.FailClosed
 	}
-	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == xds.Enforce, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+	// A new workload, or one with new addresses, waits for the proxy: until
+	// Envoy has accepted a listener with its addresses, its connections
+	// would reach the unknown-source chain and be closed. One adopted from
+	// the pins after an agent restart is in the listener Envoy kept. With
+	// no Envoy on ADS there is no listener to wait for (readiness decides).
+	awaiting := false
+	switch {
+	case cur != nil && slices.Equal(cur.w.IPs, w.IPs):
+		awaiting = cur.awaiting
+	case cur == nil && adopted:
+	default:
+		awaiting = r.xds.Connected()
+	}
+	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == xds.Enforce, AwaitingProxy: awaiting, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
@@ -157,7 +180,11 @@ func (r *Reconciler) Upsert(w Workload) error {
 			r.log.Warn("deselect old cgroup", "workload", w.Key(), "cgroup_id", cur.cgroupID, "error", err)
 		}
 	}
-	r.byKey[w.Key()] = &selected{w: w, cgroupID: cg, id: id, policy: pol, perr: perr}
+	sel := &selected{w: w, cgroupID: cg, id: id, policy: pol, perr: perr, awaiting: awaiting}
+	if cur != nil && awaiting == cur.awaiting {
+		sel.version = cur.version
+	}
+	r.byKey[w.Key()] = sel
 	r.byID[id] = w.Key()
 	if perr != nil && (cur == nil || cur.perr == nil || cur.perr.Error() != perr.Error()) {
 		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(pol)))
@@ -339,6 +366,30 @@ func (r *Reconciler) Refuse(a netip.Addr) bool {
 	return slices.ContainsFunc(nd, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
 }
 
+// ProxyAccepted is called when Envoy ACKs a configuration: the workloads
+// whose addresses are in the accepted listener stop waiting, and are
+// redirected from now on.
+func (r *Reconciler) ProxyAccepted() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for key, s := range r.byKey {
+		if !s.awaiting || s.version == "" || !r.xds.AckedAtLeast(resource.ListenerType, s.version) {
+			continue
+		}
+		fail := datapath.FailOpen
+		if s.policy.FailClosed {
+			fail = datapath.FailClosed
+		}
+		dw := datapath.Workload{ID: s.id, FailMode: fail, Enforce: s.policy.Mode == xds.Enforce, MetadataGrants: s.policy.MetadataGrants(r.local.MetadataAddrs())}
+		if err := r.dp.SetWorkload(s.cgroupID, dw); err != nil {
+			r.log.Warn("redirect after the proxy accepted the workload", "workload", key, "error", err)
+			continue
+		}
+		s.awaiting = false
+		r.log.Info("proxy accepted the workload; redirecting", "workload", key, "version", s.version)
+	}
+}
+
 // SetNodeLocal replaces the node's never-dial set (its addresses changed)
 // and schedules an xDS update.
 func (r *Reconciler) SetNodeLocal(nl policy.NodeLocal) {
@@ -410,6 +461,14 @@ func (r *Reconciler) PushXDS(ctx context.Context) {
 		r.log.Error("xds update failed; Envoy keeps the last good configuration", "error", err)
 		return
 	}
+	r.mu.Lock()
+	for _, s := range r.byKey {
+		if s.awaiting && s.version == "" {
+			s.version = version
+		}
+	}
+	r.mu.Unlock()
+	r.ProxyAccepted()
 	seen := map[string]bool{}
 	for _, is := range issues {
 		seen[is.Workload] = true

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -38,8 +39,23 @@ func (f *fakeDatapath) Workloads() (map[uint64]datapath.Workload, error) {
 }
 
 type fakeXDS struct {
-	mu     sync.Mutex
-	states []xds.State
+	mu        sync.Mutex
+	states    []xds.State
+	connected bool
+	acked     int // versions up to this are accepted
+}
+
+func (f *fakeXDS) Connected() bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.connected
+}
+
+func (f *fakeXDS) AckedAtLeast(_, version string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n, _ := strconv.Atoi(version)
+	return n <= f.acked
 }
 
 func (f *fakeXDS) Update(_ context.Context, st xds.State) (string, []xds.Issue, error) {
@@ -324,5 +340,72 @@ func TestReconcileNoXDSBeforeSync(t *testing.T) {
 	}
 	if st := x.statesCopy(); len(st) != 1 || len(st[0].Workloads) != 1 {
 		t.Fatalf("after Sync: %d updates, want one with the workload", len(st))
+	}
+}
+
+// A new workload (or one with new addresses) waits for Envoy: its datapath
+// entry says "awaiting proxy" (its fail mode applies) until Envoy has
+// accepted a listener version that contains it; a workload adopted from
+// the pins after a restart, or one selected while no Envoy is on ADS, does
+// not wait.
+func TestReconcileAwaitsProxyACK(t *testing.T) {
+	r, dp, x, _ := newTestReconciler(t, map[uint64]datapath.Workload{300: {ID: 7}}, cgroups{"/cg/a": 100, "/cg/b": 200, "/cg/old": 300})
+	x.connected = true
+	if err := r.Upsert(wl("a", "/cg/a", "enforce", "203.0.113.0/24")); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Upsert(wl("old", "/cg/old", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if !dp.m[100].AwaitingProxy {
+		t.Fatal("a new workload is redirected before Envoy has its listener")
+	}
+	if dp.m[300].AwaitingProxy {
+		t.Fatal("a workload adopted from the pins waits: Envoy kept the previous listener with it")
+	}
+	if err := r.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	r.PushXDS(context.Background()) // version "1"
+	if !dp.m[100].AwaitingProxy {
+		t.Fatal("stopped waiting before any ACK")
+	}
+	x.mu.Lock()
+	x.acked = 1
+	x.mu.Unlock()
+	r.ProxyAccepted()
+	if got := dp.m[100]; got.AwaitingProxy || got.FailMode != datapath.FailClosed || !got.Enforce {
+		t.Fatalf("after the ACK: %+v, want redirected, enforce, fail-closed", got)
+	}
+	// New addresses: wait again, for a version pushed after the change.
+	w := wl("a", "/cg/a", "enforce", "203.0.113.0/24")
+	w.IPs = []netip.Addr{netip.MustParseAddr("10.0.0.9")}
+	if err := r.Upsert(w); err != nil {
+		t.Fatal(err)
+	}
+	r.ProxyAccepted()
+	if !dp.m[100].AwaitingProxy {
+		t.Fatal("new addresses redirected before a listener with them was accepted")
+	}
+	r.PushXDS(context.Background()) // version "2"
+	if !dp.m[100].AwaitingProxy {
+		t.Fatal("version 1's ACK released a workload only version 2 has")
+	}
+	x.mu.Lock()
+	x.acked = 2
+	x.mu.Unlock()
+	r.ProxyAccepted()
+	if dp.m[100].AwaitingProxy {
+		t.Fatal("still waiting after version 2's ACK")
+	}
+	// No Envoy on ADS: nothing to wait for.
+	x.mu.Lock()
+	x.connected = false
+	x.mu.Unlock()
+	if err := r.Upsert(wl("b", "/cg/b", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	if dp.m[200].AwaitingProxy {
+		t.Fatal("waits for an Envoy that is not connected")
 	}
 }

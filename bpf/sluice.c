@@ -459,7 +459,8 @@ static __always_inline enum verdict decide(void *ctx, const struct workload *w,
 
 	if (v != REDIRECT)
 		return v;
-	if (!proxy_ready(cfg) || (v4 ? !cfg->addr4 : !proxy_has_v6(cfg)))
+	if (!proxy_ready(cfg) || (w->flags & WORKLOAD_AWAITING_PROXY) ||
+	    (v4 ? !cfg->addr4 : !proxy_has_v6(cfg)))
 		return not_ready(w);
 	dst.port = port;
 	if (v4) {

@@ -61,6 +61,12 @@
  * SCTP, MPTCP) is refused at connect() and sendmsg().
  */
 #define WORKLOAD_ENFORCE (1U << 1)
+/*
+ * The proxy has not yet accepted a configuration with this workload's
+ * addresses: until it has, its connections get what its fail mode says
+ * (direct, or EPERM), never a listener that does not know them.
+ */
+#define WORKLOAD_AWAITING_PROXY (1U << 2)
 
 /*
  * Classes of the never-dial set (values of never_dial_v4/v6): destinations a

@@ -84,6 +84,11 @@ type Server struct {
 	hash    string
 	status  Status
 	streams map[int64]bool
+	// published maps the versions this server published to their sequence
+	// numbers, so an ACK can be ordered (and one of a previous agent's
+	// versions, which a reconnecting Envoy may report, is not ours).
+	published map[string]uint64
+	onACK     func(typeURL, version string)
 }
 
 // nodeKey: every Envoy that connects gets the one configuration of this
@@ -112,7 +117,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]bool{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]bool{}, published: map[string]uint64{}}
 	s.status.Acked = map[string]string{}
 	s.cache = cache.NewSnapshotCache(true, nodeKey{}, slogAdapter(s.log))
 	xs := serverv3.NewServer(context.Background(), s.cache, s.callbacks())
@@ -164,6 +169,14 @@ func (s *Server) Update(ctx context.Context, st State) (version string, issues [
 		return "", issues, fmt.Errorf("publish snapshot %s: %w", version, err)
 	}
 	s.seq++
+	s.published[version] = s.seq
+	if len(s.published) > 1024 {
+		for v, n := range s.published {
+			if n+1024 < s.seq {
+				delete(s.published, v)
+			}
+		}
+	}
 	s.hash = h
 	s.status.Version = version
 	s.status.Versions++
@@ -244,7 +257,13 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) {
 		return
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	var notify func(string, string)
+	defer func() {
+		s.mu.Unlock()
+		if notify != nil {
+			notify(req.GetTypeUrl(), req.GetVersionInfo())
+		}
+	}()
 	if d := req.GetErrorDetail(); d != nil {
 		s.status.NACKs++
 		s.status.LastNACK = &NACK{
@@ -260,6 +279,32 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) {
 	}
 	s.status.ACKs++
 	s.status.Acked[req.GetTypeUrl()] = req.GetVersionInfo()
+	notify = s.onACK
+}
+
+// OnACK sets a function called (without the server's lock) for every ACK,
+// with the resource type and the version Envoy accepted.
+func (s *Server) OnACK(f func(typeURL, version string)) {
+	s.mu.Lock()
+	s.onACK = f
+	s.mu.Unlock()
+}
+
+// AckedAtLeast reports whether an Envoy has accepted, for typeURL, version
+// or a later one this server published.
+func (s *Server) AckedAtLeast(typeURL, version string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	want, ok := s.published[version]
+	got, ok2 := s.published[s.status.Acked[typeURL]]
+	return ok && ok2 && got >= want
+}
+
+// Connected reports whether an Envoy holds an ADS stream.
+func (s *Server) Connected() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.streams) > 0
 }
 
 // Serve listens on the unix socket (and the loopback TCP address, if

@@ -33,6 +33,7 @@ func (m FailMode) String() string {
 const (
 	flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
 	flagEnforce    = 1 << 1 // WORKLOAD_ENFORCE
+	flagAwaiting   = 1 << 2 // WORKLOAD_AWAITING_PROXY
 
 	addedV4 = 1 << 0 // PROXY_ADDED_V4
 	addedV6 = 1 << 1 // PROXY_ADDED_V6
@@ -48,6 +49,10 @@ type Workload struct {
 	// through the proxy) is refused, except DNS to the resolvers set with
 	// SetResolvers.
 	Enforce bool
+	// AwaitingProxy: the proxy has not accepted a configuration with the
+	// workload's addresses yet; its connections follow its fail mode, as
+	// when the proxy is not ready.
+	AwaitingProxy bool
 	// MetadataGrants are the metadata destinations (see SetNeverDial) an
 	// enforce-mode workload may reach, directly from its own network; port
 	// 0 means any port. Without a grant its connects to them are refused.
@@ -273,6 +278,9 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 	if w.Enforce {
 		v.Flags |= flagEnforce
 	}
+	if w.AwaitingProxy {
+		v.Flags |= flagAwaiting
+	}
 	if err := d.maps.Workloads.Update(cgroupID, &v, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("select cgroup %d: %w", cgroupID, err)
 	}
@@ -360,6 +368,7 @@ func (d *Datapath) Workloads() (map[uint64]Workload, error) {
 			w.FailMode = FailClosed
 		}
 		w.Enforce = v.Flags&flagEnforce != 0
+		w.AwaitingProxy = v.Flags&flagAwaiting != 0
 		w.MetadataGrants = grants[v.Id]
 		out[k] = w
 	}

@@ -181,3 +181,44 @@ func TestPrivilegedCountersMatchConnections(t *testing.T) {
 		t.Errorf("workload 3 redirected = %d, want %d", ws[3].Redirected, n)
 	}
 }
+
+// A workload awaiting the proxy (Envoy has not accepted a listener with its
+// addresses yet) gets its fail mode although the proxy is ready: fail-open
+// goes direct, fail-closed is refused; once the flag is cleared both are
+// redirected. Nothing reaches the proxy before.
+func TestPrivilegedAwaitingProxy(t *testing.T) {
+	f := setup(t, 2)
+	open, closed := f.tb.Pods[0], f.tb.Pods[1]
+	f.selectWorkload(t, open, datapath.Workload{ID: 1, FailMode: datapath.FailOpen, AwaitingProxy: true})
+	f.selectWorkload(t, closed, datapath.Workload{ID: 2, FailMode: datapath.FailClosed, AwaitingProxy: true})
+	before := f.counters(t)
+	recs := len(f.proxyRecords(t))
+	spec := "tcp4:" + hostport(ext4, serverPort)
+	if r := f.dial(t, open.Cgroup, open, spec)[0]; r.Reply != "peer="+open.IPv4.String() {
+		t.Errorf("fail-open, awaiting the proxy: %+v, want direct", r)
+	}
+	if r := f.dial(t, closed.Cgroup, closed, spec)[0]; !strings.Contains(r.Err, "operation not permitted") {
+		t.Errorf("fail-closed, awaiting the proxy: %+v, want EPERM", r)
+	}
+	if n := len(f.proxyRecords(t)) - recs; n != 0 {
+		t.Errorf("the proxy got %d connections from workloads awaiting it", n)
+	}
+	after := f.counters(t)
+	wantCounted(t, before, after, map[string]uint64{"bypass_not_ready": 1, "failed_closed": 1})
+	f.selectWorkload(t, open, datapath.Workload{ID: 1, FailMode: datapath.FailOpen})
+	f.selectWorkload(t, closed, datapath.Workload{ID: 2, FailMode: datapath.FailClosed})
+	for _, p := range []*testbed.Pod{open, closed} {
+		if r := f.dial(t, p.Cgroup, p, spec)[0]; r.Reply != "peer="+testbed.NodeV4.String() {
+			t.Errorf("%s after the proxy accepted it: %+v, want redirected", p.Name, r)
+		}
+	}
+	ws, err := f.dp.Workloads()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for cg, w := range ws {
+		if w.AwaitingProxy {
+			t.Errorf("cgroup %d still reads as awaiting", cg)
+		}
+	}
+}
