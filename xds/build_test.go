@@ -301,6 +301,9 @@ func FuzzBuildFromPod(f *testing.F) {
 		f.Add("enforce", s, "shop", "web")
 		f.Add("audit", s, "ns", "pod")
 	}
+	// A '%' in a name or in a quoted policy error is a literal in the
+	// access log format (written "%%"), never a command operator.
+	f.Add("enforce", "100%.example.com", "ns%", "%DURATION%")
 	f.Fuzz(func(t *testing.T, mode, allow, ns, name string) {
 		if name == "" {
 			return

@@ -279,12 +279,16 @@ func (b *builder) accessLog(g *group, verdict, reason, kind string) []*accesslog
 	if g != nil {
 		ns, pod = g.namespace, g.name
 	}
+	// Constants are format strings too: a '%' in a name or a quoted
+	// policy error would start a command operator (and an unknown one
+	// makes Envoy refuse the whole listener), so it is written "%%".
+	lit := func(s string) string { return strings.ReplaceAll(s, "%", "%%") }
 	fields := map[string]any{
 		"time":                 "%START_TIME%",
-		"namespace":            ns,
-		"pod":                  pod,
+		"namespace":            lit(ns),
+		"pod":                  lit(pod),
 		"verdict":              verdict,
-		"reason":               reason,
+		"reason":               lit(reason),
 		"log_type":             "%ACCESS_LOG_TYPE%",
 		"connection_id":        "%CONNECTION_ID%",
 		"source":               "%DOWNSTREAM_REMOTE_ADDRESS%",

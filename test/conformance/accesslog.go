@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // LogEntry is one access log line, decoded.
@@ -104,4 +106,28 @@ func (e LogEntry) Outcome() string {
 		return "forwarded"
 	}
 	return "closed(" + flags + ")"
+}
+
+// FindFinal returns the final entry of the connection from client (the
+// address the client saw as its local one, v4-mapped or not), waiting up
+// to wait for the proxy to write it.
+func FindFinal(path, client string, wait time.Duration) (LogEntry, bool) {
+	want, err := netip.ParseAddrPort(client)
+	if err != nil {
+		return nil, false
+	}
+	want = netip.AddrPortFrom(want.Addr().Unmap(), want.Port())
+	deadline := time.Now().Add(wait)
+	for {
+		for _, e := range ReadFinal(path) {
+			got, err := netip.ParseAddrPort(e.Str("source"))
+			if err == nil && netip.AddrPortFrom(got.Addr().Unmap(), got.Port()) == want {
+				return e, true
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, false
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

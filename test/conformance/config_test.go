@@ -75,7 +75,7 @@ func withLimits(st xds.State) xds.State {
 	return st
 }
 
-func compileState(t *testing.T, st xds.State) *Config {
+func compileState(t testing.TB, st xds.State) *Config {
 	t.Helper()
 	r, _, err := xds.Build(st)
 	if err != nil {

@@ -54,6 +54,11 @@ func parseFormat(s string) ([]formatPart, error) {
 			out = append(out, formatPart{literal: s[:i]})
 		}
 		s = s[i+1:]
+		if strings.HasPrefix(s, "%") { // "%%": a literal percent sign
+			out = append(out, formatPart{literal: "%"})
+			s = s[1:]
+			continue
+		}
 		j := strings.IndexByte(s, '%')
 		if j < 0 {
 			return nil, fmt.Errorf("unterminated command operator in %q", s)

@@ -45,7 +45,7 @@ func (s *syncBuffer) entries() []LogEntry {
 // connection's original destination is what the test says, and upstream
 // dials go to local servers standing for those addresses.
 type dataplane struct {
-	t       *testing.T
+	t       testing.TB
 	p       *Proxy
 	log     *syncBuffer
 	addr    string
@@ -55,7 +55,7 @@ type dataplane struct {
 	hits    map[netip.AddrPort]int
 }
 
-func newDataplane(t *testing.T, st xds.State) *dataplane {
+func newDataplane(t testing.TB, st xds.State) *dataplane {
 	t.Helper()
 	d := &dataplane{t: t, log: &syncBuffer{}, servers: map[netip.AddrPort]netip.AddrPort{}, hits: map[netip.AddrPort]int{}}
 	d.p = &Proxy{AccessLog: d.log}
@@ -306,7 +306,7 @@ func TestProxyExecutesChains(t *testing.T) {
 
 var dnsAddr netip.AddrPort
 
-func mustListenUDP(t *testing.T) net.PacketConn {
+func mustListenUDP(t testing.TB) net.PacketConn {
 	c, err := net.ListenPacket("udp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

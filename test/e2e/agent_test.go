@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/conformance"
 	"github.com/sluice-io/sluice/test/harness"
-	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -55,27 +55,28 @@ func dial(t *testing.T, p *testbed.Pod, spec string) testbed.DialResult {
 	return res[0]
 }
 
-// redirected dials from p and reports whether the stand-in proxy received
-// the connection, checking the original destination it recovered and what
-// the server saw.
+// redirected dials from p and reports whether the proxy received the
+// connection (its access log has it), checking the original destination it
+// recovered and what the server saw. The client speaks first, so the
+// proxy's inspectors decide at once.
 func redirected(t *testing.T, e *harness.Env, p *testbed.Pod, dst string) bool {
 	t.Helper()
-	r := dial(t, p, "tcp4:"+dst)
+	r := testbed.Dial(t, testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", "-send", "hello", "tcp4:"+dst))[0]
 	if r.Err != "" {
 		t.Fatalf("dial %s from %s: %s", dst, p.Name, r.Err)
 	}
 	if r.Peer != dst {
 		t.Errorf("getpeername = %s, want %s", r.Peer, dst)
 	}
-	rec, ok := standin.FindRecord(e.Records, r.Local, 2*time.Second)
+	rec, ok := conformance.FindFinal(e.Records, r.Local, 2*time.Second)
 	if !ok {
 		if want := "peer=" + p.IPv4.String(); !strings.HasPrefix(r.Reply, want) {
 			t.Errorf("direct connection: server saw %q, want %s:*", r.Reply, want)
 		}
 		return false
 	}
-	if rec.OrigDst != dst {
-		t.Errorf("proxy recovered %q, want %s", rec.OrigDst, dst)
+	if got := rec.Str("original_destination"); got != dst {
+		t.Errorf("proxy recovered %q, want %s", got, dst)
 	}
 	if want := "peer=" + testbed.NodeV4.String(); !strings.HasPrefix(r.Reply, want) {
 		t.Errorf("redirected connection: server saw %q, want %s:*", r.Reply, want)
@@ -84,7 +85,7 @@ func redirected(t *testing.T, e *harness.Env, p *testbed.Pod, dst string) bool {
 }
 
 func TestPrivilegedAgentFileSource(t *testing.T) {
-	e := harness.New(t, 2)
+	e := harness.NewEnforcing(t, 2)
 	web, other := e.TB.Pods[0], e.TB.Pods[1]
 	dst := fmt.Sprintf("%s:%d", testbed.ExternalV4[0], harness.ServerPort)
 	e.WriteWorkloads(t, harness.Workload{Pod: web, Namespace: "demo", Name: "web", Mode: "enforce", Allow: dst})
