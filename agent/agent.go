@@ -247,6 +247,12 @@ func Run(ctx context.Context, cfg Config) error {
 		defer srv.Close()
 		log.Info("metrics and health", "address", cfg.MetricsAddr)
 	}
+	// Ready means serving: the ADS socket accepts Envoy.
+	select {
+	case <-xs.Listening():
+	case err := <-errc:
+		return err
+	}
 	if cfg.Ready != nil {
 		cfg.Ready()
 	}

@@ -45,6 +45,12 @@ type fakeXDS struct {
 	acked     int // versions up to this are accepted
 }
 
+func (f *fakeXDS) setAcked(n int) {
+	f.mu.Lock()
+	f.acked = n
+	f.mu.Unlock()
+}
+
 func (f *fakeXDS) Connected() bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -370,9 +376,7 @@ func TestReconcileAwaitsProxyACK(t *testing.T) {
 	if !dp.m[100].AwaitingProxy {
 		t.Fatal("stopped waiting before any ACK")
 	}
-	x.mu.Lock()
-	x.acked = 1
-	x.mu.Unlock()
+	x.setAcked(1)
 	r.ProxyAccepted()
 	if got := dp.m[100]; got.AwaitingProxy || got.FailMode != datapath.FailClosed || !got.Enforce {
 		t.Fatalf("after the ACK: %+v, want redirected, enforce, fail-closed", got)
@@ -391,9 +395,7 @@ func TestReconcileAwaitsProxyACK(t *testing.T) {
 	if !dp.m[100].AwaitingProxy {
 		t.Fatal("version 1's ACK released a workload only version 2 has")
 	}
-	x.mu.Lock()
-	x.acked = 2
-	x.mu.Unlock()
+	x.setAcked(2)
 	r.ProxyAccepted()
 	if dp.m[100].AwaitingProxy {
 		t.Fatal("still waiting after version 2's ACK")

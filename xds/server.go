@@ -89,6 +89,9 @@ type Server struct {
 	// versions, which a reconnecting Envoy may report, is not ours).
 	published map[string]uint64
 	onACK     func(typeURL, version string)
+	// up is closed once Serve listens (or failed to).
+	up     chan struct{}
+	upOnce sync.Once
 }
 
 // nodeKey: every Envoy that connects gets the one configuration of this
@@ -117,7 +120,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]bool{}, published: map[string]uint64{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]bool{}, published: map[string]uint64{}, up: make(chan struct{})}
 	s.status.Acked = map[string]string{}
 	s.cache = cache.NewSnapshotCache(true, nodeKey{}, slogAdapter(s.log))
 	xs := serverv3.NewServer(context.Background(), s.cache, s.callbacks())
@@ -310,7 +313,12 @@ func (s *Server) Connected() bool {
 // Serve listens on the unix socket (and the loopback TCP address, if
 // configured) until ctx is done, then stops gracefully and removes the
 // socket.
+// Listening is closed once Serve listens on its socket (or failed to, and
+// returns the error).
+func (s *Server) Listening() <-chan struct{} { return s.up }
+
 func (s *Server) Serve(ctx context.Context) error {
+	defer s.upOnce.Do(func() { close(s.up) })
 	lis, err := listenUnix(s.cfg.SocketPath, s.cfg.SocketMode)
 	if err != nil {
 		return err
@@ -330,6 +338,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		go func() { errc <- s.grpc.Serve(l) }()
 	}
 	s.log.Info("xds server listening", "socket", s.cfg.SocketPath, "tcp", s.cfg.TCPAddr)
+	s.upOnce.Do(func() { close(s.up) })
 	select {
 	case <-ctx.Done():
 		stopped := make(chan struct{})

@@ -107,6 +107,19 @@ func editDNSCache(t *testing.T, r *Resources, edit func(*dnscache.DnsCacheConfig
 }
 
 // Each rule of the validator, fed a resource that breaks it.
+// setLogField sets one field of the audit chain's access log format.
+func setLogField(t *testing.T, r *Resources, key, value string) {
+	t.Helper()
+	editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
+		var l stream.StdoutAccessLog
+		if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
+			t.Fatal(err)
+		}
+		l.GetLogFormat().GetJsonFormat().Fields[key] = structpb.NewStringValue(value)
+		tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
+	})
+}
+
 func TestValidateRejects(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -129,25 +142,10 @@ func TestValidateRejects(t *testing.T) {
 			})
 		}, "typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
 		{"unknown command operator in an access log format", func(t *testing.T, r *Resources) {
-			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
-				var l stream.StdoutAccessLog
-				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
-					t.Fatal(err)
-				}
-				l.GetLogFormat().GetJsonFormat().Fields["bogus"] = structpb.NewStringValue("%UPSTREAM_HOSTNAME_TYPO%")
-				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
-			})
+			setLogField(t, r, "bogus", "%UPSTREAM_HOSTNAME_TYPO%")
 		}, "unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
-		{"unterminated command operator", func(t *testing.T, r *Resources) {
-			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
-				var l stream.StdoutAccessLog
-				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
-					t.Fatal(err)
-				}
-				l.GetLogFormat().GetJsonFormat().Fields["bogus"] = structpb.NewStringValue("%DURATION")
-				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
-			})
-		}, "unterminated command operator"},
+		{"unterminated command operator", func(t *testing.T, r *Resources) { setLogField(t, r, "bogus", "%DURATION") },
+			"unterminated command operator"},
 		{"unknown type URL", func(t *testing.T, r *Resources) {
 			chain(t, r, "audit|").GetFilters()[0].GetTypedConfig().TypeUrl = "type.googleapis.com/envoy.extensions.filters.network.made_up.v3.MadeUp"
 		}, "Envoy rejects type URLs it does not know"},

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
 )
 
 // ADS subscribes to an ADS server as Envoy does (state of the world, CDS
@@ -80,23 +81,9 @@ func (a *ADS) Run(ctx context.Context) error {
 		var derr error
 		switch resp.GetTypeUrl() {
 		case resource.ListenerType:
-			l = nil
-			for _, r := range resp.GetResources() {
-				var m listener.Listener
-				if err := r.UnmarshalTo(&m); err != nil {
-					derr = err
-				}
-				l = append(l, &m)
-			}
+			l, derr = decode[listener.Listener](resp)
 		case resource.ClusterType:
-			c = nil
-			for _, r := range resp.GetResources() {
-				var m cluster.Cluster
-				if err := r.UnmarshalTo(&m); err != nil {
-					derr = err
-				}
-				c = append(c, &m)
-			}
+			c, derr = decode[cluster.Cluster](resp)
 		default:
 			derr = fmt.Errorf("type %s is not implemented by the conformance proxy", resp.GetTypeUrl())
 		}
@@ -125,6 +112,22 @@ func (a *ADS) Run(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// decode unpacks a response's resources of one type.
+func decode[T any, P interface {
+	*T
+	proto.Message
+}](resp *discovery.DiscoveryResponse) ([]P, error) {
+	var out []P
+	for _, r := range resp.GetResources() {
+		m := P(new(T))
+		if err := r.UnmarshalTo(m); err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, nil
 }
 
 // Server is the conformance proxy as a program: ADS from socket, the

@@ -97,17 +97,7 @@ func (l *AccessLog) render(v values) []byte {
 		if len(parts) == 1 && parts[0].operator != "" {
 			out = v[parts[0].operator]
 		} else {
-			var sb strings.Builder
-			for _, p := range parts {
-				if p.operator == "" {
-					sb.WriteString(p.literal)
-				} else if x, ok := v[p.operator]; ok && x != nil {
-					fmt.Fprint(&sb, x)
-				} else {
-					sb.WriteString("-")
-				}
-			}
-			out = sb.String()
+			out = formatText(l.Fields[k], v)
 		}
 		vb, _ := json.Marshal(out)
 		buf.Write(vb)
@@ -116,7 +106,8 @@ func (l *AccessLog) render(v values) []byte {
 	return buf.Bytes()
 }
 
-// formatText renders a text format (set_filter_state's) with v.
+// formatText renders a text format (set_filter_state's, or a JSON value
+// mixing literals and operators) with v: "-" for a missing value.
 func formatText(format string, v values) string {
 	parts, _ := parseFormat(format)
 	var sb strings.Builder

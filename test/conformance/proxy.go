@@ -507,26 +507,24 @@ func (p *Proxy) serveRequest(cn *conn, m *HTTPConnectionManager, br *bufio.Reade
 	return !req.Close && !resp.Close
 }
 
-// responseCodeDetails is %RESPONSE_CODE_DETAILS% for the cases the proxy
-// produces (envoy/stream_info/stream_info.h ResponseCodeDetailValues).
+// codeDetails is %RESPONSE_CODE_DETAILS% by response flag, for the cases
+// the proxy produces (envoy/stream_info/stream_info.h
+// ResponseCodeDetailValues).
+var codeDetails = map[string]string{
+	"NR":  "route_not_found",
+	"DF":  "dns_resolution_failure",
+	"UF":  "upstream_reset_before_response_started{connection_failure}",
+	"UPE": "upstream_reset_before_response_started{protocol_error}",
+	"UH":  "no_healthy_upstream",
+	"NC":  "cluster_not_found",
+	"SI":  "stream_idle_timeout",
+	"DPE": "http1.codec_error",
+}
+
 func responseCodeDetails(status int, flag string, route *Route) string {
-	switch {
-	case flag == "NR":
-		return "route_not_found"
-	case flag == "DF":
-		return "dns_resolution_failure"
-	case flag == "UF":
-		return "upstream_reset_before_response_started{connection_failure}"
-	case flag == "UPE":
-		return "upstream_reset_before_response_started{protocol_error}"
-	case flag == "UH":
-		return "no_healthy_upstream"
-	case flag == "NC":
-		return "cluster_not_found"
-	case flag == "SI":
-		return "stream_idle_timeout"
-	case flag == "DPE":
-		return "http1.codec_error"
+	switch d, ok := codeDetails[flag]; {
+	case ok:
+		return d
 	case status == 426:
 		return "low_version"
 	case route != nil && route.Cluster == "":

@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -91,25 +90,7 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 	hold := testbed.Command(t, pod.Cgroup, pod.Netns, "hold", "tcp4:"+hp(oldAddr, port))
 	stdin, stdout := testbed.StartPiped(t, hold)
 	t.Cleanup(func() { hold.Process.Kill(); hold.Wait() })
-	lines := bufio.NewScanner(stdout)
-	next := func(t *testing.T) string {
-		t.Helper()
-		got := make(chan string, 1)
-		go func() {
-			if lines.Scan() {
-				got <- lines.Text()
-			} else {
-				got <- "EOF"
-			}
-		}()
-		select {
-		case l := <-got:
-			return l
-		case <-time.After(5 * time.Second):
-			t.Fatal("hold client silent for 5s")
-			return ""
-		}
-	}
+	next := testbed.LineReader(stdout, 5*time.Second)
 	if l := next(t); l != "READY peer="+testbed.NodeV4.String() {
 		t.Fatalf("long-lived connection: %q, want it through the proxy", l)
 	}

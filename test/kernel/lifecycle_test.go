@@ -1,7 +1,6 @@
 package kernel
 
 import (
-	"bufio"
 	"strings"
 	"testing"
 	"time"
@@ -22,25 +21,8 @@ func TestPrivilegedRestartKeepsConnections(t *testing.T) {
 	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "hold", "tcp4:"+hostport(ext4, serverPort))
 	stdin, stdout := testbed.StartPiped(t, cmd)
 	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	lines := bufio.NewScanner(stdout)
-	next := func() string {
-		t.Helper()
-		got := make(chan string, 1)
-		go func() {
-			if lines.Scan() {
-				got <- lines.Text()
-			} else {
-				got <- "EOF"
-			}
-		}()
-		select {
-		case l := <-got:
-			return l
-		case <-time.After(5 * time.Second):
-			t.Fatal("hold client silent for 5s")
-			return ""
-		}
-	}
+	readLine := testbed.LineReader(stdout, 5*time.Second)
+	next := func() string { t.Helper(); return readLine(t) }
 	if l := next(); l != "READY peer="+testbed.NodeV4.String() {
 		t.Fatalf("long-lived connection: %q, want it redirected through the proxy", l)
 	}

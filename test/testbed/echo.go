@@ -43,9 +43,21 @@ func ServeEcho(t testing.TB, ls ...net.Listener) *EchoServer {
 }
 
 // Add serves one more listener.
-func (s *EchoServer) Add(l net.Listener) { go s.serve(l) }
+func (s *EchoServer) Add(l net.Listener) {
+	go s.accept(l, func(c net.Conn, greeting string) {
+		c.Write([]byte(greeting))
+		io.Copy(c, c) // then echo until the client is done
+	})
+}
 
-func (s *EchoServer) serve(l net.Listener) {
+// AddHTTP serves HTTP/1.1 on l: each request gets 200 with the body
+// "peer=<remote address>"; a WebSocket upgrade gets 101, then that line,
+// then an echo of the stream. Connections are recorded as for Add.
+func (s *EchoServer) AddHTTP(l net.Listener) { go s.accept(l, serveHTTPEcho) }
+
+// accept records each connection on l and hands it to serve with the line
+// "peer=<remote address>\n".
+func (s *EchoServer) accept(l net.Listener, serve func(c net.Conn, greeting string)) {
 	for {
 		c, err := l.Accept()
 		if err != nil {
@@ -59,35 +71,12 @@ func (s *EchoServer) serve(l net.Listener) {
 		s.mu.Unlock()
 		go func() {
 			defer c.Close()
-			c.Write([]byte("peer=" + peer.Addr().Unmap().String() + "\n"))
-			io.Copy(c, c) // then echo until the client is done
+			serve(c, "peer="+peer.Addr().Unmap().String()+"\n")
 		}()
 	}
 }
 
-// AddHTTP serves HTTP/1.1 on l: each request gets 200 with the body
-// "peer=<remote address>"; a WebSocket upgrade gets 101, then that line,
-// then an echo of the stream. Connections are recorded as for Add.
-func (s *EchoServer) AddHTTP(l net.Listener) {
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			peer := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-			local := c.LocalAddr().(*net.TCPAddr).AddrPort()
-			s.mu.Lock()
-			s.peers = append(s.peers, peer.String())
-			s.conns = append(s.conns, Conn{From: peer.String(), To: netip.AddrPortFrom(local.Addr().Unmap(), local.Port()).String()})
-			s.mu.Unlock()
-			go serveHTTPEcho(c, "peer="+peer.Addr().Unmap().String()+"\n")
-		}
-	}()
-}
-
 func serveHTTPEcho(c net.Conn, body string) {
-	defer c.Close()
 	br := bufio.NewReader(c)
 	for {
 		req, err := http.ReadRequest(br)

@@ -200,3 +200,27 @@ func StartPiped(t testing.TB, cmd *exec.Cmd) (io.WriteCloser, io.Reader) {
 	}
 	return stdin, stdout
 }
+
+// LineReader returns a function that reads the next line r prints (say, a
+// "hold" client's), failing the test after timeout; "EOF" when r ended.
+func LineReader(r io.Reader, timeout time.Duration) func(t testing.TB) string {
+	lines := bufio.NewScanner(r)
+	return func(t testing.TB) string {
+		t.Helper()
+		got := make(chan string, 1)
+		go func() {
+			if lines.Scan() {
+				got <- lines.Text()
+			} else {
+				got <- "EOF"
+			}
+		}()
+		select {
+		case l := <-got:
+			return l
+		case <-time.After(timeout):
+			t.Fatalf("no line for %v", timeout)
+			return ""
+		}
+	}
+}
