@@ -89,6 +89,25 @@ func BenchmarkUpdate250x20(b *testing.B) {
 	}
 }
 
+// BenchmarkUpdateUnchanged250x20: Server.Update with the same state again
+// (a resync, a change that does not reach the proxy's configuration).
+func BenchmarkUpdateUnchanged250x20(b *testing.B) {
+	s := benchState(b)
+	srv, err := NewServer(ServerConfig{SocketPath: filepath.Join(b.TempDir(), "x.sock"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		b.Fatal(err)
+	}
+	if _, _, err := srv.Update(context.Background(), s); err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, _, err := srv.Update(context.Background(), s); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 // The benchmark's state is valid and its size is what the docs quote.
 func TestBenchStateValid(t *testing.T) {
 	r, issues, err := Build(benchState(t))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -11,7 +12,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -89,6 +92,10 @@ type Server struct {
 	// versions, which a reconnecting Envoy may report, is not ours).
 	published map[string]uint64
 	onACK     func(typeURL, version string)
+	// stateKey is the digest of the last state published (or found
+	// unchanged), and stateIssues its issues.
+	stateKey    string
+	stateIssues []Issue
 	// up is closed once Serve listens (or failed to).
 	up     chan struct{}
 	upOnce sync.Once
@@ -138,6 +145,23 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 // as a new version if it differs from the one being served. On any error
 // nothing is published and the last good configuration stays.
 func (s *Server) Update(ctx context.Context, st State) (version string, issues []Issue, err error) {
+	// The same state builds the same configuration: skip building and
+	// validating it (most of an update's cost) when nothing changed.
+	key, kerr := stateKey(st)
+	s.mu.Lock()
+	if kerr == nil && key == s.stateKey && s.status.Version != "" {
+		v, is := s.status.Version, slices.Clone(s.stateIssues)
+		s.mu.Unlock()
+		return v, is, nil
+	}
+	s.mu.Unlock()
+	defer func() {
+		if err == nil && kerr == nil {
+			s.mu.Lock()
+			s.stateKey, s.stateIssues = key, slices.Clone(issues)
+			s.mu.Unlock()
+		}
+	}()
 	r, issues, err := Build(st)
 	if err != nil {
 		return "", nil, err
@@ -193,6 +217,19 @@ func toResources[T types.Resource](in []T) []types.Resource {
 		out[i] = r
 	}
 	return out
+}
+
+// stateKey digests a state independently of its workloads' order (the
+// builders sort them).
+func stateKey(st State) (string, error) {
+	st.Workloads = slices.Clone(st.Workloads)
+	slices.SortFunc(st.Workloads, func(a, b Workload) int { return strings.Compare(a.ID(), b.ID()) })
+	b, err := json.Marshal(st)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:]), nil
 }
 
 // hash is a digest of the deterministic encoding of every resource.

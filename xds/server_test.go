@@ -308,3 +308,34 @@ func TestSocketModeForGroup(t *testing.T) {
 		}
 	}
 }
+
+// The same state (in any workload order) is not built again: same version,
+// same issues; a changed state publishes a new version.
+func TestUpdateUnchangedState(t *testing.T) {
+	srv, err := NewServer(ServerConfig{SocketPath: filepath.Join(t.TempDir(), "x.sock"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := State{Proxy: testProxy, Workloads: []Workload{
+		// One address, two policies: an issue per workload.
+		pod("c", "host-a", "enforce", "a.example.com", "192.168.1.10"),
+		pod("c", "host-b", "audit", "", "192.168.1.10"),
+	}}
+	v1, is1, err := srv.Update(context.Background(), st)
+	if err != nil || len(is1) == 0 {
+		t.Fatalf("first update: %v, issues %v", err, is1)
+	}
+	st.Workloads[0], st.Workloads[1] = st.Workloads[1], st.Workloads[0]
+	v2, is2, err := srv.Update(context.Background(), st)
+	if err != nil || v2 != v1 || len(is2) != len(is1) {
+		t.Fatalf("unchanged state: version %q (was %q), issues %v, %v", v2, v1, is2, err)
+	}
+	if n := srv.Status().Versions; n != 1 {
+		t.Fatalf("%d versions published, want 1", n)
+	}
+	st.Workloads[0].IPs = ips("10.244.1.99")
+	v3, _, err := srv.Update(context.Background(), st)
+	if err != nil || v3 == v1 {
+		t.Fatalf("changed state: version %q, %v", v3, err)
+	}
+}
