@@ -57,7 +57,7 @@ test: deps-test
 	$(MAKE) --no-print-directory fuzz
 
 # The fuzz targets: every parser of input from outside the agent.
-FUZZ_TARGETS := ./xds:FuzzParseAllowList ./xds:FuzzBuildFromPod ./agent:FuzzParseWorkloadFile ./agent:FuzzParseResolvers
+FUZZ_TARGETS := ./policy:FuzzParseAllowList ./xds:FuzzBuildFromPod ./agent:FuzzParseWorkloadFile ./agent:FuzzParseResolvers
 FUZZTIME ?= 8s
 
 ## fuzz: run each fuzz target for FUZZTIME (default 8s); findings land in testdata/fuzz, commit them as regression tests

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/sluice-io/sluice/policy"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -142,7 +143,7 @@ func TestKubeSource(t *testing.T) {
 	for _, w := range st.Workloads {
 		switch w.Name {
 		case "web":
-			if w.IPs[0] != netip.MustParseAddr("10.244.1.5") || w.Policy.Mode != xds.Enforce || len(w.Policy.Allow) != 0 {
+			if w.IPs[0] != netip.MustParseAddr("10.244.1.5") || w.Policy.Mode != policy.Enforce || len(w.Policy.Allow) != 0 {
 				t.Errorf("web: %+v", w)
 			}
 		case "host":

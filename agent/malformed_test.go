@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/sluice-io/sluice/policy"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -97,7 +98,7 @@ func TestKubeSourceMalformedPods(t *testing.T) {
 		if w.Name == "no-ips" {
 			continue // a valid policy; the proxy closes its connections (below)
 		}
-		if w.Policy.Mode != xds.Enforce || len(w.Policy.Allow) != 0 || !w.Policy.FailClosed {
+		if w.Policy.Mode != policy.Enforce || len(w.Policy.Allow) != 0 || !w.Policy.FailClosed {
 			t.Errorf("%s: policy %+v, want enforce deny-all, fail-closed", w.Name, w.Policy)
 		}
 	}

@@ -47,7 +47,7 @@ type selected struct {
 	w        Workload
 	cgroupID uint64
 	id       uint32
-	policy   xds.Policy
+	policy   policy.Policy
 	perr     error
 	// awaiting: the proxy has not accepted a listener with this workload's
 	// addresses; version is the first pushed that has them ("" not yet).
@@ -143,7 +143,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
-	pol, perr := xds.ParsePolicy(w.Labels, w.Annotations)
+	pol, perr := policy.ParsePolicy(w.Labels, w.Annotations)
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	cur := r.byKey[w.Key()]
@@ -169,7 +169,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	default:
 		awaiting = r.xds.Connected()
 	}
-	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == xds.Enforce, AwaitingProxy: awaiting, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == policy.Enforce, AwaitingProxy: awaiting, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
@@ -194,8 +194,8 @@ func (r *Reconciler) Upsert(w Workload) error {
 	return nil
 }
 
-func describe(p xds.Policy) string {
-	if p.Mode == xds.Enforce && len(p.Allow) == 0 {
+func describe(p policy.Policy) string {
+	if p.Mode == policy.Enforce && len(p.Allow) == 0 {
 		return "enforce, deny all"
 	}
 	return p.Mode.String()
@@ -339,7 +339,7 @@ func (r *Reconciler) want() {
 func (r *Reconciler) wantedNames() []string {
 	var out []string
 	for _, s := range r.byKey {
-		if s.policy.Mode == xds.Enforce {
+		if s.policy.Mode == policy.Enforce {
 			out = append(out, s.policy.ResolvedNames()...)
 		}
 	}
@@ -380,7 +380,7 @@ func (r *Reconciler) ProxyAccepted() {
 		if s.policy.FailClosed {
 			fail = datapath.FailClosed
 		}
-		dw := datapath.Workload{ID: s.id, FailMode: fail, Enforce: s.policy.Mode == xds.Enforce, MetadataGrants: s.policy.MetadataGrants(r.local.MetadataAddrs())}
+		dw := datapath.Workload{ID: s.id, FailMode: fail, Enforce: s.policy.Mode == policy.Enforce, MetadataGrants: s.policy.MetadataGrants(r.local.MetadataAddrs())}
 		if err := r.dp.SetWorkload(s.cgroupID, dw); err != nil {
 			r.log.Warn("redirect after the proxy accepted the workload", "workload", key, "error", err)
 			continue
@@ -413,7 +413,7 @@ func (r *Reconciler) State() xds.State {
 	}
 	for _, s := range r.byKey {
 		pol := s.policy
-		if pol.Mode == xds.Enforce && r.names != nil {
+		if pol.Mode == policy.Enforce && r.names != nil {
 			pol = pol.Expand(func(name string) []netip.Addr {
 				// Filtered again: the node's addresses may have changed
 				// since the lookup.

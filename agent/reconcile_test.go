@@ -113,10 +113,10 @@ func wl(name, cgroup, mode, allow string) Workload {
 	w := Workload{Namespace: "ns", Name: name, CgroupPath: cgroup, IPs: []netip.Addr{netip.MustParseAddr("10.0.0.1")},
 		Labels: map[string]string{}, Annotations: map[string]string{}}
 	if mode != "" {
-		w.Labels[xds.LabelMode] = mode
+		w.Labels[policy.LabelMode] = mode
 	}
 	if allow != "" {
-		w.Annotations[xds.AnnotationAllow] = allow
+		w.Annotations[policy.AnnotationAllow] = allow
 	}
 	return w
 }
@@ -288,7 +288,7 @@ func TestReconcileTCPHostnames(t *testing.T) {
 	if f.count("audit.example.com") != 0 {
 		t.Error("an audit workload's name was resolved")
 	}
-	rules := func() []xds.Rule {
+	rules := func() []policy.Rule {
 		for _, w := range r.State().Workloads {
 			if w.Name == "a" {
 				return w.Policy.Allow
@@ -298,7 +298,7 @@ func TestReconcileTCPHostnames(t *testing.T) {
 		return nil
 	}
 	got := rules()
-	want := []xds.Rule{{Host: "db.example.com", Port: 5432, Resolve: true}, {Prefix: netip.MustParsePrefix("203.0.113.7/32"), Port: 5432, Via: "tcp://db.example.com:5432"}}
+	want := []policy.Rule{{Host: "db.example.com", Port: 5432, Resolve: true}, {Prefix: netip.MustParsePrefix("203.0.113.7/32"), Port: 5432, Via: "tcp://db.example.com:5432"}}
 	if !slices.Equal(got, want) {
 		t.Fatalf("state rules %v, want %v (node-local answers dropped)", got, want)
 	}

@@ -2,11 +2,11 @@ package daemonset
 
 import (
 	"bytes"
+	"github.com/sluice-io/sluice/policy"
 	"os"
 	"path/filepath"
 	"testing"
 
-	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 )
 
@@ -36,13 +36,13 @@ func TestKindOverlayAndWorkloads(t *testing.T) {
 			pods[p.Name] = p
 		}
 	}
-	want := map[string]xds.Mode{"audit": xds.Audit, "enforce": xds.Enforce}
+	want := map[string]policy.Mode{"audit": policy.Audit, "enforce": policy.Enforce}
 	for name, mode := range want {
 		p := pods[name]
 		if p == nil || p.Labels["sluice.io/redirect"] != "true" {
 			t.Fatalf("pod %s missing or not selected", name)
 		}
-		pol, err := xds.ParsePolicy(p.Labels, p.Annotations)
+		pol, err := policy.ParsePolicy(p.Labels, p.Annotations)
 		if err != nil || pol.Mode != mode {
 			t.Errorf("pod %s: policy %+v, %v; want mode %v", name, pol, err, mode)
 		}

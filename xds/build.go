@@ -1,7 +1,11 @@
+// Package xds turns the policy of the selected workloads into Envoy
+// configuration (one listener, a few clusters), validates it as Envoy would
+// load it, and serves it over ADS.
 package xds
 
 import (
 	"fmt"
+	"github.com/sluice-io/sluice/policy"
 	"maps"
 	"net/netip"
 	"slices"
@@ -56,7 +60,7 @@ type group struct {
 	namespace string
 	name      string
 	ips       []netip.Addr
-	policy    Policy
+	policy    policy.Policy
 	// policyError is shown in the logs of denied connections.
 	policyError string
 }
@@ -151,7 +155,7 @@ func newGroup(key string, ws []Workload, idx []int) *group {
 			// The proxy cannot tell these workloads apart, and their
 			// policies differ: the only policy that widens none of them
 			// is deny-all.
-			g.policy = Policy{Mode: Enforce, FailClosed: true}
+			g.policy = policy.Policy{Mode: policy.Enforce, FailClosed: true}
 			g.policyError = "workloads sharing this address declare different policies; denying all"
 			return g
 		}
@@ -160,13 +164,13 @@ func newGroup(key string, ws []Workload, idx []int) *group {
 }
 
 func (g *group) sharedNote() string {
-	if g.policy.Mode == Enforce && len(g.policy.Allow) == 0 && g.policyError != "" {
+	if g.policy.Mode == policy.Enforce && len(g.policy.Allow) == 0 && g.policyError != "" {
 		return "their policies differ, so the address is denied everything"
 	}
 	return "their policies are the same, so they share it"
 }
 
-func samePolicy(a, b Policy) bool {
+func samePolicy(a, b policy.Policy) bool {
 	return a.Mode == b.Mode && slices.Equal(a.Allow, b.Allow)
 }
 

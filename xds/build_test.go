@@ -43,11 +43,11 @@ func ips(ss ...string) []netip.Addr {
 // pod builds a workload the way the agent does: ParsePolicy on its labels
 // and annotation, the error kept for the logs.
 func pod(ns, name, mode, allow string, addrs ...string) Workload {
-	labels := map[string]string{LabelRedirect: "true"}
+	labels := map[string]string{policy.LabelRedirect: "true"}
 	if mode != "" {
-		labels[LabelMode] = mode
+		labels[policy.LabelMode] = mode
 	}
-	p, err := ParsePolicy(labels, map[string]string{AnnotationAllow: allow})
+	p, err := policy.ParsePolicy(labels, map[string]string{policy.AnnotationAllow: allow})
 	w := Workload{Namespace: ns, Name: name, IPs: ips(addrs...), Policy: p}
 	if err != nil {
 		w.PolicyError = err.Error()
@@ -308,7 +308,7 @@ func FuzzBuildFromPod(f *testing.F) {
 		if name == "" {
 			return
 		}
-		p, err := ParsePolicy(map[string]string{LabelMode: mode}, map[string]string{AnnotationAllow: allow})
+		p, err := policy.ParsePolicy(map[string]string{policy.LabelMode: mode}, map[string]string{policy.AnnotationAllow: allow})
 		w := Workload{Namespace: ns, Name: name, IPs: ips("10.244.1.5"), Policy: p}
 		if err != nil {
 			w.PolicyError = err.Error()
@@ -320,7 +320,7 @@ func FuzzBuildFromPod(f *testing.F) {
 		if err := Validate(r); err != nil {
 			t.Fatalf("mode %q allow %q: invalid configuration: %v", mode, allow, err)
 		}
-		if p.Mode == Enforce && len(p.Allow) == 0 {
+		if p.Mode == policy.Enforce && len(p.Allow) == 0 {
 			for _, c := range r.Listeners[0].GetFilterChains() {
 				if strings.HasPrefix(c.GetName(), "tcp|") || strings.HasPrefix(c.GetName(), "tls|") || strings.HasPrefix(c.GetName(), "audit|") {
 					t.Fatalf("deny-all pod got forwarding chain %q", c.GetName())

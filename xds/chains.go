@@ -3,6 +3,7 @@ package xds
 import (
 	"fmt"
 	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
+	"github.com/sluice-io/sluice/policy"
 	"strings"
 	"time"
 
@@ -52,7 +53,7 @@ const (
 // groupChains returns a group's filter chains; the matcher from
 // groupOnMatch names exactly these.
 func (b *builder) groupChains(g *group) []*listener.FilterChain {
-	if g.policy.Mode == Audit {
+	if g.policy.Mode == policy.Audit {
 		return []*listener.FilterChain{b.tcpChain(chainName("audit", g), g, OriginalDstClusterName, verdictAllow, "audit mode")}
 	}
 	reason := "not in the allow list"
@@ -129,7 +130,7 @@ func (b *builder) connectionLimit(g *group, chain string) []*listener.Filter {
 // allowed go to where DNS says that host is, at the original destination's
 // port (the dynamic forward proxy), never to the address the pod dialled;
 // CONNECT and every other request get a 403 that names sluice and the pod.
-func (b *builder) httpChain(g *group, port uint16, hosts []Rule) *listener.FilterChain {
+func (b *builder) httpChain(g *group, port uint16, hosts []policy.Rule) *listener.FilterChain {
 	name := httpChainName(g, port)
 	var domains []string
 	seen := map[string]bool{}

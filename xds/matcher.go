@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"github.com/sluice-io/sluice/policy"
 	"net/netip"
 	"slices"
 	"strings"
@@ -45,7 +46,7 @@ var httpProtocols = []string{"'http/1.0'", "'http/1.1'", "'h2c'"}
 //     so that a denied request gets a 403 that says why;
 //  4. anything else: the deny chain, which closes the connection.
 func (b *builder) groupOnMatch(g *group) *matcher.Matcher_OnMatch {
-	if g.policy.Mode == Audit {
+	if g.policy.Mode == policy.Audit {
 		return &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainName("audit", g))}}
 	}
 	var fms []*matcher.Matcher_MatcherList_FieldMatcher
@@ -90,7 +91,7 @@ func (b *builder) groupOnMatch(g *group) *matcher.Matcher_OnMatch {
 // splitRules separates prefix rules from hostname rules, keeping order.
 // TCP-hostname rules are neither: they allow only what Policy.Expand
 // turned them into.
-func splitRules(rules []Rule) (cidrs, hosts []Rule) {
+func splitRules(rules []policy.Rule) (cidrs, hosts []policy.Rule) {
 	for _, r := range rules {
 		switch {
 		case r.IsResolved():
@@ -105,7 +106,7 @@ func splitRules(rules []Rule) (cidrs, hosts []Rule) {
 
 // rulePorts lists the distinct ports of rules in ascending order (0, any
 // port, first).
-func rulePorts(rules []Rule) []uint16 {
+func rulePorts(rules []policy.Rule) []uint16 {
 	var ports []uint16
 	for _, r := range rules {
 		ports = append(ports, r.Port)

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"fmt"
+	"github.com/sluice-io/sluice/policy"
 	"net/netip"
 	"time"
 )
@@ -77,7 +78,7 @@ type Workload struct {
 	Namespace string
 	Name      string
 	IPs       []netip.Addr
-	Policy    Policy
+	Policy    policy.Policy
 	// PolicyError, when the pod's policy did not parse, is the error; it
 	// is shown in the log of every connection the proxy denies the pod.
 	PolicyError string

@@ -28,11 +28,11 @@ var (
 )
 
 func workload(ns, name, mode, allow string, ips ...string) xds.Workload {
-	labels := map[string]string{xds.LabelRedirect: "true"}
+	labels := map[string]string{policy.LabelRedirect: "true"}
 	if mode != "" {
-		labels[xds.LabelMode] = mode
+		labels[policy.LabelMode] = mode
 	}
-	pol, err := xds.ParsePolicy(labels, map[string]string{xds.AnnotationAllow: allow})
+	pol, err := policy.ParsePolicy(labels, map[string]string{policy.AnnotationAllow: allow})
 	w := xds.Workload{Namespace: ns, Name: name, Policy: pol}
 	if err != nil {
 		w.PolicyError = err.Error()
@@ -183,7 +183,7 @@ func (c *Config) decide(d MatchData, host, method string) verdict {
 }
 
 // The served configuration, executed, decides every probe connection as
-// the policy says (xds.Policy.Decide is the oracle): a wrong chain, a
+// the policy says (policy.Policy.Decide is the oracle): a wrong chain, a
 // matcher out of order or a missing range in the generated listener fails
 // here.
 func TestServedConfigDecidesAsThePolicy(t *testing.T) {
@@ -201,7 +201,7 @@ func TestServedConfigDecidesAsThePolicy(t *testing.T) {
 		}
 		srcs = append(srcs, netip.MustParseAddr("10.244.9.9")) // no workload's
 		for _, src := range srcs {
-			var pols []xds.Policy
+			var pols []policy.Policy
 			for _, w := range st.Workloads {
 				if slices.Contains(w.IPs, src) {
 					pols = append(pols, w.Policy)
@@ -247,7 +247,7 @@ func TestServedConfigDecidesAsThePolicy(t *testing.T) {
 // oracle: what the connection should get. Never-dial destinations hit the
 // loop chain whoever asks; a source that is no workload's, or one shared
 // by workloads with different policies, is denied; otherwise Decide.
-func oracle(st xds.State, pols []xds.Policy, dst netip.AddrPort, sni, host, method string) verdict {
+func oracle(st xds.State, pols []policy.Policy, dst netip.AddrPort, sni, host, method string) verdict {
 	a := dst.Addr()
 	if slices.ContainsFunc(st.NeverDial, func(p netip.Prefix) bool { return p.Contains(a) }) {
 		return verdict{chain: "loop"}
@@ -255,12 +255,12 @@ func oracle(st xds.State, pols []xds.Policy, dst netip.AddrPort, sni, host, meth
 	if len(pols) == 0 {
 		return verdict{chain: "unknown-source"}
 	}
-	if len(pols) > 1 && !(slices.EqualFunc(pols[1:], pols[:len(pols)-1], func(x, y xds.Policy) bool { return x.Mode == y.Mode && slices.Equal(x.Allow, y.Allow) })) {
+	if len(pols) > 1 && !(slices.EqualFunc(pols[1:], pols[:len(pols)-1], func(x, y policy.Policy) bool { return x.Mode == y.Mode && slices.Equal(x.Allow, y.Allow) })) {
 		return verdict{}
 	}
 	// CONNECT is never forwarded by a hostname entry (a CIDR entry allows
 	// any TCP to its range, CONNECT bytes included).
-	if method == "CONNECT" && pols[0].Mode == xds.Enforce && !pols[0].Decide(dst, "", "").Allowed {
+	if method == "CONNECT" && pols[0].Mode == policy.Enforce && !pols[0].Decide(dst, "", "").Allowed {
 		return verdict{}
 	}
 	dec := pols[0].Decide(dst, sni, host)

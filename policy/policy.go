@@ -1,8 +1,10 @@
-// Package xds turns pod policy into Envoy configuration. This file holds the
-// policy API: the labels and annotation a pod declares, parsed by pure
-// functions with precise errors. A policy that does not parse never opens a
-// pod up: ParsePolicy returns the safest policy along with the error.
-package xds
+// Package policy owns sluice's policy model: the labels and annotation a pod
+// declares, parsed by pure functions with precise errors, what the
+// resulting policy allows (Decide), and the node-local destinations no
+// policy can reach (NodeLocal). The xDS builder and the datapath consume
+// it. A policy that does not parse never opens a pod up: ParsePolicy
+// returns the safest policy along with the error.
+package policy
 
 import (
 	"errors"

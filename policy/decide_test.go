@@ -1,4 +1,4 @@
-package xds
+package policy
 
 import (
 	"net/netip"
