@@ -26,7 +26,7 @@ const nodeName = "node-a"
 // unlabelling and deleting deselect. The agent authenticates as the
 // DaemonSet's service account, with the shipped RBAC.
 func TestPrivilegedAgentKubernetes(t *testing.T) {
-	e := harness.New(t, 2)
+	e := harness.NewEnforcing(t, 2) // the conformance proxy, executing what the agent serves
 	cluster := kube.Start(t, e.TB.Node)
 	c := cluster.Client
 	ctx := context.Background()
@@ -90,12 +90,19 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	// The pod's process, in the pod's cgroup and netns, is redirected.
 	webRedirected := func() bool {
 		t.Helper()
-		r := testbed.Dial(t, testbed.Run(t, 30*time.Second, web, e.TB.Pods[0].Netns, "client", "tcp4:"+dst))
-		if len(r) != 1 || r[0].Err != "" {
+		r := testbed.Dial(t, testbed.Run(t, 30*time.Second, web, e.TB.Pods[0].Netns, "client", "-send", "hello", "tcp4:"+dst))
+		if len(r) != 1 {
+			t.Fatalf("web's connection: %+v", r)
+		}
+		if strings.Contains(r[0].Err, "operation not permitted") {
+			return false // fail-closed until the proxy has accepted its listener
+		}
+		if r[0].Err != "" {
 			t.Fatalf("web's connection: %+v", r)
 		}
 		return strings.HasPrefix(r[0].Reply, "peer="+testbed.NodeV4.String())
 	}
+	harness.WaitFor(t, "web redirected once the proxy has its listener", 10*time.Second, webRedirected)
 	if !webRedirected() {
 		t.Fatal("web's connection was not redirected")
 	}
