@@ -152,10 +152,6 @@ func (r *Reconciler) Upsert(w Workload) error {
 	}
 	_, adopted := r.adopt[cg]
 	id := r.idFor(w.Key(), cg, cur)
-	fail := datapath.FailOpen
-	if pol.FailClosed {
-		fail = datapath.FailClosed
-	}
 	// A new workload, or one with new addresses, waits for the proxy: until
 	// Envoy has accepted a listener with its addresses, its connections
 	// would reach the unknown-source chain and be closed. One adopted from
@@ -169,7 +165,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	default:
 		awaiting = r.xds.Connected()
 	}
-	dw := datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == policy.Enforce, AwaitingProxy: awaiting, MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+	dw := r.datapathWorkload(id, pol, awaiting)
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
@@ -189,7 +185,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if perr != nil && (cur == nil || cur.perr == nil || cur.perr.Error() != perr.Error()) {
 		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(pol)))
 	}
-	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", pol.Mode.String(), "fail", fail.String(), "ips", w.IPs)
+	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", pol.Mode.String(), "fail", dw.FailMode.String(), "ips", w.IPs)
 	r.want()
 	return nil
 }
@@ -363,7 +359,23 @@ func (r *Reconciler) Refuse(a netip.Addr) bool {
 	r.mu.Lock()
 	nd := r.local.All()
 	r.mu.Unlock()
-	return slices.ContainsFunc(nd, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
+	return inAny(nd, a)
+}
+
+// datapathWorkload is what the datapath is told of a workload with this
+// policy. r.mu held.
+func (r *Reconciler) datapathWorkload(id uint32, pol policy.Policy, awaiting bool) datapath.Workload {
+	fail := datapath.FailOpen
+	if pol.FailClosed {
+		fail = datapath.FailClosed
+	}
+	return datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == policy.Enforce, AwaitingProxy: awaiting,
+		MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+}
+
+// inAny reports whether a (unmapped) is in one of ps.
+func inAny(ps []netip.Prefix, a netip.Addr) bool {
+	return slices.ContainsFunc(ps, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
 }
 
 // ProxyAccepted is called when Envoy ACKs a configuration: the workloads
@@ -376,12 +388,7 @@ func (r *Reconciler) ProxyAccepted() {
 		if !s.awaiting || s.version == "" || !r.xds.AckedAtLeast(resource.ListenerType, s.version) {
 			continue
 		}
-		fail := datapath.FailOpen
-		if s.policy.FailClosed {
-			fail = datapath.FailClosed
-		}
-		dw := datapath.Workload{ID: s.id, FailMode: fail, Enforce: s.policy.Mode == policy.Enforce, MetadataGrants: s.policy.MetadataGrants(r.local.MetadataAddrs())}
-		if err := r.dp.SetWorkload(s.cgroupID, dw); err != nil {
+		if err := r.dp.SetWorkload(s.cgroupID, r.datapathWorkload(s.id, s.policy, false)); err != nil {
 			r.log.Warn("redirect after the proxy accepted the workload", "workload", key, "error", err)
 			continue
 		}
@@ -408,9 +415,7 @@ func (r *Reconciler) State() xds.State {
 	defer r.mu.Unlock()
 	st := xds.State{Proxy: r.proxy, NeverDial: r.local.All(), DNSResolvers: slices.Clone(r.dns),
 		TCPIdleTimeout: r.timeouts.TCPIdle, HTTPStreamIdleTimeout: r.timeouts.HTTPStreamIdle, MaxConnectionsPerChain: r.timeouts.MaxConnectionsPerChain}
-	refuse := func(a netip.Addr) bool {
-		return slices.ContainsFunc(st.NeverDial, func(p netip.Prefix) bool { return p.Contains(a.Unmap()) })
-	}
+	refuse := func(a netip.Addr) bool { return inAny(st.NeverDial, a) }
 	for _, s := range r.byKey {
 		pol := s.policy
 		if pol.Mode == policy.Enforce && r.names != nil {

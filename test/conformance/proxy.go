@@ -102,11 +102,11 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	if l.OriginalDst {
 		// original_dst: the restored destination becomes the local
 		// address; when the kernel knows none, it stays the listener's.
-		od, err := OriginalDst(c)
+		origDst := OriginalDst
 		if p.origDst != nil {
-			od, err = p.origDst(c)
+			origDst = p.origDst
 		}
-		if err == nil {
+		if od, err := origDst(c); err == nil {
 			dst = unmap(od)
 		}
 	}
