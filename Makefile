@@ -56,8 +56,9 @@ test: deps-test
 	apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
 	$(MAKE) --no-print-directory fuzz
 
-# The fuzz targets: every parser of input from outside the agent.
-FUZZ_TARGETS := ./policy:FuzzParseAllowList ./xds:FuzzBuildFromPod ./agent:FuzzParseWorkloadFile ./agent:FuzzParseResolvers
+# The fuzz targets: every parser of input from outside the agent, and the
+# policy merge (checked against its definition).
+FUZZ_TARGETS := ./policy:FuzzParseAllowList ./policy:FuzzMerge ./xds:FuzzBuildFromPod ./agent:FuzzParseWorkloadFile ./agent:FuzzParseResolvers
 FUZZTIME ?= 8s
 
 ## fuzz: run each fuzz target for FUZZTIME (default 8s); findings land in testdata/fuzz, commit them as regression tests

@@ -64,6 +64,9 @@ type Rule struct {
 	// Via, on an address rule Expand added, is the TCP-hostname rule it
 	// comes from: such a rule never grants metadata access.
 	Via string
+	// Narrowed, on a rule Merge cut down to a guardrail entry's scope, is
+	// that guardrail: such a rule never grants metadata access either.
+	Narrowed string
 }
 
 // IsHost reports whether the rule is matched against the name a client
@@ -127,7 +130,7 @@ func (p Policy) MetadataGrants(metadata []netip.Addr) []netip.AddrPort {
 	}
 	var out []netip.AddrPort
 	for _, r := range p.Allow {
-		if r.Host != "" || r.Via != "" || !r.Prefix.IsSingleIP() {
+		if r.Host != "" || r.Via != "" || r.Narrowed != "" || !r.Prefix.IsSingleIP() {
 			continue
 		}
 		a := r.Prefix.Addr().Unmap()
