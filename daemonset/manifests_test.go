@@ -48,12 +48,13 @@ func TestInstallRendersStrictly(t *testing.T) {
 	var kinds []string
 	for _, o := range in.Objects {
 		kinds = append(kinds, o.Kind)
-		if o.Kind != "Namespace" && !strings.HasPrefix(o.Kind, "Cluster") && o.Namespace != in.Namespace.Name {
+		clusterScoped := o.Kind == "Namespace" || o.Kind == "CustomResourceDefinition" || strings.HasPrefix(o.Kind, "Cluster")
+		if !clusterScoped && o.Namespace != in.Namespace.Name {
 			t.Errorf("%s %s is in namespace %q, not %q", o.Kind, o.Name, o.Namespace, in.Namespace.Name)
 		}
 	}
 	sort.Strings(kinds)
-	if got := strings.Join(kinds, ","); got != "ClusterRole,ClusterRoleBinding,ConfigMap,DaemonSet,Namespace,ServiceAccount" {
+	if got := strings.Join(kinds, ","); got != "ClusterRole,ClusterRoleBinding,ConfigMap,CustomResourceDefinition,CustomResourceDefinition,DaemonSet,Namespace,ServiceAccount" {
 		t.Errorf("kinds = %s", got)
 	}
 }

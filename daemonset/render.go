@@ -13,9 +13,10 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/serializer/json"
-	"k8s.io/client-go/kubernetes/scheme"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 )
@@ -51,9 +52,21 @@ func Render(dir string) ([]Object, error) {
 	return objs, nil
 }
 
+// scheme knows the built-in kinds and CustomResourceDefinition.
+var scheme = func() *runtime.Scheme {
+	s := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(s); err != nil {
+		panic(err)
+	}
+	if err := apiextensionsv1.AddToScheme(s); err != nil {
+		panic(err)
+	}
+	return s
+}()
+
 // strict decodes manifests as the API server's strict field validation
 // does: unknown and duplicate fields are errors.
-var strict = json.NewSerializerWithOptions(json.DefaultMetaFactory, scheme.Scheme, scheme.Scheme,
+var strict = json.NewSerializerWithOptions(json.DefaultMetaFactory, scheme, scheme,
 	json.SerializerOptions{Yaml: true, Strict: true})
 
 // Decode decodes the object strictly into its Kubernetes type.
@@ -68,11 +81,13 @@ func (o Object) Decode() (runtime.Object, error) {
 // Install is the main kustomization (`kubectl apply -k daemonset/`),
 // rendered and strictly decoded.
 type Install struct {
-	Objects     []Object
-	Namespace   *corev1.Namespace
-	SA          *corev1.ServiceAccount
-	Account     *rbacv1.ClusterRole
-	Binding     *rbacv1.ClusterRoleBinding
+	Objects   []Object
+	Namespace *corev1.Namespace
+	SA        *corev1.ServiceAccount
+	Account   *rbacv1.ClusterRole
+	Binding   *rbacv1.ClusterRoleBinding
+	// CRDs are the policy API's: EgressPolicy, ClusterEgressPolicy.
+	CRDs        []*apiextensionsv1.CustomResourceDefinition
 	Config      *corev1.ConfigMap
 	DaemonSet   *appsv1.DaemonSet
 	Agent       corev1.Container
@@ -107,11 +122,13 @@ func Load() (*Install, error) {
 			in.Config = v
 		case *appsv1.DaemonSet:
 			in.DaemonSet = v
+		case *apiextensionsv1.CustomResourceDefinition:
+			in.CRDs = append(in.CRDs, v)
 		default:
 			return nil, fmt.Errorf("unexpected object %s %s", o.Kind, o.Name)
 		}
 	}
-	if in.Namespace == nil || in.SA == nil || in.Account == nil || in.Binding == nil || in.Config == nil || in.DaemonSet == nil {
+	if len(in.CRDs) != 2 || in.Namespace == nil || in.SA == nil || in.Account == nil || in.Binding == nil || in.Config == nil || in.DaemonSet == nil {
 		return nil, fmt.Errorf("the kustomization lacks an object sluice needs (has %d objects)", len(objs))
 	}
 	in.ConfigByKey = in.Config.Data

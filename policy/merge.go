@@ -105,7 +105,8 @@ func errString(err error) string {
 //
 //   - mode: the strictest any source sets (enforce over audit);
 //   - fail mode: closed if any source says closed, or sets enforce
-//     without saying open; otherwise open;
+//     without saying open, or (when enforced) did not validate; otherwise
+//     open;
 //   - allowed: (grants ∪ baselines) ∩ each guardrail.
 //
 // Hostname patterns (exact or "*.suffix") and CIDR prefixes are each
@@ -157,7 +158,9 @@ func Merge(sources []Source) Effective {
 			grants = appendNew(grants, s.Allow...)
 		}
 	}
-	e.Policy.FailClosed = failClosed || (e.Policy.Mode == Enforce && !failOpen)
+	// A source that did not validate never leaves an enforced pod failing
+	// open: its deny-all must hold while the proxy is down too.
+	e.Policy.FailClosed = failClosed || (e.Policy.Mode == Enforce && (!failOpen || len(errs) > 0))
 	for _, g := range guards {
 		var kept []Rule
 		for _, a := range grants {

@@ -1,0 +1,122 @@
+package policy
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
+	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
+	"github.com/sluice-io/sluice/test/kube"
+	"github.com/sluice-io/sluice/test/testbed"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// crdDir is where the generated CRD manifests are shipped.
+func crdDir() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "daemonset", "crds")
+}
+
+// installCRDs applies the shipped CRDs to a real API server and waits
+// until it serves them.
+func installCRDs(t *testing.T, cluster *kube.Cluster) *versioned.Clientset {
+	t.Helper()
+	ctx := context.Background()
+	files, _ := filepath.Glob(filepath.Join(crdDir(), "*.yaml"))
+	if len(files) != 2 {
+		t.Fatalf("want the two shipped CRDs in %s, found %v", crdDir(), files)
+	}
+	for _, f := range files {
+		y, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cluster.Apply(ctx, false, y); err != nil {
+			t.Fatalf("apply %s: %v", filepath.Base(f), err)
+		}
+	}
+	pc, err := versioned.NewForConfig(cluster.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		_, err1 := pc.PolicyV1alpha1().EgressPolicies("default").List(ctx, metav1.ListOptions{})
+		_, err2 := pc.PolicyV1alpha1().ClusterEgressPolicies().List(ctx, metav1.ListOptions{})
+		if err1 == nil && err2 == nil {
+			return pc
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("CRDs not served: %v %v", err1, err2)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestPrivilegedCRDValidation hands every row of egressCases, and the
+// objects the schema must refuse, to a real kube-apiserver with the
+// shipped CRDs: the CEL and OpenAPI rules reject at create time exactly
+// what the agent's validation rejects, with a message naming the field.
+func TestPrivilegedCRDValidation(t *testing.T) {
+	testbed.RequirePrivileged(t)
+	ns := testbed.NewNetns(t, "sluice-crd-"+testbed.RandomID())
+	cluster := kube.Start(t, ns)
+	pc := installCRDs(t, cluster)
+	ctx := context.Background()
+	api := pc.PolicyV1alpha1()
+	for i, tc := range egressCases {
+		p := egressPolicy("default", fmt.Sprintf("case-%03d", i), nil, v1alpha1.ModeEnforce, tc.rule)
+		_, err := api.EgressPolicies("default").Create(ctx, p, metav1.CreateOptions{})
+		_, agentErr := RulesFromEgress([]v1alpha1.EgressRule{tc.rule})
+		switch {
+		case tc.ok && err != nil:
+			t.Errorf("%+v: the API server refused a valid rule: %v", tc.rule, err)
+		case !tc.ok && err == nil:
+			t.Errorf("%+v: the API server accepted an invalid rule (the agent says: %v)", tc.rule, agentErr)
+		case !tc.ok && !apierrors.IsInvalid(err):
+			t.Errorf("%+v: refused, but not as Invalid: %v", tc.rule, err)
+		case !tc.ok && !strings.Contains(err.Error(), "spec.egress[0]"):
+			t.Errorf("%+v: the error does not name the field: %v", tc.rule, err)
+		}
+	}
+	sel := func(ls metav1.LabelSelector) v1alpha1.ClusterEgressPolicySpec {
+		return v1alpha1.ClusterEgressPolicySpec{Tier: v1alpha1.TierGuardrail, PodSelector: ls}
+	}
+	for _, tc := range []struct {
+		name string
+		spec v1alpha1.ClusterEgressPolicySpec
+		want string
+	}{
+		{"baseline-with-mode", v1alpha1.ClusterEgressPolicySpec{Tier: v1alpha1.TierBaseline, Mode: v1alpha1.ModeEnforce}, "sets no mode"},
+		{"no-tier", v1alpha1.ClusterEgressPolicySpec{}, "spec.tier"},
+		{"bad-tier", v1alpha1.ClusterEgressPolicySpec{Tier: "Admin"}, "spec.tier"},
+		{"bad-mode", v1alpha1.ClusterEgressPolicySpec{Tier: v1alpha1.TierGuardrail, Mode: "enforce"}, "spec.mode"},
+		{"bad-fail-mode", v1alpha1.ClusterEgressPolicySpec{Tier: v1alpha1.TierGuardrail, FailMode: "Sometimes"}, "spec.failMode"},
+		{"bad-operator", sel(metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "app", Operator: "Near"}}}), "operator"},
+		{"in-without-values", sel(metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "app", Operator: "In"}}}), "operator"},
+		{"exists-with-values", sel(metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "app", Operator: "Exists", Values: []string{"x"}}}}), "operator"},
+	} {
+		obj := &v1alpha1.ClusterEgressPolicy{ObjectMeta: metav1.ObjectMeta{Name: tc.name}, Spec: tc.spec}
+		_, err := api.ClusterEgressPolicies().Create(ctx, obj, metav1.CreateOptions{})
+		if err == nil || !apierrors.IsInvalid(err) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: want Invalid naming %q, got %v", tc.name, tc.want, err)
+		}
+		if _, agentErr := ValidateClusterPolicy(obj); agentErr == nil {
+			t.Errorf("%s: the agent accepts what the API server refuses", tc.name)
+		}
+	}
+	ok := &v1alpha1.ClusterEgressPolicy{ObjectMeta: metav1.ObjectMeta{Name: "ok"}, Spec: v1alpha1.ClusterEgressPolicySpec{
+		Tier: v1alpha1.TierGuardrail, Mode: v1alpha1.ModeEnforce,
+		NamespaceSelector: metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "env", Operator: "In", Values: []string{"prod"}}}},
+		Egress:            []v1alpha1.EgressRule{{Hostname: "*.example.com"}, {CIDR: "10.0.0.0/8", Ports: []v1alpha1.Port{5432}}}}}
+	if _, err := api.ClusterEgressPolicies().Create(ctx, ok, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("a valid guardrail was refused: %v", err)
+	}
+}
