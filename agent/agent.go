@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
 	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/client-go/kubernetes"
@@ -85,6 +86,15 @@ type Config struct {
 	NodeName     string
 	Selector     string
 	CgroupLayout PodCgroupLayout
+	// PolicyObjects: follow EgressPolicy and ClusterEgressPolicy through
+	// PolicyClient (the CRDs must be installed).
+	PolicyObjects bool
+	PolicyClient  versioned.Interface
+	// IgnoreAllowAnnotations drops pods' allow annotation (policy.Options).
+	IgnoreAllowAnnotations bool
+	// StatusLease is NAMESPACE/NAME of the Lease whose holder writes the
+	// policy objects' status; "": none.
+	StatusLease string
 	// MetricsAddr serves /metrics, /healthz and /readyz; empty: off.
 	MetricsAddr string
 	// StateFile is where `sluice status` finds workload names and the
@@ -166,8 +176,15 @@ func Run(ctx context.Context, cfg Config) error {
 		defer broadcaster.Shutdown()
 		kube = &KubeSource{
 			Client: cfg.KubeClient, NodeName: cfg.NodeName, Selector: cfg.Selector, Layout: cfg.CgroupLayout,
-			HostNetworkIPs: cfg.Proxy.Addrs(), Logger: log,
+			IgnoreAnnotations: cfg.IgnoreAllowAnnotations,
+			HostNetworkIPs:    cfg.Proxy.Addrs(), Logger: log,
 			Recorder: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluice", Host: cfg.NodeName}),
+		}
+		if cfg.PolicyObjects && cfg.PolicyClient != nil {
+			kube.Policies = cfg.PolicyClient
+			if ns, name, ok := strings.Cut(cfg.StatusLease, "/"); ok {
+				kube.Status = &StatusWriter{Kube: cfg.KubeClient, Policies: cfg.PolicyClient, Namespace: ns, Name: name, Identity: cfg.NodeName, Logger: log}
+			}
 		}
 		events.next = kube
 	}
@@ -379,7 +396,9 @@ type State struct {
 	Updated   time.Time         `json:"updated"`
 	PID       int               `json:"pid"`
 	Workloads map[uint32]string `json:"workloads"`
-	XDS       xds.Status        `json:"xds"`
+	// Policies are the workloads' effective policies and their sources.
+	Policies map[uint32]WorkloadPolicy `json:"policies,omitempty"`
+	XDS      xds.Status                `json:"xds"`
 	// Names are the TCP-hostname rules' names and the addresses they
 	// allow now.
 	Names map[string]NameStatus `json:"names,omitempty"`
@@ -394,7 +413,7 @@ func writeState(ctx context.Context, path string, r *Reconciler, x *xds.Server, 
 	t := time.NewTicker(2 * time.Second)
 	defer t.Stop()
 	for {
-		st := State{Updated: time.Now().UTC(), PID: os.Getpid(), Workloads: r.Names(), XDS: x.Status(), Names: names.Status()}
+		st := State{Updated: time.Now().UTC(), PID: os.Getpid(), Workloads: r.Names(), Policies: r.Policies(), XDS: x.Status(), Names: names.Status()}
 		if err := writeJSONAtomic(path, st); err != nil {
 			log.Warn("write state file", "path", path, "error", err)
 		}

@@ -8,6 +8,11 @@ import (
 	"net/netip"
 	"time"
 
+	"github.com/sluice-io/sluice/policy"
+	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
+	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
+	policyinformers "github.com/sluice-io/sluice/policy/client/informers/externalversions"
+	policylisters "github.com/sluice-io/sluice/policy/client/listers/policy/v1alpha1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -24,20 +29,37 @@ import (
 // DefaultSelector selects pods that opted in.
 const DefaultSelector = "sluice.io/redirect=true"
 
+// policyResync: the policy informers' periodic resync, so a pod whose
+// reconcile raced an object's change is looked at again.
+const policyResync = 10 * time.Minute
+
 // cgroupRetriesBeforeEvent: the kubelet creates a pod's cgroup shortly
 // after the pod is bound; only a cgroup still missing after this many
 // backed-off retries (about 10 s) is worth an Event.
 const cgroupRetriesBeforeEvent = 8
 
-// KubeSource follows the selected pods of one node through a pod informer
-// and programs each through the reconciler, one key at a time from a
-// rate-limited work queue (client-go's controller pattern).
+// KubeSource follows the pods of one node, and the policy objects and
+// namespaces that select them, through informers, and programs each
+// selected pod through the reconciler with its effective policy, one key
+// at a time from a rate-limited work queue (client-go's controller
+// pattern).
 type KubeSource struct {
 	Client   kubernetes.Interface
 	NodeName string
-	// Selector picks the pods to redirect (label selector syntax).
+	// Selector is the opt-in label selector: matching pods are selected
+	// whatever the policy objects say.
 	Selector string
-	Layout   PodCgroupLayout
+	// Policies is the policy API's client; nil: no policy objects, pods
+	// are selected by Selector and governed by their own labels and
+	// annotation.
+	Policies versioned.Interface
+	// IgnoreAnnotations: the cluster setting that drops every pod's allow
+	// annotation (policy.Options).
+	IgnoreAnnotations bool
+	// Status, if set, writes the policy objects' status while this agent
+	// holds its Lease.
+	Status *StatusWriter
+	Layout PodCgroupLayout
 	// HostNetworkIPs are the source addresses of hostNetwork pods'
 	// connections to the proxy: the proxy addresses themselves, which the
 	// kernel picks as the source for a local destination.
@@ -48,8 +70,12 @@ type KubeSource struct {
 	// be applied; it doubles up to 30 s. Zero: 50 ms.
 	RetryBaseDelay time.Duration
 
-	lister listerscorev1.PodLister
-	queue  workqueue.TypedRateLimitingInterface[string]
+	lister     listerscorev1.PodLister
+	namespaces listerscorev1.NamespaceLister
+	egress     policylisters.EgressPolicyLister
+	cluster    policylisters.ClusterEgressPolicyLister
+	opt        policy.Options
+	queue      workqueue.TypedRateLimitingInterface[string]
 }
 
 // Run starts the informer, waits for its cache, applies every selected pod
@@ -63,18 +89,24 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	if sel == "" {
 		sel = DefaultSelector
 	}
-	if _, err := labels.Parse(sel); err != nil {
+	optIn, err := labels.Parse(sel)
+	if err != nil {
 		return fmt.Errorf("kubernetes source: selector %q: %w", sel, err)
 	}
+	s.opt = policy.Options{OptIn: optIn, IgnoreAnnotations: s.IgnoreAnnotations}
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}
 	if err := s.checkNode(ctx); err != nil {
 		return err
 	}
+	if err := s.checkPolicyAPI(); err != nil {
+		return err
+	}
+	// Every pod of the node: a policy object, not only the opt-in label,
+	// may select any of them.
 	factory := informers.NewSharedInformerFactoryWithOptions(s.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
 		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", s.NodeName).String()
-		o.LabelSelector = sel
 	}))
 	inf := factory.Core().V1().Pods()
 	s.lister = inf.Lister()
@@ -95,12 +127,20 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	if err != nil {
 		return err
 	}
+	caches := []cache.InformerSynced{inf.Informer().HasSynced, reg.HasSynced}
+	if s.Policies != nil {
+		more, err := s.watchPolicies(ctx)
+		if err != nil {
+			return err
+		}
+		caches = append(caches, more...)
+	}
 	factory.Start(ctx.Done())
 	defer factory.Shutdown()
 	// The handler's own HasSynced: every pod of the initial list has been
 	// enqueued, not just stored.
-	if !cache.WaitForCacheSync(ctx.Done(), inf.Informer().HasSynced, reg.HasSynced) {
-		return fmt.Errorf("kubernetes source: pod cache did not sync: %w", ctx.Err())
+	if !cache.WaitForCacheSync(ctx.Done(), caches...) {
+		return fmt.Errorf("kubernetes source: pod, namespace and policy caches did not sync: %w", ctx.Err())
 	}
 	// First full view: apply every pod now, so Sync removes only what no
 	// pod claims; failures are requeued with backoff and retried below.
@@ -112,7 +152,7 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 		s.process(r, key)
 	}
 	synced()
-	s.Logger.Info("kubernetes source synced", "node", s.NodeName, "selector", sel, "selected", len(r.Keys()))
+	s.Logger.Info("kubernetes source synced", "node", s.NodeName, "selector", sel, "policy_objects", s.Policies != nil, "ignore_allow_annotations", s.IgnoreAnnotations, "selected", len(r.Keys()))
 	go func() {
 		<-ctx.Done()
 		s.queue.ShutDown()
@@ -183,11 +223,139 @@ func (s *KubeSource) reconcile(r *Reconciler, key string) error {
 	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
 		return r.Remove(key)
 	}
+	sel, err := s.selection(pod)
+	if err != nil {
+		return err
+	}
+	if !sel.Selected {
+		return r.Remove(key)
+	}
 	w, err := s.workload(pod)
 	if err != nil {
 		return err
 	}
+	eff := policy.Merge(sel.Sources)
+	w.Policy = &eff
 	return r.Upsert(w)
+}
+
+// selection says whether the pod is selected and which sources govern
+// it, from the informers' caches.
+func (s *KubeSource) selection(pod *corev1.Pod) (policy.Selection, error) {
+	p := policy.Pod{Namespace: pod.Namespace, Labels: pod.Labels, Annotations: pod.Annotations}
+	var objs policy.Objects
+	if s.Policies != nil {
+		ns, err := s.namespaces.Get(pod.Namespace)
+		switch {
+		case err == nil:
+			p.NamespaceLabels = ns.Labels
+		case apierrors.IsNotFound(err):
+			// Not in the cache yet: retried, a guardrail must see it.
+			return policy.Selection{}, fmt.Errorf("namespace %s not known yet", pod.Namespace)
+		default:
+			return policy.Selection{}, err
+		}
+		if objs.EgressPolicies, err = s.egress.EgressPolicies(pod.Namespace).List(labels.Everything()); err != nil {
+			return policy.Selection{}, err
+		}
+		if objs.ClusterPolicies, err = s.cluster.List(labels.Everything()); err != nil {
+			return policy.Selection{}, err
+		}
+	}
+	return policy.Select(p, objs, s.opt), nil
+}
+
+// checkPolicyAPI fails at start when the policy objects are wanted but
+// their CRDs are not installed: the informers would wait forever.
+func (s *KubeSource) checkPolicyAPI() error {
+	if s.Policies == nil {
+		return nil
+	}
+	gv := v1alpha1.SchemeGroupVersion.String()
+	if _, err := s.Client.Discovery().ServerResourcesForGroupVersion(gv); err != nil {
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("kubernetes source: the API server does not serve %s: install the CRDs (kubectl apply -k daemonset/ installs them), or run with --policy-objects=false", gv)
+		}
+		s.Logger.Warn("cannot check the policy API is served; going on", "group_version", gv, "error", err)
+	}
+	return nil
+}
+
+// watchPolicies starts the informers of namespaces and policy objects;
+// any change enqueues the pods it may concern.
+func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced, error) {
+	nsFactory := informers.NewSharedInformerFactory(s.Client, 0)
+	nsInf := nsFactory.Core().V1().Namespaces()
+	s.namespaces = nsInf.Lister()
+	pf := policyinformers.NewSharedInformerFactory(s.Policies, policyResync)
+	egInf := pf.Policy().V1alpha1().EgressPolicies()
+	clInf := pf.Policy().V1alpha1().ClusterEgressPolicies()
+	s.egress, s.cluster = egInf.Lister(), clInf.Lister()
+	inNamespace := func(obj any) {
+		if o, ok := metaObject(obj); ok {
+			s.enqueueNamespace(o.GetNamespace())
+		}
+	}
+	everyPod := func(any) { s.enqueueNamespace("") }
+	var synced []cache.InformerSynced
+	for _, h := range []struct {
+		inf cache.SharedIndexInformer
+		fn  func(any)
+	}{{nsInf.Informer(), func(obj any) {
+		if o, ok := metaObject(obj); ok {
+			s.enqueueNamespace(o.GetName())
+		}
+	}}, {egInf.Informer(), inNamespace}, {clInf.Informer(), everyPod}} {
+		fn := h.fn
+		reg, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc: fn, UpdateFunc: func(_, obj any) { fn(obj) }, DeleteFunc: fn,
+		})
+		if err != nil {
+			return nil, err
+		}
+		synced = append(synced, h.inf.HasSynced, reg.HasSynced)
+	}
+	if s.Status != nil {
+		s.Status.use(egInf, clInf)
+		go s.Status.Run(ctx)
+	}
+	nsFactory.Start(ctx.Done())
+	pf.Start(ctx.Done())
+	go func() {
+		<-ctx.Done()
+		nsFactory.Shutdown()
+		pf.Shutdown()
+	}()
+	return synced, nil
+}
+
+// metaObject reads an informer's object, tombstones included.
+func metaObject(obj any) (metav1.Object, bool) {
+	if t, ok := obj.(cache.DeletedFinalStateUnknown); ok {
+		obj = t.Obj
+	}
+	o, ok := obj.(metav1.Object)
+	return o, ok
+}
+
+// enqueueNamespace enqueues the node's pods of a namespace ("": all).
+func (s *KubeSource) enqueueNamespace(ns string) {
+	if s.lister == nil || s.queue == nil {
+		return
+	}
+	var pods []*corev1.Pod
+	var err error
+	if ns == "" {
+		pods, err = s.lister.List(labels.Everything())
+	} else {
+		pods, err = s.lister.Pods(ns).List(labels.Everything())
+	}
+	if err != nil {
+		return
+	}
+	for _, p := range pods {
+		s.queue.Add(p.Namespace + "/" + p.Name)
+	}
 }
 
 // workload turns a pod into a workload. The pod object is the informer's:

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -49,6 +50,8 @@ type selected struct {
 	id       uint32
 	policy   policy.Policy
 	perr     error
+	sources  []string // what the policy was merged from
+	removed  int      // entries guardrails removed or narrowed
 	// awaiting: the proxy has not accepted a listener with this workload's
 	// addresses; version is the first pushed that has them ("" not yet).
 	awaiting bool
@@ -143,7 +146,8 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
-	pol, perr := policy.ParsePolicy(w.Labels, w.Annotations)
+	eff := w.Effective()
+	pol, perr := eff.Policy, eff.Err
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	cur := r.byKey[w.Key()]
@@ -176,7 +180,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 			r.log.Warn("deselect old cgroup", "workload", w.Key(), "cgroup_id", cur.cgroupID, "error", err)
 		}
 	}
-	sel := &selected{w: w, cgroupID: cg, id: id, policy: pol, perr: perr, awaiting: awaiting}
+	sel := &selected{w: w, cgroupID: cg, id: id, policy: pol, perr: perr, sources: eff.Sources, removed: len(eff.Removed), awaiting: awaiting}
 	if cur != nil && awaiting == cur.awaiting {
 		sel.version = cur.version
 	}
@@ -185,7 +189,8 @@ func (r *Reconciler) Upsert(w Workload) error {
 	if perr != nil && (cur == nil || cur.perr == nil || cur.perr.Error() != perr.Error()) {
 		r.warn(w.Key(), "PolicyError", fmt.Sprintf("%v; serving it under the safest policy (%s)", perr, describe(pol)))
 	}
-	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", pol.Mode.String(), "fail", dw.FailMode.String(), "ips", w.IPs)
+	r.log.Info("workload selected", "workload", w.Key(), "cgroup", w.CgroupPath, "cgroup_id", cg, "mode", pol.Mode.String(), "fail", dw.FailMode.String(), "ips", w.IPs,
+		"policy_sources", eff.Sources, "allow_entries", len(pol.Allow), "removed_by_guardrails", len(eff.Removed))
 	r.want()
 	return nil
 }
@@ -303,6 +308,31 @@ func (r *Reconciler) Sync() error {
 	r.synced = true
 	r.want()
 	return errors.Join(errs...)
+}
+
+// WorkloadPolicy is what `sluice status` shows of a workload's policy.
+type WorkloadPolicy struct {
+	Mode       string   `json:"mode"`
+	FailClosed bool     `json:"fail_closed"`
+	Sources    []string `json:"sources,omitempty"`
+	Allow      int      `json:"allow_entries"`
+	Removed    int      `json:"removed_by_guardrails,omitempty"`
+	Error      string   `json:"error,omitempty"`
+}
+
+// Policies maps per-workload counter ids to their effective policies.
+func (r *Reconciler) Policies() map[uint32]WorkloadPolicy {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make(map[uint32]WorkloadPolicy, len(r.byKey))
+	for _, s := range r.byKey {
+		wp := WorkloadPolicy{Mode: s.policy.Mode.String(), FailClosed: s.policy.FailClosed, Sources: slices.Clone(s.sources), Allow: len(s.policy.Allow), Removed: s.removed}
+		if s.perr != nil {
+			wp.Error = strings.ReplaceAll(s.perr.Error(), "\n", "; ")
+		}
+		out[s.id] = wp
+	}
+	return out
 }
 
 // Names maps per-workload counter ids to workload keys (for metrics).

@@ -5,6 +5,9 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
+
+	"github.com/sluice-io/sluice/policy"
+	"k8s.io/apimachinery/pkg/labels"
 )
 
 // Workload is one thing the agent selects, whatever its source: a pod, or
@@ -19,6 +22,19 @@ type Workload struct {
 	IPs         []netip.Addr
 	Labels      map[string]string
 	Annotations map[string]string
+	// Policy is the workload's effective policy when the source merged
+	// it (the Kubernetes source, from every object that selects the pod);
+	// nil: Labels and Annotations alone make it.
+	Policy *policy.Effective
+}
+
+// Effective is the workload's merged policy.
+func (w Workload) Effective() policy.Effective {
+	if w.Policy != nil {
+		return *w.Policy
+	}
+	sel := policy.Select(policy.Pod{Labels: w.Labels, Annotations: w.Annotations}, policy.Objects{}, policy.Options{OptIn: labels.Everything()})
+	return policy.Merge(sel.Sources)
 }
 
 // Key identifies a workload across updates: namespace/name.
@@ -32,7 +48,8 @@ func (w Workload) Key() string {
 // Equal reports whether two workloads would program the node the same way.
 func (w Workload) Equal(o Workload) bool {
 	return w.Namespace == o.Namespace && w.Name == o.Name && w.CgroupPath == o.CgroupPath &&
-		slices.Equal(w.IPs, o.IPs) && mapsEqual(w.Labels, o.Labels) && mapsEqual(w.Annotations, o.Annotations)
+		slices.Equal(w.IPs, o.IPs) && mapsEqual(w.Labels, o.Labels) && mapsEqual(w.Annotations, o.Annotations) &&
+		(w.Policy == nil) == (o.Policy == nil) && (w.Policy == nil || w.Policy.Equal(*o.Policy))
 }
 
 func mapsEqual(a, b map[string]string) bool {

@@ -93,13 +93,37 @@ func TestPrivilegedManifestsOnAPIServer(t *testing.T) {
 		{"list", "secrets", "", false},
 		{"get", "configmaps", in.Namespace.Name, false},
 		{"update", "nodes", "", false},
+		{"list", "namespaces", "", true},
+		{"update", "namespaces", "", false},
+		{"list", "egresspolicies", "", true},
+		{"watch", "clusteregresspolicies", "", true},
+		{"update", "egresspolicies", "shop", false},
+		{"create", "clusteregresspolicies", "", false},
+		{"delete", "egresspolicies", "shop", false},
+		{"update", "egresspolicies/status", "shop", true},
+		{"update", "clusteregresspolicies/status", "", true},
+		{"patch", "egresspolicies/status", "shop", false},
+		{"create", "leases", in.Namespace.Name, true},
+		{"get", "leases/sluice-policy-status", in.Namespace.Name, true},
+		{"update", "leases/sluice-policy-status", in.Namespace.Name, true},
+		{"update", "leases/kube-controller-manager", in.Namespace.Name, false},
+		{"create", "leases", "kube-system", false},
+		{"update", "leases/sluice-policy-status", "kube-system", false},
 	} {
+		res, name, _ := strings.Cut(tc.resource, "/")
+		group, sub := "", ""
+		switch res {
+		case "egresspolicies", "clusteregresspolicies":
+			group, sub, name = "policy.sluice.io", name, ""
+		case "leases":
+			group = "coordination.k8s.io"
+		}
 		sar, err := cluster.Client.AuthorizationV1().SubjectAccessReviews().Create(ctx, &authorizationv1.SubjectAccessReview{
 			Spec: authorizationv1.SubjectAccessReviewSpec{
 				User:   user,
 				Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + in.Namespace.Name, "system:authenticated"},
 				ResourceAttributes: &authorizationv1.ResourceAttributes{
-					Verb: tc.verb, Resource: tc.resource, Namespace: tc.namespace,
+					Verb: tc.verb, Group: group, Resource: res, Subresource: sub, Name: name, Namespace: tc.namespace,
 				},
 			},
 		}, metav1.CreateOptions{})

@@ -54,7 +54,7 @@ func TestInstallRendersStrictly(t *testing.T) {
 		}
 	}
 	sort.Strings(kinds)
-	if got := strings.Join(kinds, ","); got != "ClusterRole,ClusterRoleBinding,ConfigMap,CustomResourceDefinition,CustomResourceDefinition,DaemonSet,Namespace,ServiceAccount" {
+	if got := strings.Join(kinds, ","); got != "ClusterRole,ClusterRoleBinding,ConfigMap,CustomResourceDefinition,CustomResourceDefinition,DaemonSet,Namespace,Role,RoleBinding,ServiceAccount" {
 		t.Errorf("kinds = %s", got)
 	}
 }
@@ -74,8 +74,10 @@ func TestStrictDecodingCatchesTypos(t *testing.T) {
 	}
 }
 
-// RBAC is exactly what the agent uses: read pods, get its node, write
-// Events. Nothing else, and bound to the DaemonSet's service account.
+// RBAC is exactly what the agent uses: read pods, namespaces and policy
+// objects, get its node, write Events and the policy objects' status, and
+// hold one Lease in its own namespace. Nothing else, and bound to the
+// DaemonSet's service account.
 func TestLeastPrivilegeRBAC(t *testing.T) {
 	in := loadInstall(t)
 	var got []string
@@ -92,9 +94,27 @@ func TestLeastPrivilegeRBAC(t *testing.T) {
 		}
 	}
 	sort.Strings(got)
-	want := []string{"/events:create", "/events:patch", "/nodes:get", "/pods:get", "/pods:list", "/pods:watch"}
+	want := []string{"/events:create", "/events:patch", "/namespaces:get", "/namespaces:list", "/namespaces:watch", "/nodes:get", "/pods:get", "/pods:list", "/pods:watch",
+		"policy.sluice.io/clusteregresspolicies/status:update", "policy.sluice.io/clusteregresspolicies:get", "policy.sluice.io/clusteregresspolicies:list", "policy.sluice.io/clusteregresspolicies:watch",
+		"policy.sluice.io/egresspolicies/status:update", "policy.sluice.io/egresspolicies:get", "policy.sluice.io/egresspolicies:list", "policy.sluice.io/egresspolicies:watch"}
 	if !slices.Equal(got, want) {
 		t.Errorf("ClusterRole grants %v, want exactly %v", got, want)
+	}
+	got = nil
+	for _, r := range in.StatusRole.Rules {
+		for _, res := range r.Resources {
+			for _, v := range r.Verbs {
+				got = append(got, strings.Join(r.APIGroups, ",")+"/"+res+":"+v+":"+strings.Join(r.ResourceNames, ","))
+			}
+		}
+	}
+	sort.Strings(got)
+	want = []string{"coordination.k8s.io/leases:create:", "coordination.k8s.io/leases:get:sluice-policy-status", "coordination.k8s.io/leases:update:sluice-policy-status"}
+	if !slices.Equal(got, want) || in.StatusRole.Namespace != in.Namespace.Name {
+		t.Errorf("Role %s/%s grants %v, want exactly %v", in.StatusRole.Namespace, in.StatusRole.Name, got, want)
+	}
+	if b := in.StatusBinding; b.RoleRef.Kind != "Role" || b.RoleRef.Name != in.StatusRole.Name || len(b.Subjects) != 1 || b.Subjects[0].Name != in.SA.Name {
+		t.Errorf("RoleBinding %+v does not tie the status Role to the agent's account", b)
 	}
 	spec := in.DaemonSet.Spec.Template.Spec
 	if in.Binding.RoleRef.Name != in.Account.Name || len(in.Binding.Subjects) != 1 ||

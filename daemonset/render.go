@@ -86,6 +86,9 @@ type Install struct {
 	SA        *corev1.ServiceAccount
 	Account   *rbacv1.ClusterRole
 	Binding   *rbacv1.ClusterRoleBinding
+	// StatusRole lets the agent hold the policy status Lease.
+	StatusRole    *rbacv1.Role
+	StatusBinding *rbacv1.RoleBinding
 	// CRDs are the policy API's: EgressPolicy, ClusterEgressPolicy.
 	CRDs        []*apiextensionsv1.CustomResourceDefinition
 	Config      *corev1.ConfigMap
@@ -118,6 +121,10 @@ func Load() (*Install, error) {
 			in.Account = v
 		case *rbacv1.ClusterRoleBinding:
 			in.Binding = v
+		case *rbacv1.Role:
+			in.StatusRole = v
+		case *rbacv1.RoleBinding:
+			in.StatusBinding = v
 		case *corev1.ConfigMap:
 			in.Config = v
 		case *appsv1.DaemonSet:
@@ -128,7 +135,7 @@ func Load() (*Install, error) {
 			return nil, fmt.Errorf("unexpected object %s %s", o.Kind, o.Name)
 		}
 	}
-	if len(in.CRDs) != 2 || in.Namespace == nil || in.SA == nil || in.Account == nil || in.Binding == nil || in.Config == nil || in.DaemonSet == nil {
+	if len(in.CRDs) != 2 || in.StatusRole == nil || in.StatusBinding == nil || in.Namespace == nil || in.SA == nil || in.Account == nil || in.Binding == nil || in.Config == nil || in.DaemonSet == nil {
 		return nil, fmt.Errorf("the kustomization lacks an object sluice needs (has %d objects)", len(objs))
 	}
 	in.ConfigByKey = in.Config.Data

@@ -19,6 +19,7 @@ import (
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/policy"
+	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
 	"github.com/sluice-io/sluice/xds"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -100,6 +101,11 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
+		if cfg.PolicyObjects {
+			if cfg.PolicyClient, err = versioned.NewForConfig(rc); err != nil {
+				return fmt.Errorf("policy API client: %w", err)
+			}
+		}
 	}
 	if os.Getenv("SLUICE_READY_LINE") != "" {
 		// The testbed and the demo wait for this line on stdout.
@@ -108,6 +114,15 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	return agent.Run(ctx, cfg)
+}
+
+// defaultStatusLease is --status-lease's default: in the agent's own
+// namespace, from the downward API.
+func defaultStatusLease() string {
+	if ns := os.Getenv("POD_NAMESPACE"); ns != "" {
+		return ns + "/sluice-policy-status"
+	}
+	return ""
 }
 
 // parseAgentFlags turns the agent's command line into its configuration,
@@ -120,15 +135,20 @@ control plane stops and the datapath stays pinned and redirecting; a restarted
 agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN,
 CAP_PERFMON and CAP_SYS_RESOURCE.
 
-Workloads come from the Kubernetes API (pods on this node with the selector's
-labels; the default) or, with --workloads-file, from a YAML file (plain Linux
-hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
+Workloads come from the Kubernetes API (the default: pods on this node that the
+opt-in selector, an EgressPolicy or a guardrail ClusterEgressPolicy selects,
+each under its effective policy; see docs/policy.md) or, with --workloads-file,
+from a YAML file (plain Linux hosts, the demo), reloaded when it changes. See
+docs/agent.md.`, stderr)
 	mount, _ := datapath.Cgroup2Mount()
 	cfg := agent.Config{}
 	fs.StringVar(&cfg.WorkloadsFile, "workloads-file", "", "YAML file of workloads to select; without it, pods come from the Kubernetes API")
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig for the Kubernetes source (default $KUBECONFIG, else in-cluster)")
 	fs.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name, for the pod field selector (default $NODE_NAME)")
-	fs.StringVar(&cfg.Selector, "selector", agent.DefaultSelector, "label selector of the pods to redirect")
+	fs.StringVar(&cfg.Selector, "selector", agent.DefaultSelector, "opt-in label selector: pods whose labels match are redirected, as are pods an EgressPolicy or a guardrail ClusterEgressPolicy selects")
+	fs.BoolVar(&cfg.PolicyObjects, "policy-objects", true, "follow the EgressPolicy and ClusterEgressPolicy objects (policy.sluice.io; their CRDs must be installed); false: pods are governed by their own labels and annotation only")
+	fs.BoolVar(&cfg.IgnoreAllowAnnotations, "ignore-allow-annotations", false, "ignore every pod's sluice.io/allow annotation: only policy objects grant destinations, so a pod's author cannot widen its own policy (its labels may still select it and make it stricter)")
+	fs.StringVar(&cfg.StatusLease, "status-lease", defaultStatusLease(), `NAMESPACE/NAME of the Lease whose holder writes the policy objects' status (exactly one agent of the cluster at a time); "" writes no status (default: $POD_NAMESPACE/sluice-policy-status)`)
 	driver := fs.String("cgroup-driver", string(agent.DriverSystemd), "the kubelet's cgroup driver: systemd or cgroupfs")
 	fs.StringVar(&cfg.CgroupLayout.KubeletRoot, "kubelet-cgroup-root", "/", "the kubelet's --cgroup-root (kind: /kubelet)")
 	fs.StringVar(&cfg.AttachCgroup, "cgroup-attach", mount, "cgroup v2 directory the programs attach to; every selected workload must be below it (default: the cgroup v2 mount)")
@@ -200,6 +220,15 @@ hosts, the demo), reloaded when it changes. See docs/agent.md.`, stderr)
 		cfg.Source = "kubernetes"
 		if cfg.NodeName == "" {
 			return agent.Config{}, "", fmt.Errorf("the Kubernetes source needs --node-name or $NODE_NAME (or use --workloads-file)")
+		}
+		if cfg.StatusLease != "" {
+			ns, name, ok := strings.Cut(cfg.StatusLease, "/")
+			if !ok || checkDNSLabel(ns) != nil || checkDNSLabel(name) != nil {
+				return agent.Config{}, "", fmt.Errorf("--status-lease %q: want NAMESPACE/NAME (lowercase letters, digits and '-')", cfg.StatusLease)
+			}
+			if !cfg.PolicyObjects {
+				cfg.StatusLease = ""
+			}
 		}
 		cfg.CgroupLayout.Mount = cfg.CgroupMount
 		cfg.CgroupLayout.Driver = agent.CgroupDriver(*driver)
@@ -290,5 +319,18 @@ maps and addresses are touched. Stop the agent first.`, stderr)
 		msg += "; " + note
 	}
 	fmt.Fprintln(stdout, msg)
+	return nil
+}
+
+// checkDNSLabel: an RFC 1123 label, as Kubernetes names namespaces.
+func checkDNSLabel(s string) error {
+	if s == "" || len(s) > 63 || s[0] == '-' || s[len(s)-1] == '-' {
+		return fmt.Errorf("%q is not a DNS label", s)
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return fmt.Errorf("%q is not a DNS label", s)
+		}
+	}
 	return nil
 }

@@ -34,6 +34,35 @@ type statusReport struct {
 	AgentNote        string              `json:"agent_note"`
 }
 
+// printPolicies shows where each workload's effective policy comes from.
+func printPolicies(w io.Writer, ws []workloadStatus) {
+	var some bool
+	for _, s := range ws {
+		some = some || s.Policy != nil
+	}
+	if !some {
+		return
+	}
+	fmt.Fprintln(w, "\neffective policies (sluice explain NAMESPACE/POD for the entries):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "  WORKLOAD\tMODE\tALLOW ENTRIES\tCUT BY GUARDRAILS\tSOURCES")
+	for _, s := range ws {
+		if s.Policy == nil {
+			continue
+		}
+		p := s.Policy
+		src := strings.Join(p.Sources, ", ")
+		if src == "" {
+			src = "opt-in label only"
+		}
+		if p.Error != "" {
+			src += " (ERROR: " + p.Error + ")"
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%s\n", s.Name, p.Mode, p.Allow, p.Removed, src)
+	}
+	tw.Flush()
+}
+
 // printNames shows the TCP-hostname rules' names: what each allows, until
 // when without DNS giving it again, and the last lookup's failure.
 func printNames(w io.Writer, names map[string]agent.NameStatus, at time.Time) {
@@ -90,6 +119,9 @@ type workloadStatus struct {
 	Denied       uint64 `json:"denied_non_tcp"`
 	NodeLocal    uint64 `json:"node_local_refused"`
 	Metadata     uint64 `json:"metadata"`
+	// Policy is the effective policy the agent last programmed, and what
+	// it was merged from.
+	Policy *agent.WorkloadPolicy `json:"policy,omitempty"`
 }
 
 func runStatus(args []string, stdout, stderr io.Writer) error {
@@ -189,6 +221,9 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 			Enforce: w.Enforce, Denied: stats[w.ID].Denied, NodeLocal: stats[w.ID].NodeLocal, Metadata: stats[w.ID].Metadata}
 		if rep.Agent != nil {
 			s.Name = rep.Agent.Workloads[w.ID]
+			if p, ok := rep.Agent.Policies[w.ID]; ok {
+				s.Policy = &p
+			}
 		}
 		rep.Workloads = append(rep.Workloads, s)
 	}
@@ -239,6 +274,7 @@ func printStatus(w io.Writer, r *statusReport) {
 		fmt.Fprintf(tw, "%s\t%d\t%d\t%s\t%s\t%d\t%d\t%d\t%d\t%d\n", name, s.ID, s.CgroupID, mode, s.FailMode, s.Redirected, s.FailedClosed, s.Denied, s.NodeLocal, s.Metadata)
 	}
 	tw.Flush()
+	printPolicies(w, r.Workloads)
 	if r.Agent != nil {
 		x := r.Agent.XDS
 		fmt.Fprintf(w, "\nxds: version %q, %d versions, %d pushes, %d ACKs, %d NACKs, %d Envoy(s) connected\n", x.Version, x.Versions, x.Pushes, x.ACKs, x.NACKs, x.Streams)

@@ -51,6 +51,7 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	if err := cluster.Apply(ctx, false, objs...); err != nil {
 		t.Fatal(err)
 	}
+	cluster.WaitServed(t, "policy.sluice.io/v1alpha1", 4)
 	kubeconfig := cluster.KubeconfigFor(t, install.Namespace.Name, install.SA.Name)
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
 	agentArgs := []string{"--kubeconfig", kubeconfig, "--node-name", nodeName,

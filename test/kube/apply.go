@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"testing"
+	"time"
 
 	authenticationv1 "k8s.io/api/authentication/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -74,4 +75,26 @@ func (c *Cluster) KubeconfigFor(t testing.TB, namespace, account string) string 
 	kc := filepath.Join(t.TempDir(), "kubeconfig-"+account)
 	writeKubeconfig(t, kc, c.Config.Host, tr.Status.Token)
 	return kc
+}
+
+// WaitServed waits until the API server serves every resource of
+// groupVersion ("policy.sluice.io/v1alpha1"): CRDs just applied take a
+// moment to become Established and discoverable.
+func (c *Cluster) WaitServed(t testing.TB, groupVersion string, resources int) {
+	t.Helper()
+	dc, err := discovery.NewDiscoveryClientForConfig(c.Config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		l, err := dc.ServerResourcesForGroupVersion(groupVersion)
+		if err == nil && len(l.APIResources) >= resources {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not served after 30 s: %v", groupVersion, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
