@@ -201,7 +201,9 @@ func TestPrivilegedPolicyObjects(t *testing.T) {
 	}
 	waitPolicy("the guardrail to enforce default/legacy", "default/legacy",
 		"enforce fail-closed allow=1 removed=1 from pod labels/annotation + ClusterEgressPolicy telemetry + ClusterEgressPolicy prod")
-	served("default/legacy enforced in the listener", func(l string) bool { return strings.Contains(l, "tcp|default/legacy") && !strings.Contains(l, "audit|default/legacy") })
+	served("default/legacy enforced in the listener", func(l string) bool {
+		return strings.Contains(l, "tcp|default/legacy") && !strings.Contains(l, "audit|default/legacy")
+	})
 	t.Logf("guardrail created -> pod enforced in the served listener: %v", time.Since(start).Round(time.Millisecond))
 	t.Run("a guardrail forbids the audit label and removes the annotation's entry", func(t *testing.T) {
 		expect(t, p1, legacyCg, b, "denied")
