@@ -46,6 +46,9 @@ type Options struct {
 type Selection struct {
 	// Selected: the pod is redirected through its node's proxy.
 	Selected bool
+	// SelectedBy says what selected it: the opt-in selector, EgressPolicy
+	// and guardrail names.
+	SelectedBy []string
 	// Sources apply to it, in merge order: the pod's labels and
 	// annotation, EgressPolicies, baselines, guardrails (by name within
 	// each).
@@ -66,6 +69,7 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 	podLabels := labels.Set(pod.Labels)
 	if opt.OptIn != nil && opt.OptIn.Matches(podLabels) {
 		sel.Selected = true
+		sel.SelectedBy = append(sel.SelectedBy, "the opt-in selector "+opt.OptIn.String())
 	}
 	if ps := podSource(pod, opt); ps != nil {
 		sel.Sources = append(sel.Sources, *ps)
@@ -81,7 +85,9 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 	slices.SortFunc(egress, func(a, b *v1alpha1.EgressPolicy) int { return strings.Compare(a.Name, b.Name) })
 	for _, p := range egress {
 		sel.Selected = true
-		sel.Sources = append(sel.Sources, EgressPolicySource(p))
+		s := EgressPolicySource(p)
+		sel.SelectedBy = append(sel.SelectedBy, s.Name)
+		sel.Sources = append(sel.Sources, s)
 	}
 	var baselines, guards []*v1alpha1.ClusterEgressPolicy
 	for _, p := range objs.ClusterPolicies {
@@ -98,8 +104,9 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 	byName := func(a, b *v1alpha1.ClusterEgressPolicy) int { return strings.Compare(a.Name, b.Name) }
 	slices.SortFunc(baselines, byName)
 	slices.SortFunc(guards, byName)
-	if len(guards) > 0 {
+	for _, p := range guards {
 		sel.Selected = true
+		sel.SelectedBy = append(sel.SelectedBy, "ClusterEgressPolicy "+p.Name)
 	}
 	if sel.Selected {
 		for _, p := range baselines {
@@ -110,7 +117,7 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 		sel.Sources = append(sel.Sources, ClusterPolicySource(p))
 	}
 	if !sel.Selected {
-		sel.Sources = nil
+		sel.Sources, sel.SelectedBy = nil, nil
 	}
 	return sel
 }

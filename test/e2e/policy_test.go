@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -205,6 +206,27 @@ func TestPrivilegedPolicyObjects(t *testing.T) {
 		return strings.Contains(l, "tcp|default/legacy") && !strings.Contains(l, "audit|default/legacy")
 	})
 	t.Logf("guardrail created -> pod enforced in the served listener: %v", time.Since(start).Round(time.Millisecond))
+	t.Run("sluice explain shows the same merge", func(t *testing.T) {
+		out, err := exec.Command("ip", "netns", "exec", e.TB.Node.Name, e.Bin, "explain", "--kubeconfig", cluster.Kubeconfig, "default/legacy").CombinedOutput()
+		if err != nil {
+			t.Fatalf("sluice explain: %v\n%s", err, out)
+		}
+		for _, want := range []string{
+			"settings (ConfigMap sluice-system/sluice-config): SELECTOR=\"sluice.io/redirect=true\"",
+			"selected by: the opt-in selector sluice.io/redirect=true, ClusterEgressPolicy prod",
+			"effective policy: enforce, fail closed",
+			"allow " + hp(a),
+			"ClusterEgressPolicy prod: " + hp(b) + " removed",
+		} {
+			if !strings.Contains(string(out), want) {
+				t.Errorf("sluice explain lacks %q:\n%s", want, out)
+			}
+		}
+		out, err = exec.Command("ip", "netns", "exec", e.TB.Node.Name, e.Bin, "explain", "--kubeconfig", cluster.Kubeconfig, "--format", "json", "default/nosuchpod").CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "not found") {
+			t.Errorf("explain of a missing pod: %v %s", err, out)
+		}
+	})
 	t.Run("a guardrail forbids the audit label and removes the annotation's entry", func(t *testing.T) {
 		expect(t, p1, legacyCg, b, "denied")
 		expect(t, p1, legacyCg, a, "forwarded") // the baseline's grant
