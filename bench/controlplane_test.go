@@ -41,6 +41,7 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
+	installCRDs(t, cluster)
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
 	agent := e.StartAgent(t, "--kubeconfig", cluster.Kubeconfig, "--node-name", "node-a",
 		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path)
@@ -66,9 +67,11 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 
 	start := time.Now()
 	for i := range benchPods {
-		makePod(fmt.Sprintf("pod-%03d", i), i, map[string]string{
-			"sluice.io/redirect": "true", "sluice.io/mode": "enforce",
-		})
+		labels := map[string]string{"sluice.io/redirect": "true", "sluice.io/mode": "enforce"}
+		if i == 7 {
+			labels["bench"] = "one"
+		}
+		makePod(fmt.Sprintf("pod-%03d", i), i, labels)
 	}
 	harness.WaitFor(t, fmt.Sprintf("%d pods selected", benchPods), 120*time.Second, func() bool { return selected() == benchPods })
 	all := time.Since(start)
@@ -117,6 +120,9 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 		off, offCommit = append(off, a), append(offCommit, b)
 	}
 
+	policyRows, policyJSON := benchPolicyChanges(t, cluster, filepath.Join(e.Dir, "xds.sock"), 40)
+	rssPolicies := rssKiB(t, agent.Cmd.Process.Pid)
+
 	var b strings.Builder
 	fmt.Fprintf(&b, "\n# Control plane: a real kube-apiserver, %d selected pods\n\n", benchPods)
 	fmt.Fprintf(&b, "The agent (Kubernetes source) against kube-apiserver v1.37.1 and etcd on the same 2-CPU machine.\n")
@@ -134,7 +140,9 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	b.WriteString("\n")
 	fmt.Fprintf(&b, "| agent | value |\n|---|---|\n")
 	fmt.Fprintf(&b, "| RSS, no pods | %.1f MiB |\n| RSS, %d selected pods (enforce, deny-all) | %.1f MiB |\n", float64(rssIdle)/1024, benchPods, float64(rss250)/1024)
+	fmt.Fprintf(&b, "| RSS, %d selected pods and %d policy objects | %.1f MiB |\n", benchPods, benchPolicies, float64(rssPolicies)/1024)
 	fmt.Fprintf(&b, "| %d pods created -> all in the map | %v |\n", benchPods, all.Round(time.Millisecond))
+	b.WriteString(policyRows)
 	if err := os.WriteFile(filepath.Join(outDir, "controlplane.md"), []byte(b.String()), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -151,6 +159,8 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 		"rss_selected_pods_kib":           rss250,
 		"selected_pods":                   benchPods,
 		"all_pods_in_map_after_create_ns": int64(all),
+		"rss_with_policies_kib":           rssPolicies,
+		"policy":                          policyJSON,
 	})
 	t.Log(b.String())
 }
