@@ -14,6 +14,7 @@ import (
 	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
 	"github.com/sluice-io/sluice/test/kube"
 	"github.com/sluice-io/sluice/test/testbed"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -118,5 +119,14 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 		Egress:            []v1alpha1.EgressRule{{Hostname: "*.example.com"}, {CIDR: "10.0.0.0/8", Ports: []v1alpha1.Port{5432}}}}}
 	if _, err := api.ClusterEgressPolicies().Create(ctx, ok, metav1.CreateOptions{}); err != nil {
 		t.Fatalf("a valid guardrail was refused: %v", err)
+	}
+
+	// The examples apply as they are (server-side, strict field validation).
+	if _, err := cluster.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "shop"}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	_, _, docs := exampleObjects(t)
+	if err := cluster.Apply(ctx, false, docs...); err != nil {
+		t.Errorf("examples/: %v", err)
 	}
 }

@@ -1,12 +1,15 @@
 package policy
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/yaml"
 )
 
 // egressCases are egress rules and whether they are valid. The same table
@@ -218,5 +221,70 @@ func TestPodSourceMatchesParsePolicy(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// exampleObjects reads the YAML in examples/ strictly into the API types.
+func exampleObjects(t *testing.T) (eps []*v1alpha1.EgressPolicy, cps []*v1alpha1.ClusterEgressPolicy, docs [][]byte) {
+	t.Helper()
+	files, _ := filepath.Glob("../examples/*.yaml")
+	if len(files) < 3 {
+		t.Fatalf("examples: %v", files)
+	}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, doc := range strings.Split(string(b), "\n---\n") {
+			var tm metav1.TypeMeta
+			if err := yaml.Unmarshal([]byte(doc), &tm); err != nil {
+				t.Fatalf("%s: %v", f, err)
+			}
+			switch tm.Kind {
+			case "EgressPolicy":
+				var p v1alpha1.EgressPolicy
+				if err := yaml.UnmarshalStrict([]byte(doc), &p); err != nil {
+					t.Fatalf("%s: %v", f, err)
+				}
+				eps = append(eps, &p)
+			case "ClusterEgressPolicy":
+				var p v1alpha1.ClusterEgressPolicy
+				if err := yaml.UnmarshalStrict([]byte(doc), &p); err != nil {
+					t.Fatalf("%s: %v", f, err)
+				}
+				cps = append(cps, &p)
+			default:
+				t.Fatalf("%s: unexpected kind %q", f, tm.Kind)
+			}
+			docs = append(docs, []byte(doc))
+		}
+	}
+	return eps, cps, docs
+}
+
+// The examples are valid, and mean what their comments say.
+func TestExamples(t *testing.T) {
+	eps, cps, _ := exampleObjects(t)
+	for _, p := range eps {
+		if _, err := ValidateEgressPolicy(p); err != nil {
+			t.Errorf("EgressPolicy %s/%s: %v", p.Namespace, p.Name, err)
+		}
+	}
+	for _, p := range cps {
+		if _, err := ValidateClusterPolicy(p); err != nil {
+			t.Errorf("ClusterEgressPolicy %s: %v", p.Name, err)
+		}
+	}
+	optIn, _ := labels.Parse("sluice.io/redirect=true")
+	sel := Select(Pod{Namespace: "shop", Labels: map[string]string{"app": "checkout"}, NamespaceLabels: map[string]string{"env": "prod"}},
+		Objects{EgressPolicies: eps, ClusterPolicies: cps}, Options{OptIn: optIn})
+	e := Merge(sel.Sources)
+	want := "api.payments.example.com:443, tcp://db.example.com:5432, otel-collector.example.com:4317, otel-collector.example.com:4318, *.ingest.example.com:443"
+	if e.Policy.Mode != Enforce || !e.Policy.FailClosed || ruleStrings(e.Policy.Allow) != want {
+		t.Errorf("checkout in a prod namespace: %v closed=%v %q, want enforce, closed, %q", e.Policy.Mode, e.Policy.FailClosed, ruleStrings(e.Policy.Allow), want)
+	}
+	if len(e.Removed) != 1 || e.Removed[0].Entry.String() != "other.example.org:443" {
+		t.Errorf("removed %+v, want other.example.org:443 only", e.Removed)
 	}
 }
