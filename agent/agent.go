@@ -92,6 +92,8 @@ type Config struct {
 	PolicyClient  versioned.Interface
 	// IgnoreAllowAnnotations drops pods' allow annotation (policy.Options).
 	IgnoreAllowAnnotations bool
+	// ExemptNamespaces are never selected: the agent's own.
+	ExemptNamespaces []string
 	// StatusLease is NAMESPACE/NAME of the Lease whose holder writes the
 	// policy objects' status; "": none.
 	StatusLease string
@@ -176,8 +178,8 @@ func Run(ctx context.Context, cfg Config) error {
 		defer broadcaster.Shutdown()
 		kube = &KubeSource{
 			Client: cfg.KubeClient, NodeName: cfg.NodeName, Selector: cfg.Selector, Layout: cfg.CgroupLayout,
-			IgnoreAnnotations: cfg.IgnoreAllowAnnotations,
-			HostNetworkIPs:    cfg.Proxy.Addrs(), Logger: log,
+			IgnoreAnnotations: cfg.IgnoreAllowAnnotations, ExemptNamespaces: cfg.ExemptNamespaces,
+			HostNetworkIPs: cfg.Proxy.Addrs(), Logger: log,
 			Recorder: broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluice", Host: cfg.NodeName}),
 		}
 		if cfg.PolicyObjects && cfg.PolicyClient != nil {

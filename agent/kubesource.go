@@ -56,6 +56,9 @@ type KubeSource struct {
 	// IgnoreAnnotations: the cluster setting that drops every pod's allow
 	// annotation (policy.Options).
 	IgnoreAnnotations bool
+	// ExemptNamespaces are never selected (policy.Options): the agent's
+	// own.
+	ExemptNamespaces []string
 	// Status, if set, writes the policy objects' status while this agent
 	// holds its Lease.
 	Status *StatusWriter
@@ -93,7 +96,7 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	if err != nil {
 		return fmt.Errorf("kubernetes source: selector %q: %w", sel, err)
 	}
-	s.opt = policy.Options{OptIn: optIn, IgnoreAnnotations: s.IgnoreAnnotations}
+	s.opt = policy.Options{OptIn: optIn, IgnoreAnnotations: s.IgnoreAnnotations, ExemptNamespaces: s.ExemptNamespaces}
 	if s.Logger == nil {
 		s.Logger = slog.Default()
 	}

@@ -113,6 +113,22 @@ func TestPrivilegedCRDValidation(t *testing.T) {
 			t.Errorf("%s: the agent accepts what the API server refuses", tc.name)
 		}
 	}
+	// 40 rules of 32 ports: 1,280 entries, past the 1,024 both refuse.
+	ports := make([]v1alpha1.Port, 32)
+	for i := range ports {
+		ports[i] = v1alpha1.Port(2000 + i)
+	}
+	var rules []v1alpha1.EgressRule
+	for i := range 40 {
+		rules = append(rules, v1alpha1.EgressRule{Hostname: fmt.Sprintf("h%d.example.com", i), Ports: ports})
+	}
+	big := egressPolicy("default", "too-many", nil, "", rules...)
+	if _, err := api.EgressPolicies("default").Create(ctx, big, metav1.CreateOptions{}); err == nil || !strings.Contains(err.Error(), "more than 1024 entries") {
+		t.Errorf("1,280 entries: the API server said %v", err)
+	}
+	if _, err := ValidateEgressPolicy(big); err == nil {
+		t.Error("1,280 entries: the agent accepts what the API server refuses")
+	}
 	ok := &v1alpha1.ClusterEgressPolicy{ObjectMeta: metav1.ObjectMeta{Name: "ok"}, Spec: v1alpha1.ClusterEgressPolicySpec{
 		Tier: v1alpha1.TierGuardrail, Mode: v1alpha1.ModeEnforce,
 		NamespaceSelector: metav1.LabelSelector{MatchExpressions: []metav1.LabelSelectorRequirement{{Key: "env", Operator: "In", Values: []string{"prod"}}}},

@@ -111,20 +111,21 @@ func errString(err error) string {
 //
 // Hostname patterns (exact or "*.suffix") and CIDR prefixes are each
 // nested or disjoint, so the intersection is exact: an entry a and a
-// guardrail entry g meet in a when g contains a, in g's scope (with a's
-// kind) when a contains g, and nowhere otherwise; ports meet likewise (an
-// entry without a port is every port). Names and addresses are different
-// dimensions: a CIDR guardrail bounds CIDR entries, a hostname guardrail
-// bounds hostname and TCP-hostname entries. An entry narrowed to a
-// guardrail's single address never grants metadata access: only an entry
-// that named the address itself does (MetadataGrants).
+// guardrail entry g meet in a when g contains a, in g's scope when a
+// contains g, and nowhere otherwise; ports meet likewise (an entry without
+// a port is every port). Names and addresses are different dimensions: a
+// CIDR guardrail bounds CIDR entries, a name guardrail bounds hostname and
+// TCP-hostname entries, and a TCP hostname survives as one only under a
+// TCP-hostname guardrail entry (under a hostname entry it becomes the
+// hostname, matched by SNI or Host). A metadata address is granted only
+// where the grant and every guardrail name it exactly (MetadataGrants).
 //
 // Merge is pure: same sources, same result, in a stable order.
 func Merge(sources []Source) Effective {
 	var e Effective
 	var errs []error
 	failOpen, failClosed := false, false
-	var grants []Rule
+	var grants ruleSet
 	var guards []Source
 	for _, s := range sources {
 		e.Sources = append(e.Sources, s.Name)
@@ -155,42 +156,67 @@ func Merge(sources []Source) Effective {
 			}
 			guards = append(guards, g)
 		case s.Err == nil:
-			grants = appendNew(grants, s.Allow...)
+			grants.add(s.Allow...)
 		}
+	}
+	if len(grants.list) > MaxEffectiveEntries {
+		// Too much to intersect and serve: the safe reading, nothing granted.
+		errs = append(errs, fmt.Errorf("the grants total %d entries, more than %d: granting none of them", len(grants.list), MaxEffectiveEntries))
+		grants = ruleSet{}
 	}
 	// A source that did not validate never leaves an enforced pod failing
 	// open: its deny-all must hold while the proxy is down too.
 	e.Policy.FailClosed = failClosed || (e.Policy.Mode == Enforce && (!failOpen || len(errs) > 0))
 	for _, g := range guards {
-		var kept []Rule
-		for _, a := range grants {
+		var kept ruleSet
+		for _, a := range grants.list {
 			in := intersect(a, g.Allow, g.Name)
-			if !slices.Contains(in, a) {
+			if !slices.ContainsFunc(in, func(r Rule) bool { return sameScope(r, a) }) {
 				e.Removed = append(e.Removed, Removal{Guardrail: g.Name, Entry: a, Kept: in})
 			}
-			kept = appendNew(kept, in...)
+			kept.add(in...)
 		}
 		grants = kept
 	}
-	e.Policy.Allow = grants
+	e.Policy.Allow = grants.list
 	e.Err = errors.Join(errs...)
 	return e
 }
 
-func appendNew(to []Rule, rs ...Rule) []Rule {
+// MaxEffectiveEntries caps a pod's grants (their union, before the
+// guardrails): what the agent intersects and serves for one pod stays
+// bounded whatever the objects selecting it hold.
+const MaxEffectiveEntries = 1024
+
+// ruleSet is a list without repeats, in first-seen order.
+type ruleSet struct {
+	list []Rule
+	seen map[Rule]bool
+}
+
+func (s *ruleSet) add(rs ...Rule) {
+	if s.seen == nil {
+		s.seen = map[Rule]bool{}
+	}
 	for _, r := range rs {
-		if !slices.Contains(to, r) {
-			to = append(to, r)
+		if !s.seen[r] {
+			s.seen[r] = true
+			s.list = append(s.list, r)
 		}
 	}
-	return to
+}
+
+// sameScope: the same rule, but for the marks guardrails leave.
+func sameScope(a, b Rule) bool {
+	a.Narrowed, b.Narrowed = "", ""
+	return a == b
 }
 
 // intersect is a ∩ (g1 ∪ g2 ∪ ...): the parts of a that guardrail entries
-// gs contain, without repeats. guard names the guardrail on entries it
-// narrowed.
+// gs contain, without repeats. guard names the guardrail on address rules
+// whose scope it did not name exactly.
 func intersect(a Rule, gs []Rule, guard string) []Rule {
-	var out []Rule
+	var out ruleSet
 	for _, g := range gs {
 		port, ok := meetPorts(a.Port, g.Port)
 		if !ok {
@@ -203,16 +229,26 @@ func intersect(a Rule, gs []Rule, guard string) []Rule {
 			continue
 		case contains(g, a):
 		case contains(a, g):
-			// Narrowed to g's scope, with a's kind. a's wider prefix
-			// never granted metadata; its narrowing to one address
-			// must not start to (MetadataGrants skips Narrowed).
-			r.Host, r.Prefix, r.Narrowed = g.Host, g.Prefix, guard
+			r.Host, r.Prefix = g.Host, g.Prefix
 		default:
 			continue
 		}
-		out = appendNew(out, r)
+		if isName(a) {
+			// A TCP hostname allows any protocol to the name's
+			// addresses; a hostname, the name as the client sends it
+			// (SNI, Host). Both meet in the narrower: the hostname.
+			r.Resolve = a.Resolve && g.Resolve
+		} else if r.Prefix != a.Prefix || g.Prefix != a.Prefix {
+			// Metadata access needs an entry naming the address, and a
+			// guardrail naming it too: a wider guardrail (0.0.0.0/0)
+			// does not let a namespace grant the instance's
+			// credentials, and a wider grant narrowed to the address
+			// never named it (MetadataGrants skips Narrowed).
+			r.Narrowed = guard
+		}
+		out.add(r)
 	}
-	return out
+	return out.list
 }
 
 func isName(r Rule) bool { return r.Host != "" }

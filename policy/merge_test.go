@@ -2,10 +2,13 @@ package policy
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
 )
 
 func rules(t testing.TB, s string) []Rule {
@@ -56,8 +59,10 @@ func TestMergeTable(t *testing.T) {
 			allow: "*.example.com", removed: "g: example.com -> "},
 		{name: "names and addresses do not meet", sources: []Source{grant("ns", "api.example.com, 10.0.0.1"), guard("g", "10.0.0.0/8")},
 			allow: "10.0.0.1", removed: "g: api.example.com -> "},
-		{name: "TCP hostnames are names", sources: []Source{grant("ns", "tcp://db.example.com:5432, tcp://db.example.org:5432"), guard("g", "*.example.com:5432")},
-			allow: "tcp://db.example.com:5432", removed: "g: tcp://db.example.org:5432 -> "},
+		{name: "a TCP hostname under a hostname guardrail becomes the hostname", sources: []Source{grant("ns", "tcp://db.example.com:5432, tcp://db.example.org:5432"), guard("g", "*.example.com:5432")},
+			allow: "db.example.com:5432", removed: "g: tcp://db.example.com:5432 -> db.example.com:5432; g: tcp://db.example.org:5432 -> "},
+		{name: "a TCP hostname under a TCP-hostname guardrail stays one", sources: []Source{grant("ns", "tcp://db.example.com:5432, *.example.com"), guard("g", "tcp://db.example.com:5432")},
+			allow: "tcp://db.example.com:5432, db.example.com:5432", removed: "g: *.example.com -> db.example.com:5432"},
 		{name: "ports that differ meet nowhere", sources: []Source{grant("ns", "api.example.com:80"), guard("g", "api.example.com:443")},
 			removed: "g: api.example.com:80 -> "},
 		{name: "IPv4 and IPv6 do not meet", sources: []Source{grant("ns", "0.0.0.0/0, ::/0"), guard("g", "2001:db8::/32")},
@@ -107,8 +112,11 @@ func TestMergeTable(t *testing.T) {
 	}
 }
 
-// A guardrail narrowing 0.0.0.0/0 to the metadata address does not grant
-// metadata access: the grant never named it.
+// Metadata access needs the grant and every guardrail to name the address:
+// a guardrail narrowing 0.0.0.0/0 to it grants nothing (the grant never
+// named it), nor does a grant of it under a wider guardrail (the guardrail
+// never did: a namespace owner cannot reach the instance's credentials
+// because the admin allowed 0.0.0.0/0).
 func TestMergeNarrowingGrantsNoMetadata(t *testing.T) {
 	md := []netip.Addr{netip.MustParseAddr("169.254.169.254")}
 	for _, tc := range []struct {
@@ -117,7 +125,9 @@ func TestMergeNarrowingGrantsNoMetadata(t *testing.T) {
 	}{
 		{"0.0.0.0/0", "169.254.169.254", 0},
 		{"169.254.0.0/16:80", "169.254.169.254", 0},
-		{"169.254.169.254", "0.0.0.0/0", 1},
+		{"169.254.169.254", "0.0.0.0/0", 0},
+		{"169.254.169.254:80", "169.254.0.0/16", 0},
+		{"169.254.169.254", "169.254.169.254", 1},
 		{"169.254.169.254", "169.254.169.254:80", 1}, // a port is no widening
 	} {
 		e := Merge([]Source{
@@ -133,26 +143,38 @@ func TestMergeNarrowingGrantsNoMetadata(t *testing.T) {
 	}
 }
 
-// conn is a destination in the abstract: an address and port, or a name
-// (what a client sends, or a TCP hostname's name) and port.
+// conn is a destination in the abstract: an address and port; or a name
+// and port, either sent by the client (sni: TLS SNI or HTTP Host) or not
+// (any protocol to one of the name's addresses).
 type conn struct {
 	addr netip.Addr
 	name string
+	sni  bool
 	port uint16
 }
 
 // allows is what an enforce-mode allow list means, written independently
-// of Merge.
+// of Merge: an address by a prefix; a name the client sends by a hostname
+// pattern or a TCP hostname of that name (its addresses, any protocol); a
+// name's address without the name sent, by a TCP hostname only.
 func allows(rs []Rule, c conn) bool {
 	for _, r := range rs {
 		if r.Port != 0 && r.Port != c.port {
 			continue
 		}
-		if c.name != "" && r.Host != "" && hostMatches(r.Host, c.name) {
-			return true
-		}
-		if c.name == "" && r.Host == "" && r.Prefix.Contains(c.addr) {
-			return true
+		switch {
+		case c.name == "":
+			if r.Host == "" && r.Prefix.Contains(c.addr) {
+				return true
+			}
+		case r.Resolve:
+			if r.Host == c.name {
+				return true
+			}
+		case c.sni:
+			if r.Host != "" && hostMatches(r.Host, c.name) {
+				return true
+			}
 		}
 	}
 	return false
@@ -168,7 +190,7 @@ var (
 func init() {
 	for _, p := range fuzzPorts[1:] {
 		for _, n := range []string{"example.com", "a.example.com", "b.a.example.com", "x.b.a.example.com", "z.example.com", "other.org", "q.other.org"} {
-			fuzzConns = append(fuzzConns, conn{name: n, port: p})
+			fuzzConns = append(fuzzConns, conn{name: n, port: p, sni: true}, conn{name: n, port: p})
 		}
 		for _, a := range []string{"10.1.2.3", "10.1.9.9", "10.2.0.1", "8.8.8.8", "169.254.169.254", "169.254.1.1", "2001:db8::1", "2001:db8::2", "2001:dead::1"} {
 			fuzzConns = append(fuzzConns, conn{addr: netip.MustParseAddr(a), port: p})
@@ -257,17 +279,79 @@ func FuzzMerge(f *testing.F) {
 				t.Fatalf("%+v: merged allows %v, want %v\nsources %+v\nmerged %s", c, got, want, sources, ruleStrings(e.Policy.Allow))
 			}
 		}
+		// A metadata grant of the merge is named by a grant and by every
+		// guardrail.
 		md := []netip.Addr{netip.MustParseAddr("169.254.169.254")}
-		before := Policy{Mode: Enforce, Allow: grants}.MetadataGrants(md)
-		for _, g := range (Policy{Mode: Enforce, Allow: e.Policy.Allow}).MetadataGrants(md) {
-			if !slices.ContainsFunc(before, func(b netip.AddrPort) bool {
+		named := func(rs []Rule, g netip.AddrPort) bool {
+			return slices.ContainsFunc(Policy{Mode: Enforce, Allow: rs}.MetadataGrants(md), func(b netip.AddrPort) bool {
 				return b.Addr() == g.Addr() && (b.Port() == 0 || b.Port() == g.Port())
-			}) {
-				t.Fatalf("merge grants metadata %v that no grant named (grants %v)", g, before)
+			})
+		}
+		for _, g := range (Policy{Mode: Enforce, Allow: e.Policy.Allow}).MetadataGrants(md) {
+			if !named(grants, g) {
+				t.Fatalf("merge grants metadata %v that no grant named", g)
+			}
+			for _, s := range sources {
+				if s.Tier == Guardrail && !named(s.Allow, g) {
+					t.Fatalf("merge grants metadata %v that guardrail %s does not name", g, s.Name)
+				}
 			}
 		}
 		if !Merge(sources).Equal(e) {
 			t.Fatal("Merge is not deterministic")
 		}
 	})
+}
+
+// Objects within the schema's limits cannot make a pod's merge unbounded:
+// an object past 1,024 entries once ports are counted is invalid (it
+// grants nothing), and grants past 1,024 in all grant nothing.
+func TestMergeCaps(t *testing.T) {
+	var egress []v1alpha1.EgressRule
+	ports := make([]v1alpha1.Port, 32)
+	for i := range ports {
+		ports[i] = v1alpha1.Port(1000 + i)
+	}
+	for i := range 256 {
+		egress = append(egress, v1alpha1.EgressRule{Hostname: fmt.Sprintf("h%d.example.com", i), Ports: ports})
+	}
+	if _, err := RulesFromEgress(egress); err == nil || !strings.Contains(err.Error(), "8192 entries") {
+		t.Fatalf("256 rules x 32 ports: %v", err)
+	}
+	var sources []Source
+	for i := range 2 {
+		s := Source{Tier: Grant, Name: fmt.Sprint("p", i), Mode: Enforce, ModeSet: true}
+		for j := range 600 {
+			s.Allow = append(s.Allow, Rule{Host: fmt.Sprintf("h%d-%d.example.com", i, j)})
+		}
+		sources = append(sources, s)
+	}
+	sources = append(sources, Source{Tier: Guardrail, Name: "g", Allow: rules(t, "*.example.com")})
+	e := Merge(sources)
+	if len(e.Policy.Allow) != 0 || e.Err == nil || !strings.Contains(e.Err.Error(), "1200 entries") || !e.Policy.FailClosed {
+		t.Fatalf("1,200 grants: %d allowed, err %v", len(e.Policy.Allow), e.Err)
+	}
+	sources[1].Allow = sources[1].Allow[:400]
+	if e := Merge(sources); len(e.Policy.Allow) != 1000 || e.Err != nil {
+		t.Fatalf("1,000 grants: %d allowed, err %v", len(e.Policy.Allow), e.Err)
+	}
+}
+
+func BenchmarkMergeWorstCase(b *testing.B) {
+	var sources []Source
+	for i := range 2 {
+		s := Source{Tier: Grant, Name: fmt.Sprint("p", i)}
+		for j := range 512 {
+			s.Allow = append(s.Allow, Rule{Host: fmt.Sprintf("h%d-%d.example.com", i, j), Port: 443})
+		}
+		sources = append(sources, s)
+	}
+	g := Source{Tier: Guardrail, Name: "g"}
+	for j := range 1024 {
+		g.Allow = append(g.Allow, Rule{Host: fmt.Sprintf("*.z%d.example.org", j)})
+	}
+	sources = append(sources, g)
+	for b.Loop() {
+		Merge(sources)
+	}
 }

@@ -40,6 +40,10 @@ type Options struct {
 	// objects grant destinations. The pod's labels may still select it
 	// and make it stricter (mode, fail mode), never wider.
 	IgnoreAnnotations bool
+	// ExemptNamespaces are never selected: the agent's own (its pod holds
+	// the agent and Envoy, which a guardrail over every namespace must not
+	// redirect to themselves or cut off from the API server).
+	ExemptNamespaces []string
 }
 
 // Selection is the outcome of Select for one pod.
@@ -56,6 +60,8 @@ type Selection struct {
 	// AnnotationIgnored: the pod has an allow annotation the cluster
 	// setting ignores.
 	AnnotationIgnored bool
+	// Exempt: the pod's namespace is exempt (Options.ExemptNamespaces).
+	Exempt bool
 }
 
 // Select says whether a pod is selected and which sources apply to it:
@@ -66,6 +72,10 @@ type Selection struct {
 // nothing).
 func Select(pod Pod, objs Objects, opt Options) Selection {
 	var sel Selection
+	if slices.Contains(opt.ExemptNamespaces, pod.Namespace) {
+		sel.Exempt = true
+		return sel
+	}
 	podLabels := labels.Set(pod.Labels)
 	if opt.OptIn != nil && opt.OptIn.Matches(podLabels) {
 		sel.Selected = true
@@ -273,10 +283,13 @@ func checkMode(m v1alpha1.Mode, f v1alpha1.FailMode) []error {
 	return errs
 }
 
-// Limits of a policy object, as the CRD schema sets them.
+// Limits of a policy object, as the CRD schema sets them: 256 rules of 32
+// ports, and 1,024 entries once each rule is counted once per port (the
+// annotation's limit).
 const (
-	MaxEgressRules = 256
-	MaxRulePorts   = 32
+	MaxEgressRules   = 256
+	MaxRulePorts     = 32
+	MaxObjectEntries = MaxAllowEntries
 )
 
 // RuleError says which egress rule of an object is wrong and why.
@@ -294,7 +307,7 @@ func RulesFromEgress(egress []v1alpha1.EgressRule) ([]Rule, error) {
 	if len(egress) > MaxEgressRules {
 		return nil, fmt.Errorf("spec.egress has %d rules, more than %d", len(egress), MaxEgressRules)
 	}
-	var out []Rule
+	var out ruleSet
 	var errs []error
 	for i, e := range egress {
 		rs, reason := rulesFrom(e)
@@ -302,12 +315,15 @@ func RulesFromEgress(egress []v1alpha1.EgressRule) ([]Rule, error) {
 			errs = append(errs, &RuleError{Index: i, Reason: reason})
 			continue
 		}
-		out = appendNew(out, rs...)
+		out.add(rs...)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}
-	return out, nil
+	if len(out.list) > MaxObjectEntries {
+		return nil, fmt.Errorf("spec.egress expands to %d entries (one per rule and port), more than %d", len(out.list), MaxObjectEntries)
+	}
+	return out.list, nil
 }
 
 func rulesFrom(e v1alpha1.EgressRule) ([]Rule, string) {

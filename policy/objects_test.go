@@ -176,6 +176,19 @@ func TestSelect(t *testing.T) {
 	}
 }
 
+// The agent's own namespace is never selected, whatever selects it.
+func TestSelectExempt(t *testing.T) {
+	g := clusterPolicy("all", v1alpha1.TierGuardrail, nil, nil, v1alpha1.ModeEnforce)
+	sel := Select(Pod{Namespace: "sluice-system", Labels: map[string]string{"sluice.io/redirect": "true"}},
+		Objects{ClusterPolicies: []*v1alpha1.ClusterEgressPolicy{g}}, Options{OptIn: labels.Everything(), ExemptNamespaces: []string{"sluice-system"}})
+	if sel.Selected || !sel.Exempt || len(sel.Sources) != 0 {
+		t.Fatalf("%+v", sel)
+	}
+	if sel := Select(Pod{Namespace: "shop"}, Objects{ClusterPolicies: []*v1alpha1.ClusterEgressPolicy{g}}, Options{ExemptNamespaces: []string{"sluice-system"}}); !sel.Selected {
+		t.Fatal("a guardrail over every namespace no longer selects other namespaces")
+	}
+}
+
 // A policy whose selector does not parse: a guardrail selects every pod
 // (and, broken, allows nothing); a baseline selects none.
 func TestSelectBrokenSelectors(t *testing.T) {

@@ -148,6 +148,7 @@ docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.Selector, "selector", agent.DefaultSelector, "opt-in label selector: pods whose labels match are redirected, as are pods an EgressPolicy or a guardrail ClusterEgressPolicy selects")
 	fs.BoolVar(&cfg.PolicyObjects, "policy-objects", true, "follow the EgressPolicy and ClusterEgressPolicy objects (policy.sluice.io; their CRDs must be installed); false: pods are governed by their own labels and annotation only")
 	fs.BoolVar(&cfg.IgnoreAllowAnnotations, "ignore-allow-annotations", false, "ignore every pod's sluice.io/allow annotation: only policy objects grant destinations, so a pod's author cannot widen its own policy (its labels may still select it and make it stricter)")
+	exempt := fs.String("exempt-namespaces", os.Getenv("POD_NAMESPACE"), "comma-separated namespaces whose pods are never selected, whatever selects them (default: $POD_NAMESPACE, the agent's own: its pod holds the agent and Envoy, which must not be redirected or cut off by a guardrail over every namespace)")
 	fs.StringVar(&cfg.StatusLease, "status-lease", defaultStatusLease(), `NAMESPACE/NAME of the Lease whose holder writes the policy objects' status (exactly one agent of the cluster at a time); "" writes no status (default: $POD_NAMESPACE/sluice-policy-status)`)
 	driver := fs.String("cgroup-driver", string(agent.DriverSystemd), "the kubelet's cgroup driver: systemd or cgroupfs")
 	fs.StringVar(&cfg.CgroupLayout.KubeletRoot, "kubelet-cgroup-root", "/", "the kubelet's --cgroup-root (kind: /kubelet)")
@@ -220,6 +221,14 @@ docs/agent.md.`, stderr)
 		cfg.Source = "kubernetes"
 		if cfg.NodeName == "" {
 			return agent.Config{}, "", fmt.Errorf("the Kubernetes source needs --node-name or $NODE_NAME (or use --workloads-file)")
+		}
+		for _, ns := range strings.Split(*exempt, ",") {
+			if ns = strings.TrimSpace(ns); ns == "" {
+				continue
+			} else if err := checkDNSLabel(ns); err != nil {
+				return agent.Config{}, "", fmt.Errorf("--exempt-namespaces: %w", err)
+			}
+			cfg.ExemptNamespaces = append(cfg.ExemptNamespaces, strings.TrimSpace(ns))
 		}
 		if cfg.StatusLease != "" {
 			ns, name, ok := strings.Cut(cfg.StatusLease, "/")

@@ -29,6 +29,7 @@ type explanation struct {
 	SelectedBy        []string          `json:"selected_by,omitempty"`
 	Settings          map[string]string `json:"settings"`
 	AnnotationIgnored bool              `json:"annotation_ignored,omitempty"`
+	Exempt            bool              `json:"exempt,omitempty"`
 	Sources           []explainSource   `json:"sources,omitempty"`
 	Mode              string            `json:"mode,omitempty"`
 	FailClosed        bool              `json:"fail_closed,omitempty"`
@@ -162,8 +163,12 @@ ignored) are read from its ConfigMap, --config-map; flags given explicitly win.`
 	for i := range cps.Items {
 		objs.ClusterPolicies = append(objs.ClusterPolicies, &cps.Items[i])
 	}
+	var exempt []string
+	if cmNS, _, ok := strings.Cut(*configMap, "/"); ok {
+		exempt = append(exempt, cmNS) // the agent's own namespace, as its --exempt-namespaces default
+	}
 	ex := explain(policy.Pod{Namespace: ns, Labels: pod.Labels, Annotations: pod.Annotations, NamespaceLabels: nsObj.Labels}, objs,
-		policy.Options{OptIn: optIn, IgnoreAnnotations: ignoreAnn})
+		policy.Options{OptIn: optIn, IgnoreAnnotations: ignoreAnn, ExemptNamespaces: exempt})
 	ex.Pod, ex.Node, ex.Settings = ns+"/"+name, pod.Spec.NodeName, settings
 	if *format == "json" {
 		enc := json.NewEncoder(stdout)
@@ -178,7 +183,7 @@ ignored) are read from its ConfigMap, --config-map; flags given explicitly win.`
 // policy.Merge), laid out for people.
 func explain(pod policy.Pod, objs policy.Objects, opt policy.Options) explanation {
 	sel := policy.Select(pod, objs, opt)
-	ex := explanation{Selected: sel.Selected, SelectedBy: sel.SelectedBy, AnnotationIgnored: sel.AnnotationIgnored}
+	ex := explanation{Selected: sel.Selected, SelectedBy: sel.SelectedBy, AnnotationIgnored: sel.AnnotationIgnored, Exempt: sel.Exempt}
 	if !sel.Selected {
 		return ex
 	}
@@ -221,6 +226,10 @@ func ruleStrings(rs []policy.Rule) []string {
 func printExplanation(w io.Writer, ex explanation) {
 	fmt.Fprintf(w, "pod %s (node %s)\n", ex.Pod, ex.Node)
 	fmt.Fprintf(w, "settings (%s): SELECTOR=%q IGNORE_ALLOW_ANNOTATIONS=%s\n", ex.Settings["from"], ex.Settings["SELECTOR"], ex.Settings["IGNORE_ALLOW_ANNOTATIONS"])
+	if ex.Exempt {
+		fmt.Fprintln(w, "\nnot selected: its namespace is the agent's own, which is exempt (--exempt-namespaces); its connections go direct")
+		return
+	}
 	if !ex.Selected {
 		fmt.Fprintln(w, "\nnot selected: no opt-in label, EgressPolicy or guardrail selects it; its connections go direct")
 		return

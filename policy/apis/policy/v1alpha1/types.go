@@ -108,6 +108,8 @@ type PolicyStatus struct {
 
 // EgressPolicySpec is what a namespace's owner declares for the pods
 // PodSelector selects.
+//
+// +kubebuilder:validation:XValidation:rule="!has(self.egress) || self.egress.map(r, has(r.ports) ? size(r.ports) : 1).sum() <= 1024",message="egress expands to more than 1024 entries (each rule counts once per port)"
 type EgressPolicySpec struct {
 	// PodSelector selects pods of this namespace; {} selects them all. A
 	// selected pod is redirected through its node's proxy.
@@ -164,6 +166,7 @@ type EgressPolicyList struct {
 // ClusterEgressPolicySpec is a cluster admin's guardrail or baseline.
 //
 // +kubebuilder:validation:XValidation:rule="self.tier == 'Guardrail' || (!has(self.mode) && !has(self.failMode))",message="a Baseline grants destinations and sets no mode or failMode"
+// +kubebuilder:validation:XValidation:rule="!has(self.egress) || self.egress.map(r, has(r.ports) ? size(r.ports) : 1).sum() <= 1024",message="egress expands to more than 1024 entries (each rule counts once per port)"
 type ClusterEgressPolicySpec struct {
 	// Tier: Guardrail (the selected pods may reach at most Egress; with
 	// mode Enforce, they are enforced whatever anything below says) or
