@@ -4,8 +4,6 @@ import (
 	"context"
 	"io"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -31,17 +29,7 @@ func TestPrivilegedStatusWriterOneLeader(t *testing.T) {
 	ns := testbed.NewNetns(t, "sluice-lease-"+testbed.RandomID())
 	cluster := kube.Start(t, ns)
 	ctx := context.Background()
-	files, _ := filepath.Glob("../daemonset/crds/*.yaml")
-	for _, f := range files {
-		y, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cluster.Apply(ctx, false, y); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cluster.WaitServed(t, v1alpha1.SchemeGroupVersion.String(), 4)
+	cluster.InstallCRDs(t)
 	if _, err := cluster.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "sluice-system"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}

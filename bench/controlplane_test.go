@@ -41,7 +41,7 @@ func TestPrivilegedBenchControlPlane(t *testing.T) {
 	if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	installCRDs(t, cluster)
+	cluster.InstallCRDs(t)
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
 	agent := e.StartAgent(t, "--kubeconfig", cluster.Kubeconfig, "--node-name", "node-a",
 		"--cgroup-driver", "cgroupfs", "--cgroup-mount", e.TB.Root.Path)

@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -26,22 +24,6 @@ import (
 // benchPolicies is how many policy objects the cluster holds while the
 // policy changes are measured.
 const benchPolicies = 100
-
-// installCRDs applies the shipped CRDs and waits until they are served.
-func installCRDs(t *testing.T, cluster *kube.Cluster) {
-	t.Helper()
-	files, _ := filepath.Glob("../daemonset/crds/*.yaml")
-	for _, f := range files {
-		y, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cluster.Apply(context.Background(), false, y); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cluster.WaitServed(t, v1alpha1.SchemeGroupVersion.String(), 4)
-}
 
 // listenerWatch holds an ADS stream as Envoy does (ACKing every
 // response) and keeps, for each listener response, when it arrived and

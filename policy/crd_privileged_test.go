@@ -3,12 +3,8 @@ package policy
 import (
 	"context"
 	"fmt"
-	"os"
-	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
 	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
@@ -19,46 +15,15 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
-// crdDir is where the generated CRD manifests are shipped.
-func crdDir() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "daemonset", "crds")
-}
-
-// installCRDs applies the shipped CRDs to a real API server and waits
-// until it serves them.
+// installCRDs installs the shipped CRDs and returns a typed client.
 func installCRDs(t *testing.T, cluster *kube.Cluster) *versioned.Clientset {
 	t.Helper()
-	ctx := context.Background()
-	files, _ := filepath.Glob(filepath.Join(crdDir(), "*.yaml"))
-	if len(files) != 2 {
-		t.Fatalf("want the two shipped CRDs in %s, found %v", crdDir(), files)
-	}
-	for _, f := range files {
-		y, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cluster.Apply(ctx, false, y); err != nil {
-			t.Fatalf("apply %s: %v", filepath.Base(f), err)
-		}
-	}
+	cluster.InstallCRDs(t)
 	pc, err := versioned.NewForConfig(cluster.Config)
 	if err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, err1 := pc.PolicyV1alpha1().EgressPolicies("default").List(ctx, metav1.ListOptions{})
-		_, err2 := pc.PolicyV1alpha1().ClusterEgressPolicies().List(ctx, metav1.ListOptions{})
-		if err1 == nil && err2 == nil {
-			return pc
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("CRDs not served: %v %v", err1, err2)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	return pc
 }
 
 // TestPrivilegedCRDValidation hands every row of egressCases, and the

@@ -232,13 +232,7 @@ func objectFail(f v1alpha1.FailMode) FailMode {
 func ValidateEgressPolicy(p *v1alpha1.EgressPolicy) ([]Rule, error) {
 	var errs []error
 	errs = append(errs, checkSelector("spec.podSelector", &p.Spec.PodSelector))
-	errs = append(errs, checkMode(p.Spec.Mode, p.Spec.FailMode)...)
-	rules, err := RulesFromEgress(p.Spec.Egress)
-	errs = append(errs, err)
-	if err := errors.Join(errs...); err != nil {
-		return nil, err
-	}
-	return rules, nil
+	return validated(errs, p.Spec.Mode, p.Spec.FailMode, p.Spec.Egress)
 }
 
 // ValidateClusterPolicy checks a ClusterEgressPolicy as the CRD schema
@@ -256,8 +250,14 @@ func ValidateClusterPolicy(p *v1alpha1.ClusterEgressPolicy) ([]Rule, error) {
 	}
 	errs = append(errs, checkSelector("spec.namespaceSelector", &p.Spec.NamespaceSelector))
 	errs = append(errs, checkSelector("spec.podSelector", &p.Spec.PodSelector))
-	errs = append(errs, checkMode(p.Spec.Mode, p.Spec.FailMode)...)
-	rules, err := RulesFromEgress(p.Spec.Egress)
+	return validated(errs, p.Spec.Mode, p.Spec.FailMode, p.Spec.Egress)
+}
+
+// validated adds the checks both kinds share to errs and returns the rules,
+// or every error.
+func validated(errs []error, m v1alpha1.Mode, f v1alpha1.FailMode, egress []v1alpha1.EgressRule) ([]Rule, error) {
+	errs = append(errs, checkMode(m, f)...)
+	rules, err := RulesFromEgress(egress)
 	errs = append(errs, err)
 	if err := errors.Join(errs...); err != nil {
 		return nil, err

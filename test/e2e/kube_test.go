@@ -40,18 +40,7 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 	// The agent runs as the shipped DaemonSet's service account, so its
 	// ClusterRole is shown to be enough for everything below (pods, its
 	// node, Events).
-	install, err := daemonset.Load()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var objs [][]byte
-	for _, o := range install.Objects {
-		objs = append(objs, o.YAML)
-	}
-	if err := cluster.Apply(ctx, false, objs...); err != nil {
-		t.Fatal(err)
-	}
-	cluster.WaitServed(t, "policy.sluice.io/v1alpha1", 4)
+	install := installSluice(t, cluster)
 	kubeconfig := cluster.KubeconfigFor(t, install.Namespace.Name, install.SA.Name)
 	besteffort := e.TB.Root.Child(t, "kubepods").Child(t, "besteffort")
 	agentArgs := []string{"--kubeconfig", kubeconfig, "--node-name", nodeName,
@@ -172,4 +161,23 @@ func TestPrivilegedAgentKubernetes(t *testing.T) {
 		t.Fatal(err)
 	}
 	harness.WaitFor(t, "broken deselected", 20*time.Second, func() bool { return len(ids()) == 0 })
+}
+
+// installSluice applies the whole install (kubectl apply -k daemonset/:
+// the CRDs, RBAC, the DaemonSet) and waits until the policy API is served.
+func installSluice(t *testing.T, cluster *kube.Cluster) *daemonset.Install {
+	t.Helper()
+	install, err := daemonset.Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var objs [][]byte
+	for _, o := range install.Objects {
+		objs = append(objs, o.YAML)
+	}
+	if err := cluster.Apply(context.Background(), false, objs...); err != nil {
+		t.Fatal(err)
+	}
+	cluster.WaitServed(t, "policy.sluice.io/v1alpha1", 4)
+	return install
 }

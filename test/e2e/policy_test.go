@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sluice-io/sluice/daemonset"
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
 	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
 	"github.com/sluice-io/sluice/test/conformance"
@@ -73,18 +72,7 @@ func TestPrivilegedPolicyObjects(t *testing.T) {
 	if _, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: nodeName}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	install, err := daemonset.Load()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var objs [][]byte
-	for _, o := range install.Objects {
-		objs = append(objs, o.YAML)
-	}
-	if err := cluster.Apply(ctx, false, objs...); err != nil {
-		t.Fatal(err)
-	}
-	cluster.WaitServed(t, v1alpha1.SchemeGroupVersion.String(), 4)
+	install := installSluice(t, cluster)
 	pc, err := versioned.NewForConfig(cluster.Config)
 	if err != nil {
 		t.Fatal(err)

@@ -3,7 +3,9 @@ package kube
 import (
 	"context"
 	"fmt"
+	"os"
 	"path/filepath"
+	"runtime"
 	"testing"
 	"time"
 
@@ -97,4 +99,26 @@ func (c *Cluster) WaitServed(t testing.TB, groupVersion string, resources int) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// InstallCRDs applies the shipped CRDs (daemonset/crds, as `kubectl apply
+// -k daemonset/` does) and waits until the API server serves the policy
+// API.
+func (c *Cluster) InstallCRDs(t testing.TB) {
+	t.Helper()
+	_, file, _, _ := runtime.Caller(0)
+	files, _ := filepath.Glob(filepath.Join(filepath.Dir(file), "..", "..", "daemonset", "crds", "*.yaml"))
+	if len(files) != 2 {
+		t.Fatalf("want the two shipped CRDs, found %v", files)
+	}
+	for _, f := range files {
+		y, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Apply(context.Background(), false, y); err != nil {
+			t.Fatalf("%s: %v", filepath.Base(f), err)
+		}
+	}
+	c.WaitServed(t, "policy.sluice.io/v1alpha1", 4)
 }
