@@ -95,18 +95,7 @@ func TestPrivilegedPolicyObjects(t *testing.T) {
 	// anywhere, or "direct" (the server saw the pod itself).
 	expect := func(t *testing.T, p *testbed.Pod, cg *testbed.Cgroup, dst netip.Addr, want string) {
 		t.Helper()
-		conns, recs := len(e.Echo.Conns()), len(conformance.ReadFinal(e.Records))
-		res := testbed.Dial(t, testbed.Run(t, 30*time.Second, cg, p.Netns, "client", "tcp4:"+hp(dst)))[0]
-		time.Sleep(50 * time.Millisecond)
-		var at, proxy string
-		if cs := e.Echo.Conns()[conns:]; len(cs) == 1 {
-			at = cs[0].To
-		} else if len(cs) > 1 {
-			t.Fatalf("one dial reached %d servers", len(cs))
-		}
-		if rs := conformance.ReadFinal(e.Records)[recs:]; len(rs) == 1 {
-			proxy = rs[0].Outcome()
-		}
+		res, at, proxy := dialObserved(t, e, cg, p.Netns, "tcp4:"+hp(dst))
 		got := fmt.Sprintf("server %q reply %q proxy %q err %q", at, res.Reply, proxy, res.Err)
 		switch want {
 		case "forwarded":
@@ -296,4 +285,23 @@ func mapKeys(m map[string]string) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// dialObserved connects once from a pod and reports what the application
+// got, which server (if any) accepted the connection, and the proxy's
+// outcome for it ("" when the proxy logged nothing).
+func dialObserved(t *testing.T, e *harness.Env, cg *testbed.Cgroup, ns *testbed.Netns, spec string) (res testbed.DialResult, at, proxy string) {
+	t.Helper()
+	conns, recs := len(e.Echo.Conns()), len(conformance.ReadFinal(e.Records))
+	res = testbed.Dial(t, testbed.Run(t, 30*time.Second, cg, ns, "client", spec))[0]
+	time.Sleep(50 * time.Millisecond)
+	if cs := e.Echo.Conns()[conns:]; len(cs) == 1 {
+		at = cs[0].To
+	} else if len(cs) > 1 {
+		t.Fatalf("one dial reached %d servers", len(cs))
+	}
+	if rs := conformance.ReadFinal(e.Records)[recs:]; len(rs) == 1 {
+		proxy = rs[0].Outcome()
+	}
+	return res, at, proxy
 }

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent"
-	"github.com/sluice-io/sluice/test/conformance"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
 )
@@ -53,19 +52,9 @@ func TestPrivilegedTCPHostnameFollowsDNS(t *testing.T) {
 	// which server (if any) accepted the connection.
 	dial := func(t *testing.T, a netip.Addr, p uint16) (reply, at, proxy string) {
 		t.Helper()
-		conns, recs := len(e.Echo.Conns()), len(conformance.ReadFinal(e.Records))
-		res := testbed.Dial(t, testbed.Run(t, 30*time.Second, pod.Cgroup, pod.Netns, "client", "tcp4:"+hp(a, p)))[0]
+		res, at, proxy := dialObserved(t, e, pod.Cgroup, pod.Netns, "tcp4:"+hp(a, p))
 		if res.Err != "" {
 			t.Logf("%s: %s", hp(a, p), res.Err)
-		}
-		time.Sleep(50 * time.Millisecond)
-		if cs := e.Echo.Conns()[conns:]; len(cs) == 1 {
-			at = cs[0].To
-		} else if len(cs) > 1 {
-			t.Fatalf("one dial reached %d servers", len(cs))
-		}
-		if rs := conformance.ReadFinal(e.Records)[recs:]; len(rs) == 1 {
-			proxy = rs[0].Outcome()
 		}
 		return res.Reply, at, proxy
 	}
