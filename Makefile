@@ -20,11 +20,15 @@ build:
 	$(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BIN)/ ./cmd/sluice
 	$(GO) build -o $(BIN)/ ./test/cmd/standin-proxy
 
-## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter)
+## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter; containerd, runc and the CNI plugins for the real-node test)
 .PHONY: deps-test
 deps-test:
 	@command -v ip >/dev/null && command -v nsenter >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; }
+	@if [ "$$(id -u)" = 0 ]; then command -v containerd >/dev/null && command -v runc >/dev/null && test -x /usr/lib/cni/bridge || { \
+		echo "installing containerd, runc and the CNI plugins for the real-node test..."; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc containernetworking-plugins >/dev/null; \
+		systemctl disable --now containerd >/dev/null 2>&1 || true; }; fi
 
 ## deps-generate: install clang/llvm 14 to regenerate the BPF objects
 .PHONY: deps-generate

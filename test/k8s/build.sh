@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Builds the real kube-apiserver from test/k8s/apiserver (a module of its
-# own: k8s.io/kubernetes needs a replace per staging module) into a cache
-# keyed by version, installs Debian's etcd-server when etcd is missing, and
-# prints the kube-apiserver path. A warm cache makes this a no-op.
+# Builds the real kube-apiserver and kubelet from test/k8s/apiserver (a
+# module of its own: k8s.io/kubernetes needs a replace per staging module;
+# the kubelet is its ./kubelet, same version, same replace list) into a
+# cache keyed by version, installs Debian's etcd-server when etcd is
+# missing, and prints the kube-apiserver path (the kubelet is next to it).
+# A warm cache makes this a no-op.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 version=$(awk '$1 == "k8s.io/kubernetes" && $2 ~ /^v/ {print $2; exit} $1 == "require" && $2 == "k8s.io/kubernetes" {print $3; exit}' "$here/apiserver/go.mod")
@@ -16,6 +18,16 @@ if [ ! -x "$bin" ]; then
 	(cd "$here/apiserver" && GOFLAGS=-mod=readonly CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/kube-apiserver" .)
 	mv "$tmp/kube-apiserver" "$bin"
 	echo "built $bin" >&2
+fi
+kubelet=$cache/kubelet
+if [ ! -x "$kubelet" ]; then
+	echo "building kubelet $version into $cache (about 3 minutes on 2 cores after the API server)..." >&2
+	mkdir -p "$cache"
+	tmp=$(mktemp -d "$cache/build.XXXXXX")
+	trap 'rm -rf "$tmp"' EXIT
+	(cd "$here/apiserver" && GOFLAGS=-mod=readonly CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/kubelet" ./kubelet)
+	mv "$tmp/kubelet" "$kubelet"
+	echo "built $kubelet" >&2
 fi
 if ! command -v etcd >/dev/null; then
 	echo "installing etcd-server..." >&2

@@ -39,6 +39,8 @@ type Cluster struct {
 	Client     kubernetes.Interface
 	Config     *rest.Config
 	Kubeconfig string // path of a kubeconfig for other processes
+	// EtcdDir is etcd's data directory (on tmpfs where there is one).
+	EtcdDir string
 }
 
 // Binaries returns the kube-apiserver and etcd paths, or a reason they are
@@ -89,8 +91,9 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 		})
 		return c, err
 	}
+	etcdDir := etcdDataDir(t, dir)
 	start(t, ns, "etcd", filepath.Join(dir, "etcd.log"), etcdBin,
-		"--data-dir", etcdDataDir(t, dir),
+		"--data-dir", etcdDir,
 		"--listen-client-urls", etcdURL, "--advertise-client-urls", etcdURL,
 		"--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
 		"--initial-cluster", "default="+peerURL)
@@ -136,7 +139,7 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 	}
 	kc := filepath.Join(dir, "kubeconfig")
 	writeKubeconfig(t, kc, host, token)
-	return &Cluster{Client: client, Config: cfg, Kubeconfig: kc}
+	return &Cluster{Client: client, Config: cfg, Kubeconfig: kc, EtcdDir: etcdDir}
 }
 
 // writeKubeconfig writes a kubeconfig (mode 0600) for the API server at
