@@ -2,6 +2,7 @@ package daemonset
 
 import (
 	"bytes"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -354,5 +355,54 @@ func TestUninstallRenders(t *testing.T) {
 	}
 	if !ds.Spec.Template.Spec.HostNetwork {
 		t.Error("uninstall is not in the node's network namespace: it could not remove the proxy addresses")
+	}
+}
+
+// The kernel-before-5.11 component adds exactly CAP_SYS_RESOURCE to the
+// agent, and nothing else changes.
+func TestKernelBefore511Component(t *testing.T) {
+	base := loadInstall(t)
+	// A user's overlay, as the component's comment shows it. Kustomize
+	// refuses a base that contains the overlay, so both go to a copy.
+	dir := t.TempDir()
+	if err := os.CopyFS(filepath.Join(dir, "daemonset"), os.DirFS(Dir())); err != nil {
+		t.Fatal(err)
+	}
+	overlay := filepath.Join(dir, "overlay")
+	if err := os.Mkdir(overlay, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	k := "resources: [../daemonset]\ncomponents: [../daemonset/kernel-before-5.11]\n"
+	if err := os.WriteFile(filepath.Join(overlay, "kustomization.yaml"), []byte(k), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	objs, err := Render(overlay)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(objs) != len(base.Objects) {
+		t.Fatalf("%d objects, the base has %d", len(objs), len(base.Objects))
+	}
+	for i, o := range objs {
+		if o.Kind != "DaemonSet" {
+			if string(o.YAML) != string(base.Objects[i].YAML) {
+				t.Errorf("%s %s changed", o.Kind, o.Name)
+			}
+			continue
+		}
+		obj, err := o.Decode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		agent := obj.(*appsv1.DaemonSet).Spec.Template.Spec.Containers[0]
+		var got []string
+		for _, c := range agent.SecurityContext.Capabilities.Add {
+			got = append(got, string(c))
+		}
+		sort.Strings(got)
+		want := capNames(append(append([]datapath.Capability{}, datapath.Capabilities...), datapath.MemlockCapability))
+		if agent.Name != "agent" || !slices.Equal(got, want) {
+			t.Errorf("container %s adds %v, want %v", agent.Name, got, want)
+		}
 	}
 }

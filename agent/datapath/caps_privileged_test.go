@@ -66,11 +66,11 @@ func runWithCaps(t *testing.T, caps []string, cfg Config) (string, error) {
 	return string(out), err
 }
 
-// The declared Capabilities alone are enough to install, program and
-// uninstall the datapath, and each of CAP_BPF and CAP_NET_ADMIN is necessary.
-// (CAP_SYS_RESOURCE only matters before 5.11, where maps count against
-// RLIMIT_MEMLOCK; CAP_PERFMON only on older verifiers: make test-kernels
-// runs this test on 5.10, 6.1 and 6.12.)
+// The capabilities declared for this kernel alone are enough to install,
+// program and uninstall the datapath, and each of CAP_BPF and CAP_NET_ADMIN
+// is necessary. (CAP_SYS_RESOURCE is declared only before 5.11, where maps
+// count against RLIMIT_MEMLOCK; CAP_PERFMON matters only on older
+// verifiers: make test-kernels runs this test on 5.10, 6.1 and 6.12.)
 func TestPrivilegedCapabilities(t *testing.T) {
 	testbed.RequirePrivileged(t)
 	if _, err := exec.LookPath("setpriv"); err != nil {
@@ -87,7 +87,7 @@ func TestPrivilegedCapabilities(t *testing.T) {
 	t.Cleanup(func() { Uninstall(cfg.PinPath) })
 
 	var all []string
-	for _, c := range Capabilities {
+	for _, c := range RequiredCapabilities() {
 		all = append(all, c.Name)
 	}
 	if out, err := runWithCaps(t, all, cfg); err != nil {

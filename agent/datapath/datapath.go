@@ -139,7 +139,7 @@ func Open(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	if err := rlimit.RemoveMemlock(); err != nil {
-		return nil, fmt.Errorf("remove memlock limit: %w", err)
+		return nil, fmt.Errorf("remove memlock limit: this kernel charges BPF maps to RLIMIT_MEMLOCK (before 5.11): the agent needs %s (on Kubernetes: add the daemonset/kernel-before-5.11 component) or an unlimited memlock limit: %w", MemlockCapability.Name, err)
 	}
 	spec, err := loadSpec()
 	if err != nil {

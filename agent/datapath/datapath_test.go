@@ -100,3 +100,28 @@ func TestAttachmentsMatchPrograms(t *testing.T) {
 		}
 	}
 }
+
+func TestKernelVersion(t *testing.T) {
+	for _, tc := range []struct {
+		release      string
+		major, minor int
+		memlock      bool
+	}{
+		{"5.10.0-46-cloud-amd64", 5, 10, true},
+		{"5.11.0", 5, 11, false},
+		{"6.1.0-28-cloud-amd64", 6, 1, false},
+		{"6.18.2+", 6, 18, false},
+		{"4.19.0-27-amd64", 4, 19, true},
+	} {
+		major, minor, err := kernelVersion(tc.release)
+		if err != nil || major != tc.major || minor != tc.minor {
+			t.Errorf("%s: %d.%d %v", tc.release, major, minor, err)
+		}
+		if got := memlockAccounted(tc.release); got != tc.memlock {
+			t.Errorf("%s: memlock accounted %v", tc.release, got)
+		}
+	}
+	if _, _, err := kernelVersion("garbage"); err == nil || !memlockAccounted("garbage") {
+		t.Error("garbage parsed, or not taken as accounted")
+	}
+}

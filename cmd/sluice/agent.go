@@ -133,7 +133,7 @@ func parseAgentFlags(args []string, stderr io.Writer) (agent.Config, string, err
 configuration over ADS, follow the workloads and Envoy's health. On SIGTERM the
 control plane stops and the datapath stays pinned and redirecting; a restarted
 agent picks up where it left off. Needs root or CAP_BPF, CAP_NET_ADMIN,
-CAP_PERFMON and CAP_SYS_RESOURCE.
+CAP_PERFMON (and CAP_SYS_RESOURCE before Linux 5.11).
 
 Workloads come from the Kubernetes API (the default: pods on this node that the
 opt-in selector, an EgressPolicy or a guardrail ClusterEgressPolicy selects,
