@@ -122,6 +122,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := datapath.CheckKernel(); err != nil {
 		return err
 	}
+	if err := resolveCgroupDirs(&cfg, log); err != nil {
+		return err
+	}
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
 	}
@@ -285,6 +288,24 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 		return err
 	}
+}
+
+// resolveCgroupDirs points the cgroup mount (and the attach cgroup and pod
+// layout, where they are the mount) at the cgroup v2 hierarchy: on a hybrid
+// host, given /sys/fs/cgroup, that is /sys/fs/cgroup/unified.
+func resolveCgroupDirs(cfg *Config, log *slog.Logger) error {
+	for _, p := range []*string{&cfg.CgroupMount, &cfg.AttachCgroup, &cfg.CgroupLayout.Mount} {
+		if *p == "" || datapath.IsCgroup2(*p) {
+			continue
+		}
+		r, err := datapath.ResolveCgroup2(*p)
+		if err != nil {
+			return err
+		}
+		log.Info("hybrid cgroup host: using the cgroup v2 hierarchy", "given", *p, "using", r)
+		*p = r
+	}
+	return nil
 }
 
 // logReporter counts workload problems (the reconciler logs them) and

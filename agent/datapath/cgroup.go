@@ -118,3 +118,23 @@ func EnsureBPFFS(dir string) error {
 	}
 	return nil
 }
+
+// IsCgroup2 reports whether dir is on a cgroup v2 filesystem.
+func IsCgroup2(dir string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(dir, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC
+}
+
+// ResolveCgroup2 returns dir when it is on cgroup v2, or dir/unified when
+// dir is a hybrid host's cgroup directory (a tmpfs of v1 hierarchies) whose
+// v2 hierarchy is mounted at unified: the DaemonSet mounts the host's
+// /sys/fs/cgroup whatever its layout.
+func ResolveCgroup2(dir string) (string, error) {
+	if IsCgroup2(dir) {
+		return dir, nil
+	}
+	if u := dir + "/unified"; IsCgroup2(u) {
+		return u, nil
+	}
+	return "", fmt.Errorf("%s is not a cgroup v2 directory, and has no cgroup v2 hierarchy at unified/ (hybrid hosts mount it there)", dir)
+}

@@ -47,3 +47,20 @@ func TestMissingFeatureErrorNamesEach(t *testing.T) {
 		}
 	}
 }
+
+// On a hybrid host (this machine kind: /sys/fs/cgroup is a tmpfs of v1
+// hierarchies, v2 at unified/), the host's /sys/fs/cgroup resolves to its
+// v2 hierarchy; on a v2-only host it is itself.
+func TestPrivilegedResolveCgroup2(t *testing.T) {
+	mount, err := Cgroup2Mount()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := ResolveCgroup2("/sys/fs/cgroup")
+	if err != nil || got != mount {
+		t.Fatalf("ResolveCgroup2(/sys/fs/cgroup) = %q, %v; the cgroup v2 mount is %s", got, err, mount)
+	}
+	if _, err := ResolveCgroup2("/proc"); err == nil {
+		t.Error("/proc resolved to a cgroup v2 hierarchy")
+	}
+}
