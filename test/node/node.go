@@ -12,6 +12,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -24,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/kube"
 	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
@@ -48,27 +50,35 @@ type Node struct {
 	Cgroup2 string
 	IP      netip.Addr
 	sock    string
+	mntns   string // the node's mount namespace (containerd's, the kubelet's)
 }
 
 func goarch() string { return runtime.GOARCH }
 
-// Binaries finds the kubelet: next to the API server test/k8s/build.sh
-// built. why is set when something is missing.
-func Binaries() (kubelet, why string) {
+// binaries are the node's Kubernetes components.
+type binaries struct{ kubelet, controllerManager, scheduler string }
+
+// Binaries finds the kubelet, kube-controller-manager and kube-scheduler:
+// next to the API server test/k8s/build.sh built. why is set when
+// something is missing.
+func Binaries() (b binaries, why string) {
 	apiserver, _, why := kube.Binaries()
 	if why != "" {
-		return "", why
+		return b, why
 	}
-	kubelet = filepath.Join(filepath.Dir(apiserver), "kubelet")
-	if _, err := os.Stat(kubelet); err != nil {
-		return "", fmt.Sprintf("no kubelet next to %s (test/k8s/build.sh builds it): %v", apiserver, err)
-	}
-	for _, b := range []string{"containerd", "runc", "ctr", "/usr/lib/cni/bridge", "/usr/lib/cni/host-local", "/usr/lib/cni/loopback"} {
-		if _, err := exec.LookPath(b); err != nil {
-			return "", fmt.Sprintf("%s missing (apt-get install containerd runc containernetworking-plugins; make test does)", b)
+	dir := filepath.Dir(apiserver)
+	b = binaries{filepath.Join(dir, "kubelet"), filepath.Join(dir, "kube-controller-manager"), filepath.Join(dir, "kube-scheduler")}
+	for _, p := range []string{b.kubelet, b.controllerManager, b.scheduler} {
+		if _, err := os.Stat(p); err != nil {
+			return b, fmt.Sprintf("no %s next to %s (test/k8s/build.sh builds it): %v", filepath.Base(p), apiserver, err)
 		}
 	}
-	return kubelet, ""
+	for _, bin := range []string{"containerd", "runc", "ctr", "/usr/lib/cni/bridge", "/usr/lib/cni/host-local", "/usr/lib/cni/loopback"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return binaries{}, fmt.Sprintf("%s missing (apt-get install containerd runc containernetworking-plugins; make test does)", bin)
+		}
+	}
+	return b, ""
 }
 
 // Start starts a node and waits until it is Ready. images are
@@ -77,7 +87,7 @@ func Binaries() (kubelet, why string) {
 func Start(t testing.TB, images ...string) *Node {
 	t.Helper()
 	testbed.RequirePrivileged(t)
-	kubelet, why := Binaries()
+	bins, why := Binaries()
 	if why != "" {
 		if os.Getenv("CI") == "true" {
 			t.Fatalf("no real node under CI=true: %s", why)
@@ -134,6 +144,29 @@ func Start(t testing.TB, images ...string) *Node {
 	}
 
 	n.writeConfigs(t, len(cgs) > 1)
+	// The node's mount namespace: the host's mounts (as a slave: nothing
+	// the node mounts reaches the host, and all of it goes with the
+	// namespace), with /sys/fs/bpf a shared mount, as systemd makes it on
+	// real nodes. The DaemonSet's bpffs init container mounts it
+	// Bidirectional, which containerd refuses on a private mount.
+	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
+		t.Fatal(err)
+	}
+	mntns := exec.Command("unshare", "--mount", "--propagation", "slave", "--", "sh", "-c",
+		"mount --make-shared "+datapath.DefaultBPFFS+" && echo ready && exec sleep infinity")
+	mntns.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	out, err := mntns.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := mntns.Start(); err != nil {
+		t.Fatalf("node mount namespace: %v", err)
+	}
+	procs = append(procs, mntns)
+	if l, err := bufio.NewReader(out).ReadString('\n'); err != nil || l != "ready\n" {
+		t.Fatalf("node mount namespace: %q %v", l, err)
+	}
+	n.mntns = fmt.Sprintf("/proc/%d/ns/mnt", mntns.Process.Pid)
 	procs = append(procs, n.start(t, "containerd", "containerd", "--config", filepath.Join(n.Dir, "containerd", "config.toml")))
 	waitFor(t, "containerd", 20*time.Second, func() bool { _, err := n.ctr("version"); return err == nil })
 
@@ -145,7 +178,15 @@ func Start(t testing.TB, images ...string) *Node {
 		}
 	}
 
-	procs = append(procs, n.start(t, "kubelet", kubelet, "--config", filepath.Join(n.Dir, "kubelet-config.yaml"),
+	// Only the DaemonSet controller of kube-controller-manager, and the
+	// scheduler that binds DaemonSet pods: the tests' own pods set
+	// spec.nodeName.
+	procs = append(procs, n.start(t, "kube-controller-manager", bins.controllerManager, "--kubeconfig", n.Cluster.Kubeconfig,
+		"--controllers=daemonset", "--leader-elect=false", "--use-service-account-credentials=false",
+		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", freePort(t)), "--cert-dir", filepath.Join(n.Dir, "kcm")))
+	procs = append(procs, n.start(t, "kube-scheduler", bins.scheduler, "--kubeconfig", n.Cluster.Kubeconfig,
+		"--leader-elect=false", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", freePort(t)), "--cert-dir", filepath.Join(n.Dir, "scheduler")))
+	procs = append(procs, n.start(t, "kubelet", bins.kubelet, "--config", filepath.Join(n.Dir, "kubelet-config.yaml"),
 		"--kubeconfig", n.Cluster.Kubeconfig, "--root-dir", filepath.Join(n.Dir, "kubelet"), "--cert-dir", filepath.Join(n.Dir, "kubelet", "pki"),
 		"--hostname-override", Name, "--node-ip", n.IP.String(), "-v=2"))
 	started := time.Now()
@@ -194,7 +235,11 @@ func (n *Node) start(t testing.TB, name, bin string, args ...string) *exec.Cmd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("nsenter", append([]string{"--net=" + n.Netns.Path(), "--", bin}, args...)...)
+	ns := []string{"--net=" + n.Netns.Path()}
+	if n.mntns != "" {
+		ns = append(ns, "--mount="+n.mntns)
+	}
+	cmd := exec.Command("nsenter", append(append(ns, "--", bin), args...)...)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -213,6 +258,10 @@ func (n *Node) teardown(logf func(string, ...any), failed bool, procs []*exec.Cm
 	zero := int64(0)
 	if n.Cluster != nil {
 		nss, _ := n.Cluster.Client.CoreV1().Namespaces().List(ctx, metav1.ListOptions{})
+		for _, ns := range nss.Items {
+			// DaemonSets first, or their controller makes new pods.
+			_ = n.Cluster.Client.AppsV1().DaemonSets(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{}, metav1.ListOptions{})
+		}
 		for _, ns := range nss.Items {
 			_ = n.Cluster.Client.CoreV1().Pods(ns.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
 		}
@@ -284,7 +333,7 @@ func (n *Node) teardown(logf func(string, ...any), failed bool, procs []*exec.Cm
 		}
 	}
 	if failed {
-		for _, name := range []string{"kubelet", "containerd"} {
+		for _, name := range []string{"kubelet", "containerd", "kube-controller-manager", "kube-scheduler"} {
 			b, _ := os.ReadFile(filepath.Join(n.Dir, name+".log"))
 			if len(b) > 6000 {
 				b = b[len(b)-6000:]
@@ -468,4 +517,15 @@ func buildPause(t testing.TB, dir string) string {
 		t.Fatalf("build pause: %v\n%s", err, b)
 	}
 	return out
+}
+
+// freePort asks the kernel for a free TCP port on loopback.
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
 }

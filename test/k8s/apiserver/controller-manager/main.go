@@ -1,0 +1,20 @@
+// Command controller-manager is kube-controller-manager, as upstream's
+// cmd/kube-controller-manager builds it, for sluice's real-node tests
+// (test/node), which run only the DaemonSet controller of it. It shares the
+// API server's module: the same Kubernetes version and replace list.
+package main
+
+import (
+	"os"
+	_ "time/tzdata"
+
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"
+	_ "k8s.io/component-base/metrics/prometheus/clientgo"
+	_ "k8s.io/component-base/metrics/prometheus/version"
+	"k8s.io/kubernetes/cmd/kube-controller-manager/app"
+)
+
+func main() {
+	os.Exit(cli.Run(app.NewControllerManagerCommand()))
+}
