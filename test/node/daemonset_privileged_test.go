@@ -263,5 +263,6 @@ func installOnNode(t *testing.T) (pinPath string) {
 	if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
 		t.Errorf("the agent has not pinned its programs at %s: %v", pinPath, err)
 	}
+	t.Run("app pods", func(t *testing.T) { appPods(t, n, sluice, pinPath, n.stateFile(t, pod)) })
 	return pinPath
 }
