@@ -79,7 +79,7 @@ func Start(t testing.TB, ns *testbed.Netns) *Cluster {
 		t.Skip(why)
 	}
 	dir := t.TempDir()
-	etcdPort, peerPort, apiPort := freePort(t), freePort(t), freePort(t)
+	etcdPort, peerPort, apiPort := FreePort(t), FreePort(t), FreePort(t)
 	etcdURL := fmt.Sprintf("http://127.0.0.1:%d", etcdPort)
 	peerURL := fmt.Sprintf("http://127.0.0.1:%d", peerPort)
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -225,7 +225,8 @@ func etcdDataDir(t testing.TB, fallback string) string {
 	return filepath.Join(fallback, "etcd")
 }
 
-func freePort(t testing.TB) int {
+// FreePort asks the kernel for a free TCP port on loopback.
+func FreePort(t testing.TB) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -60,11 +60,7 @@ type inPod struct {
 
 func (n *Node) inPod(t *testing.T, p *corev1.Pod) inPod {
 	t.Helper()
-	layout := agent.PodCgroupLayout{Mount: n.Cgroup2, Driver: agent.DriverCgroupfs, KubeletRoot: n.CgroupRoot}
-	dir, err := layout.PodCgroup(string(p.UID), string(p.Status.QOSClass))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := n.podCgroup(t, p)
 	for cg, pid := range firstProcs(t, dir) {
 		// The pod's netns, named for nsenter from this mount namespace
 		// (containerd's bind mount lives in the node's).
@@ -184,11 +180,7 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 // root: the pod's emptyDir is a mount in the node's mount namespace only.
 func (n *Node) stateFile(t *testing.T, p *corev1.Pod) string {
 	t.Helper()
-	layout := agent.PodCgroupLayout{Mount: n.Cgroup2, Driver: agent.DriverCgroupfs, KubeletRoot: n.CgroupRoot}
-	dir, err := layout.PodCgroup(string(p.UID), string(p.Status.QOSClass))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir := n.podCgroup(t, p)
 	var f string
 	waitFor(t, "the agent's state file", 20*time.Second, func() bool {
 		for pid := range procsBelow(t, dir) {
@@ -202,4 +194,15 @@ func (n *Node) stateFile(t *testing.T, p *corev1.Pod) string {
 		return false
 	})
 	return f
+}
+
+// podCgroup is where the agent finds the pod's cgroup on this node.
+func (n *Node) podCgroup(t *testing.T, p *corev1.Pod) string {
+	t.Helper()
+	layout := agent.PodCgroupLayout{Mount: n.Cgroup2, Driver: agent.DriverCgroupfs, KubeletRoot: n.CgroupRoot}
+	dir, err := layout.PodCgroup(string(p.UID), string(p.Status.QOSClass))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }

@@ -12,7 +12,6 @@ import (
 	"bufio"
 	"context"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -183,9 +182,9 @@ func Start(t testing.TB, images ...string) *Node {
 	// spec.nodeName.
 	procs = append(procs, n.start(t, "kube-controller-manager", bins.controllerManager, "--kubeconfig", n.Cluster.Kubeconfig,
 		"--controllers=daemonset", "--leader-elect=false", "--use-service-account-credentials=false",
-		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", freePort(t)), "--cert-dir", filepath.Join(n.Dir, "kcm")))
+		"--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", kube.FreePort(t)), "--cert-dir", filepath.Join(n.Dir, "kcm")))
 	procs = append(procs, n.start(t, "kube-scheduler", bins.scheduler, "--kubeconfig", n.Cluster.Kubeconfig,
-		"--leader-elect=false", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", freePort(t)), "--cert-dir", filepath.Join(n.Dir, "scheduler")))
+		"--leader-elect=false", "--bind-address=127.0.0.1", fmt.Sprintf("--secure-port=%d", kube.FreePort(t)), "--cert-dir", filepath.Join(n.Dir, "scheduler")))
 	procs = append(procs, n.start(t, "kubelet", bins.kubelet, "--config", filepath.Join(n.Dir, "kubelet-config.yaml"),
 		"--kubeconfig", n.Cluster.Kubeconfig, "--root-dir", filepath.Join(n.Dir, "kubelet"), "--cert-dir", filepath.Join(n.Dir, "kubelet", "pki"),
 		"--hostname-override", Name, "--node-ip", n.IP.String(), "-v=2"))
@@ -517,15 +516,4 @@ func buildPause(t testing.TB, dir string) string {
 		t.Fatalf("build pause: %v\n%s", err, b)
 	}
 	return out
-}
-
-// freePort asks the kernel for a free TCP port on loopback.
-func freePort(t testing.TB) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
