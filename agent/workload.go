@@ -7,7 +7,6 @@ import (
 	"strings"
 
 	"github.com/sluice-io/sluice/policy"
-	"k8s.io/apimachinery/pkg/labels"
 )
 
 // Workload is one thing the agent selects, whatever its source: a pod, or
@@ -33,8 +32,7 @@ func (w Workload) Effective() policy.Effective {
 	if w.Policy != nil {
 		return *w.Policy
 	}
-	sel := policy.Select(policy.Pod{Labels: w.Labels, Annotations: w.Annotations}, policy.Objects{}, policy.Options{OptIn: labels.Everything()})
-	return policy.Merge(sel.Sources)
+	return policy.FromLabels(w.Labels, w.Annotations)
 }
 
 // Key identifies a workload across updates: namespace/name.

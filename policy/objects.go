@@ -64,6 +64,13 @@ type Selection struct {
 	Exempt bool
 }
 
+// FromLabels is the effective policy of a workload that its own labels
+// and annotation alone govern: a pod when no policy object applies, a host
+// service of the workloads file.
+func FromLabels(podLabels, annotations map[string]string) Effective {
+	return Merge(Select(Pod{Labels: podLabels, Annotations: annotations}, Objects{}, Options{OptIn: labels.Everything()}).Sources)
+}
+
 // Select says whether a pod is selected and which sources apply to it:
 // the opt-in label or any EgressPolicy or guardrail selecting it selects
 // it; baselines apply to pods selected otherwise. A policy whose selector

@@ -1,6 +1,8 @@
 package policy
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -209,9 +211,47 @@ func TestSelectBrokenSelectors(t *testing.T) {
 	}
 }
 
-// The pod's labels and annotation, merged alone, mean what ParsePolicy
-// says they mean: the file source and a Kubernetes pod without policy
-// objects behave as before.
+// legacyParsePolicy is the label and annotation parser from before the
+// policy objects, kept as the oracle of TestPodSourceMatchesParsePolicy.
+func legacyParsePolicy(labels, annotations map[string]string) (Policy, error) {
+	var errs []error
+	p := Policy{Mode: Audit}
+	switch m := labels[LabelMode]; m {
+	case "", "audit":
+	case "enforce":
+		p.Mode = Enforce
+	default:
+		p.Mode = Enforce
+		errs = append(errs, fmt.Errorf("label %s=%q: want audit or enforce; enforcing deny-all", LabelMode, m))
+	}
+	p.FailClosed = p.Mode == Enforce
+	switch f := labels[LabelFailMode]; f {
+	case "":
+	case "closed":
+		p.FailClosed = true
+	case "open":
+		p.FailClosed = false
+	default:
+		errs = append(errs, fmt.Errorf("label %s=%q: want open or closed; keeping fail-%s", LabelFailMode, f, map[bool]string{true: "closed", false: "open"}[p.FailClosed]))
+	}
+	rules, err := ParseAllowList(annotations[AnnotationAllow])
+	if err != nil {
+		errs = append(errs, err)
+	}
+	if len(errs) > 0 {
+		// No allow entries: deny-all in enforce mode, which never fails open.
+		if p.Mode == Enforce {
+			p.FailClosed = true
+		}
+		return p, errors.Join(errs...)
+	}
+	p.Allow = rules
+	return p, nil
+}
+
+// The pod's labels and annotation, merged alone, mean what they meant
+// before the policy objects (legacyParsePolicy): the file source and a
+// Kubernetes pod without policy objects behave as before.
 func TestPodSourceMatchesParsePolicy(t *testing.T) {
 	for _, m := range []string{"", "audit", "enforce", "strict"} {
 		for _, f := range []string{"", "open", "closed", "maybe"} {
@@ -226,7 +266,7 @@ func TestPodSourceMatchesParsePolicy(t *testing.T) {
 				if a != "" {
 					an[AnnotationAllow] = a
 				}
-				want, werr := ParsePolicy(l, an)
+				want, werr := legacyParsePolicy(l, an)
 				sel := Select(Pod{Labels: l, Annotations: an}, Objects{}, Options{OptIn: labels.Everything()})
 				e := Merge(sel.Sources)
 				if e.Policy.Mode != want.Mode || e.Policy.FailClosed != want.FailClosed || ruleStrings(e.Policy.Allow) != ruleStrings(want.Allow) || (e.Err == nil) != (werr == nil) {

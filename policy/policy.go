@@ -152,45 +152,14 @@ func (e *EntryError) Error() string {
 	return fmt.Sprintf("%s entry %d %q: %s", AnnotationAllow, e.Index, e.Entry, e.Reason)
 }
 
-// ParsePolicy reads a pod's policy from its labels and annotations. On error
-// it still returns the safest policy for the pod together with the error,
-// which the caller reports: an enforce pod (or one whose mode label is not
-// understood) gets deny-all, an audit pod stays audited. Nothing that fails
-// to parse ever widens what a pod may reach.
+// ParsePolicy reads a pod's policy from its labels and annotations alone
+// (FromLabels). On error it still returns the safest policy for the pod
+// together with the error, which the caller reports: an enforce pod (or one
+// whose mode label is not understood) gets deny-all, an audit pod stays
+// audited. Nothing that fails to parse ever widens what a pod may reach.
 func ParsePolicy(labels, annotations map[string]string) (Policy, error) {
-	var errs []error
-	p := Policy{Mode: Audit}
-	switch m := labels[LabelMode]; m {
-	case "", "audit":
-	case "enforce":
-		p.Mode = Enforce
-	default:
-		p.Mode = Enforce
-		errs = append(errs, fmt.Errorf("label %s=%q: want audit or enforce; enforcing deny-all", LabelMode, m))
-	}
-	p.FailClosed = p.Mode == Enforce
-	switch f := labels[LabelFailMode]; f {
-	case "":
-	case "closed":
-		p.FailClosed = true
-	case "open":
-		p.FailClosed = false
-	default:
-		errs = append(errs, fmt.Errorf("label %s=%q: want open or closed; keeping fail-%s", LabelFailMode, f, map[bool]string{true: "closed", false: "open"}[p.FailClosed]))
-	}
-	rules, err := ParseAllowList(annotations[AnnotationAllow])
-	if err != nil {
-		errs = append(errs, err)
-	}
-	if len(errs) > 0 {
-		// No allow entries: deny-all in enforce mode, which never fails open.
-		if p.Mode == Enforce {
-			p.FailClosed = true
-		}
-		return p, errors.Join(errs...)
-	}
-	p.Allow = rules
-	return p, nil
+	e := FromLabels(labels, annotations)
+	return e.Policy, e.Err
 }
 
 // ParseAllowList parses the allow annotation: entries separated by commas or
