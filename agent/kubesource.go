@@ -357,7 +357,7 @@ func (s *KubeSource) enqueueNamespace(ns string) {
 		return
 	}
 	for _, p := range pods {
-		s.queue.Add(p.Namespace + "/" + p.Name)
+		s.enqueue(p)
 	}
 }
 

@@ -61,6 +61,7 @@ func Sluice(t testing.TB) string {
 			buildErr = err
 			return
 		}
+		testbed.AtExit(func() { os.RemoveAll(dir) })
 		binPath = filepath.Join(dir, "sluice")
 		cmd := exec.Command("go", "build", "-o", binPath, "github.com/sluice-io/sluice/cmd/sluice")
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -124,7 +125,7 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 	plain := n.inPod(t, mk("plain", nil, nil))
 	const node = "10.99.2.1" // the proxy dials from the node's side of the veth
 
-	waitFor(t, "the enforce pod redirected (its listener accepted by the proxy)", 30*time.Second, func() bool {
+	harness.WaitFor(t, "the enforce pod redirected (its listener accepted by the proxy)", 30*time.Second, func() bool {
 		_, from := ext.dial(t, enforce, 8080)
 		return from == node
 	})
@@ -138,7 +139,7 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 		}
 	})
 	t.Run("audit", func(t *testing.T) {
-		waitFor(t, "the audit pod redirected", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == node })
+		harness.WaitFor(t, "the audit pod redirected", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == node })
 	})
 	t.Run("unlabelled", func(t *testing.T) {
 		if _, from := ext.dial(t, plain, 8080); from != plain.ip.String() {
@@ -164,12 +165,12 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 		if _, err := n.Cluster.Client.CoreV1().Pods("default").Patch(ctx, "audit", types.MergePatchType, patch, metav1.PatchOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "the relabelled pod direct", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == audit.ip.String() })
+		harness.WaitFor(t, "the relabelled pod direct", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == audit.ip.String() })
 		zero := int64(0)
 		if err := n.Cluster.Client.CoreV1().Pods("default").Delete(ctx, "enforce", metav1.DeleteOptions{GracePeriodSeconds: &zero}); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "the deleted pod gone from sluice status", 30*time.Second, func() bool {
+		harness.WaitFor(t, "the deleted pod gone from sluice status", 30*time.Second, func() bool {
 			out, _ := exec.Command(sluice, "status", "--pin-path", pinPath, "--state-file", stateFile).CombinedOutput()
 			return !strings.Contains(string(out), "default/enforce") && !strings.Contains(string(out), "default/audit")
 		})
@@ -182,7 +183,7 @@ func (n *Node) stateFile(t *testing.T, p *corev1.Pod) string {
 	t.Helper()
 	dir := n.podCgroup(t, p)
 	var f string
-	waitFor(t, "the agent's state file", 20*time.Second, func() bool {
+	harness.WaitFor(t, "the agent's state file", 20*time.Second, func() bool {
 		for pid := range procsBelow(t, dir) {
 			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 			if strings.HasPrefix(string(b), "/sluice\x00agent") {

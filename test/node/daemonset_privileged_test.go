@@ -7,12 +7,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sluice-io/sluice/daemonset"
+	"github.com/sluice-io/sluice/test/harness"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
@@ -23,25 +23,6 @@ const (
 	SluiceImage = "localhost/sluice:dev" // what the kustomization's image is
 	ProxyImage  = "sluice.local/standin:test"
 )
-
-// repoRoot is the repository's root directory.
-func repoRoot() string {
-	_, file, _, _ := runtime.Caller(0)
-	return filepath.Join(filepath.Dir(file), "..", "..")
-}
-
-// buildStatic builds a command of this repository, static, into dir.
-func buildStatic(t testing.TB, dir, pkg string) string {
-	t.Helper()
-	out := filepath.Join(dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
-	cmd.Dir = repoRoot()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build %s: %v\n%s", pkg, err, b)
-	}
-	return out
-}
 
 // overlay writes the test overlay over a copy of daemonset/ and returns its
 // directory. It changes only what this node requires:
@@ -145,7 +126,7 @@ func TestPrivilegedDaemonSetOnRealNode(t *testing.T) {
 
 func installOnNode(t *testing.T) (pinPath string) {
 	dir := t.TempDir()
-	sluice := buildStatic(t, dir, "./cmd/sluice")
+	sluice := harness.Sluice(t)
 	standin := buildStatic(t, dir, "./test/cmd/standin-proxy")
 	sluiceTar, proxyTar := filepath.Join(dir, "sluice.tar"), filepath.Join(dir, "standin.tar")
 	BuildImage(t, SluiceImage, []string{"/sluice"}, sluiceTar, ImageFile{Path: "/sluice", From: sluice, Mode: 0o755})
@@ -165,7 +146,7 @@ func installOnNode(t *testing.T) (pinPath string) {
 		_ = n.Cluster.Client.AppsV1().DaemonSets(install.Namespace.Name).Delete(ctx, install.DaemonSet.Name, metav1.DeleteOptions{})
 		zero := int64(0)
 		_ = n.Cluster.Client.CoreV1().Pods(install.Namespace.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
-		waitFor(t, "the agent's pods gone", 30*time.Second, func() bool {
+		harness.WaitFor(t, "the agent's pods gone", 30*time.Second, func() bool {
 			ps, err := n.Cluster.Client.CoreV1().Pods(install.Namespace.Name).List(ctx, metav1.ListOptions{})
 			return err == nil && len(ps.Items) == 0
 		})
@@ -228,7 +209,7 @@ func installOnNode(t *testing.T) (pinPath string) {
 	})
 	start := time.Now()
 	var pod *corev1.Pod
-	waitFor(t, "the DaemonSet's pod Running and Ready", 90*time.Second, func() bool {
+	harness.WaitFor(t, "the DaemonSet's pod Running and Ready", 90*time.Second, func() bool {
 		ps, err := n.Cluster.Client.CoreV1().Pods(install.Namespace.Name).List(ctx, metav1.ListOptions{})
 		if err != nil || len(ps.Items) == 0 {
 			return false

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/kube"
 	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
@@ -167,10 +168,10 @@ func Start(t testing.TB, images ...string) *Node {
 	}
 	n.mntns = fmt.Sprintf("/proc/%d/ns/mnt", mntns.Process.Pid)
 	procs = append(procs, n.start(t, "containerd", "containerd", "--config", filepath.Join(n.Dir, "containerd", "config.toml")))
-	waitFor(t, "containerd", 20*time.Second, func() bool { _, err := n.ctr("version"); return err == nil })
+	harness.WaitFor(t, "containerd", 20*time.Second, func() bool { _, err := n.ctr("version"); return err == nil })
 
 	pause := filepath.Join(n.Dir, "pause.tar")
-	BuildImage(t, PauseImage, []string{"/pause"}, pause, ImageFile{Path: "/pause", From: buildPause(t, n.Dir), Mode: 0o755})
+	BuildImage(t, PauseImage, []string{"/pause"}, pause, ImageFile{Path: "/pause", From: buildStatic(t, n.Dir, "./test/cmd/pause"), Mode: 0o755})
 	for _, img := range append([]string{pause}, images...) {
 		if out, err := n.ctr("images", "import", "--all-platforms", img); err != nil {
 			t.Fatalf("import %s: %v\n%s", img, err, out)
@@ -189,7 +190,7 @@ func Start(t testing.TB, images ...string) *Node {
 		"--kubeconfig", n.Cluster.Kubeconfig, "--root-dir", filepath.Join(n.Dir, "kubelet"), "--cert-dir", filepath.Join(n.Dir, "kubelet", "pki"),
 		"--hostname-override", Name, "--node-ip", n.IP.String(), "-v=2"))
 	started := time.Now()
-	waitFor(t, "the node Ready", 60*time.Second, func() bool {
+	harness.WaitFor(t, "the node Ready", 60*time.Second, func() bool {
 		nd, err := n.Cluster.Client.CoreV1().Nodes().Get(context.Background(), Name, metav1.GetOptions{})
 		if err != nil {
 			return false
@@ -209,7 +210,7 @@ func Start(t testing.TB, images ...string) *Node {
 func (n *Node) WaitRunning(t testing.TB, namespace, name string) *corev1.Pod {
 	t.Helper()
 	var pod *corev1.Pod
-	waitFor(t, "pod "+namespace+"/"+name+" Running", 60*time.Second, func() bool {
+	harness.WaitFor(t, "pod "+namespace+"/"+name+" Running", 60*time.Second, func() bool {
 		p, err := n.Cluster.Client.CoreV1().Pods(namespace).Get(context.Background(), name, metav1.GetOptions{})
 		if err != nil {
 			return false
@@ -493,27 +494,21 @@ func removeCgroupTree(logf func(string, ...any), root string) {
 	}
 }
 
-func waitFor(t testing.TB, what string, timeout time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+// repoRoot is the repository's root directory.
+func repoRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
 }
 
-// buildPause builds test/cmd/pause, static.
-func buildPause(t testing.TB, dir string) string {
+// buildStatic builds a command of this repository, static, into dir.
+func buildStatic(t testing.TB, dir, pkg string) string {
 	t.Helper()
-	_, file, _, _ := runtime.Caller(0)
-	out := filepath.Join(dir, "pause")
-	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./test/cmd/pause")
-	cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
+	out := filepath.Join(dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, pkg)
+	cmd.Dir = repoRoot()
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build pause: %v\n%s", err, b)
+		t.Fatalf("build %s: %v\n%s", pkg, err, b)
 	}
 	return out
 }

@@ -36,7 +36,27 @@ func Main(m interface{ Run() int }, roles map[string]Role) {
 		}
 		os.Exit(r(os.Args[1:]))
 	}
-	os.Exit(m.Run())
+	code := m.Run()
+	atExitMu.Lock()
+	hooks := atExit
+	atExitMu.Unlock()
+	for i := len(hooks) - 1; i >= 0; i-- {
+		hooks[i]()
+	}
+	os.Exit(code)
+}
+
+var (
+	atExitMu sync.Mutex
+	atExit   []func()
+)
+
+// AtExit runs f when Main's tests are done, last registered first: for
+// what outlives one test (a binary built once per test process).
+func AtExit(f func()) {
+	atExitMu.Lock()
+	atExit = append(atExit, f)
+	atExitMu.Unlock()
 }
 
 // Command returns a command that runs role (this test binary, re-executed)
