@@ -78,6 +78,7 @@ type KubeSource struct {
 	egress     policylisters.EgressPolicyLister
 	cluster    policylisters.ClusterEgressPolicyLister
 	opt        policy.Options
+	sources    policy.SourceCache
 	queue      workqueue.TypedRateLimitingInterface[string]
 }
 
@@ -264,6 +265,7 @@ func (s *KubeSource) selection(pod *corev1.Pod) (policy.Selection, error) {
 		if objs.ClusterPolicies, err = s.cluster.List(labels.Everything()); err != nil {
 			return policy.Selection{}, err
 		}
+		objs.Cache = &s.sources
 	}
 	return policy.Select(p, objs, s.opt), nil
 }
@@ -300,18 +302,29 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		}
 	}
 	everyPod := func(any) { s.enqueueNamespace("") }
+	forget := func(obj any) {
+		if o, ok := metaObject(obj); ok {
+			s.sources.Forget(o.GetUID())
+		}
+	}
 	var synced []cache.InformerSynced
 	for _, h := range []struct {
-		inf cache.SharedIndexInformer
-		fn  func(any)
+		inf  cache.SharedIndexInformer
+		fn   func(any)
+		gone func(any)
 	}{{nsInf.Informer(), func(obj any) {
 		if o, ok := metaObject(obj); ok {
 			s.enqueueNamespace(o.GetName())
 		}
-	}}, {egInf.Informer(), inNamespace}, {clInf.Informer(), everyPod}} {
-		fn := h.fn
+	}, nil}, {egInf.Informer(), inNamespace, forget}, {clInf.Informer(), everyPod, forget}} {
+		fn, gone := h.fn, h.gone
 		reg, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
-			AddFunc: fn, UpdateFunc: func(_, obj any) { fn(obj) }, DeleteFunc: fn,
+			AddFunc: fn, UpdateFunc: func(_, obj any) { fn(obj) }, DeleteFunc: func(obj any) {
+				if gone != nil {
+					gone(obj)
+				}
+				fn(obj)
+			},
 		})
 		if err != nil {
 			return nil, err

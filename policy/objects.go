@@ -6,10 +6,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // PodSourceName names the pod's own labels and annotation as a source.
@@ -29,6 +31,49 @@ type Pod struct {
 type Objects struct {
 	EgressPolicies  []*v1alpha1.EgressPolicy
 	ClusterPolicies []*v1alpha1.ClusterEgressPolicy
+	// Cache, if set, keeps each object's validated Source per
+	// resourceVersion across calls; nil: each call validates again.
+	Cache *SourceCache
+}
+
+// SourceCache keeps each policy object's Source for its resourceVersion:
+// the agent selects every pod of its node against every object, and an
+// object's rules (up to 1,024 entries) need parsing once per version, not
+// once per pod and change.
+type SourceCache struct {
+	mu sync.Mutex
+	m  map[types.UID]cachedSource
+}
+
+type cachedSource struct {
+	version string
+	source  Source
+}
+
+// source returns the cached Source of an object at this version, or makes
+// it. A nil cache, or an object without a resourceVersion, caches nothing.
+func (c *SourceCache) source(uid types.UID, version string, build func() Source) Source {
+	if c == nil || version == "" {
+		return build()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.m[uid]; ok && e.version == version {
+		return e.source
+	}
+	s := build()
+	if c.m == nil {
+		c.m = map[types.UID]cachedSource{}
+	}
+	c.m[uid] = cachedSource{version, s}
+	return s
+}
+
+// Forget drops a deleted object's entry.
+func (c *SourceCache) Forget(uid types.UID) {
+	c.mu.Lock()
+	delete(c.m, uid)
+	c.mu.Unlock()
 }
 
 // Options are the cluster's settings for selection and merging.
@@ -102,7 +147,7 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 	slices.SortFunc(egress, func(a, b *v1alpha1.EgressPolicy) int { return strings.Compare(a.Name, b.Name) })
 	for _, p := range egress {
 		sel.Selected = true
-		s := EgressPolicySource(p)
+		s := objs.Cache.source(p.UID, p.ResourceVersion, func() Source { return EgressPolicySource(p) })
 		sel.SelectedBy = append(sel.SelectedBy, s.Name)
 		sel.Sources = append(sel.Sources, s)
 	}
@@ -127,11 +172,11 @@ func Select(pod Pod, objs Objects, opt Options) Selection {
 	}
 	if sel.Selected {
 		for _, p := range baselines {
-			sel.Sources = append(sel.Sources, ClusterPolicySource(p))
+			sel.Sources = append(sel.Sources, objs.Cache.source(p.UID, p.ResourceVersion, func() Source { return ClusterPolicySource(p) }))
 		}
 	}
 	for _, p := range guards {
-		sel.Sources = append(sel.Sources, ClusterPolicySource(p))
+		sel.Sources = append(sel.Sources, objs.Cache.source(p.UID, p.ResourceVersion, func() Source { return ClusterPolicySource(p) }))
 	}
 	if !sel.Selected {
 		sel.Sources, sel.SelectedBy = nil, nil

@@ -341,3 +341,31 @@ func TestExamples(t *testing.T) {
 		t.Errorf("removed %+v, want other.example.org:443 only", e.Removed)
 	}
 }
+
+// With a cache, an object's rules are read once per resourceVersion.
+func TestSelectCachesSourcesPerVersion(t *testing.T) {
+	p := egressPolicy("ns", "e", nil, v1alpha1.ModeEnforce, v1alpha1.EgressRule{Hostname: "a.example.com"})
+	p.UID, p.ResourceVersion = "uid-1", "1"
+	cache := &SourceCache{}
+	allow := func() string {
+		sel := Select(Pod{Namespace: "ns"}, Objects{EgressPolicies: []*v1alpha1.EgressPolicy{p}, Cache: cache}, Options{})
+		return ruleStrings(Merge(sel.Sources).Policy.Allow)
+	}
+	if got := allow(); got != "a.example.com" {
+		t.Fatalf("allow %q", got)
+	}
+	// Informer objects never change in place; this one does, at the same
+	// version, to show the cache answered.
+	p.Spec.Egress = []v1alpha1.EgressRule{{Hostname: "b.example.com"}}
+	if got := allow(); got != "a.example.com" {
+		t.Errorf("same version: %q, want the cached a.example.com", got)
+	}
+	p.ResourceVersion = "2"
+	if got := allow(); got != "b.example.com" {
+		t.Errorf("new version: %q, want b.example.com", got)
+	}
+	cache.Forget("uid-1")
+	if len(cache.m) != 0 {
+		t.Errorf("Forget left %d entries", len(cache.m))
+	}
+}
