@@ -86,7 +86,9 @@ type Server struct {
 	seq     uint64
 	hash    string
 	status  Status
-	streams map[int64]bool
+	// streams holds, per ADS stream and resource type, the last response
+	// sent: its nonce names the version a NACK rejects.
+	streams map[int64]map[string]sent
 	// published maps the versions this server published to their sequence
 	// numbers, so an ACK can be ordered (and one of a previous agent's
 	// versions, which a reconnecting Envoy may report, is not ours).
@@ -100,6 +102,9 @@ type Server struct {
 	up     chan struct{}
 	upOnce sync.Once
 }
+
+// sent is a response pushed on a stream.
+type sent struct{ nonce, version string }
 
 // nodeKey: every Envoy that connects gets the one configuration of this
 // node, whatever node id its bootstrap says.
@@ -127,7 +132,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]bool{}, published: map[string]uint64{}, up: make(chan struct{})}
+	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]map[string]sent{}, published: map[string]uint64{}, up: make(chan struct{})}
 	s.status.Acked = map[string]string{}
 	s.cache = cache.NewSnapshotCache(true, nodeKey{}, slogAdapter(s.log))
 	xs := serverv3.NewServer(context.Background(), s.cache, s.callbacks())
@@ -267,7 +272,7 @@ func (s *Server) callbacks() serverv3.Callbacks {
 	return serverv3.CallbackFuncs{
 		StreamOpenFunc: func(_ context.Context, id int64, _ string) error {
 			s.mu.Lock()
-			s.streams[id] = true
+			s.streams[id] = map[string]sent{}
 			s.mu.Unlock()
 			return nil
 		},
@@ -280,9 +285,12 @@ func (s *Server) callbacks() serverv3.Callbacks {
 			s.onRequest(id, req)
 			return nil
 		},
-		StreamResponseFunc: func(context.Context, int64, *discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {
+		StreamResponseFunc: func(_ context.Context, id int64, _ *discovery.DiscoveryRequest, resp *discovery.DiscoveryResponse) {
 			s.mu.Lock()
 			s.status.Pushes++
+			if m := s.streams[id]; m != nil {
+				m[resp.GetTypeUrl()] = sent{nonce: resp.GetNonce(), version: resp.GetVersionInfo()}
+			}
 			s.mu.Unlock()
 		},
 	}
@@ -292,6 +300,15 @@ func (s *Server) callbacks() serverv3.Callbacks {
 // answers an earlier push; with error_detail it is a NACK, and the
 // version_info is the one Envoy kept (its last good configuration, which it
 // goes on using).
+//
+// A NACK is answered with nothing until the configuration changes. The
+// snapshot cache answers any request whose version differs from the
+// snapshot's at once, and a NACK names the version Envoy kept, not the one
+// it rejected: left alone, every NACK would bring the rejected version back
+// by return, and Envoy would reject it again, in a loop as fast as the
+// stream carries it. The request is therefore marked as being at the
+// rejected version (the version the nonce was sent with), so the cache
+// holds the watch until a different version is published.
 func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) {
 	if req.GetResponseNonce() == "" {
 		return
@@ -305,16 +322,22 @@ func (s *Server) onRequest(id int64, req *discovery.DiscoveryRequest) {
 		}
 	}()
 	if d := req.GetErrorDetail(); d != nil {
+		kept := req.GetVersionInfo()
+		rejected := s.status.Version
+		if last, ok := s.streams[id][req.GetTypeUrl()]; ok && last.nonce == req.GetResponseNonce() {
+			rejected = last.version
+			req.VersionInfo = rejected
+		}
 		s.status.NACKs++
 		s.status.LastNACK = &NACK{
 			Time:     time.Now(),
 			TypeURL:  req.GetTypeUrl(),
-			Rejected: s.status.Version,
-			Kept:     req.GetVersionInfo(),
+			Rejected: rejected,
+			Kept:     kept,
 			Message:  d.GetMessage(),
 		}
-		s.log.Error("envoy rejected the configuration", "type", req.GetTypeUrl(), "rejected", s.status.Version,
-			"kept", req.GetVersionInfo(), "stream", id, "error", d.GetMessage())
+		s.log.Error("envoy rejected the configuration; not resending it until the configuration changes", "type", req.GetTypeUrl(), "rejected", rejected,
+			"kept", kept, "stream", id, "error", d.GetMessage())
 		return
 	}
 	s.status.ACKs++

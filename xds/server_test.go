@@ -339,3 +339,86 @@ func TestUpdateUnchangedState(t *testing.T) {
 		t.Fatalf("changed state: version %q, %v", v3, err)
 	}
 }
+
+// TestNACKHoldsUntilTheConfigurationChanges: the snapshot cache answers a
+// request naming any version but the snapshot's at once, and a NACK names
+// the version Envoy kept. Without the hold, every NACK brings the rejected
+// version straight back, and a real Envoy rejects it again: a loop as fast
+// as the stream. After a NACK nothing is pushed until a new version is
+// published; that one arrives; a new stream (a restarted Envoy) still
+// gets the current version.
+func TestNACKHoldsUntilTheConfigurationChanges(t *testing.T) {
+	s, sock := startServer(t)
+	ctx := context.Background()
+	state := State{Proxy: testProxy, Workloads: []Workload{pod("shop", "web", "audit", "", "10.244.1.5")}}
+	v1, _, err := s.Update(ctx, state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dialADS(t, sock)
+	resps := make(chan *discovery.DiscoveryResponse, 64)
+	go func() {
+		for {
+			resp, err := c.stream.Recv()
+			if err != nil {
+				close(resps)
+				return
+			}
+			resps <- resp
+		}
+	}()
+	next := func(within time.Duration) *discovery.DiscoveryResponse {
+		select {
+		case r := <-resps:
+			return r
+		case <-time.After(within):
+			return nil
+		}
+	}
+	nack := func(r *discovery.DiscoveryResponse) {
+		c.send(&discovery.DiscoveryRequest{TypeUrl: r.GetTypeUrl(), ResponseNonce: r.GetNonce(),
+			ErrorDetail: &status.Status{Code: 3, Message: "test: rejected"}})
+	}
+	// Envoy's first subscription: it accepts nothing, so each NACK names
+	// no version ("").
+	c.send(&discovery.DiscoveryRequest{TypeUrl: resource.ClusterType})
+	cds := next(5 * time.Second)
+	if cds == nil || cds.GetVersionInfo() != v1 {
+		t.Fatalf("first CDS response %v, want version %s", cds, v1)
+	}
+	nack(cds)
+	for i := 0; ; i++ {
+		r := next(500 * time.Millisecond)
+		if r == nil {
+			break
+		}
+		if i >= 3 {
+			t.Fatalf("the rejected version %s came back %d times within 500 ms of each NACK", r.GetVersionInfo(), i+1)
+		}
+		nack(r)
+	}
+	waitFor(t, "the NACK recorded", func() bool { return s.Status().NACKs >= 1 })
+	if n := s.Status().LastNACK; n == nil || n.Rejected != v1 || n.Kept != "" {
+		t.Errorf("LastNACK %+v, want rejected %s kept \"\"", n, v1)
+	}
+	if got := s.Status().NACKs; got != 1 {
+		t.Errorf("%d NACKs, want 1: the rejected version was sent again", got)
+	}
+
+	// A new version is pushed to the stream that rejected the last one.
+	state.Workloads = append(state.Workloads, pod("shop", "pay", "audit", "", "10.244.1.9"))
+	v2, _, err := s.Update(ctx, state)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := next(5 * time.Second); r == nil || r.GetTypeUrl() != resource.ClusterType || r.GetVersionInfo() != v2 {
+		t.Fatalf("after the NACK and a new version: got %v, want CDS %s", r, v2)
+	}
+
+	// A restarted Envoy gets the current version on its first request.
+	c2 := dialADS(t, sock)
+	c2.send(&discovery.DiscoveryRequest{TypeUrl: resource.ClusterType})
+	if r := c2.recv(); r.GetVersionInfo() != v2 {
+		t.Fatalf("new stream got version %s, want %s", r.GetVersionInfo(), v2)
+	}
+}
