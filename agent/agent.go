@@ -163,6 +163,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := dp.SetResolvers(dns); err != nil {
 		return err
 	}
+	if len(dns) == 0 {
+		log.Warn("no DNS resolvers: enforce-mode pods can reach no DNS server, and the proxy resolves hostname entries with the nameservers of its own resolv.conf",
+			"dns_resolvers", cfg.DNSResolvers)
+	}
 	log.Info("datapath ready", "exclusions", exclude, "node_local", nodeLocal.Prefixes(), "metadata", nodeLocal.MetadataAddrs(), "dns_resolvers", dns, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
 	xs, err := xds.NewServer(xds.ServerConfig{SocketPath: cfg.XDSSocket, SocketMode: cfg.XDSSocketMode, TCPAddr: cfg.XDSTCP, Logger: log})

@@ -169,8 +169,11 @@ type Cluster struct {
 
 // DNSCache is a dynamic forward proxy DNS cache configuration.
 type DNSCache struct {
-	Name                     string
-	Resolvers                []netip.AddrPort
+	Name      string
+	Resolvers []netip.AddrPort
+	// SystemResolvers: the configuration named none, so Resolvers are
+	// the nameservers of SystemResolvConf (as c-ares does).
+	SystemResolvers          bool
 	V4Preferred              bool
 	HostTTL, MinRefresh      time.Duration
 	FailureBase, FailureMax  time.Duration
@@ -428,9 +431,15 @@ func compileDNSCache(path string, d *dfpcommon.DnsCacheConfig) (*DNSCache, error
 		return nil, err
 	}
 	if len(ca.GetResolvers()) == 0 {
-		// Without resolvers c-ares reads the node's resolv.conf; the tests
-		// always name theirs.
-		return nil, fmt.Errorf("%s: no resolvers: the node's resolv.conf is not implemented", path)
+		// Without resolvers c-ares takes the nameservers of the proxy's
+		// own resolv.conf, read here when the configuration is compiled
+		// (c-ares reads it when its channel starts). A file that lists none
+		// leaves no resolver: every lookup fails.
+		rs, err := readSystemResolvers()
+		if err != nil {
+			return nil, fmt.Errorf("%s: no resolvers, and the system's: %w", path, err)
+		}
+		c.Resolvers, c.SystemResolvers = rs, true
 	}
 	for i, r := range ca.GetResolvers() {
 		ap, err := socketAddr(fmt.Sprintf("%s.resolvers[%d]", path, i), r, true)

@@ -1,8 +1,11 @@
 package conformance
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -265,4 +268,45 @@ func oracle(st xds.State, pols []policy.Policy, dst netip.AddrPort, sni, host, m
 	}
 	dec := pols[0].Decide(dst, sni, host)
 	return verdict{allowed: dec.Allowed, dfp: dec.Host != ""}
+}
+
+// With no resolvers configured (an agent whose --dns-resolvers resolved
+// to none), the DNS cache takes the nameservers of the proxy's own
+// resolv.conf, as c-ares does; a resolv.conf that lists none leaves every
+// lookup failing, with nothing sent.
+func TestCompileDNSCacheWithoutResolvers(t *testing.T) {
+	dir := t.TempDir()
+	old := SystemResolvConf
+	t.Cleanup(func() { SystemResolvConf = old })
+	SystemResolvConf = filepath.Join(dir, "resolv.conf")
+	st := testStates()["enforce-hostnames"]
+	st.DNSResolvers = nil
+
+	if err := os.WriteFile(SystemResolvConf, []byte("search svc.cluster.local\nnameserver 10.96.0.10\nnameserver fd00::10\noptions ndots:5\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cache := compileState(t, st).Clusters[xds.DynamicForwardProxyClusterName].Cache
+	want := []netip.AddrPort{netip.MustParseAddrPort("10.96.0.10:53"), netip.MustParseAddrPort("[fd00::10]:53")}
+	if !cache.SystemResolvers || !slices.Equal(cache.Resolvers, want) {
+		t.Errorf("resolvers %v (system %v), want resolv.conf's %v", cache.Resolvers, cache.SystemResolvers, want)
+	}
+
+	for name, content := range map[string]string{"no nameserver": "search example.com\n", "no file": ""} {
+		t.Run(name, func(t *testing.T) {
+			os.Remove(SystemResolvConf)
+			if content != "" {
+				if err := os.WriteFile(SystemResolvConf, []byte(content), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			cache := compileState(t, st).Clusters[xds.DynamicForwardProxyClusterName].Cache
+			if len(cache.Resolvers) != 0 {
+				t.Fatalf("resolvers %v, want none", cache.Resolvers)
+			}
+			c := (&dnsCaches{}).get(cache)
+			if addrs, err := c.resolve(context.Background(), "api.stripe.com"); err == nil {
+				t.Errorf("lookup without resolvers answered %v", addrs)
+			}
+		})
+	}
 }

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/netip"
+	"os"
 	"slices"
 	"sync"
 	"time"
@@ -164,4 +166,20 @@ func (d *dnsCaches) Lookups(name string) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.lookups
+}
+
+// SystemResolvConf is where a DNS cache configured without resolvers
+// takes its nameservers from, as c-ares does.
+var SystemResolvConf = "/etc/resolv.conf"
+
+func readSystemResolvers() ([]netip.AddrPort, error) {
+	f, err := os.Open(SystemResolvConf)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return agent.ReadResolvConf(f)
 }
