@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -102,34 +104,47 @@ func (e *external) dial(t *testing.T, p inPod, port int) (testbed.DialResult, st
 	return res, from
 }
 
-// appPods runs app pods on the node the DaemonSet serves and checks from
-// inside each what the external server saw: an enforce pod's allowed
-// connection arrives from the node (through the proxy) and getpeername is
-// the original destination, its other connection is closed with nothing
-// arriving; an audit pod is redirected; an unlabelled pod goes direct;
-// relabelling and deleting take effect; sluice status lists them.
-func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
+// appPods runs app pods of every QoS class, and a hostNetwork one, on the
+// node the DaemonSet serves, and checks from inside each what the external
+// server saw: an enforce pod's allowed connection arrives from the node
+// (through the proxy) and getpeername is the original destination, its
+// other connection is closed with nothing arriving; an audit pod is
+// redirected; an unlabelled pod goes direct; a hostNetwork pod is enforced
+// too; relabelling and deleting take effect; sluice status lists them. It
+// returns what stays selected, for the uninstall.
+func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) *afterApps {
 	ctx := context.Background()
 	ext := n.external(t)
-	mk := func(name string, labels, ann map[string]string) *corev1.Pod {
-		p := pod(name, false, corev1.ResourceRequirements{})
+	q := func(cpu, mem string) corev1.ResourceList {
+		return corev1.ResourceList{corev1.ResourceCPU: resource.MustParse(cpu), corev1.ResourceMemory: resource.MustParse(mem)}
+	}
+	mk := func(name string, qos corev1.PodQOSClass, hostNetwork bool, res corev1.ResourceRequirements, labels, ann map[string]string) inPod {
+		p := pod(name, hostNetwork, res)
 		p.Labels, p.Annotations = labels, ann
 		if _, err := n.Cluster.Client.CoreV1().Pods("default").Create(ctx, p, metav1.CreateOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		return n.WaitRunning(t, "default", name)
+		got := n.WaitRunning(t, "default", name)
+		if got.Status.QOSClass != qos {
+			t.Errorf("pod %s: QoS %s, want %s", name, got.Status.QOSClass, qos)
+		}
+		return n.inPod(t, got)
 	}
-	enforce := n.inPod(t, mk("enforce", map[string]string{"sluice.io/redirect": "true", "sluice.io/mode": "enforce"},
-		map[string]string{"sluice.io/allow": ext.addr.String() + ":8080"}))
-	audit := n.inPod(t, mk("audit", map[string]string{"sluice.io/redirect": "true"}, nil))
-	plain := n.inPod(t, mk("plain", nil, nil))
+	enforceLabels := map[string]string{"sluice.io/redirect": "true", "sluice.io/mode": "enforce"}
+	allow8080 := map[string]string{"sluice.io/allow": ext.addr.String() + ":8080"}
+	enforce := mk("enforce", corev1.PodQOSGuaranteed, false,
+		corev1.ResourceRequirements{Requests: q("100m", "32Mi"), Limits: q("100m", "32Mi")}, enforceLabels, allow8080)
+	audit := mk("audit", corev1.PodQOSBurstable, false,
+		corev1.ResourceRequirements{Requests: q("10m", "16Mi")}, map[string]string{"sluice.io/redirect": "true"}, nil)
+	plain := mk("plain", corev1.PodQOSBestEffort, false, corev1.ResourceRequirements{}, nil, nil)
+	hostnet := mk("hostnet", corev1.PodQOSBestEffort, true, corev1.ResourceRequirements{}, enforceLabels, allow8080)
 	const node = "10.99.2.1" // the proxy dials from the node's side of the veth
 
 	harness.WaitFor(t, "the enforce pod redirected (its listener accepted by the proxy)", 30*time.Second, func() bool {
 		_, from := ext.dial(t, enforce, 8080)
 		return from == node
 	})
-	t.Run("enforce", func(t *testing.T) {
+	t.Run("enforce (Guaranteed)", func(t *testing.T) {
 		res, from := ext.dial(t, enforce, 8080)
 		if from != node || res.Peer != ext.addr.String()+":8080" || !strings.HasPrefix(res.Reply, "peer="+node) {
 			t.Errorf("allowed: server saw %q, getpeername %q, reply %q; want it through the proxy, getpeername the original destination", from, res.Peer, res.Reply)
@@ -138,12 +153,24 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 			t.Errorf("not allowed: server saw %q, reply %q; want nothing", from, res.Reply)
 		}
 	})
-	t.Run("audit", func(t *testing.T) {
+	t.Run("audit (Burstable)", func(t *testing.T) {
 		harness.WaitFor(t, "the audit pod redirected", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == node })
 	})
-	t.Run("unlabelled", func(t *testing.T) {
+	t.Run("unlabelled (BestEffort)", func(t *testing.T) {
 		if _, from := ext.dial(t, plain, 8080); from != plain.ip.String() {
 			t.Errorf("server saw %q, want the pod's own %s", from, plain.ip)
+		}
+	})
+	t.Run("hostNetwork enforce", func(t *testing.T) {
+		// The node's address either way: only enforcement tells the
+		// proxy's hop from a direct connection.
+		harness.WaitFor(t, "the hostNetwork pod's denied connection refused", 30*time.Second, func() bool {
+			_, from := ext.dial(t, hostnet, 8081)
+			return from == ""
+		})
+		res, from := ext.dial(t, hostnet, 8080)
+		if from != node || res.Peer != ext.addr.String()+":8080" {
+			t.Errorf("allowed: server saw %q, getpeername %q; want the node, getpeername the original destination", from, res.Peer)
 		}
 	})
 	t.Run("sluice status", func(t *testing.T) {
@@ -151,7 +178,7 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 		if err != nil {
 			t.Fatalf("sluice status: %v\n%s", err, out)
 		}
-		for _, w := range []string{"default/enforce", "default/audit"} {
+		for _, w := range []string{"default/enforce", "default/audit", "default/hostnet"} {
 			if !strings.Contains(string(out), w) {
 				t.Errorf("sluice status does not list %s:\n%s", w, out)
 			}
@@ -175,26 +202,44 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) {
 			return !strings.Contains(string(out), "default/enforce") && !strings.Contains(string(out), "default/audit")
 		})
 	})
+	return &afterApps{ext: ext, hostnet: hostnet, plain: plain}
+}
+
+// afterApps is what appPods leaves running: the hostNetwork pod, still
+// selected and enforced, and the unlabelled pod.
+type afterApps struct {
+	ext            *external
+	hostnet, plain inPod
 }
 
 // stateFile is the agent's state file, seen through the agent process's
 // root: the pod's emptyDir is a mount in the node's mount namespace only.
 func (n *Node) stateFile(t *testing.T, p *corev1.Pod) string {
 	t.Helper()
-	dir := n.podCgroup(t, p)
-	var f string
+	f := filepath.Join(n.agentRoot(t, p), "run/sluice/state.json")
 	harness.WaitFor(t, "the agent's state file", 20*time.Second, func() bool {
+		_, err := os.Stat(f)
+		return err == nil
+	})
+	return f
+}
+
+// agentRoot is the agent container's root directory, as /proc/<pid>/root.
+func (n *Node) agentRoot(t *testing.T, p *corev1.Pod) string {
+	t.Helper()
+	dir := n.podCgroup(t, p)
+	var root string
+	harness.WaitFor(t, "the agent's process", 20*time.Second, func() bool {
 		for pid := range procsBelow(t, dir) {
 			b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
 			if strings.HasPrefix(string(b), "/sluice\x00agent") {
-				f = fmt.Sprintf("/proc/%d/root/run/sluice/state.json", pid)
-				_, err := os.Stat(f)
-				return err == nil
+				root = fmt.Sprintf("/proc/%d/root", pid)
+				return true
 			}
 		}
 		return false
 	})
-	return f
+	return root
 }
 
 // podCgroup is where the agent finds the pod's cgroup on this node.

@@ -3,7 +3,9 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -11,8 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/daemonset"
 	"github.com/sluice-io/sluice/test/harness"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
@@ -33,9 +37,11 @@ const (
 //     the node's cgroup root, never the machine's, and pins under a name of
 //     its own;
 //   - a kubeconfig from a hostPath: this API server has no controller
-//     manager to mint service account tokens, nor a Service route to it;
-//   - the node's own address as the DNS resolver: the node has no
-//     cluster DNS, and nothing answers there (lookups fail, as they must).
+//     manager to mint service account tokens, nor a Service route to it.
+//
+// DNS_RESOLVERS stays the default (resolv.conf): the node has no cluster
+// DNS, so the agent finds no nameserver there, and the proxy none in its
+// own resolv.conf either (hostname lookups fail, as they must).
 func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	t.Helper()
 	base, err := daemonset.Load()
@@ -80,7 +86,6 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	cmPatch, err := json.Marshal([]map[string]any{
 		{"op": "replace", "path": "/data/CGROUP_DRIVER", "value": "cgroupfs"},
 		{"op": "replace", "path": "/data/KUBELET_CGROUP_ROOT", "value": n.CgroupRoot},
-		{"op": "replace", "path": "/data/DNS_RESOLVERS", "value": n.IP.String()},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -143,7 +148,9 @@ func installOnNode(t *testing.T) (pinPath string) {
 		// Before the node goes, and once no agent runs (a DaemonSet
 		// would start another): the pins are on the machine's bpffs.
 		// No garbage collector runs here: the pods go by hand.
-		_ = n.Cluster.Client.AppsV1().DaemonSets(install.Namespace.Name).Delete(ctx, install.DaemonSet.Name, metav1.DeleteOptions{})
+		for _, ds := range []string{install.DaemonSet.Name, "sluice-uninstall"} {
+			_ = n.Cluster.Client.AppsV1().DaemonSets(install.Namespace.Name).Delete(ctx, ds, metav1.DeleteOptions{})
+		}
 		zero := int64(0)
 		_ = n.Cluster.Client.CoreV1().Pods(install.Namespace.Name).DeleteCollection(ctx, metav1.DeleteOptions{GracePeriodSeconds: &zero}, metav1.ListOptions{})
 		harness.WaitFor(t, "the agent's pods gone", 30*time.Second, func() bool {
@@ -228,22 +235,189 @@ func installOnNode(t *testing.T) (pinPath string) {
 			t.Errorf("container %s: ready %v, %d restarts", cs.Name, cs.Ready, cs.RestartCount)
 		}
 	}
+	logs, _ := filepath.Glob(filepath.Join(n.Dir, "pod-logs", install.Namespace.Name+"_*", "agent", "*.log"))
+	var agentLog []byte
+	for _, l := range logs {
+		b, _ := os.ReadFile(l)
+		agentLog = append(agentLog, b...)
+	}
 	// On a hybrid cgroup host the DaemonSet's /host/sys/fs/cgroup is a tmpfs
 	// of v1 hierarchies: the agent must have found the v2 one below it.
-	if len(cgroupHierarchies(t)) > 1 {
-		logs, _ := filepath.Glob(filepath.Join(n.Dir, "pod-logs", install.Namespace.Name+"_*", "agent", "*.log"))
-		var all []byte
-		for _, l := range logs {
-			b, _ := os.ReadFile(l)
-			all = append(all, b...)
-		}
-		if !strings.Contains(string(all), `"msg":"hybrid cgroup host: using the cgroup v2 hierarchy","given":"/host/sys/fs/cgroup","using":"/host/sys/fs/cgroup/unified"`) {
-			t.Errorf("the agent did not resolve the hybrid host's cgroup v2 hierarchy; its log:\n%s", all)
-		}
+	if len(cgroupHierarchies(t)) > 1 && !strings.Contains(string(agentLog), `"msg":"hybrid cgroup host: using the cgroup v2 hierarchy","given":"/host/sys/fs/cgroup","using":"/host/sys/fs/cgroup/unified"`) {
+		t.Errorf("the agent did not resolve the hybrid host's cgroup v2 hierarchy; its log:\n%s", agentLog)
+	}
+	// DNS_RESOLVERS is the default, resolv.conf: the agent's resolvers are
+	// the nameservers of the resolv.conf the kubelet wrote for its
+	// container (this node has no cluster DNS).
+	rc, err := os.Open(filepath.Join(n.agentRoot(t, pod), "etc/resolv.conf"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := agent.ReadResolvConf(rc)
+	rc.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	wantJSON, _ := json.Marshal(want)
+	if !strings.Contains(string(agentLog), `"dns_resolvers":`+string(wantJSON)) {
+		t.Errorf("the agent's DNS resolvers are not its container's resolv.conf nameservers %s; its log:\n%s", wantJSON, agentLog)
 	}
 	if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
 		t.Errorf("the agent has not pinned its programs at %s: %v", pinPath, err)
 	}
-	t.Run("app pods", func(t *testing.T) { appPods(t, n, sluice, pinPath, n.stateFile(t, pod)) })
+	t.Run("app pods", func(t *testing.T) {
+		apps := appPods(t, n, sluice, pinPath, n.stateFile(t, pod))
+		if !t.Failed() {
+			// Inside: the pods' netns handles last as long as this test.
+			t.Run("uninstall", func(t *testing.T) { uninstallOnNode(t, n, install, pinPath, apps) })
+		}
+	})
 	return pinPath
+}
+
+// uninstallOnNode removes sluice from the node as daemonset/uninstall.sh
+// does (the steps in Go: no kubectl here): the agent's DaemonSet goes
+// (the pinned datapath goes on redirecting, and with no proxy an enforce
+// pod is refused: fail closed), then the uninstall DaemonSet, rendered
+// from daemonset/uninstall through the same kind of test overlay, runs
+// `sluice uninstall` in its init container and turns Ready. Afterwards the
+// pins and the proxy address are gone and the hostNetwork pod that was
+// enforced connects directly.
+func uninstallOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath string, apps *afterApps) {
+	ctx := context.Background()
+	ns := install.Namespace.Name
+	if err := n.Cluster.Client.AppsV1().DaemonSets(ns).Delete(ctx, install.DaemonSet.Name, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// No garbage collector runs here: the agent's pod goes by hand, with
+	// its grace period, as the collector would delete it.
+	if err := n.Cluster.Client.CoreV1().Pods(ns).DeleteCollection(ctx, metav1.DeleteOptions{},
+		metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent"}); err != nil {
+		t.Fatal(err)
+	}
+	harness.WaitFor(t, "the agent's pod gone", 60*time.Second, func() bool {
+		ps, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
+		return err == nil && len(ps.Items) == 0
+	})
+	if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
+		t.Fatalf("the agent's pins went with it (%v): a stopped agent must leave the datapath", err)
+	}
+	for _, port := range []int{8080, 8081} {
+		if res, from := apps.ext.dial(t, apps.hostnet, port); from != "" || res.Reply != "" {
+			t.Errorf("no agent, no proxy: the fail-closed pod's connection to :%d arrived from %q (reply %q); want it refused", port, from, res.Reply)
+		}
+	}
+
+	objs, err := daemonset.Render(n.uninstallOverlay(t, pinPath))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ys [][]byte
+	for _, o := range objs {
+		ys = append(ys, o.YAML)
+	}
+	if err := n.Cluster.Apply(ctx, false, ys...); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	harness.WaitFor(t, "the uninstall DaemonSet's pod Ready", 60*time.Second, func() bool {
+		ps, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=uninstall"})
+		if err != nil || len(ps.Items) == 0 {
+			return false
+		}
+		for _, c := range ps.Items[0].Status.Conditions {
+			if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+				return true
+			}
+		}
+		return false
+	})
+	t.Logf("uninstall DaemonSet pod Ready %v after apply", time.Since(start).Round(10*time.Millisecond))
+	if _, err := os.Stat(pinPath); !errors.Is(err, fs.ErrNotExist) {
+		left, _ := os.ReadDir(pinPath)
+		t.Errorf("pins left at %s after the uninstall DaemonSet: %v", pinPath, left)
+	}
+	out, err := exec.Command("ip", "-n", n.Netns.Name, "addr").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip addr: %v\n%s", err, out)
+	}
+	if strings.Contains(string(out), "169.254.77.1/") {
+		t.Errorf("the proxy address is still on the node:\n%s", out)
+	}
+	const node = "10.99.2.1"
+	for _, port := range []int{8080, 8081} {
+		if _, from := apps.ext.dial(t, apps.hostnet, port); from != node {
+			t.Errorf("after the uninstall, the hostNetwork pod's connection to :%d arrived from %q; want it direct from the node", port, from)
+		}
+	}
+	if _, from := apps.ext.dial(t, apps.plain, 8080); from != apps.plain.ip.String() {
+		t.Errorf("after the uninstall, the unlabelled pod's connection arrived from %q; want %s", from, apps.plain.ip)
+	}
+	// uninstall.sh's last step.
+	if err := n.Cluster.Client.AppsV1().DaemonSets(ns).Delete(ctx, "sluice-uninstall", metav1.DeleteOptions{}); err != nil {
+		t.Error(err)
+	}
+}
+
+// uninstallOverlay is the test overlay over daemonset/uninstall: the
+// project's images imported (imagePullPolicy Never, the node's pause image
+// for the container that only keeps the pod Ready), and the test's pin
+// path.
+func (n *Node) uninstallOverlay(t testing.TB, pinPath string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.CopyFS(filepath.Join(dir, "daemonset"), os.DirFS(daemonset.Dir())); err != nil {
+		t.Fatal(err)
+	}
+	objs, err := daemonset.Render(filepath.Join(daemonset.Dir(), "uninstall"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ds *appsv1.DaemonSet
+	for _, o := range objs {
+		if obj, err := o.Decode(); err == nil {
+			if d, ok := obj.(*appsv1.DaemonSet); ok {
+				ds = d
+			}
+		}
+	}
+	if ds == nil {
+		t.Fatal("daemonset/uninstall renders no DaemonSet")
+	}
+	var ops []map[string]any
+	op := func(o, path string, v any) { ops = append(ops, map[string]any{"op": o, "path": path, "value": v}) }
+	spec := ds.Spec.Template.Spec
+	for i, c := range spec.InitContainers {
+		op("replace", fmt.Sprintf("/spec/template/spec/initContainers/%d/imagePullPolicy", i), "Never")
+		for j, a := range c.Command {
+			if strings.HasPrefix(a, "--pin-path=") {
+				op("replace", fmt.Sprintf("/spec/template/spec/initContainers/%d/command/%d", i, j), "--pin-path="+pinPath)
+			}
+		}
+	}
+	for i := range spec.Containers {
+		op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/imagePullPolicy", i), "Never")
+		op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/image", i), PauseImage)
+	}
+	patch, err := json.Marshal(ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k := map[string]any{
+		"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+		"resources": []string{"../daemonset/uninstall"},
+		"patches":   []map[string]any{{"target": map[string]any{"kind": "DaemonSet", "name": ds.Name}, "patch": string(patch)}},
+	}
+	y, err := yaml.Marshal(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ov := filepath.Join(dir, "overlay")
+	if err := os.Mkdir(ov, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(ov, "kustomization.yaml"), y, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return ov
 }
