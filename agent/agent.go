@@ -203,7 +203,8 @@ func Run(ctx context.Context, cfg Config) error {
 	ncfg.Refuse = func(a netip.Addr) bool { return rec.Refuse(a) }
 	ncfg.OnChange = func() { rec.NameChanged() }
 	names := NewNames(ncfg)
-	rec, err = NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Names: names, Timeouts: cfg.ProxyTimeouts, Reporter: events, Logger: log})
+	m := NewMetrics(reg)
+	rec, err = NewReconciler(ReconcilerConfig{Datapath: dp, XDS: xs, Proxy: cfg.Proxy, NodeLocal: nodeLocal, DNSResolvers: dns, Names: names, Timeouts: cfg.ProxyTimeouts, Reporter: events, Logger: log, Metrics: m})
 	if err != nil {
 		return err
 	}
@@ -213,8 +214,11 @@ func Run(ctx context.Context, cfg Config) error {
 			rec.ProxyAccepted()
 		}
 	})
-	m := NewMetrics(reg, dp, rec, xs, names)
+	RegisterCollector(reg, dp, rec, xs, names)
 	events.policyErrors = m.PolicyErrors
+	if kube != nil {
+		kube.Metrics = m
+	}
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -244,17 +248,14 @@ func Run(ctx context.Context, cfg Config) error {
 		src := FileSource{Path: cfg.WorkloadsFile, CgroupMount: cfg.CgroupMount}
 		go func() {
 			errc <- src.Run(ctx, func(ws []Workload) {
-				start := time.Now()
 				if err := rec.Replace(ws); err != nil {
-					m.CgroupFailures.Inc()
 					log.Error("workloads not all applied; they keep their previous state", "error", err)
 				}
-				m.Reconcile.Observe(time.Since(start).Seconds())
 				if !synced.Load() {
 					markSynced()
 				}
 			}, func(err error) {
-				m.SourceErrors.WithLabelValues("file").Inc()
+				m.SourceError("file")
 				log.Error("workloads file not applied; the last good version stays", "error", err)
 			})
 		}()

@@ -69,6 +69,9 @@ type KubeSource struct {
 	HostNetworkIPs []netip.Addr
 	Recorder       record.EventRecorder
 	Logger         *slog.Logger
+	// Metrics, if set, count the API server's failed lists and watches
+	// (sluice_source_errors_total{source="kubernetes"}).
+	Metrics *Metrics
 	// RetryBaseDelay is the first retry's delay for a pod that could not
 	// be applied; it doubles up to 30 s. Zero: 50 ms.
 	RetryBaseDelay time.Duration
@@ -129,6 +132,9 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 		DeleteFunc: s.enqueue, // tombstones included: the key is all we need
 	})
 	if err != nil {
+		return err
+	}
+	if err := s.countWatchErrors(inf.Informer()); err != nil {
 		return err
 	}
 	caches := []cache.InformerSynced{inf.Informer().HasSynced, reg.HasSynced}
@@ -329,6 +335,9 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		if err != nil {
 			return nil, err
 		}
+		if err := s.countWatchErrors(h.inf); err != nil {
+			return nil, err
+		}
 		synced = append(synced, h.inf.HasSynced, reg.HasSynced)
 	}
 	if s.Status != nil {
@@ -343,6 +352,16 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		pf.Shutdown()
 	}()
 	return synced, nil
+}
+
+// countWatchErrors counts the informer's failed lists and watches, then
+// handles each as client-go does by default (logs it; the reflector
+// backs off and retries).
+func (s *KubeSource) countWatchErrors(inf cache.SharedIndexInformer) error {
+	return inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
+		s.Metrics.SourceError("kubernetes")
+		cache.DefaultWatchErrorHandler(ctx, r, err)
+	})
 }
 
 // metaObject reads an informer's object, tombstones included.

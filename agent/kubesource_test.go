@@ -2,22 +2,30 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"github.com/sluice-io/sluice/policy"
 	"io"
 	"log/slog"
 	"net/netip"
 	"strings"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
+	k8stesting "k8s.io/client-go/testing"
 	"k8s.io/client-go/tools/record"
 )
 
@@ -33,7 +41,7 @@ func (c *syncCgroups) id(p string) (uint64, error) {
 	if id, ok := c.m[p]; ok {
 		return id, nil
 	}
-	return 0, fmt.Errorf("cgroup %s: no such file or directory", p)
+	return 0, fmt.Errorf("cgroup %s: %w", p, syscall.ENOENT) // as datapath.CgroupID
 }
 
 func (c *syncCgroups) add(p string, id uint64) {
@@ -113,12 +121,14 @@ func TestKubeSource(t *testing.T) {
 	dp := &lockedDatapath{f: fakeDatapath{m: map[uint64]datapath.Workload{999: {ID: 9}}}} // 999: stale, from a previous run
 	recorder := record.NewFakeRecorder(100)
 	proxy := netip.MustParseAddr("169.254.77.1")
+	m := NewMetrics(prometheus.NewRegistry())
 	src := &KubeSource{
 		Client: client, NodeName: "node-a", Layout: layout, HostNetworkIPs: []netip.Addr{proxy},
 		Recorder: recorder, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), RetryBaseDelay: time.Millisecond,
+		Metrics: m,
 	}
 	r, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: &fakeXDS{}, Reporter: src, CgroupID: cgs.id,
-		Proxy: xds.Proxy{IPv4: proxy, Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+		Proxy: xds.Proxy{IPv4: proxy, Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -171,6 +181,14 @@ func TestKubeSource(t *testing.T) {
 	// The kubelet has not made late's cgroup: retried, an Event after a
 	// few tries, selected once it appears.
 	wantEvent("Warning CgroupNotFound")
+	// The metrics the file source alone used to move: each missing-cgroup
+	// try counts, each programmed change is timed.
+	if n := testutil.ToFloat64(m.CgroupFailures); n < cgroupRetriesBeforeEvent {
+		t.Errorf("sluice_cgroup_resolution_failures_total %v after the CgroupNotFound event, want at least %d", n, cgroupRetriesBeforeEvent)
+	}
+	if n := histogramCount(t, m.Reconcile); n != 2 {
+		t.Errorf("sluice_reconcile_duration_seconds count %d, want 2 (web and host selected)", n)
+	}
 	cgs.add(path("uid-late", QoSGuaranteed), 102)
 	eventually(t, "late pod selected", func() bool { return dp.has(102) })
 
@@ -184,6 +202,12 @@ func TestKubeSource(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, "finished pod deselected", func() bool { return !dp.has(103) })
+	if n := histogramCount(t, m.Reconcile); n != 5 {
+		t.Errorf("sluice_reconcile_duration_seconds count %d, want 5 (3 selected, 2 deselected)", n)
+	}
+	if n := testutil.ToFloat64(m.SourceErrors.WithLabelValues("kubernetes")); n != 0 {
+		t.Errorf("%v kubernetes source errors without any", n)
+	}
 
 	cancel()
 	if err := <-done; err != nil {
@@ -204,5 +228,42 @@ func TestKubeSourceRefusesUnknownNode(t *testing.T) {
 	err := src.Run(context.Background(), nil, func() {})
 	if err == nil || !strings.Contains(err.Error(), `node "node-b" does not exist`) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+func histogramCount(t *testing.T, h prometheus.Histogram) uint64 {
+	t.Helper()
+	var m dto.Metric
+	if err := h.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetHistogram().GetSampleCount()
+}
+
+// A failed watch of the API server is a kubernetes source error: the
+// reflector retries, and each failure counts.
+func TestKubeSourceCountsWatchErrors(t *testing.T) {
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}})
+	var failed atomic.Int32
+	client.PrependWatchReactor("pods", func(k8stesting.Action) (bool, watch.Interface, error) {
+		failed.Add(1)
+		return true, nil, errors.New("test: watch refused")
+	})
+	m := NewMetrics(prometheus.NewRegistry())
+	src := &KubeSource{Client: client, NodeName: "node-a", Layout: PodCgroupLayout{Mount: "/cg", Driver: DriverCgroupfs},
+		Recorder: record.NewFakeRecorder(10), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m}
+	r, err := NewReconciler(ReconcilerConfig{Datapath: &lockedDatapath{f: fakeDatapath{m: map[uint64]datapath.Workload{}}}, XDS: &fakeXDS{},
+		Reporter: src, Proxy: xds.Proxy{IPv4: netip.MustParseAddr("169.254.77.1"), Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, r, func() {}) }()
+	eventually(t, "a watch error counted", func() bool { return testutil.ToFloat64(m.SourceErrors.WithLabelValues("kubernetes")) >= 1 })
+	cancel()
+	<-done
+	if n, f := testutil.ToFloat64(m.SourceErrors.WithLabelValues("kubernetes")), failed.Load(); n > float64(f) {
+		t.Errorf("%v source errors counted for %d failed watches", n, f)
 	}
 }

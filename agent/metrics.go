@@ -2,6 +2,7 @@ package agent
 
 import (
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sluice-io/sluice/agent/datapath"
@@ -28,22 +29,23 @@ type Metrics struct {
 	ProxyTransitions prometheus.Counter
 }
 
-// NewMetrics registers the agent's metrics and the collectors that read
-// the datapath, the reconciler and the xDS server at scrape time.
-func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server, names *Names) *Metrics {
+// NewMetrics registers the agent's control-plane metrics. The reconciler
+// (ReconcilerConfig.Metrics) records reconcile durations and missing
+// cgroups for every source; the sources record their errors.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		Reconcile: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "sluice_reconcile_duration_seconds", Help: "Time to program one workload change into the datapath.",
+			Name: "sluice_reconcile_duration_seconds", Help: "Time to program one workload change (selected, updated or deselected) into the datapath, from either source.",
 			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 8),
 		}),
 		CgroupFailures: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "sluice_cgroup_resolution_failures_total", Help: "Workload changes that failed because the workload's cgroup could not be found.",
+			Name: "sluice_cgroup_resolution_failures_total", Help: "Workload changes that failed because the workload's cgroup does not exist (yet); each retry counts.",
 		}),
 		PolicyErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_policy_errors_total", Help: "Workload policies (labels/annotation) that did not parse; the workload got its safest policy.",
 		}),
 		SourceErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "sluice_source_errors_total", Help: "Workload source errors (a workloads file that does not parse, a watch that failed).",
+			Name: "sluice_source_errors_total", Help: "Workload source errors: a workloads file that does not parse (source=file), a failed list or watch of the API server (source=kubernetes).",
 		}, []string{"source"}),
 		ProxyReady: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "sluice_proxy_ready", Help: "1 when Envoy answers /ready with LIVE and the datapath redirects; 0 while fail-open workloads go direct and fail-closed ones are refused.",
@@ -52,9 +54,41 @@ func NewMetrics(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.S
 			Name: "sluice_proxy_ready_transitions_total", Help: "Changes of the proxy-ready flag.",
 		}),
 	}
+	// Both sources' labels exist from the start, so a rate over them is
+	// defined before the first error.
+	m.SourceErrors.WithLabelValues("file")
+	m.SourceErrors.WithLabelValues("kubernetes")
 	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions)
-	reg.MustRegister(&collector{bpf: bpf, r: r, x: x, names: names})
 	return m
+}
+
+// RegisterCollector registers the collector that reads the datapath, the
+// reconciler and the xDS server at scrape time.
+func RegisterCollector(reg prometheus.Registerer, bpf BPFStats, r *Reconciler, x *xds.Server, names *Names) {
+	reg.MustRegister(&collector{bpf: bpf, r: r, x: x, names: names})
+}
+
+// The recorders are nil-safe: a reconciler or source without metrics
+// (tests, tools) records nothing.
+
+func (m *Metrics) observeReconcile(d time.Duration) {
+	if m != nil {
+		m.Reconcile.Observe(d.Seconds())
+	}
+}
+
+func (m *Metrics) cgroupMissing() {
+	if m != nil {
+		m.CgroupFailures.Inc()
+	}
+}
+
+// SourceError counts one error of a workload source ("file",
+// "kubernetes").
+func (m *Metrics) SourceError(source string) {
+	if m != nil {
+		m.SourceErrors.WithLabelValues(source).Inc()
+	}
 }
 
 var (

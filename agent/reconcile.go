@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -73,6 +74,7 @@ type Reconciler struct {
 	report   Reporter
 	log      *slog.Logger
 	cgroupID func(string) (uint64, error)
+	metrics  *Metrics
 
 	mu      sync.Mutex
 	byKey   map[string]*selected
@@ -102,6 +104,9 @@ type ReconcilerConfig struct {
 	Logger   *slog.Logger
 	// CgroupID resolves a cgroup directory to its id; nil: datapath.CgroupID.
 	CgroupID func(string) (uint64, error)
+	// Metrics, if set, get each workload change's duration and each
+	// missing cgroup, whichever source asked.
+	Metrics *Metrics
 }
 
 // Timeouts are the proxy timeouts the agent serves; zero: none (a
@@ -119,7 +124,7 @@ type Timeouts struct {
 // source claims.
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
-		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, timeouts: cfg.Timeouts, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID,
+		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, timeouts: cfg.Timeouts, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID, metrics: cfg.Metrics,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -142,8 +147,12 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 // Upsert selects a workload or updates it. An error (its cgroup does not
 // exist yet, say) leaves the workload as it was; the caller retries.
 func (r *Reconciler) Upsert(w Workload) error {
+	start := time.Now()
 	cg, err := r.cgroupID(w.CgroupPath)
 	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			r.metrics.cgroupMissing()
+		}
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
 	eff := w.Effective()
@@ -170,6 +179,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 		awaiting = r.xds.Connected()
 	}
 	dw := r.datapathWorkload(id, pol, awaiting)
+	defer func() { r.metrics.observeReconcile(time.Since(start)) }()
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
@@ -228,6 +238,7 @@ func (r *Reconciler) Remove(key string) error {
 	if cur == nil {
 		return nil
 	}
+	defer func(start time.Time) { r.metrics.observeReconcile(time.Since(start)) }(time.Now())
 	if err := r.dp.DeleteWorkload(cur.cgroupID); err != nil {
 		return fmt.Errorf("%s: %w", key, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -90,7 +91,7 @@ func (c cgroups) id(p string) (uint64, error) {
 	if id, ok := c[p]; ok {
 		return id, nil
 	}
-	return 0, fmt.Errorf("cgroup %s: no such file or directory", p)
+	return 0, fmt.Errorf("cgroup %s: %w", p, syscall.ENOENT) // as datapath.CgroupID
 }
 
 func newTestReconciler(t *testing.T, pinned map[uint64]datapath.Workload, cg cgroups) (*Reconciler, *fakeDatapath, *fakeXDS, *fakeReporter) {
