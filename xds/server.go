@@ -82,10 +82,10 @@ type Server struct {
 	cache cache.SnapshotCache
 	grpc  *grpc.Server
 
-	mu      sync.Mutex
-	seq     uint64
-	hash    string
-	status  Status
+	mu     sync.Mutex
+	seq    uint64
+	hash   string
+	status Status
 	// streams holds, per ADS stream and resource type, the last response
 	// sent: its nonce names the version a NACK rejects.
 	streams map[int64]map[string]sent
