@@ -1,12 +1,14 @@
 package agent
 
 import (
+	"errors"
 	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/xds"
+	"golang.org/x/sys/unix"
 )
 
 // BPFStats is what the collector reads from the datapath at scrape time
@@ -16,6 +18,7 @@ type BPFStats interface {
 	WorkloadStats() (map[uint32]datapath.WorkloadStats, error)
 	InFlight() (origDsts, pendingTuples int, err error)
 	InFlightCapacity() int
+	ProxyState() (datapath.ProxyState, error)
 }
 
 // Metrics are the agent's control-plane metrics; the datapath's are read by
@@ -27,6 +30,8 @@ type Metrics struct {
 	SourceErrors     *prometheus.CounterVec
 	ProxyReady       prometheus.Gauge
 	ProxyTransitions prometheus.Counter
+	// DatapathFailures: workload changes the datapath refused, by reason.
+	DatapathFailures *prometheus.CounterVec
 }
 
 // NewMetrics registers the agent's control-plane metrics. The reconciler
@@ -53,12 +58,17 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		ProxyTransitions: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "sluice_proxy_ready_transitions_total", Help: "Changes of the proxy-ready flag.",
 		}),
+		DatapathFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sluice_workload_datapath_failures_total", Help: "Workload changes the datapath refused, by reason: map_full (a datapath map is at capacity), other. The workload keeps its previous state and is retried.",
+		}, []string{"reason"}),
 	}
+	m.DatapathFailures.WithLabelValues("map_full")
+	m.DatapathFailures.WithLabelValues("other")
 	// Both sources' labels exist from the start, so a rate over them is
 	// defined before the first error.
 	m.SourceErrors.WithLabelValues("file")
 	m.SourceErrors.WithLabelValues("kubernetes")
-	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions)
+	reg.MustRegister(m.Reconcile, m.CgroupFailures, m.PolicyErrors, m.SourceErrors, m.ProxyReady, m.ProxyTransitions, m.DatapathFailures)
 	return m
 }
 
@@ -83,6 +93,18 @@ func (m *Metrics) cgroupMissing() {
 	}
 }
 
+func (m *Metrics) datapathFailed(err error) {
+	if m == nil {
+		return
+	}
+	reason := "other"
+	// A full hash map answers E2BIG; ENOSPC from the others.
+	if errors.Is(err, unix.E2BIG) || errors.Is(err, unix.ENOSPC) {
+		reason = "map_full"
+	}
+	m.DatapathFailures.WithLabelValues(reason).Inc()
+}
+
 // SourceError counts one error of a workload source ("file",
 // "kubernetes").
 func (m *Metrics) SourceError(source string) {
@@ -103,6 +125,9 @@ var (
 		[]string{"map"}, nil)
 	descInFlightCap = prometheus.NewDesc("sluice_datapath_inflight_capacity",
 		"Capacity of each in-flight map (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with sluice_datapath_inflight_entries.",
+		nil, nil)
+	descLeaseLeft = prometheus.NewDesc("sluice_readiness_lease_remaining_seconds",
+		"While the proxy-ready flag is set: how long its lease still holds unless the agent renews it (every probe does). Falling towards 0 means the agent's probe loop stalled; at 0 the datapath treats the proxy as not ready. Absent without a lease or with the flag clear.",
 		nil, nil)
 	descSelected    = prometheus.NewDesc("sluice_selected_workloads", "Workloads selected on this node.", nil, nil)
 	descScrapeErr   = prometheus.NewDesc("sluice_datapath_read_errors", "1 if the last scrape could not read the datapath.", nil, nil)
@@ -126,7 +151,7 @@ type collector struct {
 }
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descInFlightCap, descSelected, descScrapeErr,
+	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descInFlightCap, descLeaseLeft, descSelected, descScrapeErr,
 		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion, descNameLookups, descNames, descNameAddrs} {
 		ch <- d
 	}
@@ -164,6 +189,11 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descInFlightCap, prometheus.GaugeValue, float64(c.bpf.InFlightCapacity()))
 	} else {
 		failed = 1
+	}
+	if st, err := c.bpf.ProxyState(); err != nil {
+		failed = 1
+	} else if st.Ready && st.HasLease {
+		ch <- prometheus.MustNewConstMetric(descLeaseLeft, prometheus.GaugeValue, st.LeaseLeft.Seconds())
 	}
 	ch <- prometheus.MustNewConstMetric(descScrapeErr, prometheus.GaugeValue, failed)
 	c.collectNames(ch)

@@ -181,6 +181,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	dw := r.datapathWorkload(id, pol, awaiting)
 	defer func() { r.metrics.observeReconcile(time.Since(start)) }()
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
+		r.metrics.datapathFailed(err)
 		return fmt.Errorf("%s: %w", w.Key(), err)
 	}
 	if cur != nil && cur.cgroupID != cg {

@@ -14,9 +14,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/xds"
+	"golang.org/x/sys/unix"
 )
 
 // fakeDatapath records what the reconciler programs.
@@ -410,5 +413,62 @@ func TestReconcileAwaitsProxyACK(t *testing.T) {
 	}
 	if dp.m[200].AwaitingProxy {
 		t.Fatal("waits for an Envoy that is not connected")
+	}
+}
+
+type refusingDatapath struct {
+	fakeDatapath
+	err error
+}
+
+func (f *refusingDatapath) SetWorkload(uint64, datapath.Workload) error { return f.err }
+
+// The reconciler records its metrics whichever source calls it: each
+// programmed change is timed, a missing cgroup (and only that) counts as a
+// cgroup failure, and a datapath that refuses a workload counts by reason.
+func TestReconcilerMetrics(t *testing.T) {
+	m := NewMetrics(prometheus.NewRegistry())
+	dp := &refusingDatapath{fakeDatapath: fakeDatapath{m: map[uint64]datapath.Workload{}}}
+	cg := cgroups{"/cg/a": 100}
+	id := func(p string) (uint64, error) {
+		if p == "/cg/not-cgroup2" {
+			return 0, fmt.Errorf("cgroup %s: not on a cgroup2 filesystem", p)
+		}
+		return cg.id(p)
+	}
+	r, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: &fakeXDS{}, Reporter: &fakeReporter{}, CgroupID: id, Metrics: m,
+		Proxy: xds.Proxy{IPv4: netip.MustParseAddr("169.254.77.1"), Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Upsert(wl("gone", "/cg/gone", "", "")); err == nil {
+		t.Fatal("a missing cgroup was selected")
+	}
+	if err := r.Upsert(wl("odd", "/cg/not-cgroup2", "", "")); err == nil {
+		t.Fatal("a cgroup that is not cgroup2 was selected")
+	}
+	if n := testutil.ToFloat64(m.CgroupFailures); n != 1 {
+		t.Errorf("cgroup failures %v, want 1 (the missing one only)", n)
+	}
+	dp.err = fmt.Errorf("select cgroup 100: update: %w", unix.E2BIG)
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err == nil {
+		t.Fatal("a refused workload was reported selected")
+	}
+	dp.err = fmt.Errorf("select cgroup 100: %w", unix.EPERM)
+	r.Upsert(wl("a", "/cg/a", "", ""))
+	if full, other := testutil.ToFloat64(m.DatapathFailures.WithLabelValues("map_full")), testutil.ToFloat64(m.DatapathFailures.WithLabelValues("other")); full != 1 || other != 1 {
+		t.Errorf("datapath failures map_full %v other %v, want 1 and 1", full, other)
+	}
+	dp.err = nil
+	if err := r.Upsert(wl("a", "/cg/a", "", "")); err != nil {
+		t.Fatal(err)
+	}
+	r.Upsert(wl("a", "/cg/a", "", "")) // unchanged: nothing programmed, nothing timed
+	if err := r.Remove("ns/a"); err != nil {
+		t.Fatal(err)
+	}
+	// The two refused tries, the select and the deselect.
+	if n := histogramCount(t, m.Reconcile); n != 4 {
+		t.Errorf("reconcile duration count %d, want 4", n)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -132,6 +133,12 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 		if !strings.Contains(m, want) {
 			t.Errorf("metrics lack %s; have:\n%s", want, strings.Join(harness.MetricLines(m, "sluice_"), "\n"))
 		}
+	}
+	// The default 30 s readiness lease, renewed by every probe.
+	if v := harness.MetricLines(m, "sluice_readiness_lease_remaining_seconds "); len(v) != 1 {
+		t.Errorf("readiness lease metric: %v", v)
+	} else if left, err := strconv.ParseFloat(strings.Fields(v[0])[1], 64); err != nil || left < 20 || left > 30 {
+		t.Errorf("readiness lease remaining %q, want 20-30 s of the default 30 s lease", v[0])
 	}
 	if v := harness.MetricLines(m, "sluice_xds_versions_total "); len(v) != 1 || v[0] == "sluice_xds_versions_total 0" {
 		t.Errorf("xds versions: %v", v)
