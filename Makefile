@@ -37,16 +37,21 @@ deps-generate:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-14 llvm-14 >/dev/null; \
 		command -v llvm-strip >/dev/null || ln -sf /usr/bin/llvm-strip-14 /usr/local/bin/llvm-strip; }
 
-## generate: recompile bpf/*.c into the committed bpf2go output (needs clang-14); regenerate the policy API's deepcopy, CRDs, clients, listers and informers
+## generate: recompile bpf/*.c into the committed bpf2go output (needs clang-14); regenerate the policy API's deepcopy, CRDs, clients, listers and informers; render the kustomize install from the Helm chart
 .PHONY: generate
 generate: deps-generate
 	$(GO) generate ./agent/datapath/ ./policy/
+	$(GO) run ./daemonset/generate
+
+# What daemonset/generate writes from the chart.
+CHART_GENERATED = daemonset/rbac.yaml daemonset/configmap.yaml daemonset/daemonset.yaml daemonset/monitoring/monitoring.yaml daemonset/uninstall/daemonset.yaml charts/sluice/crds/
 
 ## verify: regenerate and fail if the committed BPF objects or Go code are stale; gofmt and vet
 .PHONY: verify
 verify: generate
 	@git diff --exit-code -- agent/datapath/ || { echo "committed bpf2go output is stale: run 'make generate' and commit"; exit 1; }
 	@test -z "$$(git status --porcelain -- policy/ daemonset/crds/)" || { git status --short -- policy/ daemonset/crds/; git diff -- policy/ daemonset/crds/ | head -50; echo "committed generated policy API code or CRDs are stale: run 'make generate' and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- $(CHART_GENERATED))" || { git status --short -- $(CHART_GENERATED); git diff -- $(CHART_GENERATED) | head -50; echo "the kustomize install differs from what the chart renders (charts/sluice is the source): run 'make generate' and commit"; exit 1; }
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
 	$(GO) vet ./...
 

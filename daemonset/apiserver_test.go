@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/sluice-io/sluice/charts"
 	"github.com/sluice-io/sluice/test/kube"
 	"github.com/sluice-io/sluice/test/testbed"
 	authorizationv1 "k8s.io/api/authorization/v1"
@@ -16,7 +17,8 @@ import (
 // TestPrivilegedManifestsOnAPIServer hands the manifests to a real
 // kube-apiserver: a server-side dry-run apply with strict field validation
 // (admission, validation and defaulting, nothing stored) of the install,
-// the uninstall DaemonSet and the metrics Service; then the install for
+// the uninstall DaemonSet, the metrics Service and dashboard, and the Helm
+// chart rendered with default and other values; then the install for
 // real, and SubjectAccessReviews showing the service account can do what
 // the agent does and nothing else. (The ServiceMonitor needs the
 // Prometheus Operator's CRD; TestMonitoringRenders decodes it strictly.)
@@ -50,6 +52,25 @@ func TestPrivilegedManifestsOnAPIServer(t *testing.T) {
 			}
 			if err := cluster.Apply(ctx, true, o.YAML); err != nil {
 				t.Fatalf("server-side dry-run of %s: %v", sub, err)
+			}
+		}
+	}
+	// The Helm chart's renderings, default and not, the same way.
+	for _, values := range []map[string]any{nil, {
+		"image": map[string]any{"repository": "registry.example.com/sluice", "tag": "v1.2.3", "pullPolicy": "Always"}, "kernelBefore511": true,
+		"config":     map[string]any{"cgroupDriver": "cgroupfs", "kubeletCgroupRoot": "/kubelet"},
+		"monitoring": map[string]any{"serviceMonitor": map[string]any{"enabled": true}, "prometheusRule": map[string]any{"enabled": true}, "dashboard": map[string]any{"enabled": true}},
+	}, {"uninstall": true}} {
+		objs, err := charts.Render(in.Namespace.Name, values)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, o := range objs {
+			if o.Kind == "ServiceMonitor" || o.Kind == "PrometheusRule" {
+				continue
+			}
+			if err := cluster.Apply(ctx, true, o.YAML); err != nil {
+				t.Fatalf("server-side dry-run of the chart (values %v), %s %s: %v", values, o.Kind, o.Name, err)
 			}
 		}
 	}

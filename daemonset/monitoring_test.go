@@ -172,7 +172,7 @@ func TestMonitoringNamesExportedMetrics(t *testing.T) {
 	if n < 10 {
 		t.Errorf("%d alerts", n)
 	}
-	b, err := os.ReadFile(filepath.Join(Dir(), "monitoring", "dashboards", "sluice.json"))
+	b, err := os.ReadFile(filepath.Join(Dir(), "..", "charts", "sluice", "files", "dashboard.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
