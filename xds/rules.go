@@ -171,9 +171,11 @@ func checkListener(path string, l *listener.Listener, clusters map[string]bool) 
 			}
 		}
 	}
-	for _, c := range chains {
+	if c := l.GetDefaultFilterChain(); c != nil {
 		errs = append(errs, checkChain(fmt.Sprintf("%s: filter chain %q", path, c.GetName()), c, clusters)...)
 	}
+	// Each of filter_chains is checked by checkChain on its own
+	// (Validator, which remembers the chains it has checked).
 	return append(errs, checkAccessLogs(path, l.GetAccessLog())...)
 }
 

@@ -40,29 +40,42 @@ func checkCustomCluster(path string, c *cluster.Cluster, ct *cluster.Cluster_Cus
 	return errs
 }
 
-// checkDNSCaches: every DNS cache of one name is configured identically
-// wherever it appears (Envoy: "config specified DNS cache ... with different
-// settings"), resolves with c-ares through explicit resolvers, and filters
-// node-local answers out.
-func checkDNSCaches(r *Resources) []error {
+// dnsCacheAt is a DNS cache configuration found in a resource, with the
+// path below the resource it was found at.
+type dnsCacheAt struct {
+	path string
+	dc   *dnscache.DnsCacheConfig
+}
+
+// dnsCachesIn returns the DNS cache configurations in m, at any depth,
+// Anys included, and the errors of checkDNSCache for each.
+func dnsCachesIn(m proto.Message) ([]dnsCacheAt, []error) {
+	var found []dnsCacheAt
 	var errs []error
-	byName := map[string]*dnscache.DnsCacheConfig{}
-	where := map[string]string{}
-	for _, m := range r.messages() {
-		walkAny("", m, func(path string, msg proto.Message) {
-			eachField(path, msg.ProtoReflect(), func(p string, fm protoreflect.Message) {
-				dc, ok := fm.Interface().(*dnscache.DnsCacheConfig)
-				if !ok {
-					return
-				}
+	walkAny("", m, func(path string, msg proto.Message) {
+		eachField(path, msg.ProtoReflect(), func(p string, fm protoreflect.Message) {
+			if dc, ok := fm.Interface().(*dnscache.DnsCacheConfig); ok {
+				found = append(found, dnsCacheAt{p, dc})
 				errs = append(errs, checkDNSCache(p, dc)...)
-				if first, ok := byName[dc.GetName()]; ok && !proto.Equal(first, dc) {
-					errs = append(errs, fmt.Errorf("%s: DNS cache %q differs from its configuration at %s; Envoy requires them identical", p, dc.GetName(), where[dc.GetName()]))
-				} else if !ok {
-					byName[dc.GetName()], where[dc.GetName()] = dc, p
-				}
-			})
-		}, func(string, error) {})
+			}
+		})
+	}, func(string, error) {})
+	return found, errs
+}
+
+// checkDNSCacheSet: every DNS cache of one name is configured identically
+// wherever it appears (Envoy: "config specified DNS cache ... with different
+// settings"). Each, by checkDNSCache, resolves with c-ares through explicit
+// resolvers and filters node-local answers out.
+func checkDNSCacheSet(caches []dnsCacheAt) []error {
+	var errs []error
+	byName := map[string]dnsCacheAt{}
+	for _, c := range caches {
+		if first, ok := byName[c.dc.GetName()]; ok && !proto.Equal(first.dc, c.dc) {
+			errs = append(errs, fmt.Errorf("%s: DNS cache %q differs from its configuration at %s; Envoy requires them identical", c.path, c.dc.GetName(), first.path))
+		} else if !ok {
+			byName[c.dc.GetName()] = c
+		}
 	}
 	return errs
 }

@@ -81,6 +81,9 @@ type Server struct {
 	log   *slog.Logger
 	cache cache.SnapshotCache
 	grpc  *grpc.Server
+	// validator remembers the filter chains it validated: an update in
+	// which few workloads changed validates only theirs.
+	validator Validator
 
 	mu     sync.Mutex
 	seq    uint64
@@ -171,7 +174,7 @@ func (s *Server) Update(ctx context.Context, st State) (version string, issues [
 	if err != nil {
 		return "", nil, err
 	}
-	if err := Validate(r); err != nil {
+	if err := s.validator.Validate(r); err != nil {
 		return "", issues, fmt.Errorf("generated configuration is invalid, keeping the last good one: %w", err)
 	}
 	h, err := r.hash()

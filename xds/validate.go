@@ -2,9 +2,15 @@ package xds
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
+	"sync"
+
+	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -124,9 +130,38 @@ func roundTrip(m proto.Message) error {
 
 // Validate checks a complete configuration as Envoy would load it. The
 // error joins every problem found.
-func Validate(r *Resources) error {
+func Validate(r *Resources) error { return new(Validator).Validate(r) }
+
+// Validator is Validate with a memory of the filter chains of the last
+// configuration it found valid. A listener's chains are validated one by
+// one (every check of Validate, on each chain as a message of its own), and
+// a chain whose deterministic encoding, with the set of cluster names it may
+// reference, is one it validated last time is not validated again: the
+// checks depend on nothing else. So a configuration in which one workload's
+// chains changed costs those chains, the listener around them and the
+// clusters. A Validator is safe for concurrent use.
+type Validator struct {
+	mu sync.Mutex
+	// chains maps a validated chain's digest to the DNS caches in it
+	// (their consistency across chains is checked every time).
+	chains map[[sha256.Size]byte][]dnsCacheAt
+}
+
+// Validate checks r as the package's Validate does. It sets each listener's
+// filter_chains aside while it validates the rest of the listener and puts
+// them back: r must not be read concurrently meanwhile.
+func (v *Validator) Validate(r *Resources) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
 	var errs []error
+	var caches []dnsCacheAt
+	addCaches := func(prefix string, found []dnsCacheAt) {
+		for _, c := range found {
+			caches = append(caches, dnsCacheAt{prefix + c.path, c.dc})
+		}
+	}
 	clusters := map[string]bool{}
+	var names []string
 	for _, c := range r.Clusters {
 		name := "cluster " + quoteName(c.GetName())
 		if err := validateMessage(name, c); err != nil {
@@ -136,22 +171,90 @@ func Validate(r *Resources) error {
 			errs = append(errs, fmt.Errorf("%s: duplicate cluster name", name))
 		}
 		clusters[c.GetName()] = true
+		names = append(names, c.GetName())
 		errs = append(errs, checkCluster(name, c)...)
+		found, cerrs := dnsCachesIn(c)
+		addCaches(name, found)
+		errs = append(errs, prefixed(name, cerrs)...)
 	}
+	// A chain's cluster references are checked against these names: they
+	// are part of what a chain's validity depends on.
+	slices.Sort(names)
+	clusterKey := sha256.Sum256([]byte(strings.Join(names, "\x00")))
+	next := map[[sha256.Size]byte][]dnsCacheAt{}
 	listeners := map[string]bool{}
 	for _, l := range r.Listeners {
 		name := "listener " + quoteName(l.GetName())
-		if err := validateMessage(name, l); err != nil {
+		chains := l.FilterChains
+		l.FilterChains = nil
+		err := validateMessage(name, l)
+		found, cerrs := dnsCachesIn(l)
+		l.FilterChains = chains
+		if err != nil {
 			errs = append(errs, err)
 		}
+		addCaches(name, found)
+		errs = append(errs, prefixed(name, cerrs)...)
 		if listeners[l.GetName()] {
 			errs = append(errs, fmt.Errorf("%s: duplicate listener name", name))
 		}
 		listeners[l.GetName()] = true
 		errs = append(errs, checkListener(name, l, clusters)...)
+		for i, c := range chains {
+			path := fmt.Sprintf("%s.filter_chains[%d]", name, i)
+			key, err := chainKey(c, clusterKey)
+			if err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", path, err))
+				continue
+			}
+			if found, ok := v.chains[key]; ok {
+				next[key] = found
+				addCaches(path, found)
+				continue
+			}
+			var chainErrs []error
+			if err := validateMessage(path, c); err != nil {
+				chainErrs = append(chainErrs, err)
+			}
+			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters)...)
+			found, cerrs := dnsCachesIn(c)
+			chainErrs = append(chainErrs, prefixed(path, cerrs)...)
+			if len(chainErrs) == 0 {
+				next[key] = found
+			}
+			addCaches(path, found)
+			errs = append(errs, chainErrs...)
+		}
 	}
-	errs = append(errs, checkDNSCaches(r)...)
-	return errors.Join(errs...)
+	errs = append(errs, checkDNSCacheSet(caches)...)
+	if len(errs) > 0 {
+		return errors.Join(errs...)
+	}
+	v.chains = next
+	return nil
+}
+
+// chainKey digests a chain's deterministic encoding with the cluster
+// names it is checked against.
+func chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) ([sha256.Size]byte, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(c)
+	if err != nil {
+		return [sha256.Size]byte{}, err
+	}
+	h := sha256.New()
+	h.Write(clusterKey[:])
+	h.Write(b)
+	var k [sha256.Size]byte
+	h.Sum(k[:0])
+	return k, nil
+}
+
+func prefixed(prefix string, errs []error) []error {
+	out := make([]error, len(errs))
+	for i, err := range errs {
+		out[i] = fmt.Errorf("%s%w", prefix, err)
+	}
+	return out
 }
 
 func quoteName(s string) string { return fmt.Sprintf("%q", s) }

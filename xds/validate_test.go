@@ -2,6 +2,7 @@ package xds
 
 import (
 	"google.golang.org/protobuf/types/known/structpb"
+	"slices"
 	"strings"
 	"testing"
 
@@ -285,6 +286,38 @@ func TestValidateRejects(t *testing.T) {
 			if !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("error does not say %q:\n%v", tc.want, err)
 			}
+			// A Validator that has just accepted the unbroken
+			// configuration (every chain remembered) still finds it: what
+			// it remembers never stands in for what changed.
+			var v Validator
+			if err := v.Validate(validResources(t)); err != nil {
+				t.Fatal(err)
+			}
+			if err := v.Validate(r); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("warm Validator: %v, want an error saying %q", err, tc.want)
+			}
 		})
+	}
+}
+
+// A remembered chain is valid only with the clusters it was checked
+// against: without the cluster it names, it is checked again and refused.
+func TestValidatorRemembersChainsWithTheirClusters(t *testing.T) {
+	var v Validator
+	if err := v.Validate(validResources(t)); err != nil {
+		t.Fatal(err)
+	}
+	if len(v.chains) == 0 {
+		t.Fatal("the Validator remembered no chain")
+	}
+	r := validResources(t)
+	r.Clusters = slices.DeleteFunc(r.Clusters, func(c *cluster.Cluster) bool { return c.GetName() == OriginalDstClusterName })
+	if err := v.Validate(r); err == nil || !strings.Contains(err.Error(), OriginalDstClusterName) {
+		t.Fatalf("chains naming a removed cluster: %v", err)
+	}
+	// A failed validation forgets nothing it knew, and learns nothing.
+	n := len(v.chains)
+	if err := v.Validate(validResources(t)); err != nil || len(v.chains) != n {
+		t.Fatalf("after a failure: %v, %d chains remembered, want %d", err, len(v.chains), n)
 	}
 }
