@@ -119,7 +119,7 @@ var (
 		[]string{"event"}, nil)
 	descWorkloadConns = prometheus.NewDesc("sluice_workload_connections_total",
 		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), non-TCP sockets refused in enforce mode (denied_non_tcp), never-dial destinations refused (node_local_refused), or connects to a metadata address, direct or refused (metadata).",
-		[]string{"namespace", "pod", "outcome"}, nil)
+		[]string{"workload_namespace", "workload_pod", "outcome"}, nil)
 	descInFlight = prometheus.NewDesc("sluice_datapath_inflight_entries",
 		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
 		[]string{"map"}, nil)
@@ -135,6 +135,7 @@ var (
 	descXDSPushes   = prometheus.NewDesc("sluice_xds_pushes_total", "xDS responses sent to Envoy.", nil, nil)
 	descXDSAcks     = prometheus.NewDesc("sluice_xds_acks_total", "Configurations Envoy accepted.", nil, nil)
 	descXDSNacks    = prometheus.NewDesc("sluice_xds_nacks_total", "Configurations Envoy rejected (it keeps the last good one).", nil, nil)
+	descXDSRejected = prometheus.NewDesc("sluice_xds_served_version_rejected", "1 while Envoy has rejected (NACKed) the version being served: it runs its last good configuration, and the server does not resend the rejected one until the configuration changes.", nil, nil)
 	descXDSStreams  = prometheus.NewDesc("sluice_xds_connected_proxies", "Envoys connected over ADS.", nil, nil)
 	descXDSVersion  = prometheus.NewDesc("sluice_xds_version_info", "The configuration version being served (label), value 1.", []string{"version"}, nil)
 	descNameLookups = prometheus.NewDesc("sluice_tcp_hostname_lookups_total",
@@ -152,7 +153,7 @@ type collector struct {
 
 func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descEvents, descWorkloadConns, descInFlight, descInFlightCap, descLeaseLeft, descSelected, descScrapeErr,
-		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSStreams, descXDSVersion, descNameLookups, descNames, descNameAddrs} {
+		descXDSVersions, descXDSPushes, descXDSAcks, descXDSNacks, descXDSRejected, descXDSStreams, descXDSVersion, descNameLookups, descNames, descNameAddrs} {
 		ch <- d
 	}
 }
@@ -206,6 +207,8 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descXDSPushes, prometheus.CounterValue, float64(st.Pushes))
 		ch <- prometheus.MustNewConstMetric(descXDSAcks, prometheus.CounterValue, float64(st.ACKs))
 		ch <- prometheus.MustNewConstMetric(descXDSNacks, prometheus.CounterValue, float64(st.NACKs))
+		rejected := st.LastNACK != nil && st.Version != "" && st.LastNACK.Rejected == st.Version
+		ch <- prometheus.MustNewConstMetric(descXDSRejected, prometheus.GaugeValue, b2f(rejected))
 		ch <- prometheus.MustNewConstMetric(descXDSStreams, prometheus.GaugeValue, float64(st.Streams))
 		if st.Version != "" {
 			ch <- prometheus.MustNewConstMetric(descXDSVersion, prometheus.GaugeValue, 1, st.Version)

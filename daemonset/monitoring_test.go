@@ -232,8 +232,11 @@ var alertCases = map[string][]alertCase{
 		firing: []int{2, 5}, quiet: []int{1, 9},
 	}},
 	"SluiceConfigRejected": {{
-		series: `sluice_xds_nacks_total{instance="n1"} 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1`,
-		firing: []int{2, 10}, quiet: []int{1, 13},
+		// Rejected at minute 2; a new version accepted at minute 17. A
+		// NACKed version is not resent, so the NACK counter stays flat
+		// while the problem lasts: the gauge, not the counter, says so.
+		series: `sluice_xds_served_version_rejected{instance="n1"} 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1 0 0`,
+		firing: []int{2, 10, 16}, quiet: []int{1, 17, 18},
 	}},
 	"SluiceOriginalDestinationLost": {{
 		// Lost while the maps are full; still lost, maps no longer full:
@@ -262,8 +265,8 @@ sluice_workload_datapath_failures_total{reason="other",instance="n1"} 0+1x14`,
 		firing: []int{2, 10}, quiet: []int{1, 13},
 	}},
 	"SluiceWorkloadRefusalsRising": {{
-		series: `sluice_workload_connections_total{namespace="shop",pod="web",outcome="failed_closed",instance="n1"} 0+120x10 1200x10
-sluice_workload_connections_total{namespace="shop",pod="api",outcome="redirected",instance="n1"} 0+6000x20`,
+		series: `sluice_workload_connections_total{workload_namespace="shop",workload_pod="web",outcome="failed_closed",instance="n1"} 0+120x10 1200x10
+sluice_workload_connections_total{workload_namespace="shop",workload_pod="api",outcome="redirected",instance="n1"} 0+6000x20`,
 		firing: []int{8, 10}, quiet: []int{2, 7, 18, 20},
 	}},
 	"SluiceHostnameLookupsFailing": {{

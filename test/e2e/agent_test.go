@@ -124,7 +124,7 @@ func TestPrivilegedAgentFileSource(t *testing.T) {
 
 	m := e.Metrics(t)
 	for _, want := range []string{
-		`sluice_workload_connections_total{namespace="demo",outcome="redirected",pod="web"} 1`,
+		`sluice_workload_connections_total{outcome="redirected",workload_namespace="demo",workload_pod="web"} 1`,
 		`sluice_proxy_ready 1`,
 		`sluice_selected_workloads 1`,
 		`sluice_datapath_events_total{event="orig_dst_answered"} 1`,
