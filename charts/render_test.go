@@ -197,6 +197,7 @@ func TestChartSchemaRefuses(t *testing.T) {
 		{map[string]any{"image": map[string]any{"pullPolicy": "Sometimes"}}, "pullPolicy"},
 		{map[string]any{"proxy": map[string]any{"concurrency": 0}}, "concurrency"},
 		{map[string]any{"monitoring": map[string]any{"serviceMonitor": map[string]any{"interval": "soon"}}}, "interval"},
+		{map[string]any{"image": map[string]any{"tag": "v1:latest"}}, "tag"},
 	} {
 		t.Run(fmt.Sprint(tc.values), func(t *testing.T) {
 			_, err := Render("sluice-system", tc.values)
@@ -204,5 +205,33 @@ func TestChartSchemaRefuses(t *testing.T) {
 				t.Errorf("Render(%v) = %v, want an error naming %s", tc.values, err, tc.want)
 			}
 		})
+	}
+}
+
+// Installed in "default", the agent would exempt every pod there from
+// redirection (it exempts its own namespace): the chart refuses.
+func TestChartRefusesTheDefaultNamespace(t *testing.T) {
+	if _, err := Render("default", nil); err == nil || !strings.Contains(err.Error(), "must not run in \"default\"") {
+		t.Fatalf("Render in default: %v", err)
+	}
+}
+
+// Values the schema must accept: a digest, a tag with a digest, numeric
+// quantities, a compound interval.
+func TestChartAcceptsValidValues(t *testing.T) {
+	digest := "@sha256:" + strings.Repeat("ab", 32)
+	for tag, want := range map[string]string{"v1.2.3" + digest: "reg.example.com:5000/sluice:v1.2.3" + digest, digest: "reg.example.com:5000/sluice" + digest, "": "reg.example.com:5000/sluice"} {
+		objs := render(t, map[string]any{
+			"image":      map[string]any{"repository": "reg.example.com:5000/sluice", "tag": tag},
+			"agent":      map[string]any{"resources": map[string]any{"requests": map[string]any{"cpu": 0.5, "memory": "96Mi"}}},
+			"monitoring": map[string]any{"serviceMonitor": map[string]any{"enabled": true, "interval": "1m30s"}},
+		})
+		for _, o := range objs {
+			if ds, ok := decode(t, o).(*appsv1.DaemonSet); ok {
+				if got := ds.Spec.Template.Spec.Containers[0].Image; got != want {
+					t.Errorf("tag %q: image %q, want %q", tag, got, want)
+				}
+			}
+		}
 	}
 }
