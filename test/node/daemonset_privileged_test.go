@@ -48,10 +48,6 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir := t.TempDir()
-	if err := os.CopyFS(filepath.Join(dir, "daemonset"), os.DirFS(daemonset.Dir())); err != nil {
-		t.Fatal(err)
-	}
 	var ops []map[string]any
 	op := func(o, path string, v any) { ops = append(ops, map[string]any{"op": o, "path": path, "value": v}) }
 	spec := base.DaemonSet.Spec.Template.Spec
@@ -90,15 +86,24 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k := map[string]any{
-		"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-		"resources": []string{"../daemonset"},
-		"patches": []map[string]any{
-			{"target": map[string]any{"kind": "DaemonSet", "name": base.DaemonSet.Name}, "patch": string(dsPatch)},
-			{"target": map[string]any{"kind": "ConfigMap", "name": base.Config.Name}, "patch": string(cmPatch)},
-		},
+	return writeOverlay(t, "../daemonset", []map[string]any{
+		{"target": map[string]any{"kind": "DaemonSet", "name": base.DaemonSet.Name}, "patch": string(dsPatch)},
+		{"target": map[string]any{"kind": "ConfigMap", "name": base.Config.Name}, "patch": string(cmPatch)},
+	})
+}
+
+// writeOverlay writes a kustomization with patches over resource (a path
+// relative to it, into a copy of daemonset/) and returns its directory.
+func writeOverlay(t testing.TB, resource string, patches []map[string]any) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := os.CopyFS(filepath.Join(dir, "daemonset"), os.DirFS(daemonset.Dir())); err != nil {
+		t.Fatal(err)
 	}
-	y, err := yaml.Marshal(k)
+	y, err := yaml.Marshal(map[string]any{
+		"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+		"resources": []string{resource}, "patches": patches,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -365,10 +370,6 @@ func uninstallOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath 
 // path.
 func (n *Node) uninstallOverlay(t testing.TB, pinPath string) string {
 	t.Helper()
-	dir := t.TempDir()
-	if err := os.CopyFS(filepath.Join(dir, "daemonset"), os.DirFS(daemonset.Dir())); err != nil {
-		t.Fatal(err)
-	}
 	objs, err := daemonset.Render(filepath.Join(daemonset.Dir(), "uninstall"))
 	if err != nil {
 		t.Fatal(err)
@@ -403,21 +404,5 @@ func (n *Node) uninstallOverlay(t testing.TB, pinPath string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	k := map[string]any{
-		"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-		"resources": []string{"../daemonset/uninstall"},
-		"patches":   []map[string]any{{"target": map[string]any{"kind": "DaemonSet", "name": ds.Name}, "patch": string(patch)}},
-	}
-	y, err := yaml.Marshal(k)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ov := filepath.Join(dir, "overlay")
-	if err := os.Mkdir(ov, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(ov, "kustomization.yaml"), y, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return ov
+	return writeOverlay(t, "../daemonset/uninstall", []map[string]any{{"target": map[string]any{"kind": "DaemonSet", "name": ds.Name}, "patch": string(patch)}})
 }
