@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/sluice-io/sluice/policy"
@@ -135,6 +136,9 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 		return err
 	}
 	if err := s.countWatchErrors(inf.Informer()); err != nil {
+		return err
+	}
+	if err := inf.Informer().SetTransform(trimPod); err != nil {
 		return err
 	}
 	caches := []cache.InformerSynced{inf.Informer().HasSynced, reg.HasSynced}
@@ -297,6 +301,9 @@ func (s *KubeSource) checkPolicyAPI() error {
 func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced, error) {
 	nsFactory := informers.NewSharedInformerFactory(s.Client, 0)
 	nsInf := nsFactory.Core().V1().Namespaces()
+	if err := nsInf.Informer().SetTransform(trimNamespace); err != nil {
+		return nil, err
+	}
 	s.namespaces = nsInf.Lister()
 	pf := policyinformers.NewSharedInformerFactory(s.Policies, policyResync)
 	egInf := pf.Policy().V1alpha1().EgressPolicies()
@@ -362,6 +369,48 @@ func (s *KubeSource) countWatchErrors(inf cache.SharedIndexInformer) error {
 		s.Metrics.SourceError("kubernetes")
 		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
+}
+
+// trimPod is the pod informer's transform: the cache keeps only what the
+// agent reads (names and uid, labels, sluice.io/ annotations, the node,
+// hostNetwork, phase, QoS class and addresses), not managed fields, other
+// annotations (kubectl's last-applied configuration among them), the spec
+// or the rest of the status. Tombstones pass as they are.
+func trimPod(obj any) (any, error) {
+	pod, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	var ann map[string]string
+	for k, v := range pod.Annotations {
+		if strings.HasPrefix(k, policy.AnnotationPrefix) {
+			if ann == nil {
+				ann = map[string]string{}
+			}
+			ann[k] = v
+		}
+	}
+	return &corev1.Pod{
+		TypeMeta: pod.TypeMeta,
+		ObjectMeta: metav1.ObjectMeta{
+			Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID, ResourceVersion: pod.ResourceVersion,
+			Labels: pod.Labels, Annotations: ann, DeletionTimestamp: pod.DeletionTimestamp,
+		},
+		Spec:   corev1.PodSpec{NodeName: pod.Spec.NodeName, HostNetwork: pod.Spec.HostNetwork},
+		Status: corev1.PodStatus{Phase: pod.Status.Phase, QOSClass: pod.Status.QOSClass, PodIP: pod.Status.PodIP, PodIPs: pod.Status.PodIPs},
+	}, nil
+}
+
+// trimNamespace keeps what selection reads of a namespace: its labels.
+func trimNamespace(obj any) (any, error) {
+	ns, ok := obj.(*corev1.Namespace)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Namespace{
+		TypeMeta:   ns.TypeMeta,
+		ObjectMeta: metav1.ObjectMeta{Name: ns.Name, UID: ns.UID, ResourceVersion: ns.ResourceVersion, Labels: ns.Labels},
+	}, nil
 }
 
 // metaObject reads an informer's object, tombstones included.

@@ -26,6 +26,7 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 )
 
@@ -265,5 +266,45 @@ func TestKubeSourceCountsWatchErrors(t *testing.T) {
 	<-done
 	if n, f := testutil.ToFloat64(m.SourceErrors.WithLabelValues("kubernetes")), failed.Load(); n > float64(f) {
 		t.Errorf("%v source errors counted for %d failed watches", n, f)
+	}
+}
+
+// The pod informer keeps only what the agent reads: a pod with managed
+// fields, a large last-applied annotation and a full spec is cached as
+// its names, labels, sluice annotations, node, hostNetwork and status
+// fields, and the workload made from it is the same as from the full pod.
+func TestTrimPod(t *testing.T) {
+	full := testPod("web", "uid-web", corev1.PodQOSBurstable, "10.244.1.5",
+		map[string]string{"sluice.io/mode": "enforce", "app": "web"}, map[string]string{"sluice.io/allow": "api.example.com",
+			"kubectl.kubernetes.io/last-applied-configuration": strings.Repeat("x", 10000)})
+	full.ManagedFields = []metav1.ManagedFieldsEntry{{Manager: "kubectl", Operation: metav1.ManagedFieldsOperationApply}}
+	full.Spec.Containers = []corev1.Container{{Name: "app", Image: "example.com/app:1", Env: []corev1.EnvVar{{Name: "A", Value: "b"}}}}
+	full.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "app", Ready: true}}
+	got, err := trimPod(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := got.(*corev1.Pod)
+	if len(p.ManagedFields) != 0 || len(p.Spec.Containers) != 0 || len(p.Status.ContainerStatuses) != 0 {
+		t.Errorf("trimmed pod keeps managed fields, containers or container statuses: %+v", p)
+	}
+	if len(p.Annotations) != 1 || p.Annotations["sluice.io/allow"] != "api.example.com" {
+		t.Errorf("annotations %v, want only sluice.io/allow", p.Annotations)
+	}
+	src := &KubeSource{Layout: PodCgroupLayout{Mount: "/cg", Driver: DriverCgroupfs}}
+	a, err := src.workload(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := src.workload(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Annotations = map[string]string{"sluice.io/allow": a.Annotations["sluice.io/allow"]}
+	if !a.Equal(b) || a.CgroupPath != b.CgroupPath {
+		t.Errorf("workload from the trimmed pod %+v differs from the full pod's %+v", b, a)
+	}
+	if tomb, _ := trimPod(cache.DeletedFinalStateUnknown{Key: "ns/web", Obj: full}); tomb == nil {
+		t.Error("a tombstone was dropped")
 	}
 }

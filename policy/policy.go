@@ -21,6 +21,9 @@ const (
 	LabelMode       = "sluice.io/mode"
 	LabelFailMode   = "sluice.io/fail-mode"
 	AnnotationAllow = "sluice.io/allow"
+	// AnnotationPrefix is every sluice annotation's: the agent keeps no
+	// other annotation of a pod.
+	AnnotationPrefix = "sluice.io/"
 )
 
 // Limits on outside input.
