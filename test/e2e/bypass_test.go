@@ -75,7 +75,7 @@ func checkExposure(t *testing.T, e *harness.Env) {
 			}
 		}
 	}
-	allowed := map[string]bool{"event": true, "namespace": true, "pod": true, "outcome": true, "map": true, "version": true, "source": true, "le": true, "reason": true, "cause": true, "code": true, "result": true}
+	allowed := map[string]bool{"event": true, "workload_namespace": true, "workload_pod": true, "outcome": true, "map": true, "version": true, "source": true, "le": true, "reason": true, "cause": true, "code": true, "result": true}
 	for _, l := range strings.Split(metrics, "\n") {
 		if strings.HasPrefix(l, "#") || !strings.Contains(l, "{") {
 			continue

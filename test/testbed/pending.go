@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"runtime"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,8 +24,19 @@ func pendingMain(args []string) int {
 	dst := fs.String("dst", "", "destination address")
 	dstPortBase := fs.Int("dst-port-base", 20000, "first destination port")
 	dstPorts := fs.Int("dst-ports", 1000, "destination ports to cycle through")
+	cpu := fs.Int("cpu", -1, "connect from this CPU only (the connecting thread is pinned to it); -1: any")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *cpu >= 0 {
+		// The connects run on this goroutine, so on this thread.
+		runtime.LockOSThread()
+		var set unix.CPUSet
+		set.Set(*cpu)
+		if err := unix.SchedSetaffinity(0, &set); err != nil {
+			fmt.Fprintln(os.Stderr, "pending: pin to CPU:", err)
+			return 1
+		}
 	}
 	addr, err := netip.ParseAddr(*dst)
 	if err != nil {
