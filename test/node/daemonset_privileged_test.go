@@ -92,6 +92,23 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	})
 }
 
+// applyKustomization renders dir as kubectl apply -k does and applies it
+// server-side.
+func (n *Node) applyKustomization(t testing.TB, dir string) {
+	t.Helper()
+	objs, err := daemonset.Render(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ys [][]byte
+	for _, o := range objs {
+		ys = append(ys, o.YAML)
+	}
+	if err := n.Cluster.Apply(context.Background(), false, ys...); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // writeOverlay writes a kustomization with patches over resource (a path
 // relative to it, into a copy of daemonset/) and returns its directory.
 func writeOverlay(t testing.TB, resource string, patches []map[string]any) string {
@@ -184,17 +201,7 @@ func installOnNode(t *testing.T) (pinPath string) {
 	if err := os.WriteFile(filepath.Join(kcDir, "kubeconfig"), b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	objs, err := daemonset.Render(n.overlay(t, kcDir, pinPath))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ys [][]byte
-	for _, o := range objs {
-		ys = append(ys, o.YAML)
-	}
-	if err := n.Cluster.Apply(ctx, false, ys...); err != nil {
-		t.Fatal(err)
-	}
+	n.applyKustomization(t, n.overlay(t, kcDir, pinPath))
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -313,17 +320,7 @@ func uninstallOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath 
 		}
 	}
 
-	objs, err := daemonset.Render(n.uninstallOverlay(t, pinPath))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var ys [][]byte
-	for _, o := range objs {
-		ys = append(ys, o.YAML)
-	}
-	if err := n.Cluster.Apply(ctx, false, ys...); err != nil {
-		t.Fatal(err)
-	}
+	n.applyKustomization(t, n.uninstallOverlay(t, pinPath))
 	start := time.Now()
 	harness.WaitFor(t, "the uninstall DaemonSet's pod Ready", 60*time.Second, func() bool {
 		ps, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=uninstall"})

@@ -8,8 +8,10 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/sluice-io/sluice/agent"
+	"github.com/sluice-io/sluice/test/harness"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -112,7 +114,18 @@ func runPods(t *testing.T, n *Node) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			procs := procsBelow(t, cg)
+			// A container reported started may still be runc's init
+			// process for a moment, before it execs the image's command.
+			var procs map[int]string
+			harness.WaitFor(t, "the pod's processes started", 10*time.Second, func() bool {
+				procs = procsBelow(t, cg)
+				for pid := range procs {
+					if b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid)); strings.HasPrefix(string(b), "runc\x00init") {
+						return false
+					}
+				}
+				return true
+			})
 			if len(procs) < 2 {
 				t.Fatalf("%s holds %d processes, want the pause and the app container's: the agent would select an empty cgroup", cg, len(procs))
 			}
