@@ -41,26 +41,10 @@ func checkCustomCluster(path string, c *cluster.Cluster, ct *cluster.Cluster_Cus
 }
 
 // dnsCacheAt is a DNS cache configuration found in a resource, with the
-// path below the resource it was found at.
+// path below the resource it was found at (validateResource).
 type dnsCacheAt struct {
 	path string
 	dc   *dnscache.DnsCacheConfig
-}
-
-// dnsCachesIn returns the DNS cache configurations in m, at any depth,
-// Anys included, and the errors of checkDNSCache for each.
-func dnsCachesIn(m proto.Message) ([]dnsCacheAt, []error) {
-	var found []dnsCacheAt
-	var errs []error
-	walkAny("", m, func(path string, msg proto.Message) {
-		eachField(path, msg.ProtoReflect(), func(p string, fm protoreflect.Message) {
-			if dc, ok := fm.Interface().(*dnscache.DnsCacheConfig); ok {
-				found = append(found, dnsCacheAt{p, dc})
-				errs = append(errs, checkDNSCache(p, dc)...)
-			}
-		})
-	}, func(string, error) {})
-	return found, errs
 }
 
 // checkDNSCacheSet: every DNS cache of one name is configured identically

@@ -11,6 +11,7 @@ import (
 	"sync"
 
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
 
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -40,20 +41,36 @@ import (
 
 // validateMessage runs checks 1 and 2 on one top-level resource.
 func validateMessage(name string, m proto.Message) error {
+	_, errs := validateResource(name, m)
+	return errors.Join(errs...)
+}
+
+// validateResource runs checks 1 and 2 on one resource (or one filter
+// chain), and in the same walk finds the DNS cache configurations in it,
+// Anys included, each checked by checkDNSCache. Their paths are relative
+// to name, so a remembered chain's caches can be placed at its index.
+func validateResource(name string, m proto.Message) ([]dnsCacheAt, []error) {
 	var errs []error
+	var found []dnsCacheAt
 	walkAny(name, m, func(path string, msg proto.Message) {
 		if v, ok := msg.(interface{ ValidateAll() error }); ok {
 			if err := v.ValidateAll(); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", path, err))
 			}
 		}
+		eachField(path, msg.ProtoReflect(), func(p string, fm protoreflect.Message) {
+			if dc, ok := fm.Interface().(*dnscache.DnsCacheConfig); ok {
+				found = append(found, dnsCacheAt{strings.TrimPrefix(p, name), dc})
+				errs = append(errs, checkDNSCache(p, dc)...)
+			}
+		})
 	}, func(path string, err error) {
 		errs = append(errs, fmt.Errorf("%s: %w", path, err))
 	})
 	if err := roundTrip(m); err != nil {
 		errs = append(errs, fmt.Errorf("%s: %w", name, err))
 	}
-	return errors.Join(errs...)
+	return found, errs
 }
 
 // walkAny calls visit on m and on every message packed in an Any inside it,
@@ -164,18 +181,15 @@ func (v *Validator) Validate(r *Resources) error {
 	var names []string
 	for _, c := range r.Clusters {
 		name := "cluster " + quoteName(c.GetName())
-		if err := validateMessage(name, c); err != nil {
-			errs = append(errs, err)
-		}
+		found, cerrs := validateResource(name, c)
+		addCaches(name, found)
+		errs = append(errs, cerrs...)
 		if clusters[c.GetName()] {
 			errs = append(errs, fmt.Errorf("%s: duplicate cluster name", name))
 		}
 		clusters[c.GetName()] = true
 		names = append(names, c.GetName())
 		errs = append(errs, checkCluster(name, c)...)
-		found, cerrs := dnsCachesIn(c)
-		addCaches(name, found)
-		errs = append(errs, prefixed(name, cerrs)...)
 	}
 	// A chain's cluster references are checked against these names: they
 	// are part of what a chain's validity depends on.
@@ -187,14 +201,10 @@ func (v *Validator) Validate(r *Resources) error {
 		name := "listener " + quoteName(l.GetName())
 		chains := l.FilterChains
 		l.FilterChains = nil
-		err := validateMessage(name, l)
-		found, cerrs := dnsCachesIn(l)
+		found, lerrs := validateResource(name, l)
 		l.FilterChains = chains
-		if err != nil {
-			errs = append(errs, err)
-		}
 		addCaches(name, found)
-		errs = append(errs, prefixed(name, cerrs)...)
+		errs = append(errs, lerrs...)
 		if listeners[l.GetName()] {
 			errs = append(errs, fmt.Errorf("%s: duplicate listener name", name))
 		}
@@ -212,13 +222,8 @@ func (v *Validator) Validate(r *Resources) error {
 				addCaches(path, found)
 				continue
 			}
-			var chainErrs []error
-			if err := validateMessage(path, c); err != nil {
-				chainErrs = append(chainErrs, err)
-			}
+			found, chainErrs := validateResource(path, c)
 			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters)...)
-			found, cerrs := dnsCachesIn(c)
-			chainErrs = append(chainErrs, prefixed(path, cerrs)...)
 			if len(chainErrs) == 0 {
 				next[key] = found
 			}
@@ -247,14 +252,6 @@ func chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) ([sha256.Si
 	var k [sha256.Size]byte
 	h.Sum(k[:0])
 	return k, nil
-}
-
-func prefixed(prefix string, errs []error) []error {
-	out := make([]error, len(errs))
-	for i, err := range errs {
-		out[i] = fmt.Errorf("%s%w", prefix, err)
-	}
-	return out
 }
 
 func quoteName(s string) string { return fmt.Sprintf("%q", s) }
