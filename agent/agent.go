@@ -69,6 +69,8 @@ type Config struct {
 	// InFlightMapSize: capacity of each in-flight map when the datapath is
 	// installed (datapath.Config.InFlightEntries); zero: the default.
 	InFlightMapSize int
+	// AllowDowngrade adopts pins of a newer layout (datapath.Config).
+	AllowDowngrade bool
 	XDSSocket       string
 	// XDSSocketMode: the socket's permission bits; zero: owner only. 0660
 	// lets a group (the DaemonSet's fsGroup) in, for an Envoy that does not
@@ -128,11 +130,21 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
 	}
-	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath, InFlightEntries: cfg.InFlightMapSize})
+	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath, InFlightEntries: cfg.InFlightMapSize, AllowDowngrade: cfg.AllowDowngrade})
 	if err != nil {
 		return err
 	}
 	defer dp.Close()
+	switch from := dp.AdoptedLayout(); {
+	case from == 0:
+		log.Info("installed the datapath", "layout", datapath.LayoutVersion, "pins", cfg.PinPath)
+	case from < datapath.LayoutVersion:
+		log.Info("upgraded the pinned datapath in place", "from_layout", from, "layout", datapath.LayoutVersion, "pins", cfg.PinPath)
+	case from > datapath.LayoutVersion:
+		log.Warn("downgraded the pinned datapath (--allow-downgrade): the newer layout's extra maps stay pinned, unused", "from_layout", from, "layout", datapath.LayoutVersion, "pins", cfg.PinPath)
+	default:
+		log.Info("adopted the pinned datapath", "layout", datapath.LayoutVersion, "pins", cfg.PinPath)
+	}
 	if want := cmp.Or(cfg.InFlightMapSize, datapath.DefaultInFlightEntries); dp.InFlightCapacity() != want {
 		log.Warn("the pinned datapath keeps its in-flight map size; the new size applies after 'sluice uninstall' (open connections would lose their original destinations)",
 			"in_effect", dp.InFlightCapacity(), "asked", want)

@@ -157,6 +157,14 @@ struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* The pinned layout's version (struct layout_info); written by the agent only. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct layout_info);
+} layout SEC(".maps");
+
 /* Per-workload counters. The agent creates an entry with each workload. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);

@@ -98,6 +98,17 @@ struct metadata_key {
 	__be32 addr[4];
 };
 
+/*
+ * The version of the pinned layout (the maps' names and definitions), in the
+ * single entry of the layout map. The agent writes it once the pins are
+ * installed or migrated (agent/datapath/layout.go says how versions change);
+ * no program reads it. Pins without it are layout 1.
+ */
+struct layout_info {
+	__u32 version;
+	__u32 _pad;
+};
+
 /* Selected workload: key is a cgroup v2 id. */
 struct workload {
 	__u32 id;    /* stable id the agent assigns, keys wl_counters */

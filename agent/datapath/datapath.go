@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 
@@ -82,6 +83,10 @@ type Config struct {
 	// original destinations of open connections. Datapath.InFlightCapacity
 	// says what is in effect.
 	InFlightEntries int
+	// AllowDowngrade lets this version adopt pins of a newer layout
+	// (ErrNewerLayout otherwise): the maps it knows are used, the others
+	// stay pinned and unused.
+	AllowDowngrade bool
 }
 
 func (c Config) inFlightEntries() (uint32, error) {
@@ -103,8 +108,17 @@ type Datapath struct {
 	links   map[string]link.Link // by program name; nil for read-only handles
 	progs   map[string]*ebpf.Program
 
+	// adopted is the layout version of the pins this handle took over; 0
+	// when it installed them.
+	adopted int
+
 	mu sync.Mutex // serialises read-modify-write of the config entry
 }
+
+// AdoptedLayout is the layout version of the pins Open found and took over
+// (migrating them when older than LayoutVersion), or 0 when Open installed
+// the datapath.
+func (d *Datapath) AdoptedLayout() int { return d.adopted }
 
 // objects are the maps and programs we load; the generated sluiceObjects
 // also names the .bss variable that loadSpec drops.
@@ -205,6 +219,9 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("pin link %s: %w", a.prog, err)
 		}
 	}
+	if err := d.writeLayout(); err != nil {
+		return nil, err
+	}
 	if err := os.Rename(tmp, cfg.PinPath); err != nil {
 		if errors.Is(err, os.ErrExist) || errors.Is(err, errNotEmpty) {
 			return nil, errLostRace
@@ -222,37 +239,76 @@ func attach(cgroupPath string, typ ebpf.AttachType, prog *ebpf.Program) (link.Li
 	return l, nil
 }
 
-// reopen takes over an existing pinned datapath.
+// reopen takes over an existing pinned datapath, migrating it in place when
+// it has an older layout:
+//
+//   - maps whose definition is unchanged are reused with their entries;
+//   - maps this version adds are created;
+//   - maps whose capacity or flags changed are created anew and filled with
+//     the old ones' entries (copyable), and their pins replaced by rename;
+//   - every link is then switched to this binary's program with link.Update,
+//     so the hooks never run without a program;
+//   - last, the layout map gets this version, and the pins of maps an older
+//     layout had and this one dropped are removed.
+//
+// A crash part way leaves pins that the next start migrates again: the
+// pins are switched before the programs, so a program never uses a map
+// that is not pinned. Entries the old programs add between the copy and
+// the switch are lost: those of connections mid-handshake, never those of
+// established connections (their entries are older than the copy).
 func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 	cgroupID, err := CgroupID(cfg.CgroupPath)
 	if err != nil {
 		return nil, err
 	}
-	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}}
+	pinned, err := PinnedLayout(cfg.PinPath)
+	if err != nil {
+		return nil, err
+	}
+	if pinned > LayoutVersion && !cfg.AllowDowngrade {
+		return nil, fmt.Errorf("%s has layout %d, this version makes layout %d: %w; run a release that knows layout %d, or allow the downgrade (--allow-downgrade: the maps this version does not know stay pinned, unused)",
+			cfg.PinPath, pinned, LayoutVersion, ErrNewerLayout, pinned)
+	}
+	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}, adopted: pinned}
 	defer func() {
 		if err != nil {
 			d.Close()
 		}
 	}()
 
-	replacements := map[string]*ebpf.Map{}
+	replacements := map[string]*ebpf.Map{} // reused as pinned
+	migrated := map[string]*ebpf.Map{}     // pinned, copied into a new map
+	var created []string                   // not pinned: this layout adds it
 	defer func() {
 		for _, m := range replacements {
+			m.Close()
+		}
+		for _, m := range migrated {
 			m.Close()
 		}
 	}()
 	for name, ms := range spec.Maps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(cfg.PinPath, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			created = append(created, name)
+			continue
+		}
 		if err != nil {
 			return nil, fmt.Errorf("open pinned map %s: %w", name, err)
 		}
-		replacements[name] = m
 		if slices.Contains(inFlightMaps, name) {
 			// The pinned capacity stays (see Config.InFlightEntries).
 			ms.MaxEntries = m.MaxEntries()
 		}
-		if err := ms.Compatible(m); err != nil {
-			return nil, fmt.Errorf("map %s: %w: %w (run 'sluice uninstall' first)", name, ErrIncompatiblePins, err)
+		cerr := ms.Compatible(m)
+		switch {
+		case cerr == nil:
+			replacements[name] = m
+		case copyable(ms, m):
+			migrated[name] = m
+		default:
+			m.Close()
+			return nil, fmt.Errorf("map %s: %w: %w: no migration from layout %d to %d (run 'sluice uninstall' first)", name, ErrIncompatiblePins, cerr, pinned, LayoutVersion)
 		}
 	}
 	var objs objects
@@ -261,6 +317,29 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 	}
 	d.maps = objs.sluiceMaps
 	d.progs = programsOf(&objs.sluicePrograms)
+	byName := d.mapsByName()
+
+	for name, old := range migrated {
+		n, err := copyEntries(old, byName[name])
+		if err != nil {
+			return nil, fmt.Errorf("migrate map %s (%d entries copied): %w", name, n, err)
+		}
+		// Pin next to the old one, then rename over it: the pin is
+		// always one map or the other.
+		next := filepath.Join(cfg.PinPath, name+"_migrating")
+		os.Remove(next) // left by a migration that crashed
+		if err := byName[name].Pin(next); err != nil {
+			return nil, fmt.Errorf("pin migrated map %s: %w", name, err)
+		}
+		if err := os.Rename(next, filepath.Join(cfg.PinPath, name)); err != nil {
+			return nil, fmt.Errorf("replace pinned map %s: %w", name, err)
+		}
+	}
+	for _, name := range created {
+		if err := byName[name].Pin(filepath.Join(cfg.PinPath, name)); err != nil {
+			return nil, fmt.Errorf("pin map %s: %w", name, err)
+		}
+	}
 
 	for _, a := range attachments {
 		pin := linkPin(cfg.PinPath, a.prog)
@@ -293,7 +372,57 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("upgrade program %s: %w", a.prog, err)
 		}
 	}
+	if err := d.writeLayout(); err != nil {
+		return nil, err
+	}
+	if pinned <= LayoutVersion {
+		if err := removeDropped(cfg.PinPath, spec); err != nil {
+			return nil, err
+		}
+	}
 	return d, nil
+}
+
+// writeLayout records this binary's layout version in the pins.
+func (d *Datapath) writeLayout() error {
+	if err := d.maps.Layout.Put(layoutKey, sluiceLayoutInfo{Version: LayoutVersion}); err != nil {
+		return fmt.Errorf("write layout version: %w", err)
+	}
+	return nil
+}
+
+// removeDropped removes what an older layout pinned and this one no longer
+// has: maps by name, and links of programs this version dropped (detached
+// first).
+func removeDropped(pinPath string, spec *ebpf.CollectionSpec) error {
+	entries, err := os.ReadDir(pinPath)
+	if err != nil {
+		return err
+	}
+	known := map[string]bool{}
+	for _, a := range attachments {
+		known[filepath.Base(linkPin(pinPath, a.prog))] = true
+	}
+	var errs []error
+	for _, e := range entries {
+		name := e.Name()
+		if _, ok := spec.Maps[name]; ok || known[name] {
+			continue
+		}
+		p := filepath.Join(pinPath, name)
+		if strings.HasPrefix(name, "link_") {
+			if l, err := link.LoadPinnedLink(p, nil); err == nil {
+				if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+					errs = append(errs, fmt.Errorf("detach dropped %s: %w", name, err))
+				}
+				l.Close()
+			}
+		}
+		if err := os.Remove(p); err != nil {
+			errs = append(errs, fmt.Errorf("remove dropped pin %s: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // OpenPinned opens the pinned maps of an installed datapath without loading or
@@ -314,6 +443,9 @@ func OpenPinned(pinPath string) (*Datapath, error) {
 	}
 	for name := range spec.Maps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // an older layout's pins (the agent migrates them)
+		}
 		if err != nil {
 			d.Close()
 			return nil, fmt.Errorf("open pinned map %s: %w", name, err)

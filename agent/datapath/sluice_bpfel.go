@@ -49,6 +49,12 @@ const (
 	sluiceDstClassDST_LINK_LOCAL sluiceDstClass = 3
 )
 
+type sluiceLayoutInfo struct {
+	_       structs.HostLayout
+	Version uint32
+	Pad     uint32
+}
+
 type sluiceLpmV4Key struct {
 	_         structs.HostLayout
 	Prefixlen uint32
@@ -127,6 +133,7 @@ const (
 	sluiceMapExcludedPorts   = "excluded_ports"
 	sluiceMapExcludedV4      = "excluded_v4"
 	sluiceMapExcludedV6      = "excluded_v6"
+	sluiceMapLayout          = "layout"
 	sluiceMapMetadataGrants  = "metadata_grants"
 	sluiceMapNeverDialV4     = "never_dial_v4"
 	sluiceMapNeverDialV6     = "never_dial_v6"
@@ -213,6 +220,7 @@ type sluiceMapSpecs struct {
 	ExcludedPorts  *ebpf.MapSpec `ebpf:"excluded_ports"`
 	ExcludedV4     *ebpf.MapSpec `ebpf:"excluded_v4"`
 	ExcludedV6     *ebpf.MapSpec `ebpf:"excluded_v6"`
+	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	MetadataGrants *ebpf.MapSpec `ebpf:"metadata_grants"`
 	NeverDialV4    *ebpf.MapSpec `ebpf:"never_dial_v4"`
 	NeverDialV6    *ebpf.MapSpec `ebpf:"never_dial_v6"`
@@ -257,6 +265,7 @@ type sluiceMaps struct {
 	ExcludedPorts  *ebpf.Map `ebpf:"excluded_ports"`
 	ExcludedV4     *ebpf.Map `ebpf:"excluded_v4"`
 	ExcludedV6     *ebpf.Map `ebpf:"excluded_v6"`
+	Layout         *ebpf.Map `ebpf:"layout"`
 	MetadataGrants *ebpf.Map `ebpf:"metadata_grants"`
 	NeverDialV4    *ebpf.Map `ebpf:"never_dial_v4"`
 	NeverDialV6    *ebpf.Map `ebpf:"never_dial_v6"`
@@ -275,6 +284,7 @@ func (m *sluiceMaps) Close() error {
 		m.ExcludedPorts,
 		m.ExcludedV4,
 		m.ExcludedV6,
+		m.Layout,
 		m.MetadataGrants,
 		m.NeverDialV4,
 		m.NeverDialV6,

@@ -51,6 +51,13 @@ func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
 // fills in).
 func setupWith(t *testing.T, pods int, cfg datapath.Config, proxyArgs ...string) *fixture {
 	t.Helper()
+	return setupOpen(t, pods, cfg, datapath.Open, proxyArgs...)
+}
+
+// setupOpen is setupWith with the datapath installed by open (a frozen
+// earlier layout's installer, say).
+func setupOpen(t *testing.T, pods int, cfg datapath.Config, open func(datapath.Config) (*datapath.Datapath, error), proxyArgs ...string) *fixture {
+	t.Helper()
 	tb := testbed.New(t, pods)
 	f := &fixture{tb: tb}
 
@@ -60,7 +67,7 @@ func setupWith(t *testing.T, pods int, cfg datapath.Config, proxyArgs ...string)
 	f.cfg = cfg
 	f.cfg.CgroupPath = tb.Root.Path
 	f.cfg.PinPath = filepath.Join(datapath.DefaultBPFFS, "sluice-test-"+tb.ID)
-	dp, err := datapath.Open(f.cfg)
+	dp, err := open(f.cfg)
 	if err != nil {
 		t.Fatalf("open datapath: %v", err)
 	}

@@ -1,0 +1,144 @@
+package kernel
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/layouts"
+	"github.com/sluice-io/sluice/test/testbed"
+)
+
+// startStream runs the stream role in pod p: a new connection to dst every
+// 2 ms for d. The returned function waits for its attempts.
+func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) func() []testbed.Attempt {
+	t.Helper()
+	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", "-duration", d.String(), "-interval", "2ms", "-send", "hello", dst)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	r := bufio.NewReader(out)
+	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
+		t.Fatalf("stream: %q, %v", l, err)
+	}
+	done := make(chan []testbed.Attempt, 1)
+	go func() {
+		var as []testbed.Attempt
+		b, _ := io.ReadAll(r)
+		json.Unmarshal(b, &as)
+		cmd.Wait()
+		done <- as
+	}()
+	return func() []testbed.Attempt {
+		select {
+		case as := <-done:
+			return as
+		case <-time.After(d + 30*time.Second):
+			t.Fatal("stream did not finish")
+			return nil
+		}
+	}
+}
+
+// The upgrade the DaemonSet makes, at the datapath: the pins of a frozen
+// earlier layout, programmed and carrying a steady stream of connections
+// from a fail-open and a fail-closed pod, are taken over by this binary's
+// Open (migrated in place, programs switched with link.Update). Every
+// connection before, during and after is redirected: none fails, none goes
+// direct, none is refused; a connection held open across the upgrade keeps
+// working, and the proxy recovers the original destination of connections
+// made after it.
+func TestPrivilegedUpgradeUnderLoad(t *testing.T) {
+	for _, v := range layouts.Versions() {
+		t.Run(fmt.Sprintf("from-layout-%d", v), func(t *testing.T) {
+			f := setupOpen(t, 2, datapath.Config{}, func(cfg datapath.Config) (*datapath.Datapath, error) {
+				if err := layouts.Install(v, cfg.CgroupPath, cfg.PinPath); err != nil {
+					return nil, err
+				}
+				return datapath.OpenPinned(cfg.PinPath)
+			})
+			open, closed := f.tb.Pods[0], f.tb.Pods[1]
+			f.selectPod(t, open, 1, datapath.FailOpen)
+			f.selectPod(t, closed, 2, datapath.FailClosed)
+			dst := "tcp4:" + hostport(ext4, serverPort)
+
+			hold := testbed.Command(t, closed.Cgroup, closed.Netns, "hold", dst)
+			stdin, stdout := testbed.StartPiped(t, hold)
+			t.Cleanup(func() { hold.Process.Kill(); hold.Wait() })
+			readLine := testbed.LineReader(stdout, 5*time.Second)
+			if l := readLine(t); l != "READY peer="+testbed.NodeV4.String() {
+				t.Fatalf("held connection: %q, want it redirected", l)
+			}
+
+			const d = 3 * time.Second
+			waitOpen := startStream(t, open, d, dst)
+			waitClosed := startStream(t, closed, d, dst)
+			time.Sleep(d / 2)
+			began := time.Now()
+			dp, err := datapath.Open(f.cfg)
+			if err != nil {
+				t.Fatalf("upgrade from layout %d: %v", v, err)
+			}
+			took := time.Since(began)
+			f.dp.Close()
+			f.dp = dp
+			if dp.AdoptedLayout() != v {
+				t.Errorf("AdoptedLayout = %d, want %d", dp.AdoptedLayout(), v)
+			}
+
+			for _, s := range []struct {
+				pod  *testbed.Pod
+				name string
+				wait func() []testbed.Attempt
+			}{{open, "fail-open", waitOpen}, {closed, "fail-closed", waitClosed}} {
+				as := s.wait()
+				count := map[string]int{}
+				var bad []string
+				for _, a := range as {
+					o := "failed"
+					switch {
+					case a.Reply == "peer="+testbed.NodeV4.String():
+						o = "redirected"
+					case a.Reply == "peer="+s.pod.IPv4.String():
+						o = "direct"
+					case strings.Contains(a.Err, "operation not permitted"):
+						o = "refused"
+					}
+					count[o]++
+					if o != "redirected" && len(bad) < 5 {
+						bad = append(bad, fmt.Sprintf("+%v %s: %s%s", a.At.Round(time.Millisecond), o, a.Err, a.Reply))
+					}
+				}
+				t.Logf("%s pod: %d connections across an upgrade taking %v: %v", s.name, len(as), took.Round(time.Microsecond), count)
+				if count["redirected"] != len(as) || len(as) < 100 {
+					t.Errorf("%s pod across the upgrade: %v (want every one of at least 100 redirected); first others: %v", s.name, count, bad)
+				}
+			}
+
+			stdin.Write([]byte("after-upgrade\n"))
+			if l := readLine(t); l != "echo: after-upgrade" {
+				t.Errorf("held connection after the upgrade: %q", l)
+			}
+			r := f.dial(t, closed.Cgroup, closed, "tcp4:"+hostport(ext4b, serverPort))[0]
+			if r.Reply != "peer="+testbed.NodeV4.String() {
+				t.Fatalf("new connection after the upgrade: %+v", r)
+			}
+			if rec := f.recordFor(t, r.Local); rec.OrigDst != hostport(ext4b, serverPort) {
+				t.Errorf("proxy recovered %q after the upgrade, want %s", rec.OrigDst, hostport(ext4b, serverPort))
+			}
+			if got, err := datapath.PinnedLayout(f.cfg.PinPath); err != nil || got != datapath.LayoutVersion {
+				t.Errorf("pinned layout after the upgrade: %d, %v", got, err)
+			}
+		})
+	}
+}
