@@ -71,7 +71,7 @@ type Config struct {
 	InFlightMapSize int
 	// AllowDowngrade adopts pins of a newer layout (datapath.Config).
 	AllowDowngrade bool
-	XDSSocket       string
+	XDSSocket      string
 	// XDSSocketMode: the socket's permission bits; zero: owner only. 0660
 	// lets a group (the DaemonSet's fsGroup) in, for an Envoy that does not
 	// run as the agent's user.
