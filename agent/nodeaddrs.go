@@ -94,11 +94,13 @@ func (w *nodeWatch) apply(first bool) (policy.NodeLocal, []netip.Prefix, error) 
 	if !first && slices.Equal(node, w.node) {
 		return nl, exclude, nil
 	}
-	if err := w.dp.SetNeverDial(nl.Prefixes(), nl.MetadataAddrs()); err != nil {
-		return nl, exclude, err
-	}
-	if err := w.dp.SetExclusions(exclude); err != nil {
-		return nl, exclude, err
+	if w.dp != nil { // nil: a standby, which programs nothing
+		if err := w.dp.SetNeverDial(nl.Prefixes(), nl.MetadataAddrs()); err != nil {
+			return nl, exclude, err
+		}
+		if err := w.dp.SetExclusions(exclude); err != nil {
+			return nl, exclude, err
+		}
 	}
 	w.node = node
 	if w.rec != nil {

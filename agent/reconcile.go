@@ -82,6 +82,8 @@ type Reconciler struct {
 	adopt   map[uint64]uint32 // pinned at start, not yet claimed: cgroup id -> counter id
 	pending chan struct{}     // an xDS update is wanted
 	synced  bool              // Sync ran: the state is a full view, fit for xDS
+	hold    bool              // ProxyAccepted waits for Release
+	pushed  string            // the last version pushed
 	changed chan struct{}     // the selection changed (for the state file)
 	issues  map[string]string // last reported xDS issue per key
 }
@@ -107,6 +109,10 @@ type ReconcilerConfig struct {
 	// Metrics, if set, get each workload change's duration and each
 	// missing cgroup, whichever source asked.
 	Metrics *Metrics
+	// Hold keeps new workloads waiting for the proxy even once it accepts
+	// them, until Release: during a takeover the datapath still sends
+	// connections to the previous agent's proxy, which does not know them.
+	Hold bool
 }
 
 // Timeouts are the proxy timeouts the agent serves; zero: none (a
@@ -125,6 +131,7 @@ type Timeouts struct {
 func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 	r := &Reconciler{
 		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, timeouts: cfg.Timeouts, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID, metrics: cfg.Metrics,
+		hold:  cfg.Hold,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
 	}
 	if r.log == nil {
@@ -426,6 +433,9 @@ func inAny(ps []netip.Prefix, a netip.Addr) bool {
 func (r *Reconciler) ProxyAccepted() {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.hold {
+		return
+	}
 	for key, s := range r.byKey {
 		if !s.awaiting || s.version == "" || !r.xds.AckedAtLeast(resource.ListenerType, s.version) {
 			continue
@@ -437,6 +447,22 @@ func (r *Reconciler) ProxyAccepted() {
 		s.awaiting = false
 		r.log.Info("proxy accepted the workload; redirecting", "workload", key, "version", s.version)
 	}
+}
+
+// Release ends Hold: the datapath now sends connections to the proxy this
+// reconciler configures, so the workloads it accepted stop waiting.
+func (r *Reconciler) Release() {
+	r.mu.Lock()
+	r.hold = false
+	r.mu.Unlock()
+	r.ProxyAccepted()
+}
+
+// Pushed is the last xDS version pushed ("" none yet).
+func (r *Reconciler) Pushed() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pushed
 }
 
 // SetNodeLocal replaces the node's never-dial set (its addresses changed)
@@ -509,6 +535,7 @@ func (r *Reconciler) PushXDS(ctx context.Context) {
 		return
 	}
 	r.mu.Lock()
+	r.pushed = version
 	for _, s := range r.byKey {
 		if s.awaiting && s.version == "" {
 			s.version = version

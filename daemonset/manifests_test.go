@@ -248,8 +248,33 @@ func TestDaemonSetWiring(t *testing.T) {
 	if b, a := arg(boot.Command, "admin-address"), arg(in.Agent.Args, "proxy-admin"); b == "" || b != a {
 		t.Errorf("Envoy's admin is %q, the agent watches %q", b, a)
 	}
-	if p := in.Envoy.ReadinessProbe; p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/ready" || p.HTTPGet.Host != "127.0.0.1" || p.HTTPGet.Port.IntValue() != 15000 {
-		t.Errorf("Envoy's readiness is not its loopback admin /ready: %+v", p)
+	// Admin is a socket of the pod's own (two pods share the node's ports
+	// during an update), which only the agent probes.
+	if b := arg(boot.Command, "admin-address"); !strings.HasPrefix(b, "unix:/run/sluice/") {
+		t.Errorf("Envoy's admin %q is not a unix socket in the pod's /run/sluice", b)
+	}
+	if in.Envoy.ReadinessProbe != nil || in.Envoy.LivenessProbe != nil {
+		t.Errorf("Envoy has kubelet probes (%+v, %+v): its admin is a unix socket the kubelet cannot reach", in.Envoy.ReadinessProbe, in.Envoy.LivenessProbe)
+	}
+	// The update: surge, and the old Envoy drains while the new agent
+	// takes over (docs/install.md, "Upgrades and restarts").
+	ru := in.DaemonSet.Spec.UpdateStrategy.RollingUpdate
+	if ru == nil || ru.MaxSurge == nil || ru.MaxSurge.IntValue() != 1 || ru.MaxUnavailable == nil || ru.MaxUnavailable.IntValue() != 0 {
+		t.Errorf("update strategy %+v, want maxSurge 1, maxUnavailable 0", in.DaemonSet.Spec.UpdateStrategy)
+	}
+	for _, c := range append(slices.Clone(in.DaemonSet.Spec.Template.Spec.Containers), in.DaemonSet.Spec.Template.Spec.InitContainers...) {
+		if len(c.Ports) > 0 {
+			t.Errorf("container %s declares ports %v: on a hostNetwork pod they are hostPorts, and the surge pod could not be scheduled", c.Name, c.Ports)
+		}
+	}
+	if a, b := arg(in.Agent.Args, "proxy-port"), arg(in.Agent.Args, "proxy-takeover-port"); a == "" || b == "" || a == b {
+		t.Errorf("proxy ports %q and takeover %q: want two different ones", a, b)
+	}
+	pre := in.Envoy.Lifecycle
+	if pre == nil || pre.PreStop == nil || pre.PreStop.Sleep == nil || pre.PreStop.Sleep.Seconds < 5 {
+		t.Errorf("Envoy has no preStop drain: %+v", pre)
+	} else if g := in.DaemonSet.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g <= pre.PreStop.Sleep.Seconds {
+		t.Errorf("terminationGracePeriodSeconds %v does not outlast the %d s drain", g, pre.PreStop.Sleep.Seconds)
 	}
 	// Every container using the socket directory shares one volume.
 	for _, c := range []corev1.Container{in.Agent, in.Envoy, boot} {
@@ -263,15 +288,20 @@ func TestDaemonSetWiring(t *testing.T) {
 	}) || !strings.HasPrefix(arg(in.Agent.Args, "pin-path"), "/sys/fs/bpf/") {
 		t.Error("the agent's pins are not in the host's bpffs")
 	}
-	// Metrics: the scrape annotations name the port the agent serves on,
-	// and the probes use it.
+	// Metrics: the scrape annotations name the port the agent serves on;
+	// the probes ask the agent's own health socket.
 	ann := in.DaemonSet.Spec.Template.Annotations
 	if ma := arg(in.Agent.Args, "metrics-address"); !strings.HasSuffix(ma, ":"+ann["prometheus.io/port"]) || ann["prometheus.io/scrape"] != "true" {
 		t.Errorf("scrape annotations %v do not match --metrics-address=%s", ann, ma)
 	}
-	for _, p := range []*corev1.Probe{in.Agent.LivenessProbe, in.Agent.ReadinessProbe} {
-		if p == nil || p.HTTPGet == nil || p.HTTPGet.Port.String() != "metrics" {
-			t.Errorf("agent probe %+v is not on the metrics port", p)
+	hs := arg(in.Agent.Args, "health-socket")
+	for i, p := range []*corev1.Probe{in.Agent.LivenessProbe, in.Agent.ReadinessProbe} {
+		want := []string{"/sluice", "health", "--socket=" + hs}
+		if i == 1 {
+			want = append(want, "--ready")
+		}
+		if hs == "" || p == nil || p.Exec == nil || !slices.Equal(p.Exec.Command, want) {
+			t.Errorf("agent probe %+v, want exec %v", p, want)
 		}
 	}
 }
@@ -329,7 +359,11 @@ func TestMonitoringRenders(t *testing.T) {
 			t.Errorf("ServiceMonitor selector %v does not select the Service %v", sm.Spec.Selector.MatchLabels, svc.Labels)
 		}
 	}
-	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name || svc.Spec.Ports[0].TargetPort.String() != "metrics" {
+	_, metricsPort, _ := strings.Cut(in.DaemonSet.Spec.Template.Annotations["prometheus.io/port"], ":")
+	if metricsPort == "" {
+		metricsPort = in.DaemonSet.Spec.Template.Annotations["prometheus.io/port"]
+	}
+	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name || svc.Spec.Ports[0].TargetPort.String() != metricsPort {
 		t.Errorf("ServiceMonitor endpoints %+v do not scrape the Service's port %+v", sm.Spec.Endpoints, svc.Spec.Ports)
 	}
 }

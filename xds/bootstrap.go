@@ -36,6 +36,12 @@ type BootstrapConfig struct {
 	// AdminAddress is Envoy's admin listener: loopback only, since admin
 	// can reconfigure and stop Envoy. /ready on it is the readiness probe.
 	AdminAddress netip.AddrPort
+	// AdminSocket, if set, puts admin on this unix socket (mode 0660: the
+	// DaemonSet's agent reaches it through the pod's fsGroup)
+	// instead of AdminAddress: reachable only through the pod's own
+	// filesystem, so two Envoys on one node (an update's old and new pod,
+	// both hostNetwork) never claim the same admin port.
+	AdminSocket string
 	// MaxHeapBytes is what Envoy's overload manager measures its heap
 	// against: at 95% it shrinks the heap, at 98% it stops accepting
 	// requests and connections, so one pod cannot push the node's only
@@ -127,6 +133,9 @@ func Bootstrap(cfg BootstrapConfig) (*bootstrap.Bootstrap, error) {
 	}
 	if b.err != nil {
 		return nil, b.err
+	}
+	if cfg.AdminSocket != "" {
+		bs.Admin.Address = &core.Address{Address: &core.Address_Pipe{Pipe: &core.Pipe{Path: cfg.AdminSocket, Mode: 0o660}}}
 	}
 	if err := ValidateBootstrap(bs); err != nil {
 		return nil, err

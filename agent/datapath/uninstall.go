@@ -16,9 +16,14 @@ import (
 // that is not installed is not an error.
 func Uninstall(pinPath string) error {
 	if _, err := os.Stat(pinPath); errors.Is(err, os.ErrNotExist) {
-		return nil
+		return removeLock(pinPath)
 	}
 	var errs []error
+	if err := removeLock(pinPath); err != nil {
+		// An agent still runs: uninstall anyway (that is what was asked),
+		// and say so.
+		errs = append(errs, err)
+	}
 	for _, a := range attachments {
 		pin := linkPin(pinPath, a.prog)
 		l, err := link.LoadPinnedLink(pin, nil)

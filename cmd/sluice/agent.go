@@ -169,6 +169,14 @@ docs/agent.md.`, stderr)
 	fs.DurationVar(&cfg.Names.Grace, "dns-grace", agent.DefaultNameGrace, "TCP-hostname rules: keep an address allowed this long after its TTL ran out without DNS giving it again (it left DNS, or lookups fail), so clients that resolved it earlier can reconnect")
 	fs.IntVar(&cfg.Names.MaxAddrs, "dns-max-addresses", agent.DefaultNameMaxAddrs, "TCP-hostname rules: addresses allowed per name at most (the latest answers first)")
 	fs.DurationVar(&cfg.ReadinessLease, "readiness-lease", 30*time.Second, "the proxy-ready flag lapses unless renewed within this time, so a node whose agent and proxy are both gone falls back to each pod's fail mode; 0 disables the lease")
+	fs.Func("proxy-takeover-port", "a second proxy port, for updates without a gap: an agent that starts while the pinned datapath sends connections to --proxy-port (the previous agent's proxy) serves its own proxy on this port, and the reverse; once its proxy is ready it switches the datapath over, and the previous proxy drains (docs/install.md). Unset: one port", func(s string) error {
+		n, err := strconv.ParseUint(s, 10, 16)
+		if err != nil || n == 0 {
+			return fmt.Errorf("want a port in 1-65535")
+		}
+		cfg.ProxyTakeoverPort = uint16(n)
+		return nil
+	})
 	fs.BoolVar(&cfg.AllowDowngrade, "allow-downgrade", false, fmt.Sprintf("adopt pins of a newer datapath layout than this version's (%d): a downgrade. Without it the agent refuses them and exits; with it, the maps this version does not know stay pinned and unused", datapath.LayoutVersion))
 	fs.IntVar(&cfg.InFlightMapSize, "inflight-map-size", datapath.DefaultInFlightEntries, fmt.Sprintf("capacity of each in-flight map: redirected sockets open at once on the node (and handshakes to the proxy); %d-%d; the two maps take 224 bytes of kernel memory per entry (14 MiB at the default). Applies when the datapath is installed; a pinned datapath keeps its size until 'sluice uninstall'", datapath.MinInFlightEntries, datapath.MaxInFlightEntries))
 	fs.BoolVar(&cfg.ExcludeNodeAddresses, "exclude-node-addresses", true, "let connections to this node's own addresses (taken at start) go direct; false refuses them (EPERM). Either way they are never redirected: the proxy would reach the node itself")
@@ -176,6 +184,7 @@ docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.XDSSocket, "xds-socket", defaultXDSSocket, "unix socket the ADS server listens on")
 	socketMode := fs.String("xds-socket-mode", "0600", "the ADS socket's permission bits: 0600 (the agent's user only) or 0660 (also its group: the DaemonSet's fsGroup, for an Envoy running as another user)")
 	fs.StringVar(&cfg.XDSTCP, "xds-tcp", "", "also serve ADS on this loopback ip:port")
+	fs.StringVar(&cfg.HealthSocket, "health-socket", "", `unix socket serving /healthz and /readyz to this agent's probes only ("sluice health" asks it); "" for none. The DaemonSet uses one: during an update two agents share the node's ports`)
 	fs.StringVar(&cfg.MetricsAddr, "metrics-address", "127.0.0.1:9464", `address for /metrics, /healthz and /readyz; "" for none`)
 	fs.StringVar(&cfg.StateFile, "state-file", defaultStateFile, "file the agent keeps its state in for sluice status")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error (JSON logs on stderr)")
@@ -213,6 +222,9 @@ docs/agent.md.`, stderr)
 	}
 	if cfg.ReadinessLease < 0 || cfg.ReadinessLease > 0 && cfg.ReadinessLease < 5*time.Second {
 		return agent.Config{}, "", fmt.Errorf("--readiness-lease %v: want 0 (no lease) or at least 5s (several probe intervals)", cfg.ReadinessLease)
+	}
+	if cfg.ProxyTakeoverPort != 0 && cfg.ProxyTakeoverPort == proxy.Port {
+		return agent.Config{}, "", fmt.Errorf("--proxy-takeover-port %d is --proxy-port: want another port", cfg.ProxyTakeoverPort)
 	}
 	if cfg.InFlightMapSize < datapath.MinInFlightEntries || cfg.InFlightMapSize > datapath.MaxInFlightEntries {
 		return agent.Config{}, "", fmt.Errorf("--inflight-map-size %d: want %d-%d", cfg.InFlightMapSize, datapath.MinInFlightEntries, datapath.MaxInFlightEntries)

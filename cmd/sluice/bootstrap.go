@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/sluice-io/sluice/xds"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -32,7 +33,7 @@ loopback only; its /ready is the readiness probe. Start Envoy with
 The configuration is validated before it is printed.`, stderr)
 	nodeID := fs.String("node-id", defaultNodeID(), "node id Envoy reports; the default is $NODE_NAME if set, else the host name")
 	socket := fs.String("xds-socket", defaultXDSSocket, "the agent's ADS unix socket")
-	admin := fs.String("admin-address", xds.DefaultAdminAddress.String(), "Envoy admin address, loopback only")
+	admin := fs.String("admin-address", xds.DefaultAdminAddress.String(), "Envoy admin address: a loopback ip:port, or unix:PATH (a socket only this pod reaches: the DaemonSet's, so that an update's two Envoys never claim one port)")
 	format := fs.String("format", "yaml", "output format: yaml or json")
 	output := fs.String("output", "-", "file to write (written atomically), or - for stdout")
 	maxHeap := fs.Uint64("max-heap-bytes", xds.DefaultMaxHeapBytes, "Envoy's overload manager: at 95% of this heap Envoy shrinks its heap, at 98% it stops accepting requests and connections; keep it below the Envoy container's memory limit")
@@ -44,14 +45,21 @@ The configuration is validated before it is printed.`, stderr)
 		fs.Usage()
 		return fmt.Errorf("bootstrap takes no arguments, got %q: %w", fs.Args(), errUsage)
 	}
-	adminAddr, err := netip.ParseAddrPort(*admin)
-	if err != nil {
-		return fmt.Errorf("--admin-address %q: want ip:port: %w", *admin, err)
+	var adminAddr netip.AddrPort
+	adminSocket, isSocket := strings.CutPrefix(*admin, "unix:")
+	if !isSocket {
+		adminSocket = ""
+		var err error
+		if adminAddr, err = netip.ParseAddrPort(*admin); err != nil {
+			return fmt.Errorf("--admin-address %q: want ip:port or unix:PATH: %w", *admin, err)
+		}
+	} else if !filepath.IsAbs(adminSocket) {
+		return fmt.Errorf("--admin-address %q: want an absolute socket path", *admin)
 	}
 	if *maxHeap < 64<<20 || *maxConns < 1 {
 		return fmt.Errorf("--max-heap-bytes %d, --max-downstream-connections %d: want at least 64 MiB and 1", *maxHeap, *maxConns)
 	}
-	bs, err := xds.Bootstrap(xds.BootstrapConfig{NodeID: *nodeID, SocketPath: *socket, AdminAddress: adminAddr, MaxHeapBytes: *maxHeap, MaxDownstreamConnections: *maxConns})
+	bs, err := xds.Bootstrap(xds.BootstrapConfig{NodeID: *nodeID, SocketPath: *socket, AdminAddress: adminAddr, AdminSocket: adminSocket, MaxHeapBytes: *maxHeap, MaxDownstreamConnections: *maxConns})
 	if err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -159,9 +160,22 @@ func Server(ctx context.Context, socket, admin string, accessLog *os.File, log *
 		})
 	}}
 	if admin != "" {
-		al, err := net.Listen("tcp", admin)
+		// host:port, or unix:PATH as Envoy's admin address.pipe.
+		network, addr := "tcp", admin
+		if path, ok := strings.CutPrefix(admin, "unix:"); ok {
+			network, addr = "unix", path
+			os.Remove(path)
+		}
+		al, err := net.Listen(network, addr)
 		if err != nil {
 			return err
+		}
+		if network == "unix" {
+			// Envoy's admin pipe mode in the DaemonSet: the pod's group
+			// (fsGroup) reaches it, so does the agent.
+			if err := os.Chmod(addr, 0o660); err != nil {
+				return err
+			}
 		}
 		defer al.Close()
 		mux := http.NewServeMux()

@@ -123,15 +123,21 @@ func NewEnforcing(t testing.TB, pods int) *Env {
 // them as Envoy would (test/conformance); its access log is e.Records.
 func (e *Env) StartProxy(t testing.TB) *testbed.Daemon {
 	t.Helper()
-	e.Proxy = testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
-		"-xds", filepath.Join(e.Dir, "xds.sock"), "-records", e.Records, "-admin", adminAddr)
-	d := e.Proxy
+	e.Proxy = e.StartProxyPod(t, e.DefaultPod())
+	return e.Proxy
+}
+
+// StartProxyPod starts a conformance proxy for pod's agent.
+func (e *Env) StartProxyPod(t testing.TB, pod AgentPod) *testbed.Daemon {
+	t.Helper()
+	d := testbed.StartDaemon(t, e.TB.ProxyCgroup, e.TB.Node, "proxy",
+		"-xds", pod.XDSSocket, "-records", pod.Records, "-admin", pod.Admin)
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("conformance proxy log:\n%s", d.Stderr.String())
+			t.Logf("conformance proxy (%s) log:\n%s", pod.Records, d.Stderr.String())
 		}
 	})
-	return e.Proxy
+	return d
 }
 
 // NewWithoutProxy is New without a proxy: the caller starts one (Envoy).
@@ -268,26 +274,82 @@ func (e *Env) WriteWorkloads(t testing.TB, ws ...Workload) {
 // daemon's Stderr.
 func (e *Env) StartAgent(t testing.TB, sourceArgs ...string) *testbed.Daemon {
 	t.Helper()
+	return e.StartAgentPod(t, e.DefaultPod(), true, sourceArgs...)
+}
+
+// AgentPod is what one DaemonSet pod has of its own: its emptyDir, with
+// the ADS socket, the proxy's admin address, the agent's health socket
+// and state file. Two agents (an update's old and new pod) share the rest:
+// the node, its pins and its ports.
+type AgentPod struct {
+	XDSSocket    string
+	Admin        string // the proxy's admin: host:port or unix:PATH
+	HealthSocket string // "" none
+	StateFile    string
+	Records      string // the conformance proxy's access log
+}
+
+// DefaultPod is the pod StartAgent and StartProxy use.
+func (e *Env) DefaultPod() AgentPod {
+	return AgentPod{XDSSocket: filepath.Join(e.Dir, "xds.sock"), Admin: adminAddr, StateFile: e.StateFile, Records: e.Records}
+}
+
+// NewPod is a pod with a directory of its own under e.Dir.
+func (e *Env) NewPod(t testing.TB, name string) AgentPod {
+	t.Helper()
+	dir := filepath.Join(e.Dir, name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return AgentPod{XDSSocket: filepath.Join(dir, "xds.sock"), Admin: "unix:" + filepath.Join(dir, "admin.sock"),
+		HealthSocket: filepath.Join(dir, "agent.sock"), StateFile: filepath.Join(dir, "state.json"), Records: filepath.Join(dir, "proxy.jsonl")}
+}
+
+// StartAgentPod is StartAgent for pod's files; with wait false it returns
+// at once (an agent standing by for the node lock does not serve yet).
+func (e *Env) StartAgentPod(t testing.TB, pod AgentPod, wait bool, sourceArgs ...string) *testbed.Daemon {
+	t.Helper()
 	if len(sourceArgs) == 0 {
 		sourceArgs = []string{"--workloads-file", e.WorkloadsFile}
 	}
 	args := append([]string{"agent"}, sourceArgs...)
-	cmd := testbed.ExecCommand(t, e.AgentCgroup, e.TB.Node, e.Bin, append(args,
+	args = append(args,
 		"--cgroup-attach", e.TB.Root.Path,
 		"--pin-path", e.PinPath,
-		"--proxy-admin", adminAddr,
-		"--xds-socket", filepath.Join(e.Dir, "xds.sock"),
+		"--proxy-admin", pod.Admin,
+		"--xds-socket", pod.XDSSocket,
 		"--metrics-address", metricsAddr,
-		"--state-file", e.StateFile,
-	)...)
+		"--state-file", pod.StateFile,
+	)
+	if pod.HealthSocket != "" {
+		args = append(args, "--health-socket", pod.HealthSocket)
+	}
+	cmd := testbed.ExecCommand(t, e.AgentCgroup, e.TB.Node, e.Bin, args...)
 	cmd.Env = append(cmd.Env, "SLUICE_READY_LINE=1")
-	d := testbed.StartCmd(t, "sluice agent", cmd)
+	var d *testbed.Daemon
+	if wait {
+		d = testbed.StartCmd(t, "sluice agent", cmd)
+	} else {
+		d = testbed.LaunchCmd(t, "sluice agent", cmd)
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("sluice agent log:\n%s", d.Stderr.String())
+			t.Logf("sluice agent (%s) log:\n%s", pod.StateFile, d.Stderr.String())
 		}
 	})
 	return d
+}
+
+// Health runs `sluice health` against pod's agent (with --ready if
+// ready): its output, and whether it said yes.
+func (e *Env) Health(t testing.TB, pod AgentPod, ready bool) (string, bool) {
+	t.Helper()
+	args := []string{"health", "--socket", pod.HealthSocket}
+	if ready {
+		args = append(args, "--ready")
+	}
+	out, err := exec.Command(e.Bin, args...).CombinedOutput()
+	return strings.TrimSpace(string(out)), err == nil
 }
 
 // StopAgent sends SIGTERM and waits for a clean exit.

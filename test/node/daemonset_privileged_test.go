@@ -71,7 +71,7 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 		case "envoy":
 			op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/image", i), ProxyImage)
 			op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/command", i), []string{"/standin-proxy"})
-			op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/args", i), []string{"-xds", "/run/sluice/xds.sock", "-admin", "127.0.0.1:15000"})
+			op("replace", fmt.Sprintf("/spec/template/spec/containers/%d/args", i), []string{"-xds", "/run/sluice/xds.sock", "-admin", "unix:/run/sluice/envoy-admin.sock"})
 		}
 	}
 	op("add", "/spec/template/spec/volumes/-", map[string]any{"name": "test-kubeconfig", "hostPath": map[string]any{"path": kubeconfigDir, "type": "Directory"}})
@@ -281,6 +281,7 @@ func installOnNode(t *testing.T) (pinPath string) {
 		apps := appPods(t, n, sluice, pinPath, n.stateFile(t, pod))
 		if !t.Failed() {
 			// Inside: the pods' netns handles last as long as this test.
+			t.Run("rolling update", func(t *testing.T) { updateOnNode(t, n, install, pinPath, apps) })
 			t.Run("uninstall", func(t *testing.T) { uninstallOnNode(t, n, install, pinPath, apps) })
 		}
 	})

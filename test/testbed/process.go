@@ -123,6 +123,7 @@ type Daemon struct {
 	Cmd    *exec.Cmd
 	Stderr *bytes.Buffer
 	done   chan error
+	ready  chan bool
 	once   sync.Once
 }
 
@@ -137,7 +138,23 @@ func StartDaemon(t testing.TB, cg *Cgroup, ns *Netns, role string, args ...strin
 // serves; it is killed (by PID) when the test ends.
 func StartCmd(t testing.TB, role string, cmd *exec.Cmd) *Daemon {
 	t.Helper()
-	d := &Daemon{Cmd: cmd, Stderr: &bytes.Buffer{}, done: make(chan error, 1)}
+	d := LaunchCmd(t, role, cmd)
+	select {
+	case ok := <-d.ready:
+		if !ok {
+			t.Fatalf("%s exited before READY: %s", role, d.Stderr.String())
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s not READY after 10s: %s", role, d.Stderr.String())
+	}
+	return d
+}
+
+// LaunchCmd is StartCmd without waiting for READY: Ready says when (and
+// whether) it came.
+func LaunchCmd(t testing.TB, role string, cmd *exec.Cmd) *Daemon {
+	t.Helper()
+	d := &Daemon{Cmd: cmd, Stderr: &bytes.Buffer{}, done: make(chan error, 1), ready: make(chan bool, 1)}
 	cmd.Stderr = d.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -149,7 +166,6 @@ func StartCmd(t testing.TB, role string, cmd *exec.Cmd) *Daemon {
 	go func() { d.done <- cmd.Wait() }()
 	t.Cleanup(d.Stop)
 
-	ready := make(chan bool, 1)
 	go func() {
 		s := bufio.NewScanner(out)
 		ok := false
@@ -159,19 +175,15 @@ func StartCmd(t testing.TB, role string, cmd *exec.Cmd) *Daemon {
 				break
 			}
 		}
-		ready <- ok
+		d.ready <- ok
 		io.Copy(io.Discard, out)
 	}()
-	select {
-	case ok := <-ready:
-		if !ok {
-			t.Fatalf("%s exited before READY: %s", role, d.Stderr.String())
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatalf("%s not READY after 10s: %s", role, d.Stderr.String())
-	}
 	return d
 }
+
+// Ready receives true once the daemon printed READY, false if it exited
+// first (once).
+func (d *Daemon) Ready() <-chan bool { return d.ready }
 
 // Signal sends sig to the daemon and waits up to timeout for it to exit;
 // it returns the exit error (nil for a clean exit).

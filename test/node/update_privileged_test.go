@@ -1,0 +1,166 @@
+package node
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/daemonset"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/testbed"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+)
+
+// updateOnNode rolls the DaemonSet as `kubectl rollout restart` does (a
+// new template), under a steady stream of connections from the
+// fail-closed hostNetwork pod, and lets the real DaemonSet controller,
+// scheduler and kubelet carry out the shipped update strategy: the new pod
+// surges beside the old one and turns Ready as a standby, the controller
+// deletes the old pod, whose agent exits at once while its proxy drains
+// (preStop), and the new agent takes the node over on the other proxy
+// port. Not one connection of the stream fails or is refused.
+func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath string, apps *afterApps) {
+	ctx := context.Background()
+	ns := install.Namespace.Name
+	agents := func() []corev1.Pod {
+		ps, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ps.Items
+	}
+	before := agents()
+	if len(before) != 1 {
+		t.Fatalf("%d agent pods before the update, want 1", len(before))
+	}
+	old := before[0].Name
+	portBefore := pinnedPort(t, pinPath)
+
+	const d = 20 * time.Second
+	cmd := testbed.Command(t, apps.hostnet.cg, apps.hostnet.ns, "stream", "-duration", d.String(), "-interval", "5ms", "-send", "hello",
+		fmt.Sprintf("tcp4:%s:8080", apps.ext.addr))
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	r := bufio.NewReader(out)
+	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
+		t.Fatalf("stream: %q, %v", l, err)
+	}
+	streamStart := time.Now()
+	time.Sleep(time.Second)
+
+	patch := fmt.Sprintf(`{"spec":{"template":{"metadata":{"annotations":{"sluice.io/restarted-at":%q}}}}}`, time.Now().UTC().Format(time.RFC3339Nano))
+	if _, err := n.Cluster.Client.AppsV1().DaemonSets(ns).Patch(ctx, install.DaemonSet.Name, types.StrategicMergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	updated := time.Now()
+	var surged, standbyReady, oldDeleting, switched time.Time
+	var newPod string
+	harness.WaitFor(t, "the new pod to take the node over", 60*time.Second, func() bool {
+		for _, p := range agents() {
+			if p.Name == old {
+				if p.DeletionTimestamp != nil && oldDeleting.IsZero() {
+					oldDeleting = time.Now()
+				}
+				continue
+			}
+			if newPod == "" {
+				newPod, surged = p.Name, time.Now()
+			}
+			if standbyReady.IsZero() && oldDeleting.IsZero() && podReady(&p) {
+				standbyReady = time.Now()
+			}
+		}
+		if switched.IsZero() && newPod != "" && pinnedPort(t, pinPath) != portBefore {
+			switched = time.Now()
+		}
+		return !switched.IsZero()
+	})
+	if standbyReady.IsZero() {
+		t.Errorf("the old pod was deleted before the new one was Ready: the surge did not wait for the standby")
+	}
+	since := func(at time.Time) string {
+		if at.IsZero() {
+			return "never"
+		}
+		return at.Sub(updated).Round(10 * time.Millisecond).String()
+	}
+	t.Logf("update: new pod %s created +%s, Ready (standby) +%s, old pod %s deleted +%s, datapath switched from port %d to %d +%s",
+		newPod, since(surged), since(standbyReady), old, since(oldDeleting), portBefore, pinnedPort(t, pinPath), since(switched))
+	if !oldDeleting.IsZero() {
+		t.Logf("takeover: %v from the old pod's deletion to the switch", switched.Sub(oldDeleting).Round(10*time.Millisecond))
+	}
+
+	var as []testbed.Attempt
+	b, _ := io.ReadAll(r)
+	if err := json.Unmarshal(b, &as); err != nil || len(as) == 0 {
+		t.Fatalf("stream output: %v (%d bytes)", err, len(b))
+	}
+	count := map[string]int{}
+	var bad []string
+	for _, a := range as {
+		o := "failed"
+		switch {
+		case strings.HasPrefix(a.Reply, "peer="):
+			o = "served"
+		case strings.Contains(a.Err, "operation not permitted"):
+			o = "refused"
+		}
+		count[o]++
+		if o != "served" && len(bad) < 10 {
+			bad = append(bad, fmt.Sprintf("+%v %s: %s", streamStart.Add(a.At).Sub(updated).Round(time.Millisecond), o, a.Err))
+		}
+	}
+	t.Logf("fail-closed pod across the update: %d connections: %v", len(as), count)
+	if count["served"] != len(as) {
+		t.Errorf("fail-closed pod across the update: %v, want every connection served; first others (since the update): %v", count, bad)
+	}
+	if res, from := apps.ext.dial(t, apps.hostnet, 8081); from != "" || res.Reply != "" {
+		t.Errorf("after the update the enforce pod's denied port :8081 was reached from %q (reply %q)", from, res.Reply)
+	}
+	harness.WaitFor(t, "the old pod gone after its drain", 90*time.Second, func() bool {
+		for _, p := range agents() {
+			if p.Name == old {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("old pod gone +%s after the update", since(time.Now()))
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+			return true
+		}
+	}
+	return false
+}
+
+func pinnedPort(t *testing.T, pinPath string) uint16 {
+	t.Helper()
+	d, err := datapath.OpenPinned(pinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	st, err := d.ProxyState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Port
+}
