@@ -94,7 +94,7 @@ bench: deps-test
 	set -o pipefail; apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver SLUICE_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench BenchmarkConnection -benchtime 1000x ./test/conformance/ 2>&1 | tee bench/out/conformance.txt
-	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/controlplane.md; echo; \
+	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; echo; cat bench/out/controlplane.md; echo; \
 	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \
 	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; echo; \

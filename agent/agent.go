@@ -109,6 +109,11 @@ type Config struct {
 	// StatusLease is NAMESPACE/NAME of the Lease whose holder writes the
 	// policy objects' status; "": none.
 	StatusLease string
+	// FlowLog is where the flow log goes (JSON lines of the datapath's
+	// decisions that do not reach the proxy): "-" stdout, "" nowhere, else
+	// a file rotated at FlowLogMaxBytes.
+	FlowLog         string
+	FlowLogMaxBytes int64
 	// MetricsAddr serves /metrics, /healthz and /readyz; empty: off.
 	MetricsAddr string
 	// HealthSocket serves /healthz and /readyz on a unix socket, for
@@ -294,6 +299,14 @@ func Run(ctx context.Context, cfg Config) error {
 	go probeProxy(ctx, proxyProbe{admin: cfg.ProxyAdmin, lease: cfg.ReadinessLease, dp: dp, m: m, log: log, takeover: tk,
 		proxy: cfg.Proxy, rec: pl.rec, xds: xs}, health)
 	go writeState(ctx, cfg.StateFile, cfg.Proxy.Port, pl.rec, xs, pl.names, log)
+	flowOut, closeFlows, err := openFlowLog(cfg.FlowLog, cfg.FlowLogMaxBytes)
+	if err != nil {
+		return err
+	}
+	defer closeFlows()
+	if flowOut != nil {
+		go runFlowLog(ctx, dp, pl.rec.NameOf, flowOut, log)
+	}
 
 	if cfg.MetricsAddr != "" {
 		srv, err := serveHTTP(ctx, cfg.MetricsAddr, reg, health, log)

@@ -458,6 +458,14 @@ func (r *Reconciler) Release() {
 	r.ProxyAccepted()
 }
 
+// NameOf is the "namespace/name" of the workload with counter id id, ""
+// when none has it.
+func (r *Reconciler) NameOf(id uint32) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.byID[id]
+}
+
 // Pushed is the last xDS version pushed ("" none yet).
 func (r *Reconciler) Pushed() string {
 	r.mu.Lock()

@@ -41,6 +41,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 /* Keep the enums in BTF so bpf2go can mirror them. */
 const enum counter *unused_counter __attribute__((unused));
 const enum dst_class *unused_dst_class __attribute__((unused));
+const enum flow_decision *unused_flow_decision __attribute__((unused));
+const struct flow_event *unused_flow_event __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -165,6 +167,17 @@ struct {
 	__type(value, struct layout_info);
 } layout SEC(".maps");
 
+/*
+ * Flow events (struct flow_event) of every decision that does not reach the
+ * proxy; the agent turns them into its flow log. Bounded: when it is full
+ * the event is dropped and counted (COUNTER_FLOW_DROPPED), the decision
+ * stands.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, FLOW_RING_BYTES);
+} flows SEC(".maps");
+
 /* Per-workload counters. The agent creates an entry with each workload. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -180,6 +193,47 @@ static __always_inline void count(enum counter c)
 
 	if (v)
 		*v += 1; /* per-CPU slot: no atomics needed */
+}
+
+/*
+ * A connection (or socket, or datagram) being decided: what a flow event
+ * says about it. a is the destination in 16-byte form (v4-mapped when v4),
+ * NULL at socket().
+ */
+struct conn {
+	void *ctx;
+	const __be32 *a;
+	__be16 port;
+	__u8 v4;
+	__u8 protocol;
+};
+
+static __always_inline void flow(const struct conn *c, const struct workload *w, enum flow_decision d)
+{
+	struct flow_event *ev = bpf_ringbuf_reserve(&flows, sizeof(*ev), 0);
+
+	if (!ev) {
+		count(COUNTER_FLOW_DROPPED);
+		return;
+	}
+	ev->time_ns = bpf_ktime_get_ns();
+	ev->cookie = bpf_get_socket_cookie(c->ctx);
+	ev->cgroup_id = bpf_get_current_cgroup_id();
+	if (c->a) {
+		ev->addr[0] = c->a[0];
+		ev->addr[1] = c->a[1];
+		ev->addr[2] = c->a[2];
+		ev->addr[3] = c->a[3];
+	} else {
+		ev->addr[0] = ev->addr[1] = ev->addr[2] = ev->addr[3] = 0;
+	}
+	ev->port = c->port;
+	ev->v4 = c->v4;
+	ev->protocol = c->protocol;
+	ev->decision = d;
+	ev->_pad[0] = ev->_pad[1] = ev->_pad[2] = 0;
+	ev->workload_id = w->id;
+	bpf_ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline struct workload_stats *stats_of(const struct workload *w)
@@ -255,11 +309,12 @@ static __always_inline int is_resolver(const __be32 a[4], __be16 port)
 }
 
 /* Refuse an enforce-mode workload's non-TCP socket (EPERM), counted. */
-static __always_inline int deny_non_tcp(const struct workload *w)
+static __always_inline int deny_non_tcp(const struct conn *c, const struct workload *w)
 {
 	struct workload_stats *s;
 
 	count(COUNTER_DENIED_NON_TCP);
+	flow(c, w, FLOW_REFUSED_NON_TCP);
 	s = stats_of(w);
 	if (s)
 		s->denied++;
@@ -273,15 +328,15 @@ static __always_inline int deny_non_tcp(const struct workload *w)
  * the rest: nothing but the proxy may carry an enforced pod's traffic off
  * the node, so QUIC and ad-hoc UDP cannot go around it.
  */
-static __always_inline int side_door(const struct workload *w, const __be32 a[4], __be16 port)
+static __always_inline int side_door(const struct conn *c, const struct workload *w)
 {
 	if (!(w->flags & WORKLOAD_ENFORCE))
 		return 1;
-	if (is_resolver(a, port)) {
+	if (is_resolver(c->a, c->port)) {
 		count(COUNTER_DNS_ALLOWED);
 		return 1;
 	}
-	return deny_non_tcp(w);
+	return deny_non_tcp(c, w);
 }
 
 /* out = ::ffff:a, the form IPv4 addresses take in 16-byte keys. */
@@ -322,15 +377,17 @@ static __always_inline int proxy_ready(const struct proxy_config *cfg)
  */
 enum verdict { DIRECT, REFUSE, REDIRECT };
 
-static __always_inline enum verdict not_ready(const struct workload *w)
+static __always_inline enum verdict not_ready(const struct conn *c, const struct workload *w)
 {
 	struct workload_stats *s;
 
 	if (!(w->flags & WORKLOAD_FAIL_CLOSED)) {
 		count(COUNTER_BYPASS_NOT_READY);
+		flow(c, w, FLOW_DIRECT_NOT_READY);
 		return DIRECT;
 	}
 	count(COUNTER_FAILED_CLOSED);
+	flow(c, w, FLOW_REFUSED_NOT_READY);
 	s = stats_of(w);
 	if (s)
 		s->failed_closed++;
@@ -338,16 +395,16 @@ static __always_inline enum verdict not_ready(const struct workload *w)
 }
 
 /* Remember dst for this socket; on failure follow the workload's fail mode. */
-static __always_inline enum verdict remember(void *ctx, const struct workload *w,
+static __always_inline enum verdict remember(const struct conn *c, const struct workload *w,
 					     struct orig_dst *dst)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
+	__u64 cookie = bpf_get_socket_cookie(c->ctx);
 	struct workload_stats *s;
 
 	dst->workload_id = w->id;
 	if (bpf_map_update_elem(&orig_dsts, &cookie, dst, BPF_ANY)) {
 		count(COUNTER_ORIG_STORE_FAILED);
-		return not_ready(w);
+		return not_ready(c, w);
 	}
 	s = stats_of(w);
 	if (s)
@@ -365,11 +422,13 @@ static __always_inline int is_proxy_addr(const struct proxy_config *cfg, const _
 }
 
 /* Refuse a connect to a never-dial destination (EPERM), counted. */
-static __always_inline enum verdict refuse_node_local(const struct workload *w, enum counter c)
+static __always_inline enum verdict refuse_node_local(const struct conn *cn, const struct workload *w,
+						       enum counter c, enum flow_decision d)
 {
 	struct workload_stats *s;
 
 	count(c);
+	flow(cn, w, d);
 	s = stats_of(w);
 	if (s)
 		s->node_local++;
@@ -399,17 +458,19 @@ static __always_inline int granted(const struct workload *w, const __be32 a[4], 
  * workload, so the audit shows who touches it); enforce mode goes direct only
  * where the workload's policy grants that address and port, else EPERM.
  */
-static __always_inline enum verdict metadata(const struct workload *w, const __be32 a[4], __be16 port)
+static __always_inline enum verdict metadata(const struct conn *c, const struct workload *w)
 {
 	struct workload_stats *s = stats_of(w);
 
 	if (s)
 		s->metadata++;
-	if (!(w->flags & WORKLOAD_ENFORCE) || granted(w, a, port)) {
+	if (!(w->flags & WORKLOAD_ENFORCE) || granted(w, c->a, c->port)) {
 		count(COUNTER_METADATA_DIRECT);
+		flow(c, w, FLOW_DIRECT_METADATA);
 		return DIRECT;
 	}
 	count(COUNTER_METADATA_REFUSED);
+	flow(c, w, FLOW_REFUSED_METADATA);
 	return REFUSE;
 }
 
@@ -422,9 +483,12 @@ static __always_inline enum verdict metadata(const struct workload *w, const __b
  * 0.0.0.0 or :: there is the node's loopback, and the proxy address on
  * another port is whatever listens on the node's wildcard address.
  */
-static __always_inline enum verdict classify(const struct workload *w, const struct proxy_config *cfg,
-					     const __be32 a[4], int v4, __be16 port)
+static __always_inline enum verdict classify(const struct conn *c, const struct workload *w,
+					     const struct proxy_config *cfg)
 {
+	const __be32 *a = c->a;
+	int v4 = c->v4;
+	__be16 port = c->port;
 	__u8 *found, class;
 
 	if (is_proxy_addr(cfg, a, v4)) {
@@ -432,7 +496,7 @@ static __always_inline enum verdict classify(const struct workload *w, const str
 			count(COUNTER_PROXY_DIRECT);
 			return DIRECT;
 		}
-		return refuse_node_local(w, COUNTER_PROXY_PORT_REFUSED);
+		return refuse_node_local(c, w, COUNTER_PROXY_PORT_REFUSED, FLOW_REFUSED_PROXY_PORT);
 	}
 	if (is_resolver(a, port)) {
 		count(COUNTER_DNS_ALLOWED); /* DNS over TCP, as over UDP */
@@ -441,16 +505,16 @@ static __always_inline enum verdict classify(const struct workload *w, const str
 	found = lpm_lookup(&never_dial_v4, &never_dial_v6, a, v4);
 	class = found ? *found : 0;
 	if (class == DST_METADATA)
-		return metadata(w, a, port);
+		return metadata(c, w);
 	/* Link-local is excluded by default; enforce mode needs a grant. */
 	if (class == DST_LINK_LOCAL && (w->flags & WORKLOAD_ENFORCE) && !granted(w, a, port))
-		return refuse_node_local(w, COUNTER_NODE_LOCAL_REFUSED);
+		return refuse_node_local(c, w, COUNTER_NODE_LOCAL_REFUSED, FLOW_REFUSED_NODE_LOCAL);
 	if (excluded(a, v4, bpf_ntohs(port))) {
 		count(COUNTER_EXCLUDED);
 		return DIRECT;
 	}
 	if (class)
-		return refuse_node_local(w, COUNTER_NODE_LOCAL_REFUSED);
+		return refuse_node_local(c, w, COUNTER_NODE_LOCAL_REFUSED, FLOW_REFUSED_NODE_LOCAL);
 	return REDIRECT;
 }
 
@@ -458,18 +522,20 @@ static __always_inline enum verdict classify(const struct workload *w, const str
  * Decide a selected workload's TCP connect to a (16-byte form, v4-mapped
  * when v4) and, when it is redirected, remember the original destination.
  */
-static __always_inline enum verdict decide(void *ctx, const struct workload *w,
-					   const struct proxy_config *cfg, const __be32 a[4], int v4,
-					   __be16 port)
+static __always_inline enum verdict decide(const struct conn *c, const struct workload *w,
+					   const struct proxy_config *cfg)
 {
 	struct orig_dst dst = {};
-	enum verdict v = classify(w, cfg, a, v4, port);
+	const __be32 *a = c->a;
+	int v4 = c->v4;
+	__be16 port = c->port;
+	enum verdict v = classify(c, w, cfg);
 
 	if (v != REDIRECT)
 		return v;
 	if (!proxy_ready(cfg) || (w->flags & WORKLOAD_AWAITING_PROXY) ||
 	    (v4 ? !cfg->addr4 : !proxy_has_v6(cfg)))
-		return not_ready(w);
+		return not_ready(c, w);
 	dst.port = port;
 	if (v4) {
 		dst.family = AF_INET;
@@ -481,7 +547,7 @@ static __always_inline enum verdict decide(void *ctx, const struct workload *w,
 		dst.addr[2] = a[2];
 		dst.addr[3] = a[3];
 	}
-	return remember(ctx, w, &dst);
+	return remember(c, w, &dst);
 }
 
 SEC("cgroup/connect4")
@@ -498,13 +564,14 @@ int sl_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	port = (__be16)ctx->user_port; /* user_port: network order, low 16 bits */
 	set_v4mapped(mapped, ctx->user_ip4);
+	struct conn c = { .ctx = ctx, .a = mapped, .port = port, .v4 = 1, .protocol = protocol };
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
-		return side_door(w, mapped, port);
+		return side_door(&c, w);
 	cfg = get_config();
 	if (!cfg)
 		return 1;
 
-	switch (decide(ctx, w, cfg, mapped, 1, port)) {
+	switch (decide(&c, w, cfg)) {
 	case REFUSE:
 		return 0;
 	case DIRECT:
@@ -536,9 +603,11 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	daddr[2] = ctx->user_ip6[2];
 	daddr[3] = ctx->user_ip6[3];
 	port = (__be16)ctx->user_port;
+	v4 = is_v4mapped(daddr);
+	struct conn c = { .ctx = ctx, .a = daddr, .port = port, .v4 = v4, .protocol = protocol };
 	/* v4-mapped destinations are keyed v4-mapped, as resolvers are. */
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
-		return side_door(w, daddr, port);
+		return side_door(&c, w);
 	cfg = get_config();
 	if (!cfg)
 		return 1;
@@ -548,8 +617,7 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	 * IPv4 never-dial set, exclusions and proxy apply, and the original
 	 * destination is recovered as IPv4.
 	 */
-	v4 = is_v4mapped(daddr);
-	switch (decide(ctx, w, cfg, daddr, v4, port)) {
+	switch (decide(&c, w, cfg)) {
 	case REFUSE:
 		return 0;
 	case DIRECT:
@@ -585,7 +653,8 @@ int sl_sendmsg4(struct bpf_sock_addr *ctx)
 	if (!w)
 		return 1;
 	set_v4mapped(mapped, ctx->user_ip4);
-	return side_door(w, mapped, (__be16)ctx->user_port);
+	struct conn c = { .ctx = ctx, .a = mapped, .port = (__be16)ctx->user_port, .v4 = 1, .protocol = ctx->protocol };
+	return side_door(&c, w);
 }
 
 SEC("cgroup/sendmsg6")
@@ -600,7 +669,8 @@ int sl_sendmsg6(struct bpf_sock_addr *ctx)
 	daddr[1] = ctx->user_ip6[1];
 	daddr[2] = ctx->user_ip6[2];
 	daddr[3] = ctx->user_ip6[3];
-	return side_door(w, daddr, (__be16)ctx->user_port);
+	struct conn c = { .ctx = ctx, .a = daddr, .port = (__be16)ctx->user_port, .v4 = is_v4mapped(daddr), .protocol = ctx->protocol };
+	return side_door(&c, w);
 }
 
 /*
@@ -807,7 +877,8 @@ int sl_sock_create(struct bpf_sock *sk)
 	w = current_workload();
 	if (!w || !(w->flags & WORKLOAD_ENFORCE))
 		return 1;
-	return deny_non_tcp(w);
+	struct conn c = { .ctx = sk, .protocol = protocol };
+	return deny_non_tcp(&c, w);
 }
 
 /*

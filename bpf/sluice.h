@@ -210,7 +210,41 @@ enum counter {
 	COUNTER_PROXY_PORT_REFUSED, /* the proxy address on another port: refused */
 	COUNTER_METADATA_DIRECT,    /* metadata address, audit or granted: direct */
 	COUNTER_METADATA_REFUSED,   /* metadata address, enforce, not granted: refused */
+	COUNTER_FLOW_DROPPED,       /* flow event lost: the flows ring buffer was full */
 	COUNTER_MAX,
+};
+
+/*
+ * What the datapath decided about a selected workload's connection (or
+ * socket, or datagram) that does not reach the proxy: values of
+ * flow_event.decision. Redirected connections are the proxy's to log (its
+ * access log); these are the ones only the datapath sees.
+ */
+enum flow_decision {
+	FLOW_DIRECT_NOT_READY = 1,  /* fail-open, proxy not ready or not yet told of the pod: direct */
+	FLOW_REFUSED_NOT_READY = 2, /* fail-closed, same: refused */
+	FLOW_REFUSED_NON_TCP = 3,   /* enforce: a non-TCP socket, connect or datagram refused */
+	FLOW_REFUSED_NODE_LOCAL = 4, /* never-dial destination: refused */
+	FLOW_REFUSED_PROXY_PORT = 5, /* the proxy address on another port: refused */
+	FLOW_DIRECT_METADATA = 6,   /* metadata address, audit or granted: direct */
+	FLOW_REFUSED_METADATA = 7,  /* metadata address, enforce, not granted: refused */
+};
+
+/* Capacity of the flows ring buffer: 16384 events of 64 bytes (header included). */
+#define FLOW_RING_BYTES (1 << 20)
+
+/* One decision, written to the flows ring buffer (FLOW_* decision). */
+struct flow_event {
+	__u64 time_ns;   /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cookie;    /* the socket's cookie */
+	__u64 cgroup_id; /* the calling task's cgroup */
+	__be32 addr[4];  /* destination, v4-mapped when IPv4; zero at socket() */
+	__be16 port;     /* destination port, network order */
+	__u8 v4;
+	__u8 protocol;   /* IPPROTO_* of the socket */
+	__u8 decision;   /* enum flow_decision */
+	__u8 _pad[3];
+	__u32 workload_id;
 };
 
 #endif /* __SLUICE_H */

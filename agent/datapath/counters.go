@@ -31,6 +31,7 @@ type Counters struct {
 	ProxyPortRefused uint64 // the proxy address on a port other than the listener's: refused
 	MetadataDirect   uint64 // a metadata address, audit mode or granted: went direct
 	MetadataRefused  uint64 // a metadata address, enforce mode, not granted: refused
+	FlowDropped      uint64 // a flow event lost: the flows ring buffer was full
 }
 
 // fields lists the counters in the order of the BPF enum counter.
@@ -58,6 +59,7 @@ func (c *Counters) fields() []*uint64 {
 		sluiceCounterCOUNTER_PROXY_PORT_REFUSED: &c.ProxyPortRefused,
 		sluiceCounterCOUNTER_METADATA_DIRECT:    &c.MetadataDirect,
 		sluiceCounterCOUNTER_METADATA_REFUSED:   &c.MetadataRefused,
+		sluiceCounterCOUNTER_FLOW_DROPPED:       &c.FlowDropped,
 	}
 }
 
@@ -70,6 +72,7 @@ var CounterNames = []string{
 	"orig_dst_answered", "orig_dst_unknown", "peername_rewrites",
 	"dns_allowed", "denied_non_tcp", "lease_expired",
 	"node_local_refused", "proxy_port_refused", "metadata_direct", "metadata_refused",
+	"flow_events_dropped",
 }
 
 // Values returns the counters in CounterNames order.

@@ -21,11 +21,12 @@ import (
 //
 //	1  everything before the layout map (the first release)
 //	2  adds the layout map
+//	3  adds the flows ring buffer (flow_event)
 //
 // An agent that finds an older layout migrates it in place (see reopen); one
 // that finds a newer layout refuses it unless Config.AllowDowngrade says
 // otherwise.
-const LayoutVersion = 2
+const LayoutVersion = 3
 
 // ErrNewerLayout is returned when the pins were made by a newer release than
 // this binary: a downgrade.

@@ -38,7 +38,8 @@ const (
 	sluiceCounterCOUNTER_PROXY_PORT_REFUSED sluiceCounter = 19
 	sluiceCounterCOUNTER_METADATA_DIRECT    sluiceCounter = 20
 	sluiceCounterCOUNTER_METADATA_REFUSED   sluiceCounter = 21
-	sluiceCounterCOUNTER_MAX                sluiceCounter = 22
+	sluiceCounterCOUNTER_FLOW_DROPPED       sluiceCounter = 22
+	sluiceCounterCOUNTER_MAX                sluiceCounter = 23
 )
 
 type sluiceDstClass uint32
@@ -48,6 +49,33 @@ const (
 	sluiceDstClassDST_METADATA   sluiceDstClass = 2
 	sluiceDstClassDST_LINK_LOCAL sluiceDstClass = 3
 )
+
+type sluiceFlowDecision uint32
+
+const (
+	sluiceFlowDecisionFLOW_DIRECT_NOT_READY   sluiceFlowDecision = 1
+	sluiceFlowDecisionFLOW_REFUSED_NOT_READY  sluiceFlowDecision = 2
+	sluiceFlowDecisionFLOW_REFUSED_NON_TCP    sluiceFlowDecision = 3
+	sluiceFlowDecisionFLOW_REFUSED_NODE_LOCAL sluiceFlowDecision = 4
+	sluiceFlowDecisionFLOW_REFUSED_PROXY_PORT sluiceFlowDecision = 5
+	sluiceFlowDecisionFLOW_DIRECT_METADATA    sluiceFlowDecision = 6
+	sluiceFlowDecisionFLOW_REFUSED_METADATA   sluiceFlowDecision = 7
+)
+
+type sluiceFlowEvent struct {
+	_          structs.HostLayout
+	TimeNs     uint64
+	Cookie     uint64
+	CgroupId   uint64
+	Addr       [4]uint32
+	Port       uint16
+	V4         uint8
+	Protocol   uint8
+	Decision   uint8
+	Pad        [3]uint8
+	WorkloadId uint32
+	_          [4]byte
+}
 
 type sluiceLayoutInfo struct {
 	_       structs.HostLayout
@@ -127,33 +155,36 @@ type sluiceWorkloadStats struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	sluiceMapClaimed         = "claimed"
-	sluiceMapConfig          = "config"
-	sluiceMapCounters        = "counters"
-	sluiceMapExcludedPorts   = "excluded_ports"
-	sluiceMapExcludedV4      = "excluded_v4"
-	sluiceMapExcludedV6      = "excluded_v6"
-	sluiceMapLayout          = "layout"
-	sluiceMapMetadataGrants  = "metadata_grants"
-	sluiceMapNeverDialV4     = "never_dial_v4"
-	sluiceMapNeverDialV6     = "never_dial_v6"
-	sluiceMapOrigDsts        = "orig_dsts"
-	sluiceMapPendingTuples   = "pending_tuples"
-	sluiceMapResolvers       = "resolvers"
-	sluiceMapWlStats         = "wl_stats"
-	sluiceMapWorkloads       = "workloads"
-	sluiceProgSlConnect4     = "sl_connect4"
-	sluiceProgSlConnect6     = "sl_connect6"
-	sluiceProgSlGetpeername4 = "sl_getpeername4"
-	sluiceProgSlGetpeername6 = "sl_getpeername6"
-	sluiceProgSlGetsockopt   = "sl_getsockopt"
-	sluiceProgSlSendmsg4     = "sl_sendmsg4"
-	sluiceProgSlSendmsg6     = "sl_sendmsg6"
-	sluiceProgSlSockCreate   = "sl_sock_create"
-	sluiceProgSlSockRelease  = "sl_sock_release"
-	sluiceProgSlSockops      = "sl_sockops"
-	sluiceVarUnusedCounter   = "unused_counter"
-	sluiceVarUnusedDstClass  = "unused_dst_class"
+	sluiceMapClaimed            = "claimed"
+	sluiceMapConfig             = "config"
+	sluiceMapCounters           = "counters"
+	sluiceMapExcludedPorts      = "excluded_ports"
+	sluiceMapExcludedV4         = "excluded_v4"
+	sluiceMapExcludedV6         = "excluded_v6"
+	sluiceMapFlows              = "flows"
+	sluiceMapLayout             = "layout"
+	sluiceMapMetadataGrants     = "metadata_grants"
+	sluiceMapNeverDialV4        = "never_dial_v4"
+	sluiceMapNeverDialV6        = "never_dial_v6"
+	sluiceMapOrigDsts           = "orig_dsts"
+	sluiceMapPendingTuples      = "pending_tuples"
+	sluiceMapResolvers          = "resolvers"
+	sluiceMapWlStats            = "wl_stats"
+	sluiceMapWorkloads          = "workloads"
+	sluiceProgSlConnect4        = "sl_connect4"
+	sluiceProgSlConnect6        = "sl_connect6"
+	sluiceProgSlGetpeername4    = "sl_getpeername4"
+	sluiceProgSlGetpeername6    = "sl_getpeername6"
+	sluiceProgSlGetsockopt      = "sl_getsockopt"
+	sluiceProgSlSendmsg4        = "sl_sendmsg4"
+	sluiceProgSlSendmsg6        = "sl_sendmsg6"
+	sluiceProgSlSockCreate      = "sl_sock_create"
+	sluiceProgSlSockRelease     = "sl_sock_release"
+	sluiceProgSlSockops         = "sl_sockops"
+	sluiceVarUnusedCounter      = "unused_counter"
+	sluiceVarUnusedDstClass     = "unused_dst_class"
+	sluiceVarUnusedFlowDecision = "unused_flow_decision"
+	sluiceVarUnusedFlowEvent    = "unused_flow_event"
 )
 
 // loadSluice returns the embedded CollectionSpec for sluice.
@@ -220,6 +251,7 @@ type sluiceMapSpecs struct {
 	ExcludedPorts  *ebpf.MapSpec `ebpf:"excluded_ports"`
 	ExcludedV4     *ebpf.MapSpec `ebpf:"excluded_v4"`
 	ExcludedV6     *ebpf.MapSpec `ebpf:"excluded_v6"`
+	Flows          *ebpf.MapSpec `ebpf:"flows"`
 	Layout         *ebpf.MapSpec `ebpf:"layout"`
 	MetadataGrants *ebpf.MapSpec `ebpf:"metadata_grants"`
 	NeverDialV4    *ebpf.MapSpec `ebpf:"never_dial_v4"`
@@ -235,8 +267,10 @@ type sluiceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sluiceVariableSpecs struct {
-	UnusedCounter  *ebpf.VariableSpec `ebpf:"unused_counter"`
-	UnusedDstClass *ebpf.VariableSpec `ebpf:"unused_dst_class"`
+	UnusedCounter      *ebpf.VariableSpec `ebpf:"unused_counter"`
+	UnusedDstClass     *ebpf.VariableSpec `ebpf:"unused_dst_class"`
+	UnusedFlowDecision *ebpf.VariableSpec `ebpf:"unused_flow_decision"`
+	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
 }
 
 // sluiceObjects contains all objects after they have been loaded into the kernel.
@@ -265,6 +299,7 @@ type sluiceMaps struct {
 	ExcludedPorts  *ebpf.Map `ebpf:"excluded_ports"`
 	ExcludedV4     *ebpf.Map `ebpf:"excluded_v4"`
 	ExcludedV6     *ebpf.Map `ebpf:"excluded_v6"`
+	Flows          *ebpf.Map `ebpf:"flows"`
 	Layout         *ebpf.Map `ebpf:"layout"`
 	MetadataGrants *ebpf.Map `ebpf:"metadata_grants"`
 	NeverDialV4    *ebpf.Map `ebpf:"never_dial_v4"`
@@ -284,6 +319,7 @@ func (m *sluiceMaps) Close() error {
 		m.ExcludedPorts,
 		m.ExcludedV4,
 		m.ExcludedV6,
+		m.Flows,
 		m.Layout,
 		m.MetadataGrants,
 		m.NeverDialV4,
@@ -300,8 +336,10 @@ func (m *sluiceMaps) Close() error {
 //
 // It can be passed to loadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sluiceVariables struct {
-	UnusedCounter  *ebpf.Variable `ebpf:"unused_counter"`
-	UnusedDstClass *ebpf.Variable `ebpf:"unused_dst_class"`
+	UnusedCounter      *ebpf.Variable `ebpf:"unused_counter"`
+	UnusedDstClass     *ebpf.Variable `ebpf:"unused_dst_class"`
+	UnusedFlowDecision *ebpf.Variable `ebpf:"unused_flow_decision"`
+	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
 }
 
 // sluicePrograms contains all programs after they have been loaded into the kernel.

@@ -22,6 +22,7 @@ type command struct {
 var commands = map[string]command{
 	"agent":       {"run the node agent (datapath, xDS server, workloads, proxy health, metrics)", runAgent},
 	"check":       {"check that this kernel has every eBPF feature sluice needs", runCheck},
+	"flows":       {"show selected pods' connections: the datapath's flow log with the proxy's access log", runFlows},
 	"health":      {"ask a running agent's health socket whether it is live or ready (the DaemonSet's probes)", runHealth},
 	"explain":     {"explain a pod's policy: what selects it, the effective policy, what guardrails removed", runExplain},
 	"mount-bpffs": {"mount bpffs unless it is mounted (the DaemonSet's init container)", runMountBPFFS},

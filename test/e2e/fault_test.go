@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,6 +72,7 @@ type timeline struct {
 	at      []time.Time
 	outcome []string
 	errs    []string
+	cookies []uint64
 	count   map[string]int
 }
 
@@ -90,6 +93,7 @@ func (s *stream) wait(t *testing.T) timeline {
 		tl.at = append(tl.at, s.start.Add(a.At))
 		tl.outcome = append(tl.outcome, o)
 		tl.errs = append(tl.errs, a.Err+a.Reply)
+		tl.cookies = append(tl.cookies, a.Cookie)
 		tl.count[o]++
 	}
 	return tl
@@ -172,8 +176,14 @@ func TestPrivilegedFaultAgentKilled(t *testing.T) {
 // goes direct once the agent has seen three failed probes, the fail-closed
 // pod is refused and never goes direct, and both are redirected again once
 // the proxy answers. The transition times are measured and bounded.
+//
+// The flow log misses none of it: every connection of the fail-open pod
+// that went direct, and every one of the fail-closed pod that was refused,
+// is in it exactly once (by its socket's cookie), with the pod's identity,
+// the destination and the decision; no redirected connection is.
 func TestPrivilegedFaultProxyDies(t *testing.T) {
-	e, _, dst := faultEnv(t)
+	flowLog := filepath.Join(t.TempDir(), "flows.jsonl")
+	e, _, dst := faultEnv(t, "--flow-log", flowLog)
 	audited, enforced := e.TB.Pods[0], e.TB.Pods[1]
 	open, closed := startStream(t, audited, 12*time.Second, "tcp4:"+dst), startStream(t, enforced, 12*time.Second, "tcp4:"+dst)
 
@@ -183,7 +193,69 @@ func TestPrivilegedFaultProxyDies(t *testing.T) {
 	time.Sleep(6 * time.Second)
 	restarted := time.Now()
 	e.StartProxy(t)
-	faultTimeline(t, "proxy killed", open.wait(t), closed.wait(t), killed, restarted, 6*time.Second)
+	otl, ctl := open.wait(t), closed.wait(t)
+	faultTimeline(t, "proxy killed", otl, ctl, killed, restarted, 6*time.Second)
+	checkFlowLog(t, e, flowLog, dst, map[string]flowWant{
+		"shop/audited":  {tl: otl, outcome: "direct", decision: "direct_not_ready"},
+		"shop/enforced": {tl: ctl, outcome: "refused", decision: "refused_not_ready"},
+	})
+}
+
+type flowWant struct {
+	tl       timeline
+	outcome  string // the stream outcome the flow log must have, each once
+	decision string
+}
+
+// checkFlowLog reads the agent's flow log with `sluice flows` (per pod,
+// as JSON) and checks that each pod's connections with the outcome are in
+// it exactly once, with the decision and destination, and nothing else is.
+func checkFlowLog(t *testing.T, e *harness.Env, flowLog, dst string, want map[string]flowWant) {
+	t.Helper()
+	// The agent writes as the events come; give it a moment.
+	time.Sleep(500 * time.Millisecond)
+	for pod, w := range want {
+		out, err := exec.Command(e.Bin, "flows", "--flow-log", flowLog, "--pod", pod, "--output", "json").Output()
+		if err != nil {
+			t.Fatalf("sluice flows --pod %s: %v", pod, err)
+		}
+		logged := map[uint64]int{}
+		lines := 0
+		for _, l := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			if l == "" {
+				continue
+			}
+			var fe struct {
+				Source, Namespace, Pod, Destination, Protocol, Decision string
+				Cookie                                                  uint64
+			}
+			if err := json.Unmarshal([]byte(l), &fe); err != nil {
+				t.Fatalf("sluice flows line %q: %v", l, err)
+			}
+			lines++
+			logged[fe.Cookie]++
+			if fe.Source != "datapath" || fe.Namespace+"/"+fe.Pod != pod || fe.Destination != dst || fe.Protocol != "tcp" || fe.Decision != w.decision {
+				t.Errorf("flow log line for %s: %+v, want %s to %s tcp", pod, fe, w.decision, dst)
+			}
+		}
+		expected := 0
+		for i, o := range w.tl.outcome {
+			c := w.tl.cookies[i]
+			switch {
+			case o == w.outcome:
+				expected++
+				if logged[c] != 1 {
+					t.Errorf("%s: a %s connection (cookie %d, +%v) is in the flow log %d times, want once", pod, o, c, w.tl.at[i].Sub(w.tl.at[0]).Round(time.Millisecond), logged[c])
+				}
+			case logged[c] != 0:
+				t.Errorf("%s: a %s connection (cookie %d) is in the flow log", pod, o, c)
+			}
+		}
+		t.Logf("flow log: %s: %d lines for %d %s connections", pod, lines, expected, w.outcome)
+		if lines != expected || expected == 0 {
+			t.Errorf("%s: %d flow log lines, want one per %s connection: %d", pod, lines, w.outcome, expected)
+		}
+	}
 }
 
 // faultTimeline checks a fail-open and a fail-closed pod's streams around

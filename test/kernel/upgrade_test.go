@@ -16,7 +16,7 @@ import (
 
 // startStream runs the stream role in pod p: a new connection to dst every
 // 2 ms for d. The returned function waits for its attempts.
-func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) func() []testbed.Attempt {
+func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) (start time.Time, wait func() []testbed.Attempt) {
 	t.Helper()
 	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", "-duration", d.String(), "-interval", "2ms", "-send", "hello", dst)
 	out, err := cmd.StdoutPipe()
@@ -31,6 +31,7 @@ func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) func
 	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
 		t.Fatalf("stream: %q, %v", l, err)
 	}
+	start = time.Now()
 	done := make(chan []testbed.Attempt, 1)
 	go func() {
 		var as []testbed.Attempt
@@ -39,7 +40,7 @@ func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) func
 		cmd.Wait()
 		done <- as
 	}()
-	return func() []testbed.Attempt {
+	return start, func() []testbed.Attempt {
 		select {
 		case as := <-done:
 			return as
@@ -81,8 +82,8 @@ func TestPrivilegedUpgradeUnderLoad(t *testing.T) {
 			}
 
 			const d = 3 * time.Second
-			waitOpen := startStream(t, open, d, dst)
-			waitClosed := startStream(t, closed, d, dst)
+			openStart, waitOpen := startStream(t, open, d, dst)
+			closedStart, waitClosed := startStream(t, closed, d, dst)
 			time.Sleep(d / 2)
 			began := time.Now()
 			dp, err := datapath.Open(f.cfg)
@@ -97,14 +98,19 @@ func TestPrivilegedUpgradeUnderLoad(t *testing.T) {
 			}
 
 			for _, s := range []struct {
-				pod  *testbed.Pod
-				name string
-				wait func() []testbed.Attempt
-			}{{open, "fail-open", waitOpen}, {closed, "fail-closed", waitClosed}} {
+				pod   *testbed.Pod
+				name  string
+				start time.Time
+				wait  func() []testbed.Attempt
+			}{{open, "fail-open", openStart, waitOpen}, {closed, "fail-closed", closedStart, waitClosed}} {
 				as := s.wait()
 				count := map[string]int{}
 				var bad []string
+				during := 0 // attempts that started while Open ran
 				for _, a := range as {
+					if at := s.start.Add(a.At); !at.Before(began) && at.Before(began.Add(took)) {
+						during++
+					}
 					o := "failed"
 					switch {
 					case a.Reply == "peer="+testbed.NodeV4.String():
@@ -119,9 +125,14 @@ func TestPrivilegedUpgradeUnderLoad(t *testing.T) {
 						bad = append(bad, fmt.Sprintf("+%v %s: %s%s", a.At.Round(time.Millisecond), o, a.Err, a.Reply))
 					}
 				}
-				t.Logf("%s pod: %d connections across an upgrade taking %v: %v", s.name, len(as), took.Round(time.Microsecond), count)
-				if count["redirected"] != len(as) || len(as) < 100 {
-					t.Errorf("%s pod across the upgrade: %v (want every one of at least 100 redirected); first others: %v", s.name, count, bad)
+				t.Logf("%s pod: %d connections across an upgrade taking %v (%d started during it): %v", s.name, len(as), took.Round(time.Microsecond), during, count)
+				if count["redirected"] != len(as) {
+					t.Errorf("%s pod across the upgrade: %v, want every one redirected; first others: %v", s.name, count, bad)
+				}
+				// A slow machine (an emulated kernel) makes fewer; some
+				// must have started while the programs were switched.
+				if during == 0 && took > 10*time.Millisecond {
+					t.Errorf("%s pod: no connection started during the upgrade (%d in all): the test proved nothing", s.name, len(as))
 				}
 			}
 

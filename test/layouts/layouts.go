@@ -20,7 +20,7 @@ import (
 	"github.com/cilium/ebpf/link"
 )
 
-//go:embed layout1/sluice_bpfel.o
+//go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o
 var objects embed.FS
 
 // attachment is where one program of a release hooks.
@@ -33,22 +33,27 @@ type attachment struct {
 // agent/datapath had them.
 var releases = map[int][]attachment{
 	// Layout 1: frozen from commit e081d26.
-	1: {
-		{"sl_connect4", ebpf.AttachCGroupInet4Connect},
-		{"sl_connect6", ebpf.AttachCGroupInet6Connect},
-		{"sl_sockops", ebpf.AttachCGroupSockOps},
-		{"sl_getsockopt", ebpf.AttachCGroupGetsockopt},
-		{"sl_getpeername4", ebpf.AttachCgroupInet4GetPeername},
-		{"sl_getpeername6", ebpf.AttachCgroupInet6GetPeername},
-		{"sl_sock_release", ebpf.AttachCgroupInetSockRelease},
-		{"sl_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
-		{"sl_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
-		{"sl_sock_create", ebpf.AttachCGroupInetSockCreate},
-	},
+	1: layout1,
+	// Layout 2 (the layout map): frozen from the commit before the flows
+	// ring buffer; the same programs.
+	2: layout1,
+}
+
+var layout1 = []attachment{
+	{"sl_connect4", ebpf.AttachCGroupInet4Connect},
+	{"sl_connect6", ebpf.AttachCGroupInet6Connect},
+	{"sl_sockops", ebpf.AttachCGroupSockOps},
+	{"sl_getsockopt", ebpf.AttachCGroupGetsockopt},
+	{"sl_getpeername4", ebpf.AttachCgroupInet4GetPeername},
+	{"sl_getpeername6", ebpf.AttachCgroupInet6GetPeername},
+	{"sl_sock_release", ebpf.AttachCgroupInetSockRelease},
+	{"sl_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
+	{"sl_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
+	{"sl_sock_create", ebpf.AttachCGroupInetSockCreate},
 }
 
 // Versions are the frozen layouts, oldest first.
-func Versions() []int { return []int{1} }
+func Versions() []int { return []int{1, 2} }
 
 // Spec is layout version's compiled collection, as its release loaded it
 // (minus the .bss section its loader dropped).
@@ -98,6 +103,13 @@ func Install(version int, cgroupPath, pinPath string) (err error) {
 	for name, m := range coll.Maps {
 		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
 			return err
+		}
+	}
+	// From layout 2 on, the release wrote its version (struct layout_info
+	// {version, _pad}) before renaming the directory into place.
+	if m, ok := coll.Maps["layout"]; ok {
+		if err := m.Put(uint32(0), [2]uint32{uint32(version), 0}); err != nil {
+			return fmt.Errorf("layout %d: write the version: %w", version, err)
 		}
 	}
 	for _, a := range releases[version] {

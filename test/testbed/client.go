@@ -28,6 +28,9 @@ type DialResult struct {
 	// "peer=<address it saw>".
 	Reply string `json:"reply,omitempty"`
 	Err   string `json:"err,omitempty"`
+	// Cookie is the socket's SO_COOKIE, read before connecting: what the
+	// datapath's flow events name the socket by.
+	Cookie uint64 `json:"cookie,omitempty"`
 	// Header is an HTTP reply's header (Reply is then "<status line> |
 	// <first body line>").
 	Header http.Header `json:"header,omitempty"`
@@ -148,6 +151,9 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	}
 	f := os.NewFile(uintptr(fd), "client")
 	defer f.Close()
+	if c, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE); err == nil {
+		r.Cookie = c
+	}
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
 	sa := sockaddr(ap, k.family)
