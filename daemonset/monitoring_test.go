@@ -255,6 +255,11 @@ sluice_datapath_inflight_capacity{instance="n1"} 65536 65536 65536 65536 65536 6
 		series: `sluice_cgroup_resolution_failures_total{instance="n1"} 0 3 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5 5`,
 		quiet:  []int{2, 12, 20},
 	}},
+	"SluiceFlowEventsDropped": {{
+		series: `sluice_datapath_events_total{event="flow_events_dropped",instance="n1"} 0 0 0 500 500 500 500 500 500 500 500 500 500 500 500 500 500
+sluice_datapath_events_total{event="denied_non_tcp",instance="n1"} 0+1000x16`,
+		firing: []int{3, 11}, quiet: []int{2, 14},
+	}},
 	"SluiceDatapathFull": {{
 		series: `sluice_workload_datapath_failures_total{reason="map_full",instance="n1"} 0 0 1 1 1 1 1 1 1 1 1 1 1 1 1
 sluice_workload_datapath_failures_total{reason="other",instance="n1"} 0+1x14`,
