@@ -198,6 +198,8 @@ func TestChartSchemaRefuses(t *testing.T) {
 		{map[string]any{"proxy": map[string]any{"concurrency": 0}}, "concurrency"},
 		{map[string]any{"monitoring": map[string]any{"serviceMonitor": map[string]any{"interval": "soon"}}}, "interval"},
 		{map[string]any{"image": map[string]any{"tag": "v1:latest"}}, "tag"},
+		{map[string]any{"proxy": map[string]any{"takeoverPort": 15001}}, "must differ"},
+		{map[string]any{"proxy": map[string]any{"drainSeconds": 1}}, "drainSeconds"},
 	} {
 		t.Run(fmt.Sprint(tc.values), func(t *testing.T) {
 			_, err := Render("sluice-system", tc.values)
