@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/rlimit"
 )
 
 //go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o
@@ -81,6 +82,11 @@ func Install(version int, cgroupPath, pinPath string) (err error) {
 	spec, err := Spec(version)
 	if err != nil {
 		return err
+	}
+	// Kernels before 5.11 charge maps to RLIMIT_MEMLOCK, as that release's
+	// agent knew.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return fmt.Errorf("layout %d: %w", version, err)
 	}
 	coll, err := ebpf.NewCollection(spec)
 	if err != nil {
