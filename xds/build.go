@@ -4,13 +4,18 @@
 package xds
 
 import (
+	"crypto/sha256"
+	"encoding/json"
 	"fmt"
-	"github.com/sluice-io/sluice/policy"
 	"maps"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync"
 
+	"github.com/sluice-io/sluice/policy"
+
+	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
@@ -29,6 +34,10 @@ const (
 type Resources struct {
 	Listeners []*listener.Listener
 	Clusters  []*cluster.Cluster
+	// packed and parts, set by Build, let a Validator skip what it has
+	// validated before (see Validator).
+	packed packedAnys
+	parts  []*groupParts
 }
 
 // messages lists every resource, listeners first.
@@ -69,18 +78,88 @@ type group struct {
 // function: the same state gives byte-for-byte the same resources, whatever
 // the order of workloads in it. Issues list workloads served more strictly
 // than they asked (or not at all); they do not make Build fail.
-func Build(s State) (*Resources, []Issue, error) {
+func Build(s State) (*Resources, []Issue, error) { return new(Builder).Build(s) }
+
+// Builder is Build with a memory: each workload group's filter chains and
+// matcher branch, keyed by a digest of everything they are built from (the
+// group, and the state but its workloads), so a state in which one
+// workload changed rebuilds that workload's parts only. The parts it hands
+// out are shared with later builds and must not be modified. A Builder is
+// safe for concurrent use.
+type Builder struct {
+	mu    sync.Mutex
+	parts map[[sha256.Size]byte]*groupParts
+}
+
+// groupParts is what one group contributes to the listener.
+type groupParts struct {
+	chains  []*listener.FilterChain
+	onMatch *matcher.Matcher_OnMatch
+}
+
+// packedAnys maps each Any a build packed to the message it packed, so the
+// validator reads that message instead of unmarshalling the Any again.
+type packedAnys map[*anypb.Any]proto.Message
+
+// Build builds s's resources as the package's Build does.
+func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 	if err := s.check(); err != nil {
 		return nil, nil, fmt.Errorf("invalid state: %w", err)
 	}
 	groups, issues := groupWorkloads(s)
 	b := &builder{state: s}
+	global := s
+	global.Workloads = nil
+	gj, err := json.Marshal(global)
+	if err != nil {
+		return nil, nil, err
+	}
+	bl.mu.Lock()
+	defer bl.mu.Unlock()
+	next := make(map[[sha256.Size]byte]*groupParts, len(groups))
+	b.parts = make([]*groupParts, len(groups))
+	for i, g := range groups {
+		key, err := g.digest(gj)
+		if err != nil {
+			return nil, nil, err
+		}
+		p := bl.parts[key]
+		if p == nil {
+			p = &groupParts{chains: b.groupChains(g), onMatch: b.groupOnMatch(g)}
+			if b.err != nil {
+				return nil, nil, b.err
+			}
+		}
+		next[key] = p
+		b.parts[i] = p
+	}
 	lis := b.listener(groups)
 	clusters := []*cluster.Cluster{b.originalDstCluster(), b.denyCluster(), b.dynamicForwardProxyCluster()}
 	if b.err != nil {
 		return nil, nil, b.err
 	}
-	return &Resources{Listeners: []*listener.Listener{lis}, Clusters: clusters}, issues, nil
+	bl.parts = next
+	return &Resources{Listeners: []*listener.Listener{lis}, Clusters: clusters, packed: b.packed, parts: b.parts}, issues, nil
+}
+
+// digest is the group's identity for the Builder: its fields, with the
+// state they are built in (global: the state without workloads, as JSON).
+func (g *group) digest(global []byte) ([sha256.Size]byte, error) {
+	j, err := json.Marshal(struct {
+		Key, Namespace, Name, PolicyError string
+		IPs                               []netip.Addr
+		Policy                            policy.Policy
+	}{g.key, g.namespace, g.name, g.policyError, g.ips, g.policy})
+	if err != nil {
+		return [sha256.Size]byte{}, err
+	}
+	h := sha256.New()
+	h.Write(global)
+	h.Write([]byte{0})
+	h.Write(j)
+	var k [sha256.Size]byte
+	h.Sum(k[:0])
+	return k, nil
 }
 
 func groupWorkloads(s State) ([]*group, []Issue) {
@@ -179,6 +258,11 @@ func samePolicy(a, b policy.Policy) bool {
 type builder struct {
 	state State
 	err   error
+	// parts are the groups' chains and matcher branches, in group order
+	// (Builder.Build fills it, from its memory or fresh).
+	parts []*groupParts
+	// packed records what any packed.
+	packed packedAnys
 	// dns is the DNS cache configuration, built once: every hostname
 	// chain of every pod carries a copy (packed into its own Any).
 	dns *dnscache.DnsCacheConfig
@@ -191,6 +275,10 @@ func (b *builder) any(m proto.Message) *anypb.Any {
 	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil && b.err == nil {
 		b.err = fmt.Errorf("pack %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
 	}
+	if b.packed == nil {
+		b.packed = packedAnys{}
+	}
+	b.packed[a] = m
 	return a
 }
 

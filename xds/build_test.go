@@ -234,7 +234,7 @@ func TestChainsMatchMatcher(t *testing.T) {
 		}
 		l := r.Listeners[0]
 		named := map[string]bool{}
-		walkAny("", l.GetFilterChainMatcher(), func(_ string, m proto.Message) {
+		walkAny("", l.GetFilterChainMatcher(), walkOpts{}, func(_ string, m proto.Message) {
 			if sv, ok := m.(interface{ GetValue() string }); ok && m.ProtoReflect().Descriptor().FullName() == "google.protobuf.StringValue" {
 				named[sv.GetValue()] = true
 			}

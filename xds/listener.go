@@ -74,8 +74,8 @@ func (b *builder) listener(groups []*group) *listener.Listener {
 		b.denyChain(chainLoop, nil, "destination is node-local (proxy, node, loopback, link-local, metadata)"),
 		b.denyChain(chainUnknownSource, nil, "source is not a selected workload"),
 	)
-	for _, g := range groups {
-		l.FilterChains = append(l.FilterChains, b.groupChains(g)...)
+	for i := range groups {
+		l.FilterChains = append(l.FilterChains, b.parts[i].chains...)
 	}
 	return l
 }
@@ -121,10 +121,10 @@ func (b *builder) filterChainMatcher(groups []*group) *matcher.Matcher {
 	bySource := &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainUnknownSource)}}
 	if len(groups) > 0 {
 		var ranges []*matcher.IPMatcher_IPRangeMatcher
-		for _, g := range groups {
+		for i, g := range groups {
 			ranges = append(ranges, &matcher.IPMatcher_IPRangeMatcher{
 				Ranges:    cidrRanges(hostPrefixes(g.ips)),
-				OnMatch:   b.groupOnMatch(g),
+				OnMatch:   b.parts[i].onMatch,
 				Exclusive: true,
 			})
 		}

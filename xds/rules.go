@@ -135,7 +135,7 @@ func checkCluster(path string, c *cluster.Cluster) []error {
 
 // checkListener: addresses, listener filters, filter-chain selection and
 // every chain's filters.
-func checkListener(path string, l *listener.Listener, clusters map[string]bool) []error {
+func checkListener(path string, l *listener.Listener, clusters map[string]bool, o walkOpts) []error {
 	var errs []error
 	if l.GetAddress() == nil {
 		errs = append(errs, fmt.Errorf("%s: no address", path))
@@ -161,7 +161,7 @@ func checkListener(path string, l *listener.Listener, clusters map[string]bool) 
 		chains = append(chains, l.GetDefaultFilterChain())
 	}
 	if l.GetFilterChainMatcher() != nil {
-		errs = append(errs, checkMatchedChains(path, l, chains)...)
+		errs = append(errs, checkMatchedChains(path, l, chains, o)...)
 	} else {
 		for i, a := range l.GetFilterChains() {
 			for _, b := range l.GetFilterChains()[:i] {
@@ -181,7 +181,7 @@ func checkListener(path string, l *listener.Listener, clusters map[string]bool) 
 
 // checkMatchedChains: with filter_chain_matcher, every chain needs a
 // unique name and no filter_chain_match, and every action must name a chain.
-func checkMatchedChains(path string, l *listener.Listener, chains []*listener.FilterChain) []error {
+func checkMatchedChains(path string, l *listener.Listener, chains []*listener.FilterChain, o walkOpts) []error {
 	var errs []error
 	names := map[string]bool{}
 	for _, c := range chains {
@@ -200,16 +200,20 @@ func checkMatchedChains(path string, l *listener.Listener, chains []*listener.Fi
 		// The default chain is not a match target.
 		delete(names, l.GetDefaultFilterChain().GetName())
 	}
-	return append(errs, checkMatcher(path+".filter_chain_matcher", l.GetFilterChainMatcher(), names)...)
+	return append(errs, checkMatcher(path+".filter_chain_matcher", l.GetFilterChainMatcher(), names, o)...)
 }
 
-func checkMatcher(path string, m *matcher.Matcher, chains map[string]bool) []error {
+// checkMatcher checks m's inputs, CIDRs and actions. A branch o skips (a
+// workload's, unchanged since it was checked with the chains it names,
+// which come with it) is not checked again.
+func checkMatcher(path string, m *matcher.Matcher, chains map[string]bool, o walkOpts) []error {
 	var errs []error
 	onMatch := func(p string, om *matcher.Matcher_OnMatch) {
 		switch {
 		case om == nil:
+		case o.skips(om):
 		case om.GetMatcher() != nil:
-			errs = append(errs, checkMatcher(p, om.GetMatcher(), chains)...)
+			errs = append(errs, checkMatcher(p, om.GetMatcher(), chains, o)...)
 		case om.GetAction() != nil:
 			errs = append(errs, checkAction(p, om.GetAction(), chains)...)
 		}
@@ -230,8 +234,9 @@ func checkMatcher(path string, m *matcher.Matcher, chains map[string]bool) []err
 			onMatch(fmt.Sprintf("%s[%q]", path, k), om)
 		}
 		if cm := tree.GetCustomMatch(); cm != nil {
-			var trie matcher.IPMatcher
-			if err := cm.GetTypedConfig().UnmarshalTo(&trie); err != nil {
+			msg, err := o.unpack(cm.GetTypedConfig())
+			trie, ok := msg.(*matcher.IPMatcher)
+			if err != nil || !ok {
 				errs = append(errs, fmt.Errorf("%s: custom_match %s: only the IP trie matcher is known", path, cm.GetTypedConfig().GetTypeUrl()))
 			}
 			for i, rm := range trie.GetRangeMatchers() {

@@ -66,7 +66,7 @@ func checkDNSCacheSet(caches []dnsCacheAt) []error {
 
 // eachField calls f on every message directly held in m's fields, at any
 // depth, but not inside an Any (walkAny visits those).
-func eachField(path string, m protoreflect.Message, f func(string, protoreflect.Message)) {
+func eachField(path string, m protoreflect.Message, skip func(proto.Message) bool, f func(string, protoreflect.Message)) {
 	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
 		if fd.Message() == nil || fd.IsMap() {
 			return true
@@ -76,8 +76,11 @@ func eachField(path string, m protoreflect.Message, f func(string, protoreflect.
 			if _, isAny := fm.Interface().(*anypb.Any); isAny {
 				return
 			}
+			if skip != nil && skip(fm.Interface()) {
+				return
+			}
 			f(p, fm)
-			eachField(p, fm, f)
+			eachField(p, fm, skip, f)
 		}
 		if fd.IsList() {
 			for i := 0; i < v.List().Len(); i++ {

@@ -48,6 +48,9 @@ type ServerConfig struct {
 	// refused: pods must never reach the control plane.
 	TCPAddr string
 	Logger  *slog.Logger
+	// JSONRoundTrip adds the strict JSON round trip to the validation of
+	// every update (Validator.JSONRoundTrip); the agent leaves it out.
+	JSONRoundTrip bool
 }
 
 // NACK is Envoy's most recent rejection of a configuration.
@@ -84,6 +87,9 @@ type Server struct {
 	// validator remembers the filter chains it validated: an update in
 	// which few workloads changed validates only theirs.
 	validator Validator
+	// builder remembers each workload's built parts: an update rebuilds
+	// only the workloads that changed.
+	builder Builder
 
 	mu     sync.Mutex
 	seq    uint64
@@ -137,6 +143,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, streams: map[int64]map[string]sent{}, published: map[string]uint64{}, up: make(chan struct{})}
 	s.status.Acked = map[string]string{}
+	s.validator.JSONRoundTrip = cfg.JSONRoundTrip
 	s.cache = cache.NewSnapshotCache(true, nodeKey{}, slogAdapter(s.log))
 	xs := serverv3.NewServer(context.Background(), s.cache, s.callbacks())
 	s.grpc = grpc.NewServer(
@@ -170,7 +177,7 @@ func (s *Server) Update(ctx context.Context, st State) (version string, issues [
 			s.mu.Unlock()
 		}
 	}()
-	r, issues, err := Build(st)
+	r, issues, err := s.builder.Build(st)
 	if err != nil {
 		return "", nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 
+	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
 
@@ -41,24 +42,44 @@ import (
 
 // validateMessage runs checks 1 and 2 on one top-level resource.
 func validateMessage(name string, m proto.Message) error {
-	_, errs := validateResource(name, m)
+	_, errs := validateResource(name, m, true, walkOpts{})
 	return errors.Join(errs...)
 }
+
+// walkOpts let a walk use what the builder knows: packed maps an Any to
+// the message packed into it (read instead of unmarshalling the Any), and
+// skip names messages validated before, whose subtree is not walked again.
+type walkOpts struct {
+	packed packedAnys
+	skip   func(proto.Message) bool
+}
+
+func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
+	// The builder packed m into a with anypb.MarshalFrom: a's bytes are
+	// m's deterministic encoding, unless a was changed since (its type is
+	// checked; nothing in the package changes an Any's value).
+	if m, ok := o.packed[a]; ok && a.GetTypeUrl() == "type.googleapis.com/"+string(m.ProtoReflect().Descriptor().FullName()) {
+		return m, nil
+	}
+	return a.UnmarshalNew()
+}
+
+func (o walkOpts) skips(m proto.Message) bool { return o.skip != nil && o.skip(m) }
 
 // validateResource runs checks 1 and 2 on one resource (or one filter
 // chain), and in the same walk finds the DNS cache configurations in it,
 // Anys included, each checked by checkDNSCache. Their paths are relative
 // to name, so a remembered chain's caches can be placed at its index.
-func validateResource(name string, m proto.Message) ([]dnsCacheAt, []error) {
+func validateResource(name string, m proto.Message, jsonRoundTrip bool, o walkOpts) ([]dnsCacheAt, []error) {
 	var errs []error
 	var found []dnsCacheAt
-	walkAny(name, m, func(path string, msg proto.Message) {
+	walkAny(name, m, o, func(path string, msg proto.Message) {
 		if v, ok := msg.(interface{ ValidateAll() error }); ok {
 			if err := v.ValidateAll(); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", path, err))
 			}
 		}
-		eachField(path, msg.ProtoReflect(), func(p string, fm protoreflect.Message) {
+		eachField(path, msg.ProtoReflect(), o.skip, func(p string, fm protoreflect.Message) {
 			if dc, ok := fm.Interface().(*dnscache.DnsCacheConfig); ok {
 				found = append(found, dnsCacheAt{strings.TrimPrefix(p, name), dc})
 				errs = append(errs, checkDNSCache(p, dc)...)
@@ -67,20 +88,25 @@ func validateResource(name string, m proto.Message) ([]dnsCacheAt, []error) {
 	}, func(path string, err error) {
 		errs = append(errs, fmt.Errorf("%s: %w", path, err))
 	})
-	if err := roundTrip(m); err != nil {
-		errs = append(errs, fmt.Errorf("%s: %w", name, err))
+	if jsonRoundTrip {
+		if err := roundTrip(m); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+		}
 	}
 	return found, errs
 }
 
 // walkAny calls visit on m and on every message packed in an Any inside it,
 // at any depth; anyErr gets the Anys that cannot be unpacked.
-func walkAny(path string, m proto.Message, visit func(string, proto.Message), anyErr func(string, error)) {
+func walkAny(path string, m proto.Message, o walkOpts, visit func(string, proto.Message), anyErr func(string, error)) {
 	visit(path, m)
 	var walk func(string, protoreflect.Message)
 	walk = func(p string, rm protoreflect.Message) {
+		if o.skips(rm.Interface()) {
+			return
+		}
 		if a, ok := rm.Interface().(*anypb.Any); ok {
-			inner, err := a.UnmarshalNew()
+			inner, err := o.unpack(a)
 			if err != nil {
 				anyErr(p, fmt.Errorf("typed_config %q: %w (Envoy rejects type URLs it does not know)", a.GetTypeUrl(), err))
 				return
@@ -145,9 +171,9 @@ func roundTrip(m proto.Message) error {
 	return nil
 }
 
-// Validate checks a complete configuration as Envoy would load it. The
-// error joins every problem found.
-func Validate(r *Resources) error { return new(Validator).Validate(r) }
+// Validate checks a complete configuration as Envoy would load it, the
+// JSON round trip included. The error joins every problem found.
+func Validate(r *Resources) error { return (&Validator{JSONRoundTrip: true}).Validate(r) }
 
 // Validator is Validate with a memory of the filter chains of the last
 // configuration it found valid. A listener's chains are validated one by
@@ -158,10 +184,29 @@ func Validate(r *Resources) error { return new(Validator).Validate(r) }
 // chains changed costs those chains, the listener around them and the
 // clusters. A Validator is safe for concurrent use.
 type Validator struct {
+	// JSONRoundTrip adds check 2, the strict protojson round trip. The
+	// Server leaves it out at run time (two thirds of a validation's
+	// cost, and the builders only produce what round-trips: the tests and
+	// the golden files run every built configuration through it); the
+	// package's Validate, which every test uses, includes it.
+	JSONRoundTrip bool
+
 	mu sync.Mutex
 	// chains maps a validated chain's digest to the DNS caches in it
 	// (their consistency across chains is checked every time).
 	chains map[[sha256.Size]byte][]dnsCacheAt
+	// built: what it validated of a Builder's output last time, by
+	// identity: a Builder's parts are never modified once built, so the
+	// same pointer is the same content. A chain is remembered with the
+	// cluster names it was checked against.
+	builtChains   map[*listener.FilterChain]builtChain
+	builtMatchers map[*matcher.Matcher_OnMatch]bool
+}
+
+type builtChain struct {
+	clusterKey [sha256.Size]byte
+	key        [sha256.Size]byte
+	caches     []dnsCacheAt
 }
 
 // Validate checks r as the package's Validate does. It sets each listener's
@@ -181,7 +226,7 @@ func (v *Validator) Validate(r *Resources) error {
 	var names []string
 	for _, c := range r.Clusters {
 		name := "cluster " + quoteName(c.GetName())
-		found, cerrs := validateResource(name, c)
+		found, cerrs := validateResource(name, c, v.JSONRoundTrip, walkOpts{packed: r.packed})
 		addCaches(name, found)
 		errs = append(errs, cerrs...)
 		if clusters[c.GetName()] {
@@ -196,12 +241,19 @@ func (v *Validator) Validate(r *Resources) error {
 	slices.Sort(names)
 	clusterKey := sha256.Sum256([]byte(strings.Join(names, "\x00")))
 	next := map[[sha256.Size]byte][]dnsCacheAt{}
+	nextBuilt := map[*listener.FilterChain]builtChain{}
+	// A workload's matcher branch validated before (with the chains it
+	// names, which come with it in its part) is not walked again.
+	o := walkOpts{packed: r.packed, skip: func(m proto.Message) bool {
+		om, ok := m.(*matcher.Matcher_OnMatch)
+		return ok && v.builtMatchers[om]
+	}}
 	listeners := map[string]bool{}
 	for _, l := range r.Listeners {
 		name := "listener " + quoteName(l.GetName())
 		chains := l.FilterChains
 		l.FilterChains = nil
-		found, lerrs := validateResource(name, l)
+		found, lerrs := validateResource(name, l, v.JSONRoundTrip, o)
 		l.FilterChains = chains
 		addCaches(name, found)
 		errs = append(errs, lerrs...)
@@ -209,9 +261,17 @@ func (v *Validator) Validate(r *Resources) error {
 			errs = append(errs, fmt.Errorf("%s: duplicate listener name", name))
 		}
 		listeners[l.GetName()] = true
-		errs = append(errs, checkListener(name, l, clusters)...)
+		errs = append(errs, checkListener(name, l, clusters, o)...)
 		for i, c := range chains {
 			path := fmt.Sprintf("%s.filter_chains[%d]", name, i)
+			if r.parts != nil {
+				if bc, ok := v.builtChains[c]; ok && bc.clusterKey == clusterKey {
+					next[bc.key] = bc.caches
+					nextBuilt[c] = bc
+					addCaches(path, bc.caches)
+					continue
+				}
+			}
 			key, err := chainKey(c, clusterKey)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", path, err))
@@ -219,13 +279,15 @@ func (v *Validator) Validate(r *Resources) error {
 			}
 			if found, ok := v.chains[key]; ok {
 				next[key] = found
+				nextBuilt[c] = builtChain{clusterKey, key, found}
 				addCaches(path, found)
 				continue
 			}
-			found, chainErrs := validateResource(path, c)
+			found, chainErrs := validateResource(path, c, v.JSONRoundTrip, walkOpts{packed: r.packed})
 			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters)...)
 			if len(chainErrs) == 0 {
 				next[key] = found
+				nextBuilt[c] = builtChain{clusterKey, key, found}
 			}
 			addCaches(path, found)
 			errs = append(errs, chainErrs...)
@@ -236,6 +298,14 @@ func (v *Validator) Validate(r *Resources) error {
 		return errors.Join(errs...)
 	}
 	v.chains = next
+	v.builtChains, v.builtMatchers = nil, nil
+	if r.parts != nil {
+		v.builtChains = nextBuilt
+		v.builtMatchers = make(map[*matcher.Matcher_OnMatch]bool, len(r.parts))
+		for _, p := range r.parts {
+			v.builtMatchers[p.onMatch] = true
+		}
+	}
 	return nil
 }
 

@@ -289,7 +289,7 @@ func TestValidateRejects(t *testing.T) {
 			// A Validator that has just accepted the unbroken
 			// configuration (every chain remembered) still finds it: what
 			// it remembers never stands in for what changed.
-			var v Validator
+			v := Validator{JSONRoundTrip: true}
 			if err := v.Validate(validResources(t)); err != nil {
 				t.Fatal(err)
 			}
