@@ -89,12 +89,12 @@ test-unit:
 ## bench: measure the redirect's cost side by side (root, < 10 min); writes bench/out/report.md and report.json
 .PHONY: bench
 bench: deps-test
-	@command -v nft >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables >/dev/null; }
+	@{ command -v nft && command -v iptables-restore; } >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iptables >/dev/null; }
 	rm -rf bench/out && mkdir -p bench/out
 	set -o pipefail; apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver SLUICE_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench BenchmarkConnection -benchtime 1000x ./test/conformance/ 2>&1 | tee bench/out/conformance.txt
-	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; echo; cat bench/out/controlplane.md; echo; \
+	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; cat bench/out/clash.md; echo; cat bench/out/controlplane.md; echo; \
 	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \
 	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; echo; \
