@@ -44,15 +44,15 @@ var scales = []scale{{1, 10}, {1000, 10}, {10000, 10}, {1, 1000}, {1000, 1000}, 
 
 // connectRow is one variant at one scale.
 type connectRow struct {
-	Workloads    int     `json:"workloads"`
-	Exclusions   int     `json:"exclusions"`
-	Variant      string  `json:"variant"`
-	N            int     `json:"n"`
-	P50ns        int64   `json:"connect_p50_ns"`
-	P99ns        int64   `json:"connect_p99_ns"`
-	ConnPerSec   float64 `json:"connections_per_second"`
-	P50xDirect   float64 `json:"p50_ratio_to_direct"`
-	P99xDirect   float64 `json:"p99_ratio_to_direct"`
+	Workloads  int     `json:"workloads"`
+	Exclusions int     `json:"exclusions"`
+	Variant    string  `json:"variant"`
+	N          int     `json:"n"`
+	P50ns      int64   `json:"connect_p50_ns"`
+	P99ns      int64   `json:"connect_p99_ns"`
+	ConnPerSec float64 `json:"connections_per_second"`
+	P50xDirect float64 `json:"p50_ratio_to_direct"`
+	P99xDirect float64 `json:"p99_ratio_to_direct"`
 	// Lost: redirected connections whose original destination the proxy
 	// could not recover (eBPF rows only).
 	Lost uint64 `json:"original_destinations_lost,omitempty"`
@@ -103,7 +103,10 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 	}
 	e := setupBench(t, "-sink")
 	tb, pod, dp, cgid, proxy := e.tb, e.pod, e.dp, e.cgid, e.proxy
-	t.Cleanup(func() { nftDelete(nft, tb.Node); exec.Command("ip", "netns", "exec", pod.Netns.Name, nft, "flush", "ruleset").Run() })
+	t.Cleanup(func() {
+		nftDelete(nft, tb.Node)
+		exec.Command("ip", "netns", "exec", pod.Netns.Name, nft, "flush", "ruleset").Run()
+	})
 	// The sidecar's proxy, on the pod's loopback, in the proxy's cgroup.
 	nh := tb.Node.NetlinkHandle(t)
 	sidecar := "127.0.0.1:15001"
