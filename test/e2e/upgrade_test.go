@@ -13,21 +13,6 @@ import (
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
-// pinnedPort is the proxy port the pinned datapath sends connections to.
-func pinnedPort(t *testing.T, e *harness.Env) uint16 {
-	t.Helper()
-	d, err := datapath.OpenPinned(e.PinPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	st, err := d.ProxyState()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st.Port
-}
-
 // The DaemonSet update, as the shipped manifests make it (maxSurge 1, the
 // proxy's preStop drain; docs/install.md), under a steady stream of
 // connections from a fail-open and a fail-closed pod:
@@ -59,7 +44,7 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 		out, ok := e.Health(t, oldPod, true)
 		return ok && out == "ok"
 	})
-	if p := pinnedPort(t, e); p != datapath.DefaultProxyPort {
+	if p := harness.PinnedProxyPort(t, e.PinPath); p != datapath.DefaultProxyPort {
 		t.Fatalf("first agent: datapath sends to port %d, want %d", p, datapath.DefaultProxyPort)
 	}
 
@@ -79,7 +64,7 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 	if !strings.HasPrefix(standby, "standby:") {
 		t.Errorf("new agent's readiness while the old holds the lock: %q, want it to say standby", standby)
 	}
-	if p := pinnedPort(t, e); p != datapath.DefaultProxyPort {
+	if p := harness.PinnedProxyPort(t, e.PinPath); p != datapath.DefaultProxyPort {
 		t.Errorf("a standby agent moved the datapath to port %d", p)
 	}
 	if !strings.Contains(newAgent.Stderr.String(), "standing by") {
@@ -90,7 +75,7 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 	harness.StopAgent(t, oldAgent)
 	var switched time.Time
 	harness.WaitFor(t, "the new agent took over", 15*time.Second, func() bool {
-		if pinnedPort(t, e) != 15002 {
+		if harness.PinnedProxyPort(t, e.PinPath) != 15002 {
 			return false
 		}
 		switched = time.Now()

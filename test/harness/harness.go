@@ -439,3 +439,19 @@ func (e *Env) XDSListenerYAML(t testing.TB) string {
 	}
 	return out.String()
 }
+
+// PinnedProxyPort is the proxy port the datapath pinned at pinPath sends
+// connections to.
+func PinnedProxyPort(t testing.TB, pinPath string) uint16 {
+	t.Helper()
+	d, err := datapath.OpenPinned(pinPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	st, err := d.ProxyState()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Port
+}

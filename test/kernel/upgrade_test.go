@@ -1,10 +1,7 @@
 package kernel
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
-	"io"
 	"strings"
 	"testing"
 	"time"
@@ -15,40 +12,10 @@ import (
 )
 
 // startStream runs the stream role in pod p: a new connection to dst every
-// 2 ms for d. The returned function waits for its attempts.
-func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) (start time.Time, wait func() []testbed.Attempt) {
+// 2 ms for d.
+func startStream(t *testing.T, p *testbed.Pod, d time.Duration, dst string) (time.Time, func() []testbed.Attempt) {
 	t.Helper()
-	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", "-duration", d.String(), "-interval", "2ms", "-send", "hello", dst)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	r := bufio.NewReader(out)
-	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
-		t.Fatalf("stream: %q, %v", l, err)
-	}
-	start = time.Now()
-	done := make(chan []testbed.Attempt, 1)
-	go func() {
-		var as []testbed.Attempt
-		b, _ := io.ReadAll(r)
-		json.Unmarshal(b, &as)
-		cmd.Wait()
-		done <- as
-	}()
-	return start, func() []testbed.Attempt {
-		select {
-		case as := <-done:
-			return as
-		case <-time.After(d + 30*time.Second):
-			t.Fatal("stream did not finish")
-			return nil
-		}
-	}
+	return testbed.StartStream(t, p.Cgroup, p.Netns, d+30*time.Second, "-duration", d.String(), "-interval", "2ms", "-send", "hello", dst)
 }
 
 // The upgrade the DaemonSet makes, at the datapath: the pins of a frozen

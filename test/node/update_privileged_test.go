@@ -1,16 +1,12 @@
 package node
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
 	"fmt"
-	"io"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/daemonset"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
@@ -37,29 +33,27 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 		}
 		return ps.Items
 	}
-	before := agents()
-	if len(before) != 1 {
-		t.Fatalf("%d agent pods before the update, want 1", len(before))
-	}
-	old := before[0].Name
-	portBefore := pinnedPort(t, pinPath)
-
-	const d = 20 * time.Second
-	cmd := testbed.Command(t, apps.hostnet.cg, apps.hostnet.ns, "stream", "-duration", d.String(), "-interval", "5ms", "-send", "hello",
-		fmt.Sprintf("tcp4:%s:8080", apps.ext.addr))
-	out, err := cmd.StdoutPipe()
+	list, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent"})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
+	if len(list.Items) != 1 {
+		t.Fatalf("%d agent pods before the update, want 1", len(list.Items))
+	}
+	old := list.Items[0].Name
+	portBefore := harness.PinnedProxyPort(t, pinPath)
+	// A watch, not polling: its events come in the API server's order, so
+	// "the new pod turned Ready before the old one was deleted" is read
+	// off their order, however close together they are.
+	w, err := n.Cluster.Client.CoreV1().Pods(ns).Watch(ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/component=agent", ResourceVersion: list.ResourceVersion})
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	r := bufio.NewReader(out)
-	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
-		t.Fatalf("stream: %q, %v", l, err)
-	}
-	streamStart := time.Now()
+	defer w.Stop()
+
+	const d = 20 * time.Second
+	streamStart, wait := testbed.StartStream(t, apps.hostnet.cg, apps.hostnet.ns, d+30*time.Second,
+		"-duration", d.String(), "-interval", "5ms", "-send", "hello", fmt.Sprintf("tcp4:%s:8080", apps.ext.addr))
 	time.Sleep(time.Second)
 
 	patch := fmt.Sprintf(`{"spec":{"template":{"metadata":{"annotations":{"sluice.io/restarted-at":%q}}}}}`, time.Now().UTC().Format(time.RFC3339Nano))
@@ -69,26 +63,40 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 	updated := time.Now()
 	var surged, standbyReady, oldDeleting, switched time.Time
 	var newPod string
-	harness.WaitFor(t, "the new pod to take the node over", 60*time.Second, func() bool {
-		for _, p := range agents() {
-			if p.Name == old {
+	deadline := time.After(60 * time.Second)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for switched.IsZero() {
+		select {
+		case ev, ok := <-w.ResultChan():
+			if !ok {
+				t.Fatal("the pod watch ended")
+			}
+			p, isPod := ev.Object.(*corev1.Pod)
+			if !isPod {
+				continue
+			}
+			switch {
+			case p.Name == old:
 				if p.DeletionTimestamp != nil && oldDeleting.IsZero() {
 					oldDeleting = time.Now()
 				}
-				continue
+			case newPod == "" || p.Name == newPod:
+				if newPod == "" {
+					newPod, surged = p.Name, time.Now()
+				}
+				if standbyReady.IsZero() && oldDeleting.IsZero() && podReady(p) {
+					standbyReady = time.Now()
+				}
 			}
-			if newPod == "" {
-				newPod, surged = p.Name, time.Now()
+		case <-tick.C:
+			if newPod != "" && harness.PinnedProxyPort(t, pinPath) != portBefore {
+				switched = time.Now()
 			}
-			if standbyReady.IsZero() && oldDeleting.IsZero() && podReady(&p) {
-				standbyReady = time.Now()
-			}
+		case <-deadline:
+			t.Fatalf("the new pod did not take the node over within 60 s (new pod %q, Ready %v, old deleted %v)", newPod, !standbyReady.IsZero(), !oldDeleting.IsZero())
 		}
-		if switched.IsZero() && newPod != "" && pinnedPort(t, pinPath) != portBefore {
-			switched = time.Now()
-		}
-		return !switched.IsZero()
-	})
+	}
 	if standbyReady.IsZero() {
 		t.Errorf("the old pod was deleted before the new one was Ready: the surge did not wait for the standby")
 	}
@@ -99,15 +107,14 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 		return at.Sub(updated).Round(10 * time.Millisecond).String()
 	}
 	t.Logf("update: new pod %s created +%s, Ready (standby) +%s, old pod %s deleted +%s, datapath switched from port %d to %d +%s",
-		newPod, since(surged), since(standbyReady), old, since(oldDeleting), portBefore, pinnedPort(t, pinPath), since(switched))
+		newPod, since(surged), since(standbyReady), old, since(oldDeleting), portBefore, harness.PinnedProxyPort(t, pinPath), since(switched))
 	if !oldDeleting.IsZero() {
 		t.Logf("takeover: %v from the old pod's deletion to the switch", switched.Sub(oldDeleting).Round(10*time.Millisecond))
 	}
 
-	var as []testbed.Attempt
-	b, _ := io.ReadAll(r)
-	if err := json.Unmarshal(b, &as); err != nil || len(as) == 0 {
-		t.Fatalf("stream output: %v (%d bytes)", err, len(b))
+	as := wait()
+	if len(as) == 0 {
+		t.Fatal("the stream made no connections")
 	}
 	count := map[string]int{}
 	var bad []string
@@ -149,18 +156,4 @@ func podReady(p *corev1.Pod) bool {
 		}
 	}
 	return false
-}
-
-func pinnedPort(t *testing.T, pinPath string) uint16 {
-	t.Helper()
-	d, err := datapath.OpenPinned(pinPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer d.Close()
-	st, err := d.ProxyState()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st.Port
 }

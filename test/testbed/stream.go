@@ -1,10 +1,14 @@
 package testbed
 
 import (
+	"bufio"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"strings"
+	"testing"
 	"time"
 )
 
@@ -39,4 +43,44 @@ func streamMain(args []string) int {
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 	return 0
+}
+
+// StartStream runs the stream role (with args, e.g. -duration, -interval,
+// and the spec last) in cgroup cg and namespace ns, and returns once it
+// connects: when it started, and a function that waits for its attempts
+// (failing the test if they do not come within timeout).
+func StartStream(t testing.TB, cg *Cgroup, ns *Netns, timeout time.Duration, args ...string) (time.Time, func() []Attempt) {
+	t.Helper()
+	cmd := Command(t, cg, ns, "stream", args...)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	r := bufio.NewReader(out)
+	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
+		t.Fatalf("stream: %q, %v", l, err)
+	}
+	start := time.Now()
+	done := make(chan []Attempt, 1)
+	go func() {
+		var as []Attempt
+		b, _ := io.ReadAll(r)
+		json.Unmarshal(b, &as)
+		cmd.Wait()
+		done <- as
+	}()
+	return start, func() []Attempt {
+		t.Helper()
+		select {
+		case as := <-done:
+			return as
+		case <-time.After(timeout):
+			t.Fatal("stream did not finish")
+			return nil
+		}
+	}
 }
