@@ -23,7 +23,9 @@ var layoutRecords embed.FS
 
 func layoutFile(v int) string { return filepath.Join("testdata", fmt.Sprintf("layout-%d.txt", v)) }
 
-func readLayout(v int) ([]byte, error) { return layoutRecords.ReadFile(fmt.Sprintf("testdata/layout-%d.txt", v)) }
+func readLayout(v int) ([]byte, error) {
+	return layoutRecords.ReadFile(fmt.Sprintf("testdata/layout-%d.txt", v))
+}
 
 // The compiled maps are exactly the layout LayoutVersion names: a change to
 // a map (added, removed, redefined) fails here until LayoutVersion goes up,
