@@ -23,8 +23,8 @@ build:
 ## deps-test: install what the tests need on a fresh Debian machine (iproute2, nsenter; containerd, runc and the CNI plugins for the real-node test)
 .PHONY: deps-test
 deps-test:
-	@command -v ip >/dev/null && command -v nsenter >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux >/dev/null; }
+	@command -v ip >/dev/null && command -v nsenter >/dev/null && command -v nft >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 util-linux nftables >/dev/null; }
 	@if [ "$$(id -u)" = 0 ]; then command -v containerd >/dev/null && command -v runc >/dev/null && test -x /usr/lib/cni/bridge || { \
 		echo "installing containerd, runc and the CNI plugins for the real-node test..."; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq containerd runc containernetworking-plugins >/dev/null; \

@@ -9,16 +9,17 @@ import (
 	"testing"
 )
 
-// TestPrivilegedBenchConntrackClash measures a limitation, not a speed:
-// with conntrack and NAT on in the node's namespace (as kube-proxy has it),
-// eBPF-redirected connections interleaved with connections that conntrack
-// DNATs to the same proxy endpoint (here: the pod dialling an nftables
-// DNAT destination, and dialling the proxy address itself) sometimes get
-// a source port the other kind already holds in conntrack; NAT then moves
-// the redirected connection's source port, the proxy sees a 4-tuple the
-// client never published, and the original destination is lost
-// (orig_dst_unknown: Envoy would close the connection). Reported, not
-// asserted: docs/datapath.md says when it can happen.
+// TestPrivilegedBenchConntrackClash measures redirected connections under
+// conntrack's clash resolution: with conntrack and NAT on in the node's
+// namespace (as kube-proxy has it), eBPF-redirected connections are
+// interleaved with connections that conntrack DNATs to the same proxy
+// endpoint (here: the pod dialling an nftables DNAT destination, and
+// dialling the proxy address itself); some get a source port the other kind
+// already holds in conntrack, and NAT moves it, so the proxy sees a port the
+// client never had. Layouts 1-3 keyed the in-flight entry by that port and
+// lost those connections' original destinations (4-9% in the DNAT row);
+// the sequence-number key keeps them. Reported here under load;
+// TestPrivilegedConntrackNATMovesPort (test/kernel) asserts it.
 func TestPrivilegedBenchConntrackClash(t *testing.T) {
 	outDir := os.Getenv("SLUICE_BENCH_OUT")
 	if outDir == "" {

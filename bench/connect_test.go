@@ -150,10 +150,10 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 		}
 		for r := 0; r < rounds; r++ {
 			phase("no table", "ebpf="+ebpfDst, "direct="+proxy)
-			// eBPF with conntrack on, before any NATed connection to the
-			// proxy endpoint: interleaved with those, some redirected
-			// connections clash with their tuples in conntrack
-			// (TestPrivilegedBenchConntrackClash).
+			// eBPF with conntrack on. Redirected connections whose tuple
+			// clashes in conntrack get their port moved by NAT
+			// (TestPrivilegedBenchConntrackClash); the Lost column shows
+			// whether any original destination was lost to it.
 			nftLoad(t, nft, tb.Node, set)
 			phase("set table, eBPF", "ebpf-conntrack="+ebpfDst, "direct-conntrack="+proxy)
 			phase("set table", "nftables-set="+nftDst)

@@ -17,11 +17,12 @@
  *   cgroup/sock_create  enforce mode: only TCP and UDP sockets may be created
  *                       (ping sockets' sendto() runs no sendmsg hook).
  *   sockops (client)    TCP_CONNECT: ask for state callbacks on that socket.
- *                       ACTIVE_ESTABLISHED: publish 4-tuple -> original dst.
- *                       STATE(CLOSE): forget any tuple the proxy did not claim.
+ *                       ACTIVE_ESTABLISHED: publish (addresses, client ISN+1)
+ *                       -> original dst.
+ *                       STATE(CLOSE): forget any entry the proxy did not claim.
  *   cgroup/sock_release the socket is gone: forget its original destination
  *                       (also when connect() failed after connect4 ran).
- *   sockops (proxy)     PASSIVE_ESTABLISHED on the proxy address: move the tuple
+ *   sockops (proxy)     PASSIVE_ESTABLISHED on the proxy address: move the
  *                       entry into the accepted socket's sk_storage and delete it.
  *   cgroup/getsockopt   (SOL_IP|SOL_IPV6, 80) on a claimed socket: answer it.
  *   cgroup/getpeername  the redirected application sees its original peer.
@@ -730,8 +731,9 @@ static __always_inline int is_proxy(const struct proxy_config *cfg, const __be32
 	return port_host == bpf_ntohs(cfg->port) && is_proxy_addr(cfg, a, is_v4mapped(a));
 }
 
-/* Client side: the tuple of a connection from this socket to the proxy. */
-static __always_inline int client_tuple(const struct sk_view *v,
+/* Client side: the key of a connection from this socket to the proxy. */
+static __always_inline int client_tuple(const struct bpf_sock_ops *skops,
+					const struct sk_view *v,
 					const struct proxy_config *cfg,
 					struct tuple_key *key)
 {
@@ -739,9 +741,25 @@ static __always_inline int client_tuple(const struct sk_view *v,
 		return 0;
 	__builtin_memcpy(key->client, v->local, sizeof(key->client));
 	__builtin_memcpy(key->proxy, v->remote, sizeof(key->proxy));
-	key->client_port = v->local_port;
-	key->proxy_port = v->remote_port;
+	key->client_seq = skops->snd_una;
 	return 1;
+}
+
+/* The key layouts 1-3 used for the same connection (the ports). */
+static __always_inline void tuple_key_v3(const struct sk_view *v, int client_side,
+					 struct tuple_key_v3 *key)
+{
+	if (client_side) {
+		__builtin_memcpy(key->client, v->local, sizeof(key->client));
+		__builtin_memcpy(key->proxy, v->remote, sizeof(key->proxy));
+		key->client_port = v->local_port;
+		key->proxy_port = v->remote_port;
+	} else {
+		__builtin_memcpy(key->client, v->remote, sizeof(key->client));
+		__builtin_memcpy(key->proxy, v->local, sizeof(key->proxy));
+		key->client_port = v->remote_port;
+		key->proxy_port = v->local_port;
+	}
 }
 
 static __always_inline void on_active_established(struct bpf_sock_ops *skops,
@@ -749,20 +767,26 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops,
 						  const struct proxy_config *cfg)
 {
 	struct tuple_key key = {};
+	struct tuple_key_v3 old = {};
 	struct orig_dst *dst;
 	__u64 cookie;
+	int cleared;
 
-	if (!client_tuple(v, cfg, &key))
+	if (!client_tuple(skops, v, cfg, &key))
 		return;
 	cookie = bpf_get_socket_cookie(skops);
 	dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
 	if (!dst) {
 		/*
 		 * A connection straight to the proxy (not redirected). It owns
-		 * this 4-tuple now, so whatever an older connection left under it
-		 * is stale: drop it before the proxy could claim it.
+		 * this key now, so whatever an older connection left under it
+		 * is stale: drop it before the proxy could claim it, under
+		 * either key.
 		 */
-		if (!bpf_map_delete_elem(&pending_tuples, &key))
+		tuple_key_v3(v, 1, &old);
+		cleared = !bpf_map_delete_elem(&pending_tuples, &key);
+		cleared += !bpf_map_delete_elem(&pending_tuples, &old);
+		if (cleared)
 			count(COUNTER_STALE_CLEARED);
 		return;
 	}
@@ -773,21 +797,35 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops,
 	count(COUNTER_PUBLISHED);
 }
 
-static __always_inline void on_passive_established(struct bpf_sock *sk,
+static __always_inline void on_passive_established(struct bpf_sock_ops *skops,
+						   struct bpf_sock *sk,
 						   const struct sk_view *v,
 						   const struct proxy_config *cfg)
 {
 	struct tuple_key key = {};
+	struct tuple_key_v3 old = {};
 	struct orig_dst *dst, *slot;
+	void *found = &key;
 
 	if (!is_proxy(cfg, v->local, v->local_port))
 		return;
 	__builtin_memcpy(key.client, v->remote, sizeof(key.client));
 	__builtin_memcpy(key.proxy, v->local, sizeof(key.proxy));
-	key.client_port = v->remote_port;
-	key.proxy_port = v->local_port;
+	key.client_seq = skops->rcv_nxt;
 
 	dst = bpf_map_lookup_elem(&pending_tuples, &key);
+	if (!dst) {
+		/*
+		 * Published by the previous release's programs just before an
+		 * upgrade switched them (layouts 1-3 keyed by the ports). After
+		 * the switch no program writes this key; the only misses that
+		 * get here are connections to the proxy that were never
+		 * redirected, whose client side cleared this key.
+		 */
+		tuple_key_v3(v, 0, &old);
+		dst = bpf_map_lookup_elem(&pending_tuples, &old);
+		found = &old;
+	}
 	if (!dst) {
 		count(COUNTER_CLAIM_MISSED);
 		return;
@@ -797,20 +835,21 @@ static __always_inline void on_passive_established(struct bpf_sock *sk,
 	slot = bpf_sk_storage_get(&claimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (slot)
 		*slot = *dst;
-	bpf_map_delete_elem(&pending_tuples, &key);
+	bpf_map_delete_elem(&pending_tuples, found);
 	if (slot)
 		count(COUNTER_CLAIMED);
 	else
 		count(COUNTER_PUBLISH_FAILED);
 }
 
-static __always_inline void on_close(const struct sk_view *v,
+static __always_inline void on_close(const struct bpf_sock_ops *skops,
+				     const struct sk_view *v,
 				     const struct proxy_config *cfg)
 {
 	struct tuple_key key = {};
 
 	/* Closed before the proxy claimed it (aborted, or never accepted). */
-	if (client_tuple(v, cfg, &key))
+	if (client_tuple(skops, v, cfg, &key))
 		bpf_map_delete_elem(&pending_tuples, &key);
 }
 
@@ -846,12 +885,12 @@ int sl_sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
-		on_passive_established(sk, &v, cfg);
+		on_passive_established(skops, sk, &v, cfg);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		if (skops->args[1] == BPF_TCP_CLOSE) {
 			read_view(skops, family, &v);
-			on_close(&v, cfg);
+			on_close(skops, &v, cfg);
 		}
 		break;
 	}

@@ -156,12 +156,28 @@ struct orig_dst {
 };
 
 /*
- * A connection between a client and the proxy, as both ends see it. IPv4
- * addresses are stored v4-mapped (::ffff:a.b.c.d) so that an AF_INET6
- * client talking to an AF_INET listener (or the reverse) produces the same
- * key on both ends. Ports are in host order.
+ * A connection between a client and the proxy, as both ends see it: the two
+ * addresses and the client's first sequence number after its SYN (its ISN
+ * + 1: snd_una when its handshake completes, rcv_nxt when the proxy's
+ * does). Not the client's port: NAT on the node (kube-proxy's conntrack
+ * resolving a clash with another connection's tuple) may move the port
+ * between the two ends, and never the sequence number. IPv4 addresses are
+ * stored v4-mapped (::ffff:a.b.c.d) so that an AF_INET6 client talking to
+ * an AF_INET listener (or the reverse) produces the same key on both ends.
  */
 struct tuple_key {
+	__be32 client[4];
+	__be32 proxy[4];
+	__u32 client_seq;
+};
+
+/*
+ * The same map's key as layouts 1-3 wrote it (client and proxy ports, host
+ * order, where client_seq is now). Only read, for the entries the previous
+ * release's programs published in the instant before an upgrade switched
+ * them: see on_passive_established.
+ */
+struct tuple_key_v3 {
 	__be32 client[4];
 	__be32 proxy[4];
 	__u16 client_port;

@@ -22,11 +22,13 @@ import (
 //	1  everything before the layout map (the first release)
 //	2  adds the layout map
 //	3  adds the flows ring buffer (flow_event)
+//	4  keys pending_tuples by the client's first sequence number instead
+//	   of its port (the same sizes: the map is reused; see tuple_key_v3)
 //
 // An agent that finds an older layout migrates it in place (see reopen); one
 // that finds a newer layout refuses it unless Config.AllowDowngrade says
 // otherwise.
-const LayoutVersion = 3
+const LayoutVersion = 4
 
 // ErrNewerLayout is returned when the pins were made by a newer release than
 // this binary: a downgrade.

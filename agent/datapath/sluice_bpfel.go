@@ -129,11 +129,10 @@ type sluiceResolverKey struct {
 }
 
 type sluiceTupleKey struct {
-	_          structs.HostLayout
-	Client     [4]uint32
-	Proxy      [4]uint32
-	ClientPort uint16
-	ProxyPort  uint16
+	_         structs.HostLayout
+	Client    [4]uint32
+	Proxy     [4]uint32
+	ClientSeq uint32
 }
 
 type sluiceWorkload struct {

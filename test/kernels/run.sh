@@ -123,7 +123,8 @@ build_initramfs() {
 		/sluice check || rc=1
 		for t in /tests/*.test; do
 			echo "SLUICE-RUN $t"
-			"$t" -test.v -test.count=1 -test.timeout=20m -test.run "${TESTRUN:-.}" || rc=1
+			# No netfilter modules here: the conntrack test runs on the host.
+			"$t" -test.v -test.count=1 -test.timeout=20m -test.run "${TESTRUN:-.}" -test.skip '^TestPrivilegedConntrack' || rc=1
 		done
 		echo "SLUICE-EXIT $rc"
 		poweroff -f

@@ -21,7 +21,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 )
 
-//go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o
+//go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o layout3/sluice_bpfel.o
 var objects embed.FS
 
 // attachment is where one program of a release hooks.
@@ -38,6 +38,9 @@ var releases = map[int][]attachment{
 	// Layout 2 (the layout map): frozen from the commit before the flows
 	// ring buffer; the same programs.
 	2: layout1,
+	// Layout 3 (the flows ring buffer): frozen from commit 5517e85, the
+	// last whose in-flight key held the client's port; the same programs.
+	3: layout1,
 }
 
 var layout1 = []attachment{
@@ -54,7 +57,7 @@ var layout1 = []attachment{
 }
 
 // Versions are the frozen layouts, oldest first.
-func Versions() []int { return []int{1, 2} }
+func Versions() []int { return []int{1, 2, 3} }
 
 // Spec is layout version's compiled collection, as its release loaded it
 // (minus the .bss section its loader dropped).
