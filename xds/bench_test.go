@@ -14,10 +14,13 @@ import (
 // benchState is a busy node: 250 selected pods, each enforcing 20 allow
 // entries (hostnames with and without ports, wildcards, IPv4 and IPv6
 // prefixes).
-func benchState(tb testing.TB) State {
+func benchState(tb testing.TB) State { return benchStateN(tb, 250) }
+
+// benchStateN is benchState with n pods.
+func benchStateN(tb testing.TB, n int) State {
 	tb.Helper()
 	s := State{Proxy: testProxy}
-	for i := range 250 {
+	for i := range n {
 		var entries []string
 		for j := range 20 {
 			switch j % 5 {
@@ -34,7 +37,7 @@ func benchState(tb testing.TB) State {
 			}
 		}
 		w := pod(fmt.Sprintf("ns%d", i%10), fmt.Sprintf("pod-%d", i), "enforce", strings.Join(entries, ","),
-			fmt.Sprintf("10.244.%d.%d", i/200, i%200+2), fmt.Sprintf("fd00:244::%x", i+2))
+			fmt.Sprintf("10.%d.%d.%d", 244+i/40000, i/200%200, i%200+2), fmt.Sprintf("fd00:244::%x", i+2))
 		if w.PolicyError != "" {
 			tb.Fatal(w.PolicyError)
 		}
@@ -70,22 +73,60 @@ func BenchmarkBuildValidate250x20(b *testing.B) {
 	}
 }
 
-// BenchmarkUpdate250x20: Server.Update end to end (build, validate, hash,
-// snapshot) with one workload changing each time, so every call publishes.
-func BenchmarkUpdate250x20(b *testing.B) {
-	s := benchState(b)
+func newBenchServer(b *testing.B) *Server {
 	srv, err := NewServer(ServerConfig{SocketPath: filepath.Join(b.TempDir(), "x.sock"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
+		b.Fatal(err)
+	}
+	return srv
+}
+
+// BenchmarkUpdate250x20: Server.Update end to end (build, validate, hash,
+// snapshot) with one workload changing each time, so every call publishes.
+// The server has served the state once before the clock starts.
+func BenchmarkUpdate250x20(b *testing.B) { benchUpdateOneChange(b, 250) }
+
+// BenchmarkUpdateOneChange: the same at other numbers of workloads, for
+// the cost's growth per workload.
+func BenchmarkUpdateOneChange(b *testing.B) {
+	for _, n := range []int{100, 500, 1000} {
+		b.Run(fmt.Sprintf("workloads=%d", n), func(b *testing.B) { benchUpdateOneChange(b, n) })
+	}
+}
+
+func benchUpdateOneChange(b *testing.B, n int) {
+	s := benchStateN(b, n)
+	srv := newBenchServer(b)
+	if _, _, err := srv.Update(context.Background(), s); err != nil {
 		b.Fatal(err)
 	}
 	b.ReportAllocs()
 	i := 0
 	for b.Loop() {
 		i++
-		s.Workloads[0].IPs = []netip.Addr{netip.AddrFrom4([4]byte{10, 245, byte(i >> 8), byte(i)})}
+		s.Workloads[0].IPs = []netip.Addr{netip.AddrFrom4([4]byte{10, 250, byte(i >> 8), byte(i)})}
 		if _, _, err := srv.Update(context.Background(), s); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkUpdateFull: the first Update of a new server (a restarted
+// agent): everything built and validated, nothing remembered.
+func BenchmarkUpdateFull(b *testing.B) {
+	for _, n := range []int{250, 1000} {
+		b.Run(fmt.Sprintf("workloads=%d", n), func(b *testing.B) {
+			s := benchStateN(b, n)
+			b.ReportAllocs()
+			for b.Loop() {
+				b.StopTimer()
+				srv := newBenchServer(b)
+				b.StartTimer()
+				if _, _, err := srv.Update(context.Background(), s); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 
@@ -93,10 +134,7 @@ func BenchmarkUpdate250x20(b *testing.B) {
 // (a resync, a change that does not reach the proxy's configuration).
 func BenchmarkUpdateUnchanged250x20(b *testing.B) {
 	s := benchState(b)
-	srv, err := NewServer(ServerConfig{SocketPath: filepath.Join(b.TempDir(), "x.sock"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if err != nil {
-		b.Fatal(err)
-	}
+	srv := newBenchServer(b)
 	if _, _, err := srv.Update(context.Background(), s); err != nil {
 		b.Fatal(err)
 	}

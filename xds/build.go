@@ -5,7 +5,6 @@ package xds
 
 import (
 	"crypto/sha256"
-	"encoding/json"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -91,10 +90,16 @@ type Builder struct {
 	parts map[[sha256.Size]byte]*groupParts
 }
 
-// groupParts is what one group contributes to the listener.
+// groupParts is what one group contributes to the listener: its chains,
+// and its branch of the source-address trie (rangeMatcher, whose on_match
+// is onMatch) with that branch's encoding as the trie's one element
+// (rangeBytes), so a build concatenates the branches instead of encoding
+// every group's again.
 type groupParts struct {
-	chains  []*listener.FilterChain
-	onMatch *matcher.Matcher_OnMatch
+	chains       []*listener.FilterChain
+	onMatch      *matcher.Matcher_OnMatch
+	rangeMatcher *matcher.IPMatcher_IPRangeMatcher
+	rangeBytes   []byte
 }
 
 // packedAnys maps each Any a build packed to the message it packed, so the
@@ -108,24 +113,26 @@ func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 	}
 	groups, issues := groupWorkloads(s)
 	b := &builder{state: s}
-	global := s
-	global.Workloads = nil
-	gj, err := json.Marshal(global)
-	if err != nil {
-		return nil, nil, err
-	}
+	gk := globalKey(s)
+	var err error
 	bl.mu.Lock()
 	defer bl.mu.Unlock()
 	next := make(map[[sha256.Size]byte]*groupParts, len(groups))
 	b.parts = make([]*groupParts, len(groups))
 	for i, g := range groups {
-		key, err := g.digest(gj)
-		if err != nil {
-			return nil, nil, err
-		}
+		key := g.digest(gk)
 		p := bl.parts[key]
 		if p == nil {
 			p = &groupParts{chains: b.groupChains(g), onMatch: b.groupOnMatch(g)}
+			p.rangeMatcher = &matcher.IPMatcher_IPRangeMatcher{
+				Ranges:    cidrRanges(hostPrefixes(g.ips)),
+				OnMatch:   p.onMatch,
+				Exclusive: true,
+			}
+			p.rangeBytes, err = proto.MarshalOptions{Deterministic: true}.Marshal(&matcher.IPMatcher{RangeMatchers: []*matcher.IPMatcher_IPRangeMatcher{p.rangeMatcher}})
+			if err != nil {
+				return nil, nil, fmt.Errorf("encode the source matcher of %s: %w", g.key, err)
+			}
 			if b.err != nil {
 				return nil, nil, b.err
 			}
@@ -140,26 +147,6 @@ func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 	}
 	bl.parts = next
 	return &Resources{Listeners: []*listener.Listener{lis}, Clusters: clusters, packed: b.packed, parts: b.parts}, issues, nil
-}
-
-// digest is the group's identity for the Builder: its fields, with the
-// state they are built in (global: the state without workloads, as JSON).
-func (g *group) digest(global []byte) ([sha256.Size]byte, error) {
-	j, err := json.Marshal(struct {
-		Key, Namespace, Name, PolicyError string
-		IPs                               []netip.Addr
-		Policy                            policy.Policy
-	}{g.key, g.namespace, g.name, g.policyError, g.ips, g.policy})
-	if err != nil {
-		return [sha256.Size]byte{}, err
-	}
-	h := sha256.New()
-	h.Write(global)
-	h.Write([]byte{0})
-	h.Write(j)
-	var k [sha256.Size]byte
-	h.Sum(k[:0])
-	return k, nil
 }
 
 func groupWorkloads(s State) ([]*group, []Issue) {

@@ -12,6 +12,7 @@ import (
 	httpinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/http_inspector/v3"
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
+	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -120,18 +121,10 @@ func (b *builder) loopRanges() []netip.Prefix {
 func (b *builder) filterChainMatcher(groups []*group) *matcher.Matcher {
 	bySource := &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainUnknownSource)}}
 	if len(groups) > 0 {
-		var ranges []*matcher.IPMatcher_IPRangeMatcher
-		for i, g := range groups {
-			ranges = append(ranges, &matcher.IPMatcher_IPRangeMatcher{
-				Ranges:    cidrRanges(hostPrefixes(g.ips)),
-				OnMatch:   b.parts[i].onMatch,
-				Exclusive: true,
-			})
-		}
 		bySource = &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Matcher{Matcher: &matcher.Matcher{
 			MatcherType: &matcher.Matcher_MatcherTree_{MatcherTree: &matcher.Matcher_MatcherTree{
 				Input:    b.input("source_ip", &sourceIPInput),
-				TreeType: &matcher.Matcher_MatcherTree_CustomMatch{CustomMatch: b.ipTrie(ranges)},
+				TreeType: &matcher.Matcher_MatcherTree_CustomMatch{CustomMatch: b.sourceTrie()},
 			}},
 			OnNoMatch: &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: b.chainAction(chainUnknownSource)}},
 		}}}
@@ -147,6 +140,31 @@ func (b *builder) filterChainMatcher(groups []*group) *matcher.Matcher {
 		}},
 		OnNoMatch: bySource,
 	}
+}
+
+// sourceTrie is the trie over the groups' pod addresses, each range
+// leading to its group's branch. Its Any is the concatenation of the
+// branches' encodings: a repeated field's elements are encoded one after
+// another, so this is the deterministic encoding of the whole
+// (TestSourceTrieEncoding), without encoding again the branches a previous
+// build encoded.
+func (b *builder) sourceTrie() *xdscore.TypedExtensionConfig {
+	m := &matcher.IPMatcher{RangeMatchers: make([]*matcher.IPMatcher_IPRangeMatcher, len(b.parts))}
+	n := 0
+	for i, p := range b.parts {
+		m.RangeMatchers[i] = p.rangeMatcher
+		n += len(p.rangeBytes)
+	}
+	value := make([]byte, 0, n)
+	for _, p := range b.parts {
+		value = append(value, p.rangeBytes...)
+	}
+	a := &anypb.Any{TypeUrl: "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName()), Value: value}
+	if b.packed == nil {
+		b.packed = packedAnys{}
+	}
+	b.packed[a] = m
+	return &xdscore.TypedExtensionConfig{Name: trieMatcherName, TypedConfig: a}
 }
 
 func hostPrefixes(ips []netip.Addr) []netip.Prefix {

@@ -54,11 +54,18 @@ type dnsCacheAt struct {
 func checkDNSCacheSet(caches []dnsCacheAt) []error {
 	var errs []error
 	byName := map[string]dnsCacheAt{}
+	// Chains share their build's configuration: compare each distinct
+	// one once (proto.Equal on every chain's was a tenth of an update).
+	same := map[*dnscache.DnsCacheConfig]*dnscache.DnsCacheConfig{}
 	for _, c := range caches {
-		if first, ok := byName[c.dc.GetName()]; ok && !proto.Equal(first.dc, c.dc) {
+		if first, ok := byName[c.dc.GetName()]; ok && same[c.dc] == first.dc {
+			continue
+		} else if ok && !proto.Equal(first.dc, c.dc) {
 			errs = append(errs, fmt.Errorf("%s: DNS cache %q differs from its configuration at %s; Envoy requires them identical", c.path, c.dc.GetName(), first.path))
 		} else if !ok {
 			byName[c.dc.GetName()] = c
+		} else {
+			same[c.dc] = first.dc
 		}
 	}
 	return errs

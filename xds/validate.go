@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 
+	xdscore "github.com/cncf/xds/go/xds/core/v3"
 	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
@@ -66,6 +67,43 @@ func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
 
 func (o walkOpts) skips(m proto.Message) bool { return o.skip != nil && o.skip(m) }
 
+// validatedBranch stands in for a branch validated before: PGV's
+// ValidateAll descends into every embedded message (Anys excepted), so a
+// trie of 250 branches would otherwise be validated whole each time one
+// branch changed. Any valid message does: the parent's own rules see a set
+// on_match, and the branch's validity is known.
+var validatedBranch = &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: &xdscore.TypedExtensionConfig{
+	Name: "validated-before", TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/google.protobuf.StringValue"},
+}}}
+
+// withoutSkipped is what ValidateAll runs on for msg: msg itself, or, for
+// the source-address trie, a copy without the range matchers o skips, and
+// with validatedBranch for the branches o skips (every other field kept).
+func (o walkOpts) withoutSkipped(msg proto.Message) proto.Message {
+	im, ok := msg.(*matcher.IPMatcher)
+	if !ok || o.skip == nil {
+		return msg
+	}
+	var kept []*matcher.IPMatcher_IPRangeMatcher
+	changed := false
+	for _, rm := range im.GetRangeMatchers() {
+		switch {
+		case rm != nil && o.skip(rm):
+			// The whole range matcher was validated before.
+			changed = true
+		case rm != nil && o.skip(rm.GetOnMatch()):
+			kept = append(kept, &matcher.IPMatcher_IPRangeMatcher{Ranges: rm.Ranges, OnMatch: validatedBranch, Exclusive: rm.Exclusive})
+			changed = true
+		default:
+			kept = append(kept, rm)
+		}
+	}
+	if !changed {
+		return msg
+	}
+	return &matcher.IPMatcher{RangeMatchers: kept}
+}
+
 // validateResource runs checks 1 and 2 on one resource (or one filter
 // chain), and in the same walk finds the DNS cache configurations in it,
 // Anys included, each checked by checkDNSCache. Their paths are relative
@@ -74,7 +112,7 @@ func validateResource(name string, m proto.Message, jsonRoundTrip bool, o walkOp
 	var errs []error
 	var found []dnsCacheAt
 	walkAny(name, m, o, func(path string, msg proto.Message) {
-		if v, ok := msg.(interface{ ValidateAll() error }); ok {
+		if v, ok := o.withoutSkipped(msg).(interface{ ValidateAll() error }); ok {
 			if err := v.ValidateAll(); err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", path, err))
 			}
@@ -200,7 +238,7 @@ type Validator struct {
 	// same pointer is the same content. A chain is remembered with the
 	// cluster names it was checked against.
 	builtChains   map[*listener.FilterChain]builtChain
-	builtMatchers map[*matcher.Matcher_OnMatch]bool
+	builtMatchers map[proto.Message]bool // branches and their range matchers
 }
 
 type builtChain struct {
@@ -244,10 +282,7 @@ func (v *Validator) Validate(r *Resources) error {
 	nextBuilt := map[*listener.FilterChain]builtChain{}
 	// A workload's matcher branch validated before (with the chains it
 	// names, which come with it in its part) is not walked again.
-	o := walkOpts{packed: r.packed, skip: func(m proto.Message) bool {
-		om, ok := m.(*matcher.Matcher_OnMatch)
-		return ok && v.builtMatchers[om]
-	}}
+	o := walkOpts{packed: r.packed, skip: func(m proto.Message) bool { return v.builtMatchers[m] }}
 	listeners := map[string]bool{}
 	for _, l := range r.Listeners {
 		name := "listener " + quoteName(l.GetName())
@@ -301,9 +336,10 @@ func (v *Validator) Validate(r *Resources) error {
 	v.builtChains, v.builtMatchers = nil, nil
 	if r.parts != nil {
 		v.builtChains = nextBuilt
-		v.builtMatchers = make(map[*matcher.Matcher_OnMatch]bool, len(r.parts))
+		v.builtMatchers = make(map[proto.Message]bool, 2*len(r.parts))
 		for _, p := range r.parts {
 			v.builtMatchers[p.onMatch] = true
+			v.builtMatchers[p.rangeMatcher] = true
 		}
 	}
 	return nil
