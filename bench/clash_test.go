@@ -34,7 +34,7 @@ func TestPrivilegedBenchConntrackClash(t *testing.T) {
 	t.Cleanup(func() { nftDelete(nft, e.tb.Node) })
 	const n = 4000
 	var md strings.Builder
-	fmt.Fprintf(&md, "\n## A limitation: redirected connections clashing in conntrack with NATed ones\n\n")
+	fmt.Fprintf(&md, "\n## Redirected connections whose source port conntrack's NAT moves\n\n")
 	fmt.Fprintf(&md, "%d redirected connections per row, with the nftables set table loaded (conntrack and NAT on), interleaved with the others of the row.\n\n", n)
 	fmt.Fprintf(&md, "| interleaved with | redirected | original destination answered | lost |\n|---|---|---|---|\n")
 	nftLoad(t, nft, e.tb.Node, nftSetRuleset(scales[0], e.pod.IPv4))

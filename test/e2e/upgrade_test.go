@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 	"syscall"
 	"testing"
@@ -70,6 +71,11 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 	if !strings.Contains(newAgent.Stderr.String(), "standing by") {
 		t.Errorf("the standby's log does not say it stands by:\n%s", newAgent.Stderr.String())
 	}
+	// From the attacker's side: the standby's proxy listens on the
+	// takeover port with a full configuration, and a pod dialling it
+	// directly (to reach it with no original destination, or the other
+	// proxy's listener) is refused at connect(), before any packet.
+	dialProxyPortRefused(t, e, 15002, "the standby's takeover port")
 
 	stopped := time.Now()
 	harness.StopAgent(t, oldAgent)
@@ -86,6 +92,9 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 		return ok && out == "ok"
 	})
 	t.Logf("takeover: the datapath switched to the new proxy %v after the old agent got SIGTERM", switched.Sub(stopped).Round(time.Millisecond))
+	// And after the switch, the draining old proxy's port is the other
+	// port: refused too.
+	dialProxyPortRefused(t, e, datapath.DefaultProxyPort, "the draining old proxy's port")
 	// The old proxy's drain ends.
 	time.Sleep(time.Second)
 	oldProxy.Signal(syscall.SIGTERM, 5*time.Second)
@@ -111,4 +120,17 @@ func TestPrivilegedUpgradeTakeover(t *testing.T) {
 		t.Errorf("old proxy carried %d, new %d: want both to carry some", len(oldRecs), len(newRecs))
 	}
 	_ = newProxy
+}
+
+// dialProxyPortRefused dials the proxy address at port from both pods (fail
+// open and fail closed) and fails unless connect() is refused with EPERM.
+func dialProxyPortRefused(t *testing.T, e *harness.Env, port uint16, what string) {
+	t.Helper()
+	spec := "tcp4:" + netip.AddrPortFrom(datapath.DefaultProxyIPv4, port).String()
+	for _, p := range e.TB.Pods[:2] {
+		r := testbed.Dial(t, testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", spec))[0]
+		if !strings.Contains(r.Err, "operation not permitted") {
+			t.Errorf("pod %s dialling %s (%s): %+v, want EPERM at connect()", p.Name, spec, what, r)
+		}
+	}
 }
