@@ -39,18 +39,6 @@ type Resources struct {
 	parts  []*groupParts
 }
 
-// messages lists every resource, listeners first.
-func (r *Resources) messages() []proto.Message {
-	var out []proto.Message
-	for _, l := range r.Listeners {
-		out = append(out, l)
-	}
-	for _, c := range r.Clusters {
-		out = append(out, c)
-	}
-	return out
-}
-
 // Issue is something about one workload the agent should report (as a
 // Kubernetes Event, metric and log line): the configuration was built, but
 // the workload is served more strictly than it asked, or not at all.
@@ -262,11 +250,16 @@ func (b *builder) any(m proto.Message) *anypb.Any {
 	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil && b.err == nil {
 		b.err = fmt.Errorf("pack %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
 	}
+	b.remember(a, m)
+	return a
+}
+
+// remember records that a holds m, for the validator (packedAnys).
+func (b *builder) remember(a *anypb.Any, m proto.Message) {
 	if b.packed == nil {
 		b.packed = packedAnys{}
 	}
 	b.packed[a] = m
-	return a
 }
 
 // sanitize makes outside text safe to put in a protobuf string (which must

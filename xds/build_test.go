@@ -362,3 +362,15 @@ func TestStatPrefixesAreOneElement(t *testing.T) {
 		}
 	}
 }
+
+// messages lists every resource, listeners first.
+func (r *Resources) messages() []proto.Message {
+	var out []proto.Message
+	for _, l := range r.Listeners {
+		out = append(out, l)
+	}
+	for _, c := range r.Clusters {
+		out = append(out, c)
+	}
+	return out
+}

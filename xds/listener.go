@@ -160,10 +160,7 @@ func (b *builder) sourceTrie() *xdscore.TypedExtensionConfig {
 		value = append(value, p.rangeBytes...)
 	}
 	a := &anypb.Any{TypeUrl: "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName()), Value: value}
-	if b.packed == nil {
-		b.packed = packedAnys{}
-	}
-	b.packed[a] = m
+	b.remember(a, m)
 	return &xdscore.TypedExtensionConfig{Name: trieMatcherName, TypedConfig: a}
 }
 

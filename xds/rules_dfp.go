@@ -56,16 +56,17 @@ func checkDNSCacheSet(caches []dnsCacheAt) []error {
 	byName := map[string]dnsCacheAt{}
 	// Chains share their build's configuration: compare each distinct
 	// one once (proto.Equal on every chain's was a tenth of an update).
-	same := map[*dnscache.DnsCacheConfig]*dnscache.DnsCacheConfig{}
+	equal := map[*dnscache.DnsCacheConfig]bool{}
 	for _, c := range caches {
-		if first, ok := byName[c.dc.GetName()]; ok && same[c.dc] == first.dc {
-			continue
-		} else if ok && !proto.Equal(first.dc, c.dc) {
-			errs = append(errs, fmt.Errorf("%s: DNS cache %q differs from its configuration at %s; Envoy requires them identical", c.path, c.dc.GetName(), first.path))
-		} else if !ok {
+		first, ok := byName[c.dc.GetName()]
+		switch {
+		case !ok:
 			byName[c.dc.GetName()] = c
-		} else {
-			same[c.dc] = first.dc
+		case c.dc == first.dc || equal[c.dc]:
+		case proto.Equal(first.dc, c.dc):
+			equal[c.dc] = true
+		default:
+			errs = append(errs, fmt.Errorf("%s: DNS cache %q differs from its configuration at %s; Envoy requires them identical", c.path, c.dc.GetName(), first.path))
 		}
 	}
 	return errs

@@ -10,7 +10,6 @@ import (
 	"strings"
 	"sync"
 
-	xdscore "github.com/cncf/xds/go/xds/core/v3"
 	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
@@ -67,38 +66,20 @@ func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
 
 func (o walkOpts) skips(m proto.Message) bool { return o.skip != nil && o.skip(m) }
 
-// validatedBranch stands in for a branch validated before: PGV's
-// ValidateAll descends into every embedded message (Anys excepted), so a
-// trie of 250 branches would otherwise be validated whole each time one
-// branch changed. Any valid message does: the parent's own rules see a set
-// on_match, and the branch's validity is known.
-var validatedBranch = &matcher.Matcher_OnMatch{OnMatch: &matcher.Matcher_OnMatch_Action{Action: &xdscore.TypedExtensionConfig{
-	Name: "validated-before", TypedConfig: &anypb.Any{TypeUrl: "type.googleapis.com/google.protobuf.StringValue"},
-}}}
-
 // withoutSkipped is what ValidateAll runs on for msg: msg itself, or, for
-// the source-address trie, a copy without the range matchers o skips, and
-// with validatedBranch for the branches o skips (every other field kept).
+// the source-address trie, a copy without the range matchers o skips (each
+// validated before, with its branch). PGV's ValidateAll descends into every
+// embedded message (Anys excepted), so the whole trie of 250 branches would
+// otherwise be validated each time one branch changed.
 func (o walkOpts) withoutSkipped(msg proto.Message) proto.Message {
 	im, ok := msg.(*matcher.IPMatcher)
 	if !ok || o.skip == nil {
 		return msg
 	}
-	var kept []*matcher.IPMatcher_IPRangeMatcher
-	changed := false
-	for _, rm := range im.GetRangeMatchers() {
-		switch {
-		case rm != nil && o.skip(rm):
-			// The whole range matcher was validated before.
-			changed = true
-		case rm != nil && o.skip(rm.GetOnMatch()):
-			kept = append(kept, &matcher.IPMatcher_IPRangeMatcher{Ranges: rm.Ranges, OnMatch: validatedBranch, Exclusive: rm.Exclusive})
-			changed = true
-		default:
-			kept = append(kept, rm)
-		}
-	}
-	if !changed {
+	kept := slices.DeleteFunc(slices.Clone(im.GetRangeMatchers()), func(rm *matcher.IPMatcher_IPRangeMatcher) bool {
+		return rm != nil && o.skip(rm)
+	})
+	if len(kept) == len(im.GetRangeMatchers()) {
 		return msg
 	}
 	return &matcher.IPMatcher{RangeMatchers: kept}
@@ -237,8 +218,10 @@ type Validator struct {
 	// identity: a Builder's parts are never modified once built, so the
 	// same pointer is the same content. A chain is remembered with the
 	// cluster names it was checked against.
-	builtChains   map[*listener.FilterChain]builtChain
-	builtMatchers map[proto.Message]bool // branches and their range matchers
+	builtChains map[*listener.FilterChain]builtChain
+	// builtMatchers: branches (skipped by checkMatcher) and their range
+	// matchers (skipped by the PGV walk).
+	builtMatchers map[proto.Message]bool
 }
 
 type builtChain struct {
