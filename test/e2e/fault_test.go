@@ -1,10 +1,8 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -18,9 +16,9 @@ import (
 
 // stream is a steady stream of connections from a pod (the "stream" role).
 type stream struct {
-	pod   *testbed.Pod
-	start time.Time
-	done  chan []testbed.Attempt
+	pod      *testbed.Pod
+	start    time.Time
+	attempts func() []testbed.Attempt
 }
 
 func startStream(t *testing.T, p *testbed.Pod, d time.Duration, spec string, flags ...string) *stream {
@@ -28,29 +26,9 @@ func startStream(t *testing.T, p *testbed.Pod, d time.Duration, spec string, fla
 	// The connections speak first, as most clients do: the proxy's TLS and
 	// HTTP inspectors then decide at once; a silent client would wait out
 	// the listener filter timeout (1 s) on every connection.
-	cmd := testbed.Command(t, p.Cgroup, p.Netns, "stream", append(append([]string{"-duration", d.String(), "-send", "hello"}, flags...), spec)...)
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-	s := &stream{pod: p, done: make(chan []testbed.Attempt, 1)}
-	r := bufio.NewReader(out)
-	if l, err := r.ReadString('\n'); err != nil || strings.TrimSpace(l) != "READY" {
-		t.Fatalf("stream: %q, %v", l, err)
-	}
-	s.start = time.Now()
-	go func() {
-		var as []testbed.Attempt
-		b, _ := io.ReadAll(r)
-		json.Unmarshal(b, &as)
-		cmd.Wait()
-		s.done <- as
-	}()
-	return s
+	args := append(append([]string{"-duration", d.String(), "-send", "hello"}, flags...), spec)
+	start, attempts := testbed.StartStream(t, p.Cgroup, p.Netns, 60*time.Second, args...)
+	return &stream{pod: p, start: start, attempts: attempts}
 }
 
 // outcome classifies one attempt: redirected (the server saw the node),
@@ -78,12 +56,7 @@ type timeline struct {
 
 func (s *stream) wait(t *testing.T) timeline {
 	t.Helper()
-	var as []testbed.Attempt
-	select {
-	case as = <-s.done:
-	case <-time.After(60 * time.Second):
-		t.Fatal("stream did not finish")
-	}
+	as := s.attempts()
 	if len(as) == 0 {
 		t.Fatal("stream made no connections")
 	}
