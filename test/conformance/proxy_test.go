@@ -51,6 +51,7 @@ type dataplane struct {
 	addr    string
 	mu      sync.Mutex
 	dst     netip.AddrPort
+	source  string // the local address of the last connect
 	servers map[netip.AddrPort]netip.AddrPort
 	hits    map[netip.AddrPort]int
 }
@@ -116,6 +117,7 @@ func (d *dataplane) connect(dst, send string) string {
 		d.t.Fatal(err)
 	}
 	defer c.Close()
+	d.source = c.LocalAddr().String()
 	c.SetDeadline(time.Now().Add(3 * time.Second))
 	io.WriteString(c, send)
 	if tc, ok := c.(*net.TCPConn); ok && !strings.Contains(send, "HTTP/1.1") {
@@ -125,15 +127,23 @@ func (d *dataplane) connect(dst, send string) string {
 	return string(b)
 }
 
-func (d *dataplane) lastLog() LogEntry {
+// lastLog is the final access log line of the last connect's connection.
+func (d *dataplane) lastLog() LogEntry { return d.finalLog(d.source) }
+
+// finalLog waits for the final access log line of the connection from
+// source: the newest line may belong to an earlier connection whose end was
+// logged late.
+func (d *dataplane) finalLog(source string) LogEntry {
 	deadline := time.Now().Add(2 * time.Second)
 	for {
 		es := d.log.entries()
-		if len(es) > 0 && es[len(es)-1].Final() {
-			return es[len(es)-1]
+		for i := len(es) - 1; i >= 0; i-- {
+			if es[i].Str("source") == source && es[i].Final() {
+				return es[i]
+			}
 		}
 		if time.Now().After(deadline) {
-			d.t.Fatal("no access log line")
+			d.t.Fatalf("no final access log line for the connection from %s", source)
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
@@ -223,7 +233,7 @@ func TestProxyExecutesChains(t *testing.T) {
 		if took := time.Since(start); err != nil || took > 2*time.Second || string(b) != "x" {
 			t.Fatalf("read %q, %v after %v; want the echo, then the close at the 300 ms idle timeout", b, err, took)
 		}
-		if e := d.lastLog(); e.Str("log_type") != "TcpConnectionEnd" || e.Str("termination") != "idle timeout" {
+		if e := d.finalLog(c.LocalAddr().String()); e.Str("log_type") != "TcpConnectionEnd" || e.Str("termination") != "idle timeout" {
 			t.Fatalf("final access log %v", e)
 		}
 	})
