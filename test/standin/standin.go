@@ -14,6 +14,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -60,7 +61,13 @@ type Proxy struct {
 	Sink      bool // ask for the original destination, then close: no dial, no record (benchmarks)
 	Drain     bool // ask for the original destination, then read and discard until EOF (bulk benchmarks)
 	SkipEvery int  // in verify mode, do not ask for every Nth connection's original dst
-	Log       io.Writer
+	// Quiet records nothing (forwarding benchmarks).
+	Quiet bool
+	// UpstreamMark is set as SO_MARK on every upstream socket when not
+	// zero: how a sidecar's own connections are told from its pod's by an
+	// iptables REDIRECT rule in the same namespace.
+	UpstreamMark int
+	Log          io.Writer
 
 	mu    sync.Mutex
 	n     int
@@ -69,6 +76,9 @@ type Proxy struct {
 }
 
 func (p *Proxy) record(r Record) {
+	if p.Quiet {
+		return
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.enc == nil {
@@ -155,6 +165,15 @@ func (p *Proxy) handle(c *net.TCPConn) {
 	r.Upstream = upstream.String()
 	d := net.Dialer{Timeout: 3 * time.Second}
 	d.SetMultipathTCP(false)
+	if p.UpstreamMark != 0 {
+		d.Control = func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			err := rc.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_MARK, p.UpstreamMark)
+			})
+			return errors.Join(err, serr)
+		}
+	}
 	up, err := d.Dial("tcp", r.Upstream)
 	if err != nil {
 		r.Result, r.Err = "dial-failed", err.Error()
@@ -192,6 +211,8 @@ func Main(args []string) int {
 	skip := fs.Int("skip-ask-every", 0, "in -verify mode, never ask for the original destination of every Nth connection")
 	sink := fs.Bool("sink", false, "benchmark mode: ask for each original destination, then close; no dial, no record")
 	drain := fs.Bool("drain", false, "bulk benchmark mode: ask for each original destination, then read and discard everything")
+	quiet := fs.Bool("quiet", false, "forwarding mode: record nothing (benchmarks)")
+	mark := fs.Int("upstream-mark", 0, "forwarding mode: set this SO_MARK on upstream sockets (a sidecar's REDIRECT rule skips them)")
 	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
 	xdsSocket := fs.String("xds", "", "conformance mode: take the listener and clusters from this ADS socket and execute them as Envoy would (test/conformance); the access log goes to -records. The other modes' flags do not apply")
 	if err := fs.Parse(args); err != nil {
@@ -200,7 +221,7 @@ func Main(args []string) int {
 	if *xdsSocket != "" {
 		return conformanceMain(*xdsSocket, *admin, *records)
 	}
-	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
+	p := &Proxy{Verify: *verify, Sink: *sink, Drain: *drain, SkipEvery: *skip, Quiet: *quiet, UpstreamMark: *mark, Log: os.Stderr, addrs: map[netip.AddrPort]bool{}}
 	if *records != "" {
 		f, err := os.OpenFile(*records, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 		if err != nil {
