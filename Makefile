@@ -94,14 +94,14 @@ bench: deps-test
 	set -o pipefail; apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver SLUICE_BENCH_OUT=$(CURDIR)/bench/out $(GO) test -count=1 -timeout 20m -run TestPrivilegedBench -v ./bench/ 2>&1 | tee bench/out/bench.log
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench . -benchmem -benchtime 10x ./xds/ 2>&1 | tee bench/out/xds.txt
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench BenchmarkConnection -benchtime 1000x ./test/conformance/ 2>&1 | tee bench/out/conformance.txt
-	{ cat bench/out/connect.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; cat bench/out/clash.md; echo; cat bench/out/controlplane.md; echo; \
+	{ cat bench/out/connect.md; echo; cat bench/out/http.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; cat bench/out/clash.md; echo; cat bench/out/controlplane.md; echo; \
 	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go, 10 iterations each, on the same machine.'; echo; \
 	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; echo; \
 	  echo '# One connection through the conformance proxy, by the rule that allows it'; echo; \
 	  echo 'test/conformance/bench_test.go, 1,000 connections each, side by side; the conformance proxy, not Envoy.'; echo; \
 	  echo '```'; grep -E '^Benchmark' bench/out/conformance.txt; echo '```'; } > bench/out/report.md
-	{ echo '{"connect":'; cat bench/out/connect.json; echo ',"bulk":'; cat bench/out/bulk.json; \
+	{ echo '{"connect":'; cat bench/out/connect.json; echo ',"http":'; cat bench/out/http.json; echo ',"bulk":'; cat bench/out/bulk.json; \
 	  echo ',"control_plane":'; cat bench/out/controlplane.json; echo ',"xds_benchmarks":'; \
 	  grep -E '^Benchmark' bench/out/xds.txt | awk 'BEGIN{printf "["} {if (NR>1) printf ","; printf "{\"name\":\"%s\",\"ns_per_op\":%s,\"bytes_per_op\":%s,\"allocs_per_op\":%s}", $$1, $$3, $$5, $$7} END{print "]"}'; \
 	  echo '}'; } > bench/out/report.json
