@@ -25,12 +25,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/policy"
-	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
+	policyclient "github.com/sluice-io/sluice/policy/client/clientset/versioned/typed/policy/v1alpha1"
 	"github.com/sluice-io/sluice/xds"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/tools/record"
 )
 
@@ -92,16 +89,16 @@ type Config struct {
 	// WorkloadsFile is the file source's path.
 	WorkloadsFile string
 	CgroupMount   string
-	// Kubernetes source: the client, this node, the pod selector, and where
-	// the kubelet puts pod cgroups.
-	KubeClient   kubernetes.Interface
+	// Kubernetes source: the client (NewKubeAPI), this node, the pod
+	// selector, and where the kubelet puts pod cgroups.
+	KubeClient   KubeAPI
 	NodeName     string
 	Selector     string
 	CgroupLayout PodCgroupLayout
 	// PolicyObjects: follow EgressPolicy and ClusterEgressPolicy through
 	// PolicyClient (the CRDs must be installed).
 	PolicyObjects bool
-	PolicyClient  versioned.Interface
+	PolicyClient  policyclient.PolicyV1alpha1Interface
 	// IgnoreAllowAnnotations drops pods' allow annotation (policy.Options).
 	IgnoreAllowAnnotations bool
 	// ExemptNamespaces are never selected: the agent's own.
@@ -424,9 +421,9 @@ func startPlane(ctx context.Context, pc planeConfig, errc chan<- error) (*plane,
 		}
 		if pc.events {
 			broadcaster := record.NewBroadcaster()
-			broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cfg.KubeClient.CoreV1().Events("")})
+			broadcaster.StartRecordingToSink(cfg.KubeClient.Events())
 			go func() { <-ctx.Done(); broadcaster.Shutdown() }()
-			kube.Recorder = broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "sluice", Host: cfg.NodeName})
+			kube.Recorder = broadcaster.NewRecorder(KubeScheme, corev1.EventSource{Component: "sluice", Host: cfg.NodeName})
 			events.next = kube
 		}
 		if cfg.PolicyObjects && cfg.PolicyClient != nil {

@@ -7,20 +7,19 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
-	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
-	policyinformers "github.com/sluice-io/sluice/policy/client/informers/externalversions"
+	policyclient "github.com/sluice-io/sluice/policy/client/clientset/versioned/typed/policy/v1alpha1"
 	policylisters "github.com/sluice-io/sluice/policy/client/listers/policy/v1alpha1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/informers"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/watch"
 	listerscorev1 "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
@@ -45,7 +44,7 @@ const cgroupRetriesBeforeEvent = 8
 // at a time from a rate-limited work queue (client-go's controller
 // pattern).
 type KubeSource struct {
-	Client   kubernetes.Interface
+	Client   KubeAPI
 	NodeName string
 	// Selector is the opt-in label selector: matching pods are selected
 	// whatever the policy objects say.
@@ -53,7 +52,7 @@ type KubeSource struct {
 	// Policies is the policy API's client; nil: no policy objects, pods
 	// are selected by Selector and governed by their own labels and
 	// annotation.
-	Policies versioned.Interface
+	Policies policyclient.PolicyV1alpha1Interface
 	// IgnoreAnnotations: the cluster setting that drops every pod's allow
 	// annotation (policy.Options).
 	IgnoreAnnotations bool
@@ -113,11 +112,8 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	}
 	// Every pod of the node: a policy object, not only the opt-in label,
 	// may select any of them.
-	factory := informers.NewSharedInformerFactoryWithOptions(s.Client, 0, informers.WithTweakListOptions(func(o *metav1.ListOptions) {
-		o.FieldSelector = fields.OneTermEqualSelector("spec.nodeName", s.NodeName).String()
-	}))
-	inf := factory.Core().V1().Pods()
-	s.lister = inf.Lister()
+	inf := newInformer(s.Client.Pods(s.NodeName), &corev1.Pod{}, 0)
+	s.lister = listerscorev1.NewPodLister(inf.GetIndexer())
 	base := s.RetryBaseDelay
 	if base <= 0 {
 		base = 50 * time.Millisecond
@@ -127,7 +123,7 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 		workqueue.TypedRateLimitingQueueConfig[string]{Name: "sluice-pods"})
 	defer s.queue.ShutDown()
 
-	reg, err := inf.Informer().AddEventHandler(cache.ResourceEventHandlerFuncs{
+	reg, err := inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 		AddFunc:    s.enqueue,
 		UpdateFunc: func(_, obj any) { s.enqueue(obj) },
 		DeleteFunc: s.enqueue, // tombstones included: the key is all we need
@@ -135,22 +131,28 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 	if err != nil {
 		return err
 	}
-	if err := s.countWatchErrors(inf.Informer()); err != nil {
+	if err := s.countWatchErrors(inf); err != nil {
 		return err
 	}
-	if err := inf.Informer().SetTransform(trimPod); err != nil {
+	if err := inf.SetTransform(trimPod); err != nil {
 		return err
 	}
-	caches := []cache.InformerSynced{inf.Informer().HasSynced, reg.HasSynced}
+	caches := []cache.InformerSynced{inf.HasSynced, reg.HasSynced}
+	informers := []cache.SharedIndexInformer{inf}
 	if s.Policies != nil {
-		more, err := s.watchPolicies(ctx)
+		more, started, err := s.watchPolicies(ctx)
 		if err != nil {
 			return err
 		}
 		caches = append(caches, more...)
+		informers = append(informers, started...)
 	}
-	factory.Start(ctx.Done())
-	defer factory.Shutdown()
+	// The informers stop with ctx; Run returns once they have.
+	var wg sync.WaitGroup
+	for _, i := range informers {
+		wg.Go(func() { i.RunWithContext(ctx) })
+	}
+	defer wg.Wait()
 	// The handler's own HasSynced: every pod of the initial list has been
 	// enqueued, not just stored.
 	if !cache.WaitForCacheSync(ctx.Done(), caches...) {
@@ -184,7 +186,7 @@ func (s *KubeSource) Run(ctx context.Context, r *Reconciler, synced func()) erro
 // would match no pod and the agent would silently redirect nothing. Only a
 // definite NotFound fails; an API error is logged and the informer retries.
 func (s *KubeSource) checkNode(ctx context.Context) error {
-	_, err := s.Client.CoreV1().Nodes().Get(ctx, s.NodeName, metav1.GetOptions{})
+	_, err := s.Client.GetNode(ctx, s.NodeName)
 	switch {
 	case err == nil:
 		return nil
@@ -286,8 +288,8 @@ func (s *KubeSource) checkPolicyAPI() error {
 	if s.Policies == nil {
 		return nil
 	}
-	gv := v1alpha1.SchemeGroupVersion.String()
-	if _, err := s.Client.Discovery().ServerResourcesForGroupVersion(gv); err != nil {
+	gv := v1alpha1.SchemeGroupVersion
+	if err := s.Client.ServesGroupVersion(context.Background(), gv); err != nil {
 		if apierrors.IsNotFound(err) {
 			return fmt.Errorf("kubernetes source: the API server does not serve %s: install the CRDs (kubectl apply -k daemonset/ installs them), or run with --policy-objects=false", gv)
 		}
@@ -296,19 +298,26 @@ func (s *KubeSource) checkPolicyAPI() error {
 	return nil
 }
 
-// watchPolicies starts the informers of namespaces and policy objects;
-// any change enqueues the pods it may concern.
-func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced, error) {
-	nsFactory := informers.NewSharedInformerFactory(s.Client, 0)
-	nsInf := nsFactory.Core().V1().Namespaces()
-	if err := nsInf.Informer().SetTransform(trimNamespace); err != nil {
-		return nil, err
+// watchPolicies makes the informers of namespaces and policy objects (the
+// caller runs them); any change enqueues the pods it may concern.
+func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced, []cache.SharedIndexInformer, error) {
+	nsInf := newInformer(s.Client.Namespaces(), &corev1.Namespace{}, 0)
+	if err := nsInf.SetTransform(trimNamespace); err != nil {
+		return nil, nil, err
 	}
-	s.namespaces = nsInf.Lister()
-	pf := policyinformers.NewSharedInformerFactory(s.Policies, policyResync)
-	egInf := pf.Policy().V1alpha1().EgressPolicies()
-	clInf := pf.Policy().V1alpha1().ClusterEgressPolicies()
-	s.egress, s.cluster = egInf.Lister(), clInf.Lister()
+	s.namespaces = listerscorev1.NewNamespaceLister(nsInf.GetIndexer())
+	eg, cl := s.Policies.EgressPolicies(metav1.NamespaceAll), s.Policies.ClusterEgressPolicies()
+	// As the generated informers make them: the wrapper tells the
+	// reflector whether the client can stream lists (a fake cannot).
+	egInf := newInformer(cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return eg.List(ctx, o) },
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return eg.Watch(ctx, o) },
+	}, s.Policies), &v1alpha1.EgressPolicy{}, policyResync)
+	clInf := newInformer(cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return cl.List(ctx, o) },
+		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return cl.Watch(ctx, o) },
+	}, s.Policies), &v1alpha1.ClusterEgressPolicy{}, policyResync)
+	s.egress, s.cluster = policylisters.NewEgressPolicyLister(egInf.GetIndexer()), policylisters.NewClusterEgressPolicyLister(clInf.GetIndexer())
 	inNamespace := func(obj any) {
 		if o, ok := metaObject(obj); ok {
 			s.enqueueNamespace(o.GetNamespace())
@@ -325,11 +334,11 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		inf  cache.SharedIndexInformer
 		fn   func(any)
 		gone func(any)
-	}{{nsInf.Informer(), func(obj any) {
+	}{{nsInf, func(obj any) {
 		if o, ok := metaObject(obj); ok {
 			s.enqueueNamespace(o.GetName())
 		}
-	}, nil}, {egInf.Informer(), inNamespace, forget}, {clInf.Informer(), everyPod, forget}} {
+	}, nil}, {egInf, inNamespace, forget}, {clInf, everyPod, forget}} {
 		fn, gone := h.fn, h.gone
 		reg, err := h.inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
 			AddFunc: fn, UpdateFunc: func(_, obj any) { fn(obj) }, DeleteFunc: func(obj any) {
@@ -340,10 +349,10 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 			},
 		})
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		if err := s.countWatchErrors(h.inf); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		synced = append(synced, h.inf.HasSynced, reg.HasSynced)
 	}
@@ -351,14 +360,13 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		s.Status.use(egInf, clInf)
 		go s.Status.Run(ctx)
 	}
-	nsFactory.Start(ctx.Done())
-	pf.Start(ctx.Done())
-	go func() {
-		<-ctx.Done()
-		nsFactory.Shutdown()
-		pf.Shutdown()
-	}()
-	return synced, nil
+	return synced, []cache.SharedIndexInformer{nsInf, egInf, clInf}, nil
+}
+
+// newInformer is an informer as client-go's factories make them, indexed
+// by namespace (the listers' lookups).
+func newInformer(lw cache.ListerWatcher, obj runtime.Object, resync time.Duration) cache.SharedIndexInformer {
+	return cache.NewSharedIndexInformer(lw, obj, resync, cache.Indexers{cache.NamespaceIndex: cache.MetaNamespaceIndexFunc})
 }
 
 // countWatchErrors counts the informer's failed lists and watches, then

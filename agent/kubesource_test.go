@@ -124,7 +124,7 @@ func TestKubeSource(t *testing.T) {
 	proxy := netip.MustParseAddr("169.254.77.1")
 	m := NewMetrics(prometheus.NewRegistry())
 	src := &KubeSource{
-		Client: client, NodeName: "node-a", Layout: layout, HostNetworkIPs: []netip.Addr{proxy},
+		Client: clientsetKube{client}, NodeName: "node-a", Layout: layout, HostNetworkIPs: []netip.Addr{proxy},
 		Recorder: recorder, Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), RetryBaseDelay: time.Millisecond,
 		Metrics: m,
 	}
@@ -217,14 +217,14 @@ func TestKubeSource(t *testing.T) {
 }
 
 func TestKubeSourceNeedsNodeName(t *testing.T) {
-	err := (&KubeSource{Client: fake.NewClientset()}).Run(context.Background(), nil, func() {})
+	err := (&KubeSource{Client: clientsetKube{fake.NewClientset()}}).Run(context.Background(), nil, func() {})
 	if err == nil || !strings.Contains(err.Error(), "NODE_NAME") {
 		t.Fatalf("err = %v", err)
 	}
 }
 
 func TestKubeSourceRefusesUnknownNode(t *testing.T) {
-	src := &KubeSource{Client: fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}),
+	src := &KubeSource{Client: clientsetKube{fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}})},
 		NodeName: "node-b", Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
 	err := src.Run(context.Background(), nil, func() {})
 	if err == nil || !strings.Contains(err.Error(), `node "node-b" does not exist`) {
@@ -251,7 +251,7 @@ func TestKubeSourceCountsWatchErrors(t *testing.T) {
 		return true, nil, errors.New("test: watch refused")
 	})
 	m := NewMetrics(prometheus.NewRegistry())
-	src := &KubeSource{Client: client, NodeName: "node-a", Layout: PodCgroupLayout{Mount: "/cg", Driver: DriverCgroupfs},
+	src := &KubeSource{Client: clientsetKube{client}, NodeName: "node-a", Layout: PodCgroupLayout{Mount: "/cg", Driver: DriverCgroupfs},
 		Recorder: record.NewFakeRecorder(10), Logger: slog.New(slog.NewTextHandler(io.Discard, nil)), Metrics: m}
 	r, err := NewReconciler(ReconcilerConfig{Datapath: &lockedDatapath{f: fakeDatapath{m: map[uint64]datapath.Workload{}}}, XDS: &fakeXDS{},
 		Reporter: src, Proxy: xds.Proxy{IPv4: netip.MustParseAddr("169.254.77.1"), Port: 15001}, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})

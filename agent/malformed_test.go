@@ -67,7 +67,7 @@ func TestKubeSourceMalformedPods(t *testing.T) {
 	recorder := record.NewFakeRecorder(100)
 	proxy := netip.MustParseAddr("169.254.77.1")
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
-	src := &KubeSource{Client: client, NodeName: "node-a", Layout: layout, Recorder: recorder, Logger: quiet, RetryBaseDelay: time.Millisecond}
+	src := &KubeSource{Client: clientsetKube{client}, NodeName: "node-a", Layout: layout, Recorder: recorder, Logger: quiet, RetryBaseDelay: time.Millisecond}
 	r, err := NewReconciler(ReconcilerConfig{Datapath: dp, XDS: &fakeXDS{}, Reporter: src, CgroupID: cgs.id, Proxy: xds.Proxy{IPv4: proxy, Port: 15001}, Logger: quiet})
 	if err != nil {
 		t.Fatal(err)

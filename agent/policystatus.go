@@ -8,16 +8,12 @@ import (
 
 	"github.com/sluice-io/sluice/policy"
 	"github.com/sluice-io/sluice/policy/apis/policy/v1alpha1"
-	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
-	policyinformers "github.com/sluice-io/sluice/policy/client/informers/externalversions/policy/v1alpha1"
+	policyclient "github.com/sluice-io/sluice/policy/client/clientset/versioned/typed/policy/v1alpha1"
 	policylisters "github.com/sluice-io/sluice/policy/client/listers/policy/v1alpha1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/cache"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
 )
 
 // ConditionAccepted is the policy objects' condition: True when every
@@ -40,11 +36,11 @@ const (
 
 // StatusWriter writes the status of every policy object (the Accepted
 // condition and observedGeneration) from exactly one agent of the
-// cluster: the holder of a Lease (client-go leader election). Every agent
-// runs one; the others wait to take over.
+// cluster: the holder of a Lease (client-go's leader election protocol,
+// leaseElection). Every agent runs one; the others wait to take over.
 type StatusWriter struct {
-	Kube     kubernetes.Interface
-	Policies versioned.Interface
+	Kube     KubeAPI
+	Policies policyclient.PolicyV1alpha1Interface
 	// Namespace and Name of the Lease; Identity is this agent's (its node).
 	Namespace, Name, Identity string
 	Logger                    *slog.Logger
@@ -58,8 +54,8 @@ type StatusWriter struct {
 }
 
 // use takes the Kubernetes source's policy informers.
-func (w *StatusWriter) use(eg policyinformers.EgressPolicyInformer, cl policyinformers.ClusterEgressPolicyInformer) {
-	w.egress, w.cluster = eg.Lister(), cl.Lister()
+func (w *StatusWriter) use(eg, cl cache.SharedIndexInformer) {
+	w.egress, w.cluster = policylisters.NewEgressPolicyLister(eg.GetIndexer()), policylisters.NewClusterEgressPolicyLister(cl.GetIndexer())
 	w.kick = make(chan struct{}, 1)
 	kick := func(any) {
 		select {
@@ -67,7 +63,7 @@ func (w *StatusWriter) use(eg policyinformers.EgressPolicyInformer, cl policyinf
 		default:
 		}
 	}
-	for _, inf := range []cache.SharedIndexInformer{eg.Informer(), cl.Informer()} {
+	for _, inf := range []cache.SharedIndexInformer{eg, cl} {
 		_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{AddFunc: kick, UpdateFunc: func(_, o any) { kick(o) }, DeleteFunc: kick})
 		w.synced = append(w.synced, inf.HasSynced)
 	}
@@ -83,29 +79,9 @@ func (w *StatusWriter) Run(ctx context.Context) {
 		w.Logger.Error("policy status writer has no informers; not writing status")
 		return
 	}
-	lock := &resourcelock.LeaseLock{
-		LeaseMeta:  metav1.ObjectMeta{Namespace: w.Namespace, Name: w.Name},
-		Client:     w.Kube.CoordinationV1(),
-		LockConfig: resourcelock.ResourceLockConfig{Identity: w.Identity},
-	}
-	for ctx.Err() == nil {
-		leaderelection.RunOrDie(ctx, leaderelection.LeaderElectionConfig{
-			Lock: lock, LeaseDuration: statusLeaseDuration, RenewDeadline: statusRenewDeadline, RetryPeriod: statusRetryPeriod,
-			ReleaseOnCancel: true, Name: "sluice-policy-status",
-			Callbacks: leaderelection.LeaderCallbacks{
-				OnStartedLeading: func(ctx context.Context) {
-					w.Logger.Info("writing policy status: this agent holds the lease", "lease", w.Namespace+"/"+w.Name, "identity", w.Identity)
-					w.lead(ctx)
-				},
-				OnStoppedLeading: func() { w.Logger.Info("not writing policy status: lease lost or released", "identity", w.Identity) },
-				OnNewLeader: func(id string) {
-					if id != w.Identity {
-						w.Logger.Info("policy status is written by another agent", "holder", id)
-					}
-				},
-			},
-		})
-	}
+	e := &leaseElection{leases: w.Kube.Leases(w.Namespace), name: w.Name, identity: w.Identity,
+		leaseDuration: statusLeaseDuration, renewDeadline: statusRenewDeadline, retryPeriod: statusRetryPeriod, logger: w.Logger}
+	e.run(ctx, w.lead)
 }
 
 func (w *StatusWriter) lead(ctx context.Context) {
@@ -134,7 +110,7 @@ func (w *StatusWriter) writeAll(ctx context.Context) {
 		if st, changed := acceptedStatus(p.Status, p.Generation, err); changed {
 			c := p.DeepCopy()
 			c.Status = st
-			_, err := w.Policies.PolicyV1alpha1().EgressPolicies(p.Namespace).UpdateStatus(ctx, c, metav1.UpdateOptions{})
+			_, err := w.Policies.EgressPolicies(p.Namespace).UpdateStatus(ctx, c, metav1.UpdateOptions{})
 			w.done("EgressPolicy "+p.Namespace+"/"+p.Name, err)
 		}
 	}
@@ -144,7 +120,7 @@ func (w *StatusWriter) writeAll(ctx context.Context) {
 		if st, changed := acceptedStatus(p.Status, p.Generation, err); changed {
 			c := p.DeepCopy()
 			c.Status = st
-			_, err := w.Policies.PolicyV1alpha1().ClusterEgressPolicies().UpdateStatus(ctx, c, metav1.UpdateOptions{})
+			_, err := w.Policies.ClusterEgressPolicies().UpdateStatus(ctx, c, metav1.UpdateOptions{})
 			w.done("ClusterEgressPolicy "+p.Name, err)
 		}
 	}

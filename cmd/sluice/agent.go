@@ -19,9 +19,8 @@ import (
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/policy"
-	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
+	policyclient "github.com/sluice-io/sluice/policy/client/clientset/versioned/typed/policy/v1alpha1"
 	"github.com/sluice-io/sluice/xds"
-	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 )
 
@@ -98,11 +97,11 @@ func runAgent(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		rc.UserAgent = "sluice/" + version
-		if cfg.KubeClient, err = kubernetes.NewForConfig(rc); err != nil {
+		if cfg.KubeClient, err = agent.NewKubeAPI(rc); err != nil {
 			return fmt.Errorf("kubernetes client: %w", err)
 		}
 		if cfg.PolicyObjects {
-			if cfg.PolicyClient, err = versioned.NewForConfig(rc); err != nil {
+			if cfg.PolicyClient, err = policyclient.NewForConfig(rc); err != nil {
 				return fmt.Errorf("policy API client: %w", err)
 			}
 		}

@@ -13,11 +13,12 @@ import (
 
 	"github.com/sluice-io/sluice/agent"
 	"github.com/sluice-io/sluice/policy"
-	"github.com/sluice-io/sluice/policy/client/clientset/versioned"
+	policyclient "github.com/sluice-io/sluice/policy/client/clientset/versioned/typed/policy/v1alpha1"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/clientcmd"
 )
 
@@ -99,20 +100,28 @@ ignored) are read from its ConfigMap, --config-map; flags given explicitly win.`
 			return fmt.Errorf("kubeconfig namespace: %w", err)
 		}
 	}
-	kc, err := kubernetes.NewForConfig(rc)
+	core, err := agent.CoreREST(rc)
 	if err != nil {
 		return err
 	}
-	pc, err := versioned.NewForConfig(rc)
+	pc, err := policyclient.NewForConfig(rc)
 	if err != nil {
 		return err
+	}
+	get := func(ctx context.Context, resource, ns, name string, into runtime.Object) error {
+		r := core.Get().Resource(resource).Name(name)
+		if ns != "" {
+			r = r.Namespace(ns)
+		}
+		return r.Do(ctx).Into(into)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 
 	settings := map[string]string{"SELECTOR": *selector, "IGNORE_ALLOW_ANNOTATIONS": strconv.FormatBool(*ignore)}
 	if cmNS, cmName, ok := strings.Cut(*configMap, "/"); ok {
-		cm, err := kc.CoreV1().ConfigMaps(cmNS).Get(ctx, cmName, metav1.GetOptions{})
+		cm := &corev1.ConfigMap{}
+		err := get(ctx, "configmaps", cmNS, cmName, cm)
 		switch {
 		case err == nil:
 			for _, k := range []string{"SELECTOR", "IGNORE_ALLOW_ANNOTATIONS"} {
@@ -137,16 +146,16 @@ ignored) are read from its ConfigMap, --config-map; flags given explicitly win.`
 		return fmt.Errorf("IGNORE_ALLOW_ANNOTATIONS %q: %w", settings["IGNORE_ALLOW_ANNOTATIONS"], err)
 	}
 
-	pod, err := kc.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
-	if err != nil {
+	pod := &corev1.Pod{}
+	if err := get(ctx, "pods", ns, name, pod); err != nil {
 		return fmt.Errorf("pod %s/%s: %w", ns, name, err)
 	}
-	nsObj, err := kc.CoreV1().Namespaces().Get(ctx, ns, metav1.GetOptions{})
-	if err != nil {
+	nsObj := &corev1.Namespace{}
+	if err := get(ctx, "namespaces", "", ns, nsObj); err != nil {
 		return fmt.Errorf("namespace %s: %w", ns, err)
 	}
 	var objs policy.Objects
-	eps, err := pc.PolicyV1alpha1().EgressPolicies(ns).List(ctx, metav1.ListOptions{})
+	eps, err := pc.EgressPolicies(ns).List(ctx, metav1.ListOptions{})
 	if err != nil {
 		if apierrors.IsNotFound(err) {
 			return fmt.Errorf("the API server does not serve policy.sluice.io/v1alpha1: are the CRDs installed (kubectl apply -k daemonset/)? %w", err)
@@ -156,7 +165,7 @@ ignored) are read from its ConfigMap, --config-map; flags given explicitly win.`
 	for i := range eps.Items {
 		objs.EgressPolicies = append(objs.EgressPolicies, &eps.Items[i])
 	}
-	cps, err := pc.PolicyV1alpha1().ClusterEgressPolicies().List(ctx, metav1.ListOptions{})
+	cps, err := pc.ClusterEgressPolicies().List(ctx, metav1.ListOptions{})
 	if err != nil {
 		return fmt.Errorf("ClusterEgressPolicies: %w", err)
 	}

@@ -1,0 +1,197 @@
+package agent
+
+import (
+	"context"
+	"log/slog"
+	"math/rand/v2"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// leaseElection is client-go's leader election on a Lease
+// (k8s.io/client-go/tools/leaderelection with a LeaseLock), written out for
+// the one use the agent has for it, because that package links in
+// client-go's whole clientset (KubeAPI says why that matters). The
+// protocol is the same, so agents of either kind share a Lease correctly:
+//
+//   - a Lease held by another identity is taken only once it has not
+//     changed for LeaseDuration by this agent's own clock (the time it last
+//     saw it change, not the holder's renewTime: clocks differ);
+//   - every write is an update at the resourceVersion read, so of two
+//     agents trying at once one gets a conflict;
+//   - the holder renews every RetryPeriod and stops leading once it has not
+//     renewed for RenewDeadline (less than LeaseDuration, so it stops before
+//     anyone may take over);
+//   - on leaving it releases the Lease (holder cleared, duration 1 s).
+type leaseElection struct {
+	leases                                    LeaseAPI
+	name, identity                            string
+	leaseDuration, renewDeadline, retryPeriod time.Duration
+	logger                                    *slog.Logger
+	now                                       func() time.Time
+
+	observed     *coordinationv1.Lease
+	observedTime time.Time
+	reported     string // the last holder logged
+}
+
+// run campaigns until ctx is done; lead runs while this agent holds the
+// Lease, with a context cancelled when it stops holding it.
+func (e *leaseElection) run(ctx context.Context, lead func(context.Context)) {
+	if e.now == nil {
+		e.now = time.Now
+	}
+	for ctx.Err() == nil {
+		if !e.acquire(ctx) {
+			return
+		}
+		leadCtx, stop := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			lead(leadCtx)
+		}()
+		e.renew(ctx)
+		stop()
+		<-done
+		e.logger.Info("not writing policy status: lease lost or released", "identity", e.identity)
+		if ctx.Err() != nil {
+			e.release()
+			return
+		}
+	}
+}
+
+// acquire tries every RetryPeriod (jittered, as client-go) until it holds
+// the Lease; false when ctx ended first.
+func (e *leaseElection) acquire(ctx context.Context) bool {
+	for {
+		if e.tryAcquireOrRenew(ctx) {
+			return true
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(e.retryPeriod + time.Duration(rand.Int64N(int64(e.retryPeriod)*2/10+1))):
+		}
+	}
+}
+
+// renew renews every RetryPeriod until a renewal has not succeeded for
+// RenewDeadline, or ctx is done.
+func (e *leaseElection) renew(ctx context.Context) {
+	last := e.now()
+	t := time.NewTicker(e.retryPeriod)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		rctx, cancel := context.WithTimeout(ctx, e.renewDeadline)
+		ok := e.tryAcquireOrRenew(rctx)
+		cancel()
+		if ok {
+			last = e.now()
+		} else if e.now().Sub(last) >= e.renewDeadline {
+			return
+		}
+	}
+}
+
+func (e *leaseElection) tryAcquireOrRenew(ctx context.Context) bool {
+	now := metav1.NewMicroTime(e.now())
+	dur := int32(e.leaseDuration / time.Second)
+	l := e.leases
+	cur, err := l.Get(ctx, e.name)
+	if apierrors.IsNotFound(err) {
+		created, err := l.Create(ctx, &coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Name: e.name},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: &e.identity, LeaseDurationSeconds: &dur,
+				AcquireTime: &now, RenewTime: &now, LeaseTransitions: new(int32)},
+		})
+		if err != nil {
+			e.logger.Debug("status lease: create", "error", err)
+			return false
+		}
+		e.observe(created)
+		return true
+	}
+	if err != nil {
+		e.logger.Debug("status lease: get", "error", err)
+		return false
+	}
+	if e.observed == nil || !apiequality.Semantic.DeepEqual(e.observed.Spec, cur.Spec) {
+		e.observe(cur)
+	}
+	holder := ""
+	if cur.Spec.HolderIdentity != nil {
+		holder = *cur.Spec.HolderIdentity
+	}
+	held := time.Duration(0)
+	if cur.Spec.LeaseDurationSeconds != nil {
+		held = time.Duration(*cur.Spec.LeaseDurationSeconds) * time.Second
+	}
+	if holder != "" && holder != e.identity && e.observedTime.Add(held).After(e.now()) {
+		return false
+	}
+	next := cur.DeepCopy()
+	next.Spec.RenewTime, next.Spec.LeaseDurationSeconds = &now, &dur
+	if holder != e.identity {
+		var transitions int32
+		if cur.Spec.LeaseTransitions != nil {
+			transitions = *cur.Spec.LeaseTransitions
+		}
+		transitions++
+		next.Spec.HolderIdentity, next.Spec.AcquireTime, next.Spec.LeaseTransitions = &e.identity, &now, &transitions
+	}
+	updated, err := l.Update(ctx, next)
+	if err != nil {
+		e.logger.Debug("status lease: update", "error", err)
+		return false
+	}
+	e.observe(updated)
+	return true
+}
+
+// observe records a Lease as seen now, and logs a change of holder.
+func (e *leaseElection) observe(l *coordinationv1.Lease) {
+	e.observed, e.observedTime = l, e.now()
+	holder := ""
+	if l.Spec.HolderIdentity != nil {
+		holder = *l.Spec.HolderIdentity
+	}
+	if holder == e.reported {
+		return
+	}
+	e.reported = holder
+	switch holder {
+	case e.identity:
+		e.logger.Info("writing policy status: this agent holds the lease", "lease", e.observed.Namespace+"/"+e.name, "identity", e.identity)
+	case "":
+	default:
+		e.logger.Info("policy status is written by another agent", "holder", holder)
+	}
+}
+
+// release gives the Lease up if this agent still holds it, so another can
+// take it at once instead of after LeaseDuration.
+func (e *leaseElection) release() {
+	if e.observed == nil || e.observed.Spec.HolderIdentity == nil || *e.observed.Spec.HolderIdentity != e.identity {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), e.renewDeadline)
+	defer cancel()
+	next := e.observed.DeepCopy()
+	one := int32(1)
+	now := metav1.NewMicroTime(e.now())
+	next.Spec.HolderIdentity, next.Spec.LeaseDurationSeconds, next.Spec.RenewTime, next.Spec.AcquireTime = new(string), &one, &now, &now
+	if _, err := e.leases.Update(ctx, next); err != nil {
+		e.logger.Warn("status lease: release", "error", err)
+	}
+}
