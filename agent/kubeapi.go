@@ -17,6 +17,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/flowcontrol"
 )
 
 // KubeAPI is what the agent reads and writes of the Kubernetes API besides
@@ -62,7 +63,19 @@ func init() {
 }
 
 // NewKubeAPI returns the agent's client of the API server rc points at.
+// Its REST clients share one rate limiter, as a clientset's do.
 func NewKubeAPI(rc *rest.Config) (KubeAPI, error) {
+	rc = rest.CopyConfig(rc)
+	if rc.RateLimiter == nil {
+		qps, burst := rc.QPS, rc.Burst
+		if qps == 0 {
+			qps = rest.DefaultQPS
+		}
+		if burst == 0 {
+			burst = rest.DefaultBurst
+		}
+		rc.RateLimiter = flowcontrol.NewTokenBucketRateLimiter(qps, burst)
+	}
 	core, err := CoreREST(rc)
 	if err != nil {
 		return nil, err

@@ -23,10 +23,12 @@ import (
 //     saw it change, not the holder's renewTime: clocks differ);
 //   - every write is an update at the resourceVersion read, so of two
 //     agents trying at once one gets a conflict;
-//   - the holder renews every RetryPeriod and stops leading once it has not
-//     renewed for RenewDeadline (less than LeaseDuration, so it stops before
-//     anyone may take over);
-//   - on leaving it releases the Lease (holder cleared, duration 1 s).
+//   - the holder renews every RetryPeriod and stops leading once no
+//     renewal sent in the last RenewDeadline succeeded (less than
+//     LeaseDuration, so it stops before anyone may take over), however long
+//     the API server takes to answer: every attempt shares that deadline;
+//   - on leaving it releases the Lease (holder cleared, duration 1 s) if
+//     the API server still names it.
 type leaseElection struct {
 	leases                                    LeaseAPI
 	name, identity                            string
@@ -40,13 +42,16 @@ type leaseElection struct {
 }
 
 // run campaigns until ctx is done; lead runs while this agent holds the
-// Lease, with a context cancelled when it stops holding it.
+// Lease, with a context cancelled when it stops holding it. It releases the
+// Lease when ctx ends, if the API server still names this agent.
 func (e *leaseElection) run(ctx context.Context, lead func(context.Context)) {
 	if e.now == nil {
 		e.now = time.Now
 	}
+	defer e.release()
 	for ctx.Err() == nil {
-		if !e.acquire(ctx) {
+		last, ok := e.acquire(ctx)
+		if !ok {
 			return
 		}
 		leadCtx, stop := context.WithCancel(ctx)
@@ -55,51 +60,60 @@ func (e *leaseElection) run(ctx context.Context, lead func(context.Context)) {
 			defer close(done)
 			lead(leadCtx)
 		}()
-		e.renew(ctx)
+		e.renew(ctx, last)
 		stop()
 		<-done
 		e.logger.Info("not writing policy status: lease lost or released", "identity", e.identity)
-		if ctx.Err() != nil {
-			e.release()
-			return
-		}
 	}
 }
 
-// acquire tries every RetryPeriod (jittered, as client-go) until it holds
-// the Lease; false when ctx ended first.
-func (e *leaseElection) acquire(ctx context.Context) bool {
+// acquire tries every RetryPeriod, jittered as client-go's (factor 1.2),
+// until it holds the Lease; it returns when the successful attempt began
+// (the holder's deadlines count from then), false when ctx ended first.
+func (e *leaseElection) acquire(ctx context.Context) (time.Time, bool) {
 	for {
-		if e.tryAcquireOrRenew(ctx) {
-			return true
+		start := e.now()
+		actx, cancel := context.WithTimeout(ctx, e.renewDeadline)
+		ok := e.tryAcquireOrRenew(actx)
+		cancel()
+		if ok {
+			return start, true
 		}
 		select {
 		case <-ctx.Done():
-			return false
-		case <-time.After(e.retryPeriod + time.Duration(rand.Int64N(int64(e.retryPeriod)*2/10+1))):
+			return time.Time{}, false
+		case <-time.After(e.retryPeriod + time.Duration(rand.Int64N(int64(e.retryPeriod)*12/10+1))):
 		}
 	}
 }
 
-// renew renews every RetryPeriod until a renewal has not succeeded for
-// RenewDeadline, or ctx is done.
-func (e *leaseElection) renew(ctx context.Context) {
-	last := e.now()
+// renew renews every RetryPeriod until ctx is done or no renewal has
+// succeeded within RenewDeadline of the start of the last one that did.
+// Every attempt shares that deadline, so leading stops by then however
+// the API server answers, and RenewDeadline < LeaseDuration keeps it
+// before anyone else may take the Lease: a renewal counts from when its
+// request was sent, not answered.
+func (e *leaseElection) renew(ctx context.Context, last time.Time) {
 	t := time.NewTicker(e.retryPeriod)
 	defer t.Stop()
 	for {
+		deadline := last.Add(e.renewDeadline)
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-time.After(time.Until(deadline)):
+			return
 		}
-		rctx, cancel := context.WithTimeout(ctx, e.renewDeadline)
+		if !e.now().Before(deadline) {
+			return
+		}
+		start := e.now()
+		rctx, cancel := context.WithDeadline(ctx, deadline)
 		ok := e.tryAcquireOrRenew(rctx)
 		cancel()
 		if ok {
-			last = e.now()
-		} else if e.now().Sub(last) >= e.renewDeadline {
-			return
+			last = start
 		}
 	}
 }
@@ -179,19 +193,35 @@ func (e *leaseElection) observe(l *coordinationv1.Lease) {
 	}
 }
 
-// release gives the Lease up if this agent still holds it, so another can
-// take it at once instead of after LeaseDuration.
+// release gives the Lease up if the API server still names this agent its
+// holder, so another can take it at once instead of after LeaseDuration.
+// It reads the Lease first (what this agent last observed may be stale)
+// and tries twice, a conflict being another writer.
 func (e *leaseElection) release() {
-	if e.observed == nil || e.observed.Spec.HolderIdentity == nil || *e.observed.Spec.HolderIdentity != e.identity {
-		return
+	if e.observed == nil {
+		return // never held, never read
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), e.renewDeadline)
 	defer cancel()
-	next := e.observed.DeepCopy()
-	one := int32(1)
-	now := metav1.NewMicroTime(e.now())
-	next.Spec.HolderIdentity, next.Spec.LeaseDurationSeconds, next.Spec.RenewTime, next.Spec.AcquireTime = new(string), &one, &now, &now
-	if _, err := e.leases.Update(ctx, next); err != nil {
-		e.logger.Warn("status lease: release", "error", err)
+	for range 2 {
+		cur, err := e.leases.Get(ctx, e.name)
+		if err != nil {
+			e.logger.Warn("status lease: release", "error", err)
+			return
+		}
+		if cur.Spec.HolderIdentity == nil || *cur.Spec.HolderIdentity != e.identity {
+			return
+		}
+		next := cur.DeepCopy()
+		one := int32(1)
+		now := metav1.NewMicroTime(e.now())
+		next.Spec.HolderIdentity, next.Spec.LeaseDurationSeconds, next.Spec.RenewTime, next.Spec.AcquireTime = new(string), &one, &now, &now
+		_, err = e.leases.Update(ctx, next)
+		if err == nil || !apierrors.IsConflict(err) {
+			if err != nil {
+				e.logger.Warn("status lease: release", "error", err)
+			}
+			return
+		}
 	}
 }

@@ -22,11 +22,28 @@ type memLeases struct {
 	rv     int
 	// afterGet runs after each Get (to interleave another writer).
 	afterGet func()
+	// hang: every call waits for its context to end (an API server that
+	// accepts the request and never answers).
+	hang bool
+}
+
+func (m *memLeases) hanging(ctx context.Context) error {
+	m.mu.Lock()
+	h := m.hang
+	m.mu.Unlock()
+	if !h {
+		return nil
+	}
+	<-ctx.Done()
+	return ctx.Err()
 }
 
 var leaseResource = schema.GroupResource{Group: "coordination.k8s.io", Resource: "leases"}
 
-func (m *memLeases) Get(_ context.Context, name string) (*coordinationv1.Lease, error) {
+func (m *memLeases) Get(ctx context.Context, name string) (*coordinationv1.Lease, error) {
+	if err := m.hanging(ctx); err != nil {
+		return nil, err
+	}
 	m.mu.Lock()
 	l, ok := m.leases[name]
 	m.mu.Unlock()
@@ -169,10 +186,41 @@ func TestLeaseElectionStopsLeadingWhenRenewalsFail(t *testing.T) {
 	}
 	select {
 	case end := <-stopped:
-		if d := end.Sub(start); d < 2*time.Second || d > 3*time.Second {
+		if d := end.Sub(start); d < 1500*time.Millisecond || d > 3*time.Second {
 			t.Errorf("stopped leading %v after the Lease was taken; want within the renew deadline (2 s) and before the lease duration (3 s)", d)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("still leading 10 s after the Lease was taken")
+	}
+}
+
+// An API server that takes renewals and never answers: the holder stops
+// leading within the renew deadline of its last renewal's start, not a
+// request timeout later, so before its Lease may be taken.
+func TestLeaseElectionStopsLeadingWhenTheAPIServerHangs(t *testing.T) {
+	leases := &memLeases{leases: map[string]*coordinationv1.Lease{}}
+	e := &leaseElection{leases: leases, name: "status", identity: "node-a", leaseDuration: 3 * time.Second,
+		renewDeadline: 2 * time.Second, retryPeriod: 500 * time.Millisecond, logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	led, stopped := make(chan struct{}, 1), make(chan time.Time, 1)
+	go e.run(ctx, func(lctx context.Context) {
+		led <- struct{}{}
+		<-lctx.Done()
+		stopped <- time.Now()
+	})
+	<-led
+	time.Sleep(1200 * time.Millisecond) // two renewals
+	leases.mu.Lock()
+	lastRenew := leases.leases["status"].Spec.RenewTime.Time
+	leases.hang = true
+	leases.mu.Unlock()
+	select {
+	case end := <-stopped:
+		if d := end.Sub(lastRenew); d > 2300*time.Millisecond {
+			t.Errorf("stopped leading %v after the last renewal; want within the renew deadline (2 s), and before the lease duration (3 s)", d)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("still leading 10 s after the API server stopped answering")
 	}
 }
