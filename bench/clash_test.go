@@ -3,7 +3,6 @@ package bench
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -21,14 +20,8 @@ import (
 // the sequence-number key keeps them. Reported here under load;
 // TestPrivilegedConntrackNATMovesPort (test/kernel) asserts it.
 func TestPrivilegedBenchConntrackClash(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		t.Fatal("nft (nftables) is needed: make bench installs it")
-	}
+	outDir := benchOut(t)
+	nft := tool(t, "nft")
 	e := setupBench(t, "-sink")
 	applyScale(t, e.dp, e.cgid, scales[0])
 	t.Cleanup(func() { nftDelete(nft, e.tb.Node) })

@@ -90,18 +90,8 @@ type connectRow struct {
 // the sidecar rules), five times per scale, 1,000 connections per variant
 // per round, the variants of a phase rotated within it.
 func TestPrivilegedBenchConnect(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		t.Fatal("nft (nftables) is needed: make bench installs it")
-	}
-	iptables, err := exec.LookPath("iptables")
-	if err != nil {
-		t.Fatal("iptables is needed: make bench installs it")
-	}
+	outDir := benchOut(t)
+	nft, iptables := tool(t, "nft"), tool(t, "iptables")
 	e := setupBench(t, "-sink")
 	tb, pod, dp, cgid, proxy := e.tb, e.pod, e.dp, e.cgid, e.proxy
 	t.Cleanup(func() {
@@ -333,10 +323,7 @@ func setupBench(t *testing.T, proxyMode string) *benchEnv {
 // after connect() the redirected socket is an ordinary socket to the proxy,
 // so the ratio should be 1 within noise.
 func TestPrivilegedBenchBulk(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
+	outDir := benchOut(t)
 	e := setupBench(t, "-drain")
 	out := testbed.Run(t, 5*time.Minute, e.pod.Cgroup, e.pod.Netns, "bulk", "-mib", "256", "-rounds", "5",
 		"ebpf=203.0.113.7:8080", "direct="+e.proxy)
@@ -399,6 +386,28 @@ func applyExclusions(t *testing.T, dp *datapath.Datapath, sc scale) {
 		excl = append(excl, netip.PrefixFrom(netip.AddrFrom4([4]byte{198, 18, byte(i >> 8), byte(i)}), 32))
 	}
 	must(t, dp.SetExclusions(excl))
+}
+
+// benchOut is where a benchmark writes its report; outside `make bench`
+// (SLUICE_BENCH_OUT unset) the benchmark is skipped.
+func benchOut(t *testing.T) string {
+	t.Helper()
+	out := os.Getenv("SLUICE_BENCH_OUT")
+	if out == "" {
+		t.Skip("benchmark: run with `make bench`")
+	}
+	return out
+}
+
+// tool is the path of a program a peer variant needs (make bench installs
+// nftables and iptables).
+func tool(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Fatalf("%s is needed: make bench installs it", name)
+	}
+	return p
 }
 
 func must(t *testing.T, err error) {

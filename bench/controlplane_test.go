@@ -30,10 +30,7 @@ const (
 // in (and leaving) the pinned datapath map, over 100 changes, and the
 // agent's resident memory with 250 selected pods.
 func TestPrivilegedBenchControlPlane(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
+	outDir := benchOut(t)
 	e := harness.New(t, 1)
 	cluster := kube.Start(t, e.TB.Node)
 	c := cluster.Client

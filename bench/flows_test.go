@@ -23,10 +23,7 @@ import (
 // a consumer as the agent reads them). Reported: connect latency, and the
 // connect4 program's kernel run time per connection.
 func TestPrivilegedBenchFlowLog(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
+	outDir := benchOut(t)
 	e := setupBench(t, "-sink")
 	excludedDst := netip.AddrPortFrom(testbed.ExternalV4[0], 9000)
 	eventDst := netip.AddrPortFrom(testbed.ExternalV4[1], 9000)

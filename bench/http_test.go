@@ -69,18 +69,8 @@ type httpRow struct {
 // role, a TUN device in each and every packet passed across 5 ms later,
 // instead of their veth.
 func TestPrivilegedBenchHTTP(t *testing.T) {
-	outDir := os.Getenv("SLUICE_BENCH_OUT")
-	if outDir == "" {
-		t.Skip("benchmark: run with `make bench`")
-	}
-	nft, err := exec.LookPath("nft")
-	if err != nil {
-		t.Fatal("nft (nftables) is needed: make bench installs it")
-	}
-	iptables, err := exec.LookPath("iptables")
-	if err != nil {
-		t.Fatal("iptables is needed: make bench installs it")
-	}
+	outDir := benchOut(t)
+	nft, iptables := tool(t, "nft"), tool(t, "iptables")
 	counts := []int{1, 16, 64}
 	const rounds, window = 3, 1500 * time.Millisecond
 	tb := testbed.New(t, counts[len(counts)-1])
