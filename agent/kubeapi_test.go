@@ -7,7 +7,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/client-go/kubernetes"
@@ -23,26 +22,18 @@ type clientsetKube struct{ cs kubernetes.Interface }
 func (k clientsetKube) Pods(node string) cache.ListerWatcher {
 	sel := fields.OneTermEqualSelector("spec.nodeName", node).String()
 	pods := k.cs.CoreV1().Pods(metav1.NamespaceAll)
-	// The fake clientset cannot stream lists (WatchList): the wrapper
-	// tells the reflector, as client-go's informer factories do.
-	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc: func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) {
-			o.FieldSelector = sel
-			return pods.List(ctx, o)
-		},
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
-			o.FieldSelector = sel
-			return pods.Watch(ctx, o)
-		},
+	return typedListWatch(func(ctx context.Context, o metav1.ListOptions) (*corev1.PodList, error) {
+		o.FieldSelector = sel
+		return pods.List(ctx, o)
+	}, func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) {
+		o.FieldSelector = sel
+		return pods.Watch(ctx, o)
 	}, k.cs)
 }
 
 func (k clientsetKube) Namespaces() cache.ListerWatcher {
 	ns := k.cs.CoreV1().Namespaces()
-	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return ns.List(ctx, o) },
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return ns.Watch(ctx, o) },
-	}, k.cs)
+	return typedListWatch(ns.List, ns.Watch, k.cs)
 }
 
 func (k clientsetKube) GetNode(ctx context.Context, name string) (*corev1.Node, error) {

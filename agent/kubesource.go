@@ -307,16 +307,8 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 	}
 	s.namespaces = listerscorev1.NewNamespaceLister(nsInf.GetIndexer())
 	eg, cl := s.Policies.EgressPolicies(metav1.NamespaceAll), s.Policies.ClusterEgressPolicies()
-	// As the generated informers make them: the wrapper tells the
-	// reflector whether the client can stream lists (a fake cannot).
-	egInf := newInformer(cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return eg.List(ctx, o) },
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return eg.Watch(ctx, o) },
-	}, s.Policies), &v1alpha1.EgressPolicy{}, policyResync)
-	clInf := newInformer(cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
-		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return cl.List(ctx, o) },
-		WatchFuncWithContext: func(ctx context.Context, o metav1.ListOptions) (watch.Interface, error) { return cl.Watch(ctx, o) },
-	}, s.Policies), &v1alpha1.ClusterEgressPolicy{}, policyResync)
+	egInf := newInformer(typedListWatch(eg.List, eg.Watch, s.Policies), &v1alpha1.EgressPolicy{}, policyResync)
+	clInf := newInformer(typedListWatch(cl.List, cl.Watch, s.Policies), &v1alpha1.ClusterEgressPolicy{}, policyResync)
 	s.egress, s.cluster = policylisters.NewEgressPolicyLister(egInf.GetIndexer()), policylisters.NewClusterEgressPolicyLister(clInf.GetIndexer())
 	inNamespace := func(obj any) {
 		if o, ok := metaObject(obj); ok {
@@ -361,6 +353,17 @@ func (s *KubeSource) watchPolicies(ctx context.Context) ([]cache.InformerSynced,
 		go s.Status.Run(ctx)
 	}
 	return synced, []cache.SharedIndexInformer{nsInf, egInf, clInf}, nil
+}
+
+// typedListWatch is the ListerWatcher of a typed client's List and Watch,
+// as the generated informers make it: the wrapper tells the reflector
+// whether client can stream lists (a fake cannot).
+func typedListWatch[L runtime.Object](list func(context.Context, metav1.ListOptions) (L, error),
+	watchFn func(context.Context, metav1.ListOptions) (watch.Interface, error), client any) cache.ListerWatcher {
+	return cache.ToListWatcherWithWatchListSemantics(&cache.ListWatch{
+		ListWithContextFunc:  func(ctx context.Context, o metav1.ListOptions) (runtime.Object, error) { return list(ctx, o) },
+		WatchFuncWithContext: watchFn,
+	}, client)
 }
 
 // newInformer is an informer as client-go's factories make them, indexed

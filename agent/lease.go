@@ -143,10 +143,7 @@ func (e *leaseElection) tryAcquireOrRenew(ctx context.Context) bool {
 	if e.observed == nil || !apiequality.Semantic.DeepEqual(e.observed.Spec, cur.Spec) {
 		e.observe(cur)
 	}
-	holder := ""
-	if cur.Spec.HolderIdentity != nil {
-		holder = *cur.Spec.HolderIdentity
-	}
+	holder := holderOf(cur)
 	held := time.Duration(0)
 	if cur.Spec.LeaseDurationSeconds != nil {
 		held = time.Duration(*cur.Spec.LeaseDurationSeconds) * time.Second
@@ -176,10 +173,7 @@ func (e *leaseElection) tryAcquireOrRenew(ctx context.Context) bool {
 // observe records a Lease as seen now, and logs a change of holder.
 func (e *leaseElection) observe(l *coordinationv1.Lease) {
 	e.observed, e.observedTime = l, e.now()
-	holder := ""
-	if l.Spec.HolderIdentity != nil {
-		holder = *l.Spec.HolderIdentity
-	}
+	holder := holderOf(l)
 	if holder == e.reported {
 		return
 	}
@@ -209,7 +203,7 @@ func (e *leaseElection) release() {
 			e.logger.Warn("status lease: release", "error", err)
 			return
 		}
-		if cur.Spec.HolderIdentity == nil || *cur.Spec.HolderIdentity != e.identity {
+		if holderOf(cur) != e.identity {
 			return
 		}
 		next := cur.DeepCopy()
@@ -224,4 +218,12 @@ func (e *leaseElection) release() {
 			return
 		}
 	}
+}
+
+// holderOf is a Lease's holder identity, "" when none.
+func holderOf(l *coordinationv1.Lease) string {
+	if l.Spec.HolderIdentity == nil {
+		return ""
+	}
+	return *l.Spec.HolderIdentity
 }

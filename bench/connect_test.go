@@ -188,9 +188,7 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 			flush()
 			iptablesLoad(t, iptables, pod.Netns, side)
 			phase("sidecar", "iptables-sidecar="+sidecarDst)
-			if out, err := exec.Command("ip", "netns", "exec", pod.Netns.Name, nft, "flush", "ruleset").CombinedOutput(); err != nil {
-				t.Fatalf("flush the sidecar's rules: %v\n%s", err, out)
-			}
+			flushSidecar(t, nft, pod.Netns)
 		}
 		t.Logf("%d workloads, %d exclusions: %v (phases: %v)", sc.Workloads, sc.Exclusions, time.Since(begin).Round(time.Millisecond), spent)
 		base := samples["direct"]
@@ -292,10 +290,11 @@ func iptablesLoad(t *testing.T, iptables string, ns *testbed.Netns, rules string
 	}
 }
 
-// benchEnv is a testbed with the datapath installed on its root cgroup, one
-// selected pod, and the stand-in proxy on the node's proxy address.
+// benchEnv is a testbed with the datapath installed on its root cgroup,
+// its pods selected, and the stand-in proxy on the node's proxy address.
 type benchEnv struct {
-	tb    *testbed.Testbed
+	tb *testbed.Testbed
+	// pod is the first pod, cgid its cgroup id.
 	pod   *testbed.Pod
 	dp    *datapath.Datapath
 	cgid  uint64
@@ -304,10 +303,16 @@ type benchEnv struct {
 	pinPath string
 }
 
-func setupBench(t *testing.T, proxyMode string) *benchEnv {
+// setupBench is setupBenchPods with one pod.
+func setupBench(t *testing.T, proxyArgs ...string) *benchEnv {
+	return setupBenchPods(t, 1, proxyArgs...)
+}
+
+// setupBenchPods makes a testbed of pods pods, every one selected (workload
+// ids 1, 2, ...), and starts the stand-in proxy with proxyArgs.
+func setupBenchPods(t *testing.T, pods int, proxyArgs ...string) *benchEnv {
 	t.Helper()
-	tb := testbed.New(t, 1)
-	pod := tb.Pods[0]
+	tb := testbed.New(t, pods)
 	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
 		t.Fatal(err)
 	}
@@ -319,14 +324,28 @@ func setupBench(t *testing.T, proxyMode string) *benchEnv {
 	t.Cleanup(func() { dp.Close(); datapath.Uninstall(cfg.PinPath) })
 	must(t, dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, Port: datapath.DefaultProxyPort}))
 	must(t, dp.SetReady(true))
-	cgid, err := datapath.CgroupID(pod.Cgroup.Path)
-	must(t, err)
-	must(t, dp.SetWorkload(cgid, datapath.Workload{ID: 1}))
+	var first uint64
+	for i, p := range tb.Pods {
+		cgid, err := datapath.CgroupID(p.Cgroup.Path)
+		must(t, err)
+		must(t, dp.SetWorkload(cgid, datapath.Workload{ID: uint32(i + 1)}))
+		if i == 0 {
+			first = cgid
+		}
+	}
 	tb.Node.IP(t, "addr", "add", datapath.DefaultProxyIPv4.String()+"/32", "dev", "lo")
 	proxy := fmt.Sprintf("%s:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort)
-	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", proxyMode, "-listen", proxy)
+	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", append(proxyArgs, "-listen", proxy)...)
 	must(t, dp.SetExclusions(datapath.DefaultExclusions))
-	return &benchEnv{tb: tb, pod: pod, dp: dp, cgid: cgid, proxy: proxy, pinPath: cfg.PinPath}
+	return &benchEnv{tb: tb, pod: tb.Pods[0], dp: dp, cgid: first, proxy: proxy, pinPath: cfg.PinPath}
+}
+
+// flushSidecar removes the sidecar variant's rules from a pod's namespace.
+func flushSidecar(t *testing.T, nft string, ns *testbed.Netns) {
+	t.Helper()
+	if out, err := exec.Command("ip", "netns", "exec", ns.Name, nft, "flush", "ruleset").CombinedOutput(); err != nil {
+		t.Fatalf("flush the sidecar's rules: %v\n%s", err, out)
+	}
 }
 
 // TestPrivilegedBenchBulk sends 256 MiB per transfer through the eBPF

@@ -15,7 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/testbed"
 	"github.com/vishvananda/netlink"
 )
@@ -73,24 +72,13 @@ func TestPrivilegedBenchHTTP(t *testing.T) {
 	nft, iptables := tool(t, "nft"), tool(t, "iptables")
 	counts := []int{1, 16, 64}
 	const rounds, window = 3, 1500 * time.Millisecond
-	tb := testbed.New(t, counts[len(counts)-1])
+	// The datapath on the testbed's root cgroup, every pod selected; the
+	// node's proxy forwards and records nothing.
+	e := setupBenchPods(t, counts[len(counts)-1], "-quiet")
+	tb, dp := e.tb, e.dp
 	t.Cleanup(func() { nftDelete(nft, tb.Node) })
-
-	// The datapath on the testbed's root cgroup, every pod selected.
-	if err := datapath.EnsureBPFFS(datapath.DefaultBPFFS); err != nil {
-		t.Fatal(err)
-	}
-	cfg := datapath.Config{CgroupPath: tb.Root.Path, PinPath: filepath.Join(datapath.DefaultBPFFS, "sluice-bench-"+tb.ID)}
-	dp, err := datapath.Open(cfg)
-	must(t, err)
-	t.Cleanup(func() { dp.Close(); datapath.Uninstall(cfg.PinPath) })
-	must(t, dp.SetProxy(datapath.Proxy{IPv4: datapath.DefaultProxyIPv4, Port: datapath.DefaultProxyPort}))
-	must(t, dp.SetReady(true))
 	var addrs []netip.Addr
-	for i, p := range tb.Pods {
-		cgid, err := datapath.CgroupID(p.Cgroup.Path)
-		must(t, err)
-		must(t, dp.SetWorkload(cgid, datapath.Workload{ID: uint32(i + 1)}))
+	for _, p := range tb.Pods {
 		addrs = append(addrs, p.IPv4)
 	}
 	applyExclusions(t, dp, scale{Exclusions: 10})
@@ -109,10 +97,7 @@ func TestPrivilegedBenchHTTP(t *testing.T) {
 	tb.External.IP(t, "route", "replace", "10.200.0.0/16", "dev", "wan0")
 	tb.External.IP(t, "route", "add", testbed.NodeV4.String()+"/32", "dev", "wan0")
 
-	// The node's proxy and every pod's sidecar, in the proxy's cgroup.
-	proxy := fmt.Sprintf("%s:%d", datapath.DefaultProxyIPv4, datapath.DefaultProxyPort)
-	tb.Node.IP(t, "addr", "add", datapath.DefaultProxyIPv4.String()+"/32", "dev", "lo")
-	testbed.StartDaemon(t, tb.ProxyCgroup, tb.Node, "proxy", "-quiet", "-listen", proxy)
+	// Every pod's sidecar, in the proxy's cgroup.
 	for _, p := range tb.Pods {
 		testbed.StartDaemon(t, tb.ProxyCgroup, p.Netns, "proxy", "-quiet", "-upstream-mark", strconv.Itoa(sidecarMark), "-listen", "127.0.0.1:15001")
 	}
@@ -167,9 +152,7 @@ func TestPrivilegedBenchHTTP(t *testing.T) {
 				}
 				cell("iptables-sidecar", sidecarDst)
 				for _, p := range pods {
-					if out, err := exec.Command("ip", "netns", "exec", p.Netns.Name, nft, "flush", "ruleset").CombinedOutput(); err != nil {
-						t.Fatalf("flush the sidecar's rules: %v\n%s", err, out)
-					}
+					flushSidecar(t, nft, p.Netns)
 				}
 				flush()
 			},
