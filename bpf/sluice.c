@@ -725,10 +725,21 @@ static __always_inline void read_view(const struct bpf_sock_ops *skops, __u32 fa
 	}
 }
 
-static __always_inline int is_proxy(const struct proxy_config *cfg, const __be32 a[4],
-				    __u16 port_host)
+/*
+ * Whether a is the proxy's address. The handshake hooks below match the
+ * proxy by its address alone, never by cfg->port: a takeover switches the
+ * port while connections that connect4 sent to the previous proxy's port
+ * are still in their handshake, and the previous proxy (draining) accepts
+ * them after the switch. Their entries must still be published and
+ * claimed, or that proxy gets them with no original destination. Matching
+ * any port lets no other socket claim an entry: the key is the client's
+ * address, the proxy's and the client's sequence number, which only the
+ * connection's own passive end sees, and a pod cannot dial the proxy's
+ * address on another port (connect4 refuses it).
+ */
+static __always_inline int is_proxy_sk_addr(const struct proxy_config *cfg, const __be32 a[4])
 {
-	return port_host == bpf_ntohs(cfg->port) && is_proxy_addr(cfg, a, is_v4mapped(a));
+	return is_proxy_addr(cfg, a, is_v4mapped(a));
 }
 
 /* Client side: the key of a connection from this socket to the proxy. */
@@ -737,7 +748,7 @@ static __always_inline int client_tuple(const struct bpf_sock_ops *skops,
 					const struct proxy_config *cfg,
 					struct tuple_key *key)
 {
-	if (!is_proxy(cfg, v->remote, v->remote_port))
+	if (!is_proxy_sk_addr(cfg, v->remote))
 		return 0;
 	__builtin_memcpy(key->client, v->local, sizeof(key->client));
 	__builtin_memcpy(key->proxy, v->remote, sizeof(key->proxy));
@@ -807,7 +818,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops,
 	struct orig_dst *dst, *slot;
 	void *found = &key;
 
-	if (!is_proxy(cfg, v->local, v->local_port))
+	if (!is_proxy_sk_addr(cfg, v->local))
 		return;
 	__builtin_memcpy(key.client, v->remote, sizeof(key.client));
 	__builtin_memcpy(key.proxy, v->local, sizeof(key.proxy));

@@ -2,12 +2,17 @@ package kernel
 
 import (
 	"fmt"
+	"net/netip"
+	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/layouts"
+	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -125,5 +130,102 @@ func TestPrivilegedUpgradeUnderLoad(t *testing.T) {
 				t.Errorf("pinned layout after the upgrade: %d, %v", got, err)
 			}
 		})
+	}
+}
+
+// The takeover's switch of the proxy port, mid-handshake. connect4 sends a
+// connection to the previous proxy's port; its SYNs are dropped (the pod's
+// gateway neighbour points at a MAC nobody has) while the datapath is
+// switched to the next proxy's port, as an agent taking over does
+// (TestPrivilegedUpgradeTakeover in test/e2e); then the neighbour is
+// restored and the handshake completes. The previous proxy, still draining,
+// accepts the connection after the switch and must recover its original
+// destination: the handshake hooks match the proxy by its address, not by
+// the port in force when they run. (One connection in about 2,800 of that
+// end-to-end test once reached the old proxy unknown and was reset.)
+// Connections made after the switch reach the next proxy.
+func TestPrivilegedProxyPortSwitchMidHandshake(t *testing.T) {
+	f := setup(t, 1)
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 1, datapath.FailClosed)
+	const next = datapath.DefaultProxyPort + 1
+	nextRecords := filepath.Join(t.TempDir(), "next-proxy.jsonl")
+	testbed.StartDaemon(t, f.tb.ProxyCgroup, f.tb.Node, "proxy",
+		"-listen", fmt.Sprintf("%s:%d,[%s]:%d", proxyV4, next, proxyV6, next), "-records", nextRecords)
+
+	gw := func(a netip.Addr) string {
+		b := a.As16()
+		if a.Is4() {
+			b4 := a.As4()
+			b4[3] = 1
+			return netip.AddrFrom4(b4).String()
+		}
+		b[14], b[15] = 0, 1
+		return netip.AddrFrom16(b).String()
+	}
+	gw4, gw6 := gw(pod.IPv4), gw(pod.IPv6)
+	pod.Netns.IP(t, "neigh", "replace", gw4, "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent")
+	pod.Netns.IP(t, "-6", "neigh", "replace", gw6, "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent")
+	restored := false
+	restore := func() {
+		if !restored {
+			restored = true
+			pod.Netns.IP(t, "neigh", "del", gw4, "dev", "eth0")
+			pod.Netns.IP(t, "-6", "neigh", "del", gw6, "dev", "eth0")
+		}
+	}
+
+	before := f.counters(t)
+	dsts := []string{hostport(ext4, serverPort), hostport(ext6, serverPort)}
+	outs := make([][]byte, len(dsts))
+	errs := make([]error, len(dsts))
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer restore() // before waiting for the clients
+	for i, d := range dsts {
+		cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "client", "-timeout", "20s", []string{"tcp4:", "tcp6:"}[i]+d)
+		wg.Add(1)
+		go func() { defer wg.Done(); outs[i], errs[i] = cmd.Output() }()
+	}
+	harness.WaitFor(t, "both connects to store their original destinations", 10*time.Second, func() bool {
+		n, _, err := f.dp.InFlight()
+		return err == nil && n >= len(dsts)
+	})
+	if c := f.counters(t); c.Published != before.Published {
+		t.Fatalf("a connection was established while its SYNs were to be dropped")
+	}
+	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: next}); err != nil {
+		t.Fatal(err)
+	}
+	restore()
+	wg.Wait()
+
+	for i, d := range dsts {
+		if errs[i] != nil {
+			t.Fatalf("client for %s: %v", d, errs[i])
+		}
+		r := testbed.Dial(t, outs[i])[0]
+		if r.Err != "" || r.Reply != "peer="+[]string{testbed.NodeV4.String(), testbed.NodeV6.String()}[i] {
+			t.Errorf("connection to %s begun before the switch: %+v, want it forwarded by the previous proxy", d, r)
+			continue
+		}
+		rec := f.recordFor(t, r.Local)
+		if rec.OrigDst != d || rec.Result != "forwarded" {
+			t.Errorf("previous proxy recovered %q (%s, err %q) for a connection begun before the switch, want %s", rec.OrigDst, rec.Result, rec.Err, d)
+		}
+		if p := netip.MustParseAddrPort(rec.Listener).Port(); p != datapath.DefaultProxyPort {
+			t.Errorf("connection begun before the switch reached listener %s, want port %d", rec.Listener, datapath.DefaultProxyPort)
+		}
+	}
+	wantCounted(t, before, f.counters(t), map[string]uint64{"published": 2, "claimed": 2, "orig_dst_answered": 2, "claim_missed": 0, "orig_dst_unknown": 0})
+
+	// After the switch, connections go to the next proxy.
+	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+hostport(ext4b, serverPort))[0]
+	if r.Err != "" {
+		t.Fatalf("connection after the switch: %+v", r)
+	}
+	rec, ok := standin.FindRecord(nextRecords, r.Local, 3*time.Second)
+	if !ok || rec.OrigDst != hostport(ext4b, serverPort) {
+		t.Errorf("next proxy's record of a connection after the switch: %+v (found %v), want original destination %s", rec, ok, hostport(ext4b, serverPort))
 	}
 }
