@@ -185,7 +185,7 @@ func ValidateBootstrap(bs *bootstrap.Bootstrap) error {
 			errs = append(errs, fmt.Errorf("%s: duplicate cluster name", name))
 		}
 		clusters[c.GetName()] = true
-		errs = append(errs, checkCluster(name, c)...)
+		errs = append(errs, checkCluster(name, c, walkOpts{})...)
 	}
 	if sa := bs.GetAdmin().GetAddress().GetSocketAddress(); sa != nil {
 		a, err := netip.ParseAddr(sa.GetAddress())

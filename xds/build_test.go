@@ -3,6 +3,7 @@ package xds
 import (
 	"bytes"
 	"flag"
+	"fmt"
 	"github.com/sluice-io/sluice/policy"
 	"math/rand/v2"
 	"net/netip"
@@ -17,6 +18,8 @@ import (
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/types/known/anypb"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/golden from the current builders")
@@ -373,4 +376,46 @@ func (r *Resources) messages() []proto.Message {
 		out = append(out, c)
 	}
 	return out
+}
+
+// walkAny calls visit on m and on every message packed in an Any inside it,
+// at any depth; anyErr gets the Anys that cannot be unpacked.
+func walkAny(path string, m proto.Message, o walkOpts, visit func(string, proto.Message), anyErr func(string, error)) {
+	visit(path, m)
+	var walk func(string, protoreflect.Message)
+	walk = func(p string, rm protoreflect.Message) {
+		if o.skips(rm.Interface()) {
+			return
+		}
+		if a, ok := rm.Interface().(*anypb.Any); ok {
+			inner, err := o.unpack(a)
+			if err != nil {
+				anyErr(p, fmt.Errorf("typed_config %q: %w (Envoy rejects type URLs it does not know)", a.GetTypeUrl(), err))
+				return
+			}
+			ip := p + "(" + string(inner.ProtoReflect().Descriptor().FullName()) + ")"
+			visit(ip, inner)
+			walk(ip, inner.ProtoReflect())
+			return
+		}
+		rm.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
+			fp := p + "." + string(fd.Name())
+			switch {
+			case fd.IsList() && fd.Message() != nil:
+				l := v.List()
+				for i := 0; i < l.Len(); i++ {
+					walk(fmt.Sprintf("%s[%d]", fp, i), l.Get(i).Message())
+				}
+			case fd.IsMap() && fd.MapValue().Message() != nil:
+				v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+					walk(fmt.Sprintf("%s[%s]", fp, k.String()), mv.Message())
+					return true
+				})
+			case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
+				walk(fp, v.Message())
+			}
+			return true
+		})
+	}
+	walk(path, m.ProtoReflect())
 }

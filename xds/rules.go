@@ -103,7 +103,7 @@ func checkExtension(path, category string, known map[string]extension, name stri
 }
 
 // checkCluster: Envoy's rules for the cluster types sluice uses.
-func checkCluster(path string, c *cluster.Cluster) []error {
+func checkCluster(path string, c *cluster.Cluster, o walkOpts) []error {
 	var errs []error
 	if c.GetType() == cluster.Cluster_ORIGINAL_DST && c.GetClusterType() == nil {
 		if c.GetLbPolicy() != cluster.Cluster_CLUSTER_PROVIDED {
@@ -116,7 +116,7 @@ func checkCluster(path string, c *cluster.Cluster) []error {
 		errs = append(errs, fmt.Errorf("%s: lb_policy CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters, not %s", path, c.GetType()))
 	}
 	if ct := c.GetClusterType(); ct != nil {
-		errs = append(errs, checkCustomCluster(path, c, ct)...)
+		errs = append(errs, checkCustomCluster(path, c, ct, o)...)
 	}
 	if c.GetType() == cluster.Cluster_STATIC && c.GetLoadAssignment() != nil {
 		for _, lle := range c.GetLoadAssignment().GetEndpoints() {
@@ -172,11 +172,11 @@ func checkListener(path string, l *listener.Listener, clusters map[string]bool, 
 		}
 	}
 	if c := l.GetDefaultFilterChain(); c != nil {
-		errs = append(errs, checkChain(fmt.Sprintf("%s: filter chain %q", path, c.GetName()), c, clusters)...)
+		errs = append(errs, checkChain(fmt.Sprintf("%s: filter chain %q", path, c.GetName()), c, clusters, o)...)
 	}
 	// Each of filter_chains is checked by checkChain on its own
 	// (Validator, which remembers the chains it has checked).
-	return append(errs, checkAccessLogs(path, l.GetAccessLog())...)
+	return append(errs, checkAccessLogs(path, l.GetAccessLog(), o)...)
 }
 
 // checkMatchedChains: with filter_chain_matcher, every chain needs a
@@ -215,13 +215,13 @@ func checkMatcher(path string, m *matcher.Matcher, chains map[string]bool, o wal
 		case om.GetMatcher() != nil:
 			errs = append(errs, checkMatcher(p, om.GetMatcher(), chains, o)...)
 		case om.GetAction() != nil:
-			errs = append(errs, checkAction(p, om.GetAction(), chains)...)
+			errs = append(errs, checkAction(p, om.GetAction(), chains, o)...)
 		}
 	}
 	if list := m.GetMatcherList(); list != nil {
 		for i, fm := range list.GetMatchers() {
 			p := fmt.Sprintf("%s.matchers[%d]", path, i)
-			errs = append(errs, checkPredicate(p, fm.GetPredicate())...)
+			errs = append(errs, checkPredicate(p, fm.GetPredicate(), o)...)
 			onMatch(p, fm.GetOnMatch())
 		}
 	}
@@ -252,13 +252,13 @@ func checkMatcher(path string, m *matcher.Matcher, chains map[string]bool, o wal
 	return errs
 }
 
-func checkPredicate(path string, p *matcher.Matcher_MatcherList_Predicate) []error {
+func checkPredicate(path string, p *matcher.Matcher_MatcherList_Predicate, o walkOpts) []error {
 	var errs []error
 	if sp := p.GetSinglePredicate(); sp != nil {
 		errs = append(errs, checkInput(path, sp.GetInput())...)
 		if cm := sp.GetCustomMatch(); cm != nil {
-			var ip ipmatcher.Ip
-			if err := cm.GetTypedConfig().UnmarshalTo(&ip); err != nil {
+			ip, ok := unpackAs[*ipmatcher.Ip](o, cm.GetTypedConfig())
+			if !ok {
 				errs = append(errs, fmt.Errorf("%s: custom_match %s: only the IP input matcher is known", path, cm.GetTypedConfig().GetTypeUrl()))
 			}
 			for _, r := range ip.GetCidrRanges() {
@@ -268,11 +268,11 @@ func checkPredicate(path string, p *matcher.Matcher_MatcherList_Predicate) []err
 	}
 	for _, l := range []*matcher.Matcher_MatcherList_Predicate_PredicateList{p.GetAndMatcher(), p.GetOrMatcher()} {
 		for i, q := range l.GetPredicate() {
-			errs = append(errs, checkPredicate(fmt.Sprintf("%s[%d]", path, i), q)...)
+			errs = append(errs, checkPredicate(fmt.Sprintf("%s[%d]", path, i), q, o)...)
 		}
 	}
 	if n := p.GetNotMatcher(); n != nil {
-		errs = append(errs, checkPredicate(path+".not", n)...)
+		errs = append(errs, checkPredicate(path+".not", n, o)...)
 	}
 	return errs
 }
@@ -284,9 +284,9 @@ func checkInput(path string, in *xdscore.TypedExtensionConfig) []error {
 	return nil
 }
 
-func checkAction(path string, a *xdscore.TypedExtensionConfig, chains map[string]bool) []error {
-	var name wrapperspb.StringValue
-	if err := a.GetTypedConfig().UnmarshalTo(&name); err != nil {
+func checkAction(path string, a *xdscore.TypedExtensionConfig, chains map[string]bool, o walkOpts) []error {
+	name, ok := unpackAs[*wrapperspb.StringValue](o, a.GetTypedConfig())
+	if !ok {
 		return []error{fmt.Errorf("%s: action %s: a filter chain matcher's action must be a google.protobuf.StringValue naming a chain", path, a.GetTypedConfig().GetTypeUrl())}
 	}
 	if !chains[name.GetValue()] {
@@ -307,7 +307,7 @@ func checkCidr(path, addr string, bits *wrapperspb.UInt32Value) []error {
 }
 
 // checkChain: one terminal network filter, last; the clusters it names exist.
-func checkChain(path string, c *listener.FilterChain, clusters map[string]bool) []error {
+func checkChain(path string, c *listener.FilterChain, clusters map[string]bool, o walkOpts) []error {
 	var errs []error
 	fs := c.GetFilters()
 	if len(fs) == 0 {
@@ -323,9 +323,9 @@ func checkChain(path string, c *listener.FilterChain, clusters map[string]bool) 
 		if err := checkTerminal(fp, "network filter", f.GetName(), ext, i == len(fs)-1); err != nil {
 			errs = append(errs, err)
 		}
-		inner, err := f.GetTypedConfig().UnmarshalNew()
+		inner, err := o.unpack(f.GetTypedConfig())
 		if err != nil {
-			continue // reported by validateMessage
+			continue // reported by validateResource
 		}
 		switch cfg := inner.(type) {
 		case *tcpproxy.TcpProxy:
@@ -333,9 +333,9 @@ func checkChain(path string, c *listener.FilterChain, clusters map[string]bool) 
 			for _, w := range cfg.GetWeightedClusters().GetClusters() {
 				errs = append(errs, checkClusterRef(fp, w.GetName(), clusters)...)
 			}
-			errs = append(errs, checkAccessLogs(fp, cfg.GetAccessLog())...)
+			errs = append(errs, checkAccessLogs(fp, cfg.GetAccessLog(), o)...)
 		case *hcm.HttpConnectionManager:
-			errs = append(errs, checkHCM(fp, cfg, clusters)...)
+			errs = append(errs, checkHCM(fp, cfg, clusters, o)...)
 		}
 	}
 	return errs
@@ -359,8 +359,8 @@ func checkClusterRef(path, name string, clusters map[string]bool) []error {
 	return nil
 }
 
-func checkAccessLogs(path string, logs []*accesslog.AccessLog) []error {
-	errs := checkLogFormats(path, logs)
+func checkAccessLogs(path string, logs []*accesslog.AccessLog, o walkOpts) []error {
+	errs := checkLogFormats(path, logs, o)
 	for i, l := range logs {
 		if _, err := checkExtension(fmt.Sprintf("%s.access_log[%d]", path, i), "access logger", accessLoggers, l.GetName(), l.GetTypedConfig()); err != nil {
 			errs = append(errs, err)
@@ -372,7 +372,7 @@ func checkAccessLogs(path string, logs []*accesslog.AccessLog) []error {
 // checkHCM: routes inline (sluice serves no RDS), the router last, unique
 // virtual host names and domains, clusters that exist, direct responses
 // Envoy accepts.
-func checkHCM(path string, m *hcm.HttpConnectionManager, clusters map[string]bool) []error {
+func checkHCM(path string, m *hcm.HttpConnectionManager, clusters map[string]bool, o walkOpts) []error {
 	var errs []error
 	if m.GetRds() != nil || m.GetScopedRoutes() != nil {
 		errs = append(errs, fmt.Errorf("%s: routes must be inline: sluice serves no RDS", path))
@@ -392,7 +392,7 @@ func checkHCM(path string, m *hcm.HttpConnectionManager, clusters map[string]boo
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, checkAccessLogs(path, m.GetAccessLog())...)
+	errs = append(errs, checkAccessLogs(path, m.GetAccessLog(), o)...)
 	rc := m.GetRouteConfig()
 	vhosts := map[string]bool{}
 	domains := map[string]string{}

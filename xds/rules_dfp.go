@@ -9,17 +9,15 @@ import (
 	cares "github.com/envoyproxy/go-control-plane/envoy/extensions/network/dns_resolver/cares/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/proto"
-	"google.golang.org/protobuf/reflect/protoreflect"
-	"google.golang.org/protobuf/types/known/anypb"
 )
 
 // checkCustomCluster: the only custom cluster type sluice knows is the
 // dynamic forward proxy, with Envoy's load-time rules for it
 // (source/extensions/clusters/dynamic_forward_proxy/cluster.cc) and
 // sluice's: its DNS cache must drop node-local answers.
-func checkCustomCluster(path string, c *cluster.Cluster, ct *cluster.Cluster_CustomClusterType) []error {
-	var cfg dfpcluster.ClusterConfig
-	if ct.GetName() != dfpClusterType || ct.GetTypedConfig().UnmarshalTo(&cfg) != nil {
+func checkCustomCluster(path string, c *cluster.Cluster, ct *cluster.Cluster_CustomClusterType, o walkOpts) []error {
+	cfg, ok := unpackAs[*dfpcluster.ClusterConfig](o, ct.GetTypedConfig())
+	if ct.GetName() != dfpClusterType || !ok {
 		return []error{fmt.Errorf("%s: cluster_type %q (%s): only the dynamic forward proxy cluster is known", path, ct.GetName(), ct.GetTypedConfig().GetTypeUrl())}
 	}
 	var errs []error
@@ -30,9 +28,8 @@ func checkCustomCluster(path string, c *cluster.Cluster, ct *cluster.Cluster_Cus
 		errs = append(errs, fmt.Errorf("%s: the dynamic forward proxy cluster has no dns_cache_config (sub_clusters_config is not used by sluice)", path))
 	}
 	if a, ok := c.GetTypedExtensionProtocolOptions()[httpProtocolOptionsKey]; ok && !cfg.GetAllowInsecureClusterOptions() {
-		var opts upstreamhttp.HttpProtocolOptions
-		if err := a.UnmarshalTo(&opts); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %s: %w", path, httpProtocolOptionsKey, err))
+		if opts, ok := unpackAs[*upstreamhttp.HttpProtocolOptions](o, a); !ok {
+			errs = append(errs, fmt.Errorf("%s: %s: not a %s", path, httpProtocolOptionsKey, typeURL(&upstreamhttp.HttpProtocolOptions{})))
 		} else if o := opts.GetUpstreamHttpProtocolOptions(); !o.GetAutoSni() || !o.GetAutoSanValidation() {
 			errs = append(errs, fmt.Errorf("%s: Envoy refuses a dynamic forward proxy cluster whose HTTP protocol options lack auto_sni and auto_san_validation (or allow_insecure_cluster_options)", path))
 		}
@@ -72,42 +69,12 @@ func checkDNSCacheSet(caches []dnsCacheAt) []error {
 	return errs
 }
 
-// eachField calls f on every message directly held in m's fields, at any
-// depth, but not inside an Any (walkAny visits those).
-func eachField(path string, m protoreflect.Message, skip func(proto.Message) bool, f func(string, protoreflect.Message)) {
-	m.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-		if fd.Message() == nil || fd.IsMap() {
-			return true
-		}
-		fp := path + "." + string(fd.Name())
-		visit := func(p string, fm protoreflect.Message) {
-			if _, isAny := fm.Interface().(*anypb.Any); isAny {
-				return
-			}
-			if skip != nil && skip(fm.Interface()) {
-				return
-			}
-			f(p, fm)
-			eachField(p, fm, skip, f)
-		}
-		if fd.IsList() {
-			for i := 0; i < v.List().Len(); i++ {
-				visit(fmt.Sprintf("%s[%d]", fp, i), v.List().Get(i).Message())
-			}
-		} else {
-			visit(fp, v.Message())
-		}
-		return true
-	})
-}
-
-func checkDNSCache(path string, dc *dnscache.DnsCacheConfig) []error {
+func checkDNSCache(path string, dc *dnscache.DnsCacheConfig, o walkOpts) []error {
 	var errs []error
-	var res cares.CaresDnsResolverConfig
 	switch rc := dc.GetTypedDnsResolverConfig(); {
 	case rc == nil:
 		errs = append(errs, fmt.Errorf("%s: DNS cache %q has no typed_dns_resolver_config: it would resolve through the node's resolv.conf", path, dc.GetName()))
-	case rc.GetName() != caresResolverName || rc.GetTypedConfig().UnmarshalTo(&res) != nil:
+	case rc.GetName() != caresResolverName || !isA[*cares.CaresDnsResolverConfig](o, rc.GetTypedConfig()):
 		errs = append(errs, fmt.Errorf("%s: DNS cache %q: resolver %q (%s) is not c-ares", path, dc.GetName(), rc.GetName(), rc.GetTypedConfig().GetTypeUrl()))
 	}
 	if len(dc.GetResolvedAddressFilter().GetRanges()) == 0 || dc.GetResolvedAddressFilter().GetInvertMatch() {

@@ -84,11 +84,11 @@ func checkFormat(path, s string) []error {
 }
 
 // checkLogFormats checks every format of the stdout access loggers.
-func checkLogFormats(path string, logs []*accesslog.AccessLog) []error {
+func checkLogFormats(path string, logs []*accesslog.AccessLog, o walkOpts) []error {
 	var errs []error
 	for i, l := range logs {
-		var so stream.StdoutAccessLog
-		if l.GetTypedConfig().UnmarshalTo(&so) != nil {
+		so, ok := unpackAs[*stream.StdoutAccessLog](o, l.GetTypedConfig())
+		if !ok {
 			continue // not a stdout logger: checkExtension reports it
 		}
 		lp := fmt.Sprintf("%s.access_log[%d]", path, i)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -66,6 +67,26 @@ func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
 
 func (o walkOpts) skips(m proto.Message) bool { return o.skip != nil && o.skip(m) }
 
+// unpackAs is the rules' a.UnmarshalTo: the message packed in a, if it is an
+// M, read from the builder's record when it packed a (o.packed).
+func unpackAs[M proto.Message](o walkOpts, a *anypb.Any) (M, bool) {
+	var zero M
+	if a == nil {
+		return zero, false
+	}
+	m, err := o.unpack(a)
+	if err != nil {
+		return zero, false
+	}
+	t, ok := m.(M)
+	return t, ok
+}
+
+func isA[M proto.Message](o walkOpts, a *anypb.Any) bool {
+	_, ok := unpackAs[M](o, a)
+	return ok
+}
+
 // withoutSkipped is what ValidateAll runs on for msg: msg itself, or, for
 // the source-address trie, a copy without the range matchers o skips (each
 // validated before, with its branch). PGV's ValidateAll descends into every
@@ -90,71 +111,221 @@ func (o walkOpts) withoutSkipped(msg proto.Message) proto.Message {
 // Anys included, each checked by checkDNSCache. Their paths are relative
 // to name, so a remembered chain's caches can be placed at its index.
 func validateResource(name string, m proto.Message, jsonRoundTrip bool, o walkOpts) ([]dnsCacheAt, []error) {
-	var errs []error
-	var found []dnsCacheAt
-	walkAny(name, m, o, func(path string, msg proto.Message) {
-		if v, ok := o.withoutSkipped(msg).(interface{ ValidateAll() error }); ok {
-			if err := v.ValidateAll(); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", path, err))
-			}
-		}
-		eachField(path, msg.ProtoReflect(), o.skip, func(p string, fm protoreflect.Message) {
-			if dc, ok := fm.Interface().(*dnscache.DnsCacheConfig); ok {
-				found = append(found, dnsCacheAt{strings.TrimPrefix(p, name), dc})
-				errs = append(errs, checkDNSCache(p, dc)...)
-			}
-		})
-	}, func(path string, err error) {
-		errs = append(errs, fmt.Errorf("%s: %w", path, err))
-	})
+	w := walker{o: o, root: name}
+	w.message(m)
 	if jsonRoundTrip {
 		if err := roundTrip(m); err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", name, err))
+			w.errs = append(w.errs, fmt.Errorf("%s: %w", name, err))
 		}
 	}
-	return found, errs
+	return w.caches, w.errs
 }
 
-// walkAny calls visit on m and on every message packed in an Any inside it,
-// at any depth; anyErr gets the Anys that cannot be unpacked.
-func walkAny(path string, m proto.Message, o walkOpts, visit func(string, proto.Message), anyErr func(string, error)) {
-	visit(path, m)
-	var walk func(string, protoreflect.Message)
-	walk = func(p string, rm protoreflect.Message) {
-		if o.skips(rm.Interface()) {
-			return
+// walker is one validateResource walk: ValidateAll on the resource and on
+// every message packed in an Any inside it, at any depth (PGV covers the
+// embedded messages, and stops at Anys), and checkDNSCache on every DNS
+// cache configuration. It descends only into fields whose type can hold
+// an Any or a DNS cache configuration (mayHold), and keeps the path to
+// where it is as a stack of steps, written out only for an error or a
+// cache: most of a configuration is neither, and building every field's
+// path was most of a validation's cost.
+type walker struct {
+	o      walkOpts
+	root   string
+	steps  []step
+	errs   []error
+	caches []dnsCacheAt
+}
+
+// step is one step of a path below the root: a field, a list element or map
+// value of that field, or the message packed in an Any.
+type step struct {
+	field protoreflect.Name
+	index int // list element, or -1
+	key   *protoreflect.MapKey
+	any   protoreflect.FullName // the Any's contents' type, for a step into an Any
+}
+
+// path renders the steps as the validator's errors name fields:
+// root.field[3].map[key](type.Name).field.
+func (w *walker) path() string {
+	var b strings.Builder
+	b.WriteString(w.root)
+	b.WriteString(w.relPath())
+	return b.String()
+}
+
+func (w *walker) relPath() string {
+	var b strings.Builder
+	for _, s := range w.steps {
+		switch {
+		case s.any != "":
+			b.WriteString("(" + string(s.any) + ")")
+		case s.key != nil:
+			b.WriteString("." + string(s.field) + "[" + s.key.String() + "]")
+		case s.index >= 0:
+			b.WriteString("." + string(s.field) + "[" + strconv.Itoa(s.index) + "]")
+		default:
+			b.WriteString("." + string(s.field))
 		}
-		if a, ok := rm.Interface().(*anypb.Any); ok {
-			inner, err := o.unpack(a)
-			if err != nil {
-				anyErr(p, fmt.Errorf("typed_config %q: %w (Envoy rejects type URLs it does not know)", a.GetTypeUrl(), err))
-				return
-			}
-			ip := p + "(" + string(inner.ProtoReflect().Descriptor().FullName()) + ")"
-			visit(ip, inner)
-			walk(ip, inner.ProtoReflect())
-			return
-		}
-		rm.Range(func(fd protoreflect.FieldDescriptor, v protoreflect.Value) bool {
-			fp := p + "." + string(fd.Name())
-			switch {
-			case fd.IsList() && fd.Message() != nil:
-				l := v.List()
-				for i := 0; i < l.Len(); i++ {
-					walk(fmt.Sprintf("%s[%d]", fp, i), l.Get(i).Message())
-				}
-			case fd.IsMap() && fd.MapValue().Message() != nil:
-				v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-					walk(fmt.Sprintf("%s[%s]", fp, k.String()), mv.Message())
-					return true
-				})
-			case !fd.IsList() && !fd.IsMap() && fd.Message() != nil:
-				walk(fp, v.Message())
-			}
-			return true
-		})
 	}
-	walk(path, m.ProtoReflect())
+	return b.String()
+}
+
+// message checks m, the resource or an Any's contents, and walks it.
+func (w *walker) message(m proto.Message) {
+	if v, ok := w.o.withoutSkipped(m).(interface{ ValidateAll() error }); ok {
+		if err := v.ValidateAll(); err != nil {
+			w.errs = append(w.errs, fmt.Errorf("%s: %w", w.path(), err))
+		}
+	}
+	w.walk(m.ProtoReflect())
+}
+
+func (w *walker) walk(rm protoreflect.Message) {
+	if w.o.skips(rm.Interface()) {
+		return
+	}
+	switch x := rm.Interface().(type) {
+	case *anypb.Any:
+		inner, err := w.o.unpack(x)
+		if err != nil {
+			w.errs = append(w.errs, fmt.Errorf("%s: typed_config %q: %w (Envoy rejects type URLs it does not know)", w.path(), x.GetTypeUrl(), err))
+			return
+		}
+		w.steps = append(w.steps, step{index: -1, any: inner.ProtoReflect().Descriptor().FullName()})
+		w.message(inner)
+		w.steps = w.steps[:len(w.steps)-1]
+		return
+	case *dnscache.DnsCacheConfig:
+		w.caches = append(w.caches, dnsCacheAt{w.relPath(), x})
+		w.errs = append(w.errs, checkDNSCache(w.path(), x, w.o)...)
+	}
+	for _, fd := range walkedFields(rm.Descriptor()) {
+		if !rm.Has(fd) {
+			continue
+		}
+		v := rm.Get(fd)
+		switch {
+		case fd.IsMap():
+			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
+				w.steps = append(w.steps, step{field: fd.Name(), index: -1, key: &k})
+				w.walk(mv.Message())
+				w.steps = w.steps[:len(w.steps)-1]
+				return true
+			})
+		case fd.IsList():
+			l := v.List()
+			for i := 0; i < l.Len(); i++ {
+				w.steps = append(w.steps, step{field: fd.Name(), index: i})
+				w.walk(l.Get(i).Message())
+				w.steps = w.steps[:len(w.steps)-1]
+			}
+		default:
+			w.steps = append(w.steps, step{field: fd.Name(), index: -1})
+			w.walk(v.Message())
+			w.steps = w.steps[:len(w.steps)-1]
+		}
+	}
+}
+
+// fieldPlans memoises walkedFields per message type.
+var fieldPlans sync.Map // protoreflect.FullName -> []protoreflect.FieldDescriptor
+
+// walkedFields are the fields of md a walk descends into: those holding
+// messages (or map values) that are, or can hold, an Any or a DNS cache
+// configuration.
+func walkedFields(md protoreflect.MessageDescriptor) []protoreflect.FieldDescriptor {
+	if v, ok := fieldPlans.Load(md.FullName()); ok {
+		return v.([]protoreflect.FieldDescriptor)
+	}
+	var walked []protoreflect.FieldDescriptor
+	if mayHold(md) {
+		fs := md.Fields()
+		for i := 0; i < fs.Len(); i++ {
+			fd := fs.Get(i)
+			t := fd.Message()
+			if fd.IsMap() {
+				t = fd.MapValue().Message()
+			}
+			if t != nil && mayHoldOrIs(t) {
+				walked = append(walked, fd)
+			}
+		}
+	}
+	fieldPlans.Store(md.FullName(), walked)
+	return walked
+}
+
+// The message types a walk looks for: an Any (whose contents are
+// validated) and a DNS cache configuration (checkDNSCache).
+var (
+	anyType      = (&anypb.Any{}).ProtoReflect().Descriptor().FullName()
+	dnsCacheType = (&dnscache.DnsCacheConfig{}).ProtoReflect().Descriptor().FullName()
+)
+
+func mayHoldOrIs(md protoreflect.MessageDescriptor) bool {
+	return md.FullName() == anyType || md.FullName() == dnsCacheType || mayHold(md)
+}
+
+// holds memoises mayHold per message type.
+var holds sync.Map // protoreflect.FullName -> bool
+
+// mayHold reports whether a message of type md can hold an Any or a DNS
+// cache configuration in its fields, at any depth (an Any's contents are
+// another walk's). It depends only on the types, so it is computed once
+// per type: over every type reachable from md, to a fixpoint, since types
+// may be recursive.
+func mayHold(md protoreflect.MessageDescriptor) bool {
+	if v, ok := holds.Load(md.FullName()); ok {
+		return v.(bool)
+	}
+	// Every message type reachable from md through fields, with the
+	// types its fields hold.
+	var order []protoreflect.MessageDescriptor
+	fields := map[protoreflect.FullName][]protoreflect.MessageDescriptor{}
+	var collect func(protoreflect.MessageDescriptor)
+	collect = func(d protoreflect.MessageDescriptor) {
+		if _, seen := fields[d.FullName()]; seen {
+			return
+		}
+		fields[d.FullName()] = nil
+		order = append(order, d)
+		fs := d.Fields()
+		for i := 0; i < fs.Len(); i++ {
+			fd := fs.Get(i)
+			t := fd.Message()
+			if fd.IsMap() {
+				t = fd.MapValue().Message()
+			}
+			if t == nil {
+				continue
+			}
+			fields[d.FullName()] = append(fields[d.FullName()], t)
+			collect(t)
+		}
+	}
+	collect(md)
+	result := map[protoreflect.FullName]bool{}
+	for changed := true; changed; {
+		changed = false
+		for _, d := range order {
+			if result[d.FullName()] {
+				continue
+			}
+			for _, t := range fields[d.FullName()] {
+				if t.FullName() == anyType || t.FullName() == dnsCacheType || result[t.FullName()] {
+					result[d.FullName()] = true
+					changed = true
+					break
+				}
+			}
+		}
+	}
+	for _, d := range order {
+		holds.Store(d.FullName(), result[d.FullName()])
+	}
+	return result[md.FullName()]
 }
 
 // roundTrip marshals m to JSON, reads it back strictly (unknown fields are
@@ -255,7 +426,7 @@ func (v *Validator) Validate(r *Resources) error {
 		}
 		clusters[c.GetName()] = true
 		names = append(names, c.GetName())
-		errs = append(errs, checkCluster(name, c)...)
+		errs = append(errs, checkCluster(name, c, walkOpts{packed: r.packed})...)
 	}
 	// A chain's cluster references are checked against these names: they
 	// are part of what a chain's validity depends on.
@@ -302,7 +473,7 @@ func (v *Validator) Validate(r *Resources) error {
 				continue
 			}
 			found, chainErrs := validateResource(path, c, v.JSONRoundTrip, walkOpts{packed: r.packed})
-			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters)...)
+			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters, walkOpts{packed: r.packed})...)
 			if len(chainErrs) == 0 {
 				next[key] = found
 				nextBuilt[c] = builtChain{clusterKey, key, found}

@@ -141,7 +141,7 @@ func TestValidateRejects(t *testing.T) {
 				l.GetLogFormat().Format = nil
 				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
 			})
-		}, "typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
+		}, ".filters[0].typed_config(envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy).access_log[0].typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
 		{"unknown command operator in an access log format", func(t *testing.T, r *Resources) {
 			setLogField(t, r, "bogus", "%UPSTREAM_HOSTNAME_TYPO%")
 		}, "unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
