@@ -239,8 +239,28 @@ type builder struct {
 	// packed records what any packed.
 	packed packedAnys
 	// dns is the DNS cache configuration, built once: every hostname
-	// chain of every pod carries a copy (packed into its own Any).
+	// chain of every pod carries it.
 	dns *dnscache.DnsCacheConfig
+	// shared holds the Anys whose contents depend on nothing but the
+	// state's settings (the router, the DNS filters, matching inputs),
+	// packed once per build and shared by every chain that has one:
+	// encoded once, and validated once (Validator remembers an Any by
+	// identity within a validation).
+	shared map[string]*anypb.Any
+}
+
+// sharedAny is b.any(build()) packed once per build under key, which must
+// name everything the message is built from.
+func (b *builder) sharedAny(key string, build func() proto.Message) *anypb.Any {
+	if a, ok := b.shared[key]; ok {
+		return a
+	}
+	if b.shared == nil {
+		b.shared = map[string]*anypb.Any{}
+	}
+	a := b.any(build())
+	b.shared[key] = a
+	return a
 }
 
 // any packs m deterministically: map fields (access log formats are

@@ -15,6 +15,7 @@ import (
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -186,7 +187,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []policy.Rule) *listene
 		}},
 		HttpFilters: []*hcm.HttpFilter{{
 			Name:       routerFilterName,
-			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(&router.Router{SuppressEnvoyHeaders: true})},
+			ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.sharedAny("router", func() proto.Message { return &router.Router{SuppressEnvoyHeaders: true} })},
 		}},
 		// Hosts are matched without their port: the port was checked by
 		// the filter-chain matcher that chose this chain.
@@ -225,7 +226,7 @@ func (b *builder) httpChain(g *group, port uint16, hosts []policy.Rule) *listene
 	}
 	m.HttpFilters = append([]*hcm.HttpFilter{{
 		Name:       httpDFPFilterName,
-		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.any(b.httpForwardProxy())},
+		ConfigType: &hcm.HttpFilter_TypedConfig{TypedConfig: b.sharedAny("http_dfp", func() proto.Message { return b.httpForwardProxy() })},
 	}}, m.HttpFilters...)
 	return &listener.FilterChain{Name: name, Filters: append(limit, b.portFromOriginalDst(), hcmFilter())}
 }

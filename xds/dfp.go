@@ -15,6 +15,7 @@ import (
 	snidfp "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/sni_dynamic_forward_proxy/v3"
 	cares "github.com/envoyproxy/go-control-plane/envoy/extensions/network/dns_resolver/cares/v3"
 	envoymatcher "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
@@ -154,25 +155,29 @@ func (b *builder) dynamicForwardProxyCluster() *cluster.Cluster {
 // filters and the cluster take the upstream port from. It must run before
 // them: the SNI filter reads it when the connection starts.
 func (b *builder) portFromOriginalDst() *listener.Filter {
-	cfg := &netsetstate.Config{OnNewConnection: []*setstate.FilterStateValue{{
-		Key: &setstate.FilterStateValue_ObjectKey{ObjectKey: dynamicPortStateKey},
-		Value: &setstate.FilterStateValue_FormatString{FormatString: &core.SubstitutionFormatString{
-			Format: &core.SubstitutionFormatString_TextFormatSource{TextFormatSource: &core.DataSource{
-				Specifier: &core.DataSource_InlineString{InlineString: downstreamLocalPortOp},
+	cfg := b.sharedAny("set_filter_state", func() proto.Message {
+		return &netsetstate.Config{OnNewConnection: []*setstate.FilterStateValue{{
+			Key: &setstate.FilterStateValue_ObjectKey{ObjectKey: dynamicPortStateKey},
+			Value: &setstate.FilterStateValue_FormatString{FormatString: &core.SubstitutionFormatString{
+				Format: &core.SubstitutionFormatString_TextFormatSource{TextFormatSource: &core.DataSource{
+					Specifier: &core.DataSource_InlineString{InlineString: downstreamLocalPortOp},
+				}},
 			}},
-		}},
-	}}}
-	return &listener.Filter{Name: setFilterStateName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(cfg)}}
+		}}}
+	})
+	return &listener.Filter{Name: setFilterStateName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: cfg}}
 }
 
 // sniForwardProxy resolves the TLS server name for the tcp_proxy after
 // it. port_value is only the fallback should the port state be missing.
 func (b *builder) sniForwardProxy() *listener.Filter {
-	cfg := &snidfp.FilterConfig{
-		DnsCacheConfig: b.dnsCache(),
-		PortSpecifier:  &snidfp.FilterConfig_PortValue{PortValue: 443},
-	}
-	return &listener.Filter{Name: sniDFPFilterName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: b.any(cfg)}}
+	cfg := b.sharedAny("sni_dfp", func() proto.Message {
+		return &snidfp.FilterConfig{
+			DnsCacheConfig: b.dnsCache(),
+			PortSpecifier:  &snidfp.FilterConfig_PortValue{PortValue: 443},
+		}
+	})
+	return &listener.Filter{Name: sniDFPFilterName, ConfigType: &listener.Filter_TypedConfig{TypedConfig: cfg}}
 }
 
 // httpForwardProxy resolves the Host of requests routed to the dynamic

@@ -205,7 +205,8 @@ func (b *builder) destinationIn(g *group, prefixes []netip.Prefix) *matcher.Matc
 }
 
 func (b *builder) input(name string, m proto.Message) *xdscore.TypedExtensionConfig {
-	return &xdscore.TypedExtensionConfig{Name: "envoy.matching.inputs." + name, TypedConfig: b.any(m)}
+	// Each input is one of the constant messages above, by name.
+	return &xdscore.TypedExtensionConfig{Name: "envoy.matching.inputs." + name, TypedConfig: b.sharedAny("input "+name, func() proto.Message { return m })}
 }
 
 func (b *builder) ipTrie(ranges []*matcher.IPMatcher_IPRangeMatcher) *xdscore.TypedExtensionConfig {

@@ -53,6 +53,18 @@ func validateMessage(name string, m proto.Message) error {
 type walkOpts struct {
 	packed packedAnys
 	skip   func(proto.Message) bool
+	// seen, if set, remembers the Anys walked in this validation by
+	// identity, so an Any shared by many chains (builder.sharedAny) is
+	// checked once: an Any's checks depend on nothing but its contents.
+	// The DNS caches found in one are recorded again at every place it
+	// is, as checkDNSCacheSet and a remembered chain need them there.
+	seen map[*anypb.Any]*walkedAny
+}
+
+// walkedAny is what a walk found inside an Any: the DNS caches, with paths
+// relative to the Any.
+type walkedAny struct {
+	caches []dnsCacheAt
 }
 
 func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
@@ -188,14 +200,34 @@ func (w *walker) walk(rm protoreflect.Message) {
 	}
 	switch x := rm.Interface().(type) {
 	case *anypb.Any:
+		if seen, ok := w.o.seen[x]; ok {
+			if len(seen.caches) > 0 {
+				at := w.relPath()
+				for _, c := range seen.caches {
+					w.caches = append(w.caches, dnsCacheAt{at + c.path, c.dc})
+				}
+			}
+			return
+		}
 		inner, err := w.o.unpack(x)
 		if err != nil {
 			w.errs = append(w.errs, fmt.Errorf("%s: typed_config %q: %w (Envoy rejects type URLs it does not know)", w.path(), x.GetTypeUrl(), err))
 			return
 		}
+		found := len(w.caches)
 		w.steps = append(w.steps, step{index: -1, any: inner.ProtoReflect().Descriptor().FullName()})
 		w.message(inner)
 		w.steps = w.steps[:len(w.steps)-1]
+		if w.o.seen != nil {
+			seen := &walkedAny{}
+			if len(w.caches) > found {
+				at := w.relPath()
+				for _, c := range w.caches[found:] {
+					seen.caches = append(seen.caches, dnsCacheAt{strings.TrimPrefix(c.path, at), c.dc})
+				}
+			}
+			w.o.seen[x] = seen
+		}
 		return
 	case *dnscache.DnsCacheConfig:
 		w.caches = append(w.caches, dnsCacheAt{w.relPath(), x})
@@ -414,11 +446,12 @@ func (v *Validator) Validate(r *Resources) error {
 			caches = append(caches, dnsCacheAt{prefix + c.path, c.dc})
 		}
 	}
+	seen := map[*anypb.Any]*walkedAny{}
 	clusters := map[string]bool{}
 	var names []string
 	for _, c := range r.Clusters {
 		name := "cluster " + quoteName(c.GetName())
-		found, cerrs := validateResource(name, c, v.JSONRoundTrip, walkOpts{packed: r.packed})
+		found, cerrs := validateResource(name, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: seen})
 		addCaches(name, found)
 		errs = append(errs, cerrs...)
 		if clusters[c.GetName()] {
@@ -436,7 +469,7 @@ func (v *Validator) Validate(r *Resources) error {
 	nextBuilt := map[*listener.FilterChain]builtChain{}
 	// A workload's matcher branch validated before (with the chains it
 	// names, which come with it in its part) is not walked again.
-	o := walkOpts{packed: r.packed, skip: func(m proto.Message) bool { return v.builtMatchers[m] }}
+	o := walkOpts{packed: r.packed, seen: seen, skip: func(m proto.Message) bool { return v.builtMatchers[m] }}
 	listeners := map[string]bool{}
 	for _, l := range r.Listeners {
 		name := "listener " + quoteName(l.GetName())
@@ -472,7 +505,7 @@ func (v *Validator) Validate(r *Resources) error {
 				addCaches(path, found)
 				continue
 			}
-			found, chainErrs := validateResource(path, c, v.JSONRoundTrip, walkOpts{packed: r.packed})
+			found, chainErrs := validateResource(path, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: seen})
 			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters, walkOpts{packed: r.packed})...)
 			if len(chainErrs) == 0 {
 				next[key] = found

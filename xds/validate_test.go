@@ -21,6 +21,7 @@ import (
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -319,5 +320,43 @@ func TestValidatorRemembersChainsWithTheirClusters(t *testing.T) {
 	n := len(v.chains)
 	if err := v.Validate(validResources(t)); err != nil || len(v.chains) != n {
 		t.Fatalf("after a failure: %v, %d chains remembered, want %d", err, len(v.chains), n)
+	}
+}
+
+// An Any shared by many chains (builder.sharedAny) is walked once per
+// validation, and the DNS caches inside it are still recorded for every
+// chain that holds it: a chain remembered for the next validation keeps
+// its caches, which checkDNSCacheSet compares with that configuration's.
+func TestValidatorRecordsCachesOfSharedAnys(t *testing.T) {
+	r, _, err := new(Builder).Build(benchStateN(t, 3))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &Validator{}
+	if err := v.Validate(r); err != nil {
+		t.Fatal(err)
+	}
+	holders := map[*anypb.Any]int{}
+	var withCache int
+	for _, c := range r.Listeners[0].GetFilterChains() {
+		b, err := protojson.Marshal(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range c.GetFilters() {
+			if f.GetName() == sniDFPFilterName {
+				holders[f.GetTypedConfig()]++
+			}
+		}
+		want := strings.Count(string(b), `"dnsCacheConfig"`)
+		if got := len(v.builtChains[c].caches); got != want {
+			t.Errorf("chain %q holds %d DNS caches, the validator recorded %d", c.GetName(), want, got)
+		}
+		if want > 0 {
+			withCache++
+		}
+	}
+	if len(holders) != 1 || withCache < 6 {
+		t.Fatalf("the SNI forward proxy filter is %d distinct Anys in %d chains with a DNS cache; want one, shared", len(holders), withCache)
 	}
 }
