@@ -15,6 +15,7 @@ import (
 	"github.com/sluice-io/sluice/policy"
 
 	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
+	accesslog "github.com/envoyproxy/go-control-plane/envoy/config/accesslog/v3"
 	cluster "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	dnscache "github.com/envoyproxy/go-control-plane/envoy/extensions/common/dynamic_forward_proxy/v3"
@@ -247,6 +248,8 @@ type builder struct {
 	// encoded once, and validated once (Validator remembers an Any by
 	// identity within a validation).
 	shared map[string]*anypb.Any
+	// logs are the access logs built so far (accessLog).
+	logs map[logKey][]*accesslog.AccessLog
 }
 
 // sharedAny is b.any(build()) packed once per build under key, which must

@@ -281,43 +281,59 @@ func (b *builder) accessLog(g *group, verdict, reason, kind string) []*accesslog
 	if g != nil {
 		ns, pod = g.namespace, g.name
 	}
+	// A workload's chains of one kind and verdict share one (its two HTTP
+	// chains do): built and packed once per build.
+	key := logKey{ns, pod, verdict, reason, kind}
+	if l, ok := b.logs[key]; ok {
+		return l
+	}
+	if b.logs == nil {
+		b.logs = map[logKey][]*accesslog.AccessLog{}
+	}
+	l := b.newAccessLog(ns, pod, verdict, reason, kind)
+	b.logs[key] = l
+	return l
+}
+
+// logKey is everything an access log is built from.
+type logKey struct{ namespace, pod, verdict, reason, kind string }
+
+func (b *builder) newAccessLog(ns, pod, verdict, reason, kind string) []*accesslog.AccessLog {
 	// Constants are format strings too: a '%' in a name or a quoted
 	// policy error would start a command operator (and an unknown one
 	// makes Envoy refuse the whole listener), so it is written "%%".
 	lit := func(s string) string { return strings.ReplaceAll(s, "%", "%%") }
-	fields := map[string]any{
-		"time":                 "%START_TIME%",
-		"namespace":            lit(ns),
-		"pod":                  lit(pod),
-		"verdict":              verdict,
-		"reason":               lit(reason),
-		"log_type":             "%ACCESS_LOG_TYPE%",
-		"connection_id":        "%CONNECTION_ID%",
-		"source":               "%DOWNSTREAM_REMOTE_ADDRESS%",
-		"original_destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
-		"sni":                  "%REQUESTED_SERVER_NAME%",
-		"duration_ms":          "%DURATION%",
-		"response_flags":       "%RESPONSE_FLAGS%",
-		"termination":          "%CONNECTION_TERMINATION_DETAILS%",
+	str := structpb.NewStringValue
+	fields := map[string]*structpb.Value{
+		"time":                 str("%START_TIME%"),
+		"namespace":            str(lit(ns)),
+		"pod":                  str(lit(pod)),
+		"verdict":              str(verdict),
+		"reason":               str(lit(reason)),
+		"log_type":             str("%ACCESS_LOG_TYPE%"),
+		"connection_id":        str("%CONNECTION_ID%"),
+		"source":               str("%DOWNSTREAM_REMOTE_ADDRESS%"),
+		"original_destination": str("%DOWNSTREAM_LOCAL_ADDRESS%"),
+		"sni":                  str("%REQUESTED_SERVER_NAME%"),
+		"duration_ms":          str("%DURATION%"),
+		"response_flags":       str("%RESPONSE_FLAGS%"),
+		"termination":          str("%CONNECTION_TERMINATION_DETAILS%"),
 	}
 	if kind != logListener {
-		fields["chain"] = "%FILTER_CHAIN_NAME%"
-		fields["upstream"] = "%UPSTREAM_HOST%"
-		fields["upstream_local"] = "%UPSTREAM_LOCAL_ADDRESS%"
-		fields["upstream_failure"] = "%UPSTREAM_TRANSPORT_FAILURE_REASON%"
-		fields["bytes_from_pod"] = "%BYTES_RECEIVED%"
-		fields["bytes_to_pod"] = "%BYTES_SENT%"
+		fields["chain"] = str("%FILTER_CHAIN_NAME%")
+		fields["upstream"] = str("%UPSTREAM_HOST%")
+		fields["upstream_local"] = str("%UPSTREAM_LOCAL_ADDRESS%")
+		fields["upstream_failure"] = str("%UPSTREAM_TRANSPORT_FAILURE_REASON%")
+		fields["bytes_from_pod"] = str("%BYTES_RECEIVED%")
+		fields["bytes_to_pod"] = str("%BYTES_SENT%")
 	}
 	if kind == logHTTP {
-		fields["authority"] = "%REQ(:AUTHORITY)%"
-		fields["method"] = "%REQ(:METHOD)%"
-		fields["response_code"] = "%RESPONSE_CODE%"
-		fields["response_code_details"] = "%RESPONSE_CODE_DETAILS%"
+		fields["authority"] = str("%REQ(:AUTHORITY)%")
+		fields["method"] = str("%REQ(:METHOD)%")
+		fields["response_code"] = str("%RESPONSE_CODE%")
+		fields["response_code_details"] = str("%RESPONSE_CODE_DETAILS%")
 	}
-	st, err := structpb.NewStruct(fields)
-	if err != nil && b.err == nil {
-		b.err = fmt.Errorf("access log format: %w", err)
-	}
+	st := &structpb.Struct{Fields: fields}
 	logger := &stream.StdoutAccessLog{AccessLogFormat: &stream.StdoutAccessLog_LogFormat{LogFormat: &core.SubstitutionFormatString{
 		Format:            &core.SubstitutionFormatString_JsonFormat{JsonFormat: st},
 		JsonFormatOptions: &core.JsonFormatOptions{SortProperties: true},

@@ -261,14 +261,15 @@ func (w *walker) walk(rm protoreflect.Message) {
 	}
 }
 
-// fieldPlans memoises walkedFields per message type.
-var fieldPlans sync.Map // protoreflect.FullName -> []protoreflect.FieldDescriptor
+// fieldPlans memoises walkedFields per message type, keyed by the
+// descriptor itself (hashing its pointer is cheaper than its name).
+var fieldPlans sync.Map // protoreflect.MessageDescriptor -> []protoreflect.FieldDescriptor
 
 // walkedFields are the fields of md a walk descends into: those holding
 // messages (or map values) that are, or can hold, an Any or a DNS cache
 // configuration.
 func walkedFields(md protoreflect.MessageDescriptor) []protoreflect.FieldDescriptor {
-	if v, ok := fieldPlans.Load(md.FullName()); ok {
+	if v, ok := fieldPlans.Load(md); ok {
 		return v.([]protoreflect.FieldDescriptor)
 	}
 	var walked []protoreflect.FieldDescriptor
@@ -285,7 +286,7 @@ func walkedFields(md protoreflect.MessageDescriptor) []protoreflect.FieldDescrip
 			}
 		}
 	}
-	fieldPlans.Store(md.FullName(), walked)
+	fieldPlans.Store(md, walked)
 	return walked
 }
 
