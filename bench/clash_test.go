@@ -40,7 +40,7 @@ func TestPrivilegedBenchConntrackClash(t *testing.T) {
 		{"the pod's nftables-DNAT connections", []string{"nftables-set=203.0.113.8:8080"}},
 	} {
 		c0 := mustCounters(t, e.dp)
-		connlat(t, e.pod, n, append([]string{"ebpf-conntrack=203.0.113.7:8080"}, row.variants...)...)
+		connlat(t, e.pod.Cgroup, e.pod.Netns, n, append([]string{"ebpf-conntrack=203.0.113.7:8080"}, row.variants...)...)
 		c1 := mustCounters(t, e.dp)
 		red, ans := c1.RedirectedV4-c0.RedirectedV4, c1.OrigDstAnswered-c0.OrigDstAnswered
 		fmt.Fprintf(&md, "| %s | %d | %d | %.1f%% |\n", row.name, red, ans, 100*float64(red-ans)/float64(max(red, 1)))

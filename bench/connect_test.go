@@ -54,6 +54,10 @@ type connectRow struct {
 	ConnPerSec float64 `json:"connections_per_second"`
 	P50xDirect float64 `json:"p50_ratio_to_direct"`
 	P99xDirect float64 `json:"p99_ratio_to_direct"`
+	// The ratios to the no-programs variant (ebpf, direct, unselected).
+	P50xNone float64 `json:"p50_ratio_to_no_programs,omitempty"`
+	P99xNone float64 `json:"p99_ratio_to_no_programs,omitempty"`
+	CPSxNone float64 `json:"cps_ratio_to_no_programs,omitempty"`
 	// Lost: redirected connections whose original destination the proxy
 	// could not recover (eBPF rows only).
 	Lost uint64 `json:"original_destinations_lost,omitempty"`
@@ -87,7 +91,14 @@ type connectRow struct {
 //     on the pod's loopback, SO_ORIGINAL_DST answered by the pod's conntrack;
 //     a per-pod ruleset, so the number of pods does not matter to it;
 //   - direct, direct-conntrack: the pod dials the proxy address itself, the
-//     floor, without and with the node's conntrack.
+//     floor, without and with the node's conntrack;
+//   - no-programs: a client whose cgroup is outside the datapath's attach
+//     point dials a second stand-in proxy, also outside it: the bare proxy
+//     hop with no sluice program on either side (issue 17's goal 1 is
+//     ebpf within 1.05x of it);
+//   - unselected: a client in a cgroup under the attach point that no
+//     workload selects dials that second proxy: what the programs cost a
+//     pod sluice does not redirect (the goal: within 1.01x).
 //
 // Rounds alternate the phases (no table; the set table; the linear table;
 // the sidecar rules), five times per scale, 1,000 connections per variant
@@ -105,6 +116,12 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 	nh := tb.Node.NetlinkHandle(t)
 	sidecar := "127.0.0.1:15001"
 	testbed.StartDaemon(t, tb.ProxyCgroup, pod.Netns, "proxy", "-sink", "-listen", sidecar)
+	// The baselines: a cgroup beside the attach point (no program runs in
+	// it) with the bare proxy, and an unselected cgroup under it.
+	detached := testbed.NewRootCgroup(t, "sluice-test-"+tb.ID+"-detached")
+	bare := fmt.Sprintf("%s:%d", datapath.DefaultProxyIPv4, bareProxyPort)
+	testbed.StartDaemon(t, detached, tb.Node, "proxy", "-sink", "-listen", bare)
+	unselected := tb.Root.Child(t, "unselected")
 
 	const perRound, rounds = 1000, 5
 	ebpfDst, nftDst, sidecarDst := "203.0.113.7:8080", "203.0.113.8:8080", "203.0.113.9:8080"
@@ -134,10 +151,10 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 		// A phase runs its variants; redirected connections whose
 		// original destination was not answered are counted per phase.
 		spent := map[string]time.Duration{}
-		phase := func(name string, variants ...string) {
+		phaseIn := func(name string, cg *testbed.Cgroup, variants ...string) {
 			defer func(begin time.Time) { spent[name] += time.Since(begin) }(time.Now())
 			c0 := mustCounters(t, dp)
-			add(connlat(t, pod, perRound, variants...))
+			add(connlat(t, cg, pod.Netns, perRound, variants...))
 			// The proxy asks about a connection after the client is done
 			// with it (each is reset right after connect()), so it may still
 			// be catching up when the client exits: what it has not asked
@@ -157,6 +174,7 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 					sc.Workloads, sc.Exclusions, name, red, ans)
 			}
 		}
+		phase := func(name string, variants ...string) { phaseIn(name, pod.Cgroup, variants...) }
 		// Conntrack entries of NATed connections outlive their table
 		// (TIME_WAIT, 120 s); each phase starts without them.
 		flush := func() {
@@ -167,6 +185,8 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 		begin := time.Now()
 		for r := 0; r < rounds; r++ {
 			phase("no table", "ebpf="+ebpfDst, "direct="+proxy)
+			phaseIn("no table, unselected", unselected, "unselected="+bare)
+			phaseIn("no table, no programs", detached, "no-programs="+bare)
 			// eBPF with conntrack on. Redirected connections whose tuple
 			// clashes in conntrack get their port moved by NAT
 			// (TestPrivilegedBenchConntrackClash); the Lost column shows
@@ -199,11 +219,16 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 				best = p
 			}
 		}
-		for _, v := range []string{"ebpf", "ebpf-conntrack", "ebpf-notrack", "nftables-set", "nftables-linear", "iptables-sidecar", "direct", "direct-conntrack"} {
+		none := samples["no-programs"]
+		for _, v := range []string{"ebpf", "ebpf-conntrack", "ebpf-notrack", "nftables-set", "nftables-linear", "iptables-sidecar", "direct", "direct-conntrack", "unselected", "no-programs"} {
 			xs := samples[v]
 			row := connectRow{Workloads: sc.Workloads, Exclusions: sc.Exclusions, Variant: v, N: len(xs),
 				P50ns: int64(pct(xs, 0.5)), P99ns: int64(pct(xs, 0.99)), ConnPerSec: perSecond(samples[v+"/cycle"]),
 				P50xDirect: ratio(xs, base, 0.5), P99xDirect: ratio(xs, base, 0.99)}
+			if v == "ebpf" || v == "direct" || v == "unselected" {
+				row.P50xNone, row.P99xNone = ratio(xs, none, 0.5), ratio(xs, none, 0.99)
+				row.CPSxNone = row.ConnPerSec / perSecond(samples["no-programs/cycle"])
+			}
 			switch v {
 			case "ebpf":
 				row.Lost = lost["no table"]
@@ -447,9 +472,14 @@ func must(t *testing.T, err error) {
 	}
 }
 
-func connlat(t *testing.T, pod *testbed.Pod, n int, variants ...string) Latencies {
+// bareProxyPort is the no-programs variant's proxy, outside the attach
+// point.
+const bareProxyPort = 15099
+
+// connlat runs the connlat role in cgroup cg and namespace ns.
+func connlat(t *testing.T, cg *testbed.Cgroup, ns *testbed.Netns, n int, variants ...string) Latencies {
 	t.Helper()
-	out := testbed.Run(t, 5*time.Minute, pod.Cgroup, pod.Netns, "connlat", append([]string{"-n", fmt.Sprint(n)}, variants...)...)
+	out := testbed.Run(t, 5*time.Minute, cg, ns, "connlat", append([]string{"-n", fmt.Sprint(n)}, variants...)...)
 	var l Latencies
 	if err := json.Unmarshal(out, &l); err != nil {
 		t.Fatal(err)
@@ -551,6 +581,19 @@ func connectReport(rows []connectRow) string {
 		fmt.Fprintf(&md, "| %d | %d | %s | %d | %v | %v | %.0f | %.3f | %.3f %s|\n", r.Workloads, r.Exclusions, r.Variant, r.N,
 			time.Duration(r.P50ns), time.Duration(r.P99ns), r.ConnPerSec, r.P50xDirect, r.P99xDirect, nftCols)
 	}
+	fmt.Fprintf(&md, "\n## Against no programs attached\n\n")
+	fmt.Fprintf(&md, "The same run. no-programs: a client in a cgroup outside the datapath's attach point dials a second stand-in proxy, also outside it (no sluice program on either side). unselected: a client in a cgroup under the attach point that no workload selects dials that proxy. Issue 17's goal 1: ebpf within 1.05x of no-programs (p50 and p99), unselected within 1.01x.\n\n")
+	fmt.Fprintf(&md, "| workloads | exclusions | variant | connect p50 | connect p99 | p50 / no programs | p99 / no programs | conn/s / no programs |\n|---|---|---|---|---|---|---|---|\n")
+	for _, r := range rows {
+		if r.P50xNone == 0 && r.Variant != "no-programs" {
+			continue
+		}
+		ratios := "| | | "
+		if r.Variant != "no-programs" {
+			ratios = fmt.Sprintf("| **%.3f** | %.3f | %.3f ", r.P50xNone, r.P99xNone, r.CPSxNone)
+		}
+		fmt.Fprintf(&md, "| %d | %d | %s | %v | %v %s|\n", r.Workloads, r.Exclusions, r.Variant, time.Duration(r.P50ns), time.Duration(r.P99ns), ratios)
+	}
 	return md.String()
 }
 
@@ -601,7 +644,7 @@ func whereTheTimeGoes(t *testing.T, e *benchEnv, ebpfDst string) string {
 	per := map[string]map[string][2]float64{} // variant -> program -> {runs, ns} per connection
 	for _, v := range []string{"ebpf=" + ebpfDst, "direct=" + e.proxy} {
 		before := programStats(t, e.pinPath)
-		connlat(t, e.pod, n, v)
+		connlat(t, e.pod.Cgroup, e.pod.Netns, n, v)
 		after := programStats(t, e.pinPath)
 		name, _, _ := strings.Cut(v, "=")
 		per[name] = map[string][2]float64{}

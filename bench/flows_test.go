@@ -52,7 +52,7 @@ func TestPrivilegedBenchFlowLog(t *testing.T) {
 	const perRound, rounds = 1000, 4
 	samples := Latencies{}
 	for range rounds {
-		for k, v := range connlat(t, e.pod, perRound, "event="+eventDst.String(), "no-event="+excludedDst.String()) {
+		for k, v := range connlat(t, e.pod.Cgroup, e.pod.Netns, perRound, "event="+eventDst.String(), "no-event="+excludedDst.String()) {
 			samples[k] = append(samples[k], v...)
 		}
 	}
@@ -63,7 +63,7 @@ func TestPrivilegedBenchFlowLog(t *testing.T) {
 	const statN = 2000
 	for _, v := range []string{"event=" + eventDst.String(), "no-event=" + excludedDst.String()} {
 		before := programStats(t, e.pinPath)
-		connlat(t, e.pod, statN, v)
+		connlat(t, e.pod.Cgroup, e.pod.Netns, statN, v)
 		after := programStats(t, e.pinPath)
 		name, _, _ := strings.Cut(v, "=")
 		kernelNs[name] = float64(after["sl_connect4"].Runtime-before["sl_connect4"].Runtime) / statN

@@ -109,7 +109,7 @@ func TestPrivilegedBenchHTTP(t *testing.T) {
 	}
 
 	// The round trip as a TCP handshake sees it, straight to the server.
-	hs := connlat(t, tb.Pods[0], 20, "rtt=203.0.113.8:80")["rtt"]
+	hs := connlat(t, tb.Pods[0].Cgroup, tb.Pods[0].Netns, 20, "rtt=203.0.113.8:80")["rtt"]
 	measuredRTT := pct(hs, 0.5)
 
 	ebpfDst, nftDst, sidecarDst := "203.0.113.7:80", "203.0.113.8:80", "203.0.113.9:80"
