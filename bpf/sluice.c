@@ -16,9 +16,9 @@
  *                       the same rule, for datagrams that never connect().
  *   cgroup/sock_create  enforce mode: only TCP and UDP sockets may be created
  *                       (ping sockets' sendto() runs no sendmsg hook).
- *   sockops (client)    TCP_CONNECT: ask for state callbacks on that socket.
- *                       ACTIVE_ESTABLISHED: publish (addresses, client ISN+1)
- *                       -> original dst.
+ *   sockops (client)    ACTIVE_ESTABLISHED: publish (addresses, client ISN+1)
+ *                       -> original dst, and ask for state callbacks on that
+ *                       socket.
  *                       STATE(CLOSE): forget any entry the proxy did not claim.
  *   cgroup/sock_release the socket is gone: forget its original destination
  *                       (also when connect() failed after connect4 ran).
@@ -253,21 +253,23 @@ static __always_inline struct proxy_config *get_config(void)
 
 /*
  * The workload of the calling task: its own cgroup, else the deepest selected
- * ancestor. bpf_get_current_ancestor_cgroup_id returns 0 past the task's own
- * level, which ends the walk.
+ * ancestor. bpf_get_current_ancestor_cgroup_id returns the task's own cgroup
+ * at its own level and 0 past it, which end the walk (the own cgroup was
+ * looked up first). Every connect of an unselected task pays one lookup per
+ * level: a pod's container at level 4 or 5 pays 4 or 5.
  */
 static __always_inline struct workload *current_workload(void)
 {
 	struct workload *found = NULL, *w;
-	__u64 id = bpf_get_current_cgroup_id();
+	__u64 self = bpf_get_current_cgroup_id(), id;
 
-	w = bpf_map_lookup_elem(&workloads, &id);
+	w = bpf_map_lookup_elem(&workloads, &self);
 	if (w)
 		return w;
 
 	for (int level = 1; level <= MAX_ANCESTOR_LEVEL; level++) {
 		id = bpf_get_current_ancestor_cgroup_id(level);
-		if (!id)
+		if (!id || id == self)
 			break;
 		w = bpf_map_lookup_elem(&workloads, &id);
 		if (w)
@@ -407,6 +409,12 @@ static __always_inline enum verdict remember(const struct conn *c, const struct 
 		count(COUNTER_ORIG_STORE_FAILED);
 		return not_ready(c, w);
 	}
+	/*
+	 * Looked up once, so the kernel's LRU counts the entry as used: it
+	 * evicts entries never looked up first, and this one is not read
+	 * again before the handshake completes.
+	 */
+	bpf_map_lookup_elem(&orig_dsts, &cookie);
 	s = stats_of(w);
 	if (s)
 		s->redirected++;
@@ -805,6 +813,12 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops,
 		count(COUNTER_PUBLISH_FAILED);
 		return;
 	}
+	/*
+	 * A published entry needs the CLOSE callback to be deleted should the
+	 * proxy never claim it; only these sockets ask for state callbacks
+	 * (each one is a callback at every state change after this).
+	 */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	count(COUNTER_PUBLISHED);
 }
 
@@ -871,25 +885,22 @@ int sl_sockops(struct bpf_sock_ops *skops)
 	struct bpf_sock *sk = skops->sk;
 	struct proxy_config *cfg;
 	struct sk_view v = {};
-	__u64 cookie;
 
 	if (family != AF_INET && family != AF_INET6)
 		return 1;
-	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
-	    op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_STATE_CB)
+	/*
+	 * The kernel calls this program for every TCP event of every socket
+	 * below the attach cgroup (about nine per connection); all but these
+	 * three return here, before any map is touched.
+	 */
+	if (op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
 	cfg = get_config();
 	if (!cfg)
 		return 1;
 
 	switch (op) {
-	case BPF_SOCK_OPS_TCP_CONNECT_CB:
-		/* Redirected sockets need the CLOSE callback to clean up. */
-		cookie = bpf_get_socket_cookie(skops);
-		if (bpf_map_lookup_elem(&orig_dsts, &cookie))
-			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-								 BPF_SOCK_OPS_STATE_CB_FLAG);
-		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
 		on_active_established(skops, &v, cfg);
@@ -932,16 +943,37 @@ int sl_sock_create(struct bpf_sock *sk)
 }
 
 /*
- * Every TCP socket released in the cgroup drops its original destination,
- * if it had one: this covers connects that failed after connect4 ran
- * (EADDRNOTAVAIL, no route), which never reach a sockops callback.
+ * A TCP socket connect4 redirected drops its original destination when it is
+ * released: this covers connects that failed after connect4 ran
+ * (EADDRNOTAVAIL, no route), which never reach a sockops callback. Only such
+ * a socket has an entry, and its peer is the proxy, or none when connect()
+ * failed before the kernel set it; every other TCP socket (connected
+ * elsewhere, or accepted) is skipped before its cookie is taken.
  */
 SEC("cgroup/sock_release")
 int sl_sock_release(struct bpf_sock *sk)
 {
+	struct proxy_config *cfg;
+	__be32 peer[4];
 	__u64 cookie;
+	int unset;
 
 	if (sk->type != SOCK_STREAM)
+		return 1;
+	if (sk->family == AF_INET) {
+		unset = !sk->dst_ip4;
+		set_v4mapped(peer, sk->dst_ip4);
+	} else if (sk->family == AF_INET6) {
+		peer[0] = sk->dst_ip6[0];
+		peer[1] = sk->dst_ip6[1];
+		peer[2] = sk->dst_ip6[2];
+		peer[3] = sk->dst_ip6[3];
+		unset = !(peer[0] | peer[1] | peer[2] | peer[3]);
+	} else {
+		return 1;
+	}
+	cfg = get_config();
+	if (!unset && cfg && !is_proxy_addr(cfg, peer, is_v4mapped(peer)))
 		return 1;
 	cookie = bpf_get_socket_cookie(sk);
 	bpf_map_delete_elem(&orig_dsts, &cookie);

@@ -1,6 +1,7 @@
 package kernel
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -202,5 +203,54 @@ func TestPrivilegedAwaitingProxy(t *testing.T) {
 		if w.AwaitingProxy {
 			t.Errorf("cgroup %d still reads as awaiting", cg)
 		}
+	}
+}
+
+// Redirected connects that fail leave no original destination behind,
+// whichever way they fail: with no route to the proxy (connect() fails
+// before the kernel sets the socket's peer) and refused by a closed proxy
+// port (the peer is the proxy). sock_release deletes the entry of a TCP
+// socket whose peer is the proxy or unset, and skips every other socket.
+func TestPrivilegedFailedConnectsLeaveNothing(t *testing.T) {
+	f := setup(t, 1)
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 1, datapath.FailOpen)
+	inFlight := func() int {
+		n, _, err := f.dp.InFlight()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if n := inFlight(); n != 0 {
+		t.Fatalf("%d original destinations before any connect", n)
+	}
+	dst := "tcp4:" + hostport(ext4, serverPort)
+
+	// No route: the pod's default route is gone.
+	pod.Netns.IP(t, "route", "del", "default")
+	before := f.counters(t)
+	r := f.dial(t, pod.Cgroup, pod, dst)[0]
+	if !strings.Contains(r.Err, "network is unreachable") {
+		t.Fatalf("connect with no route: %+v, want ENETUNREACH", r)
+	}
+	wantCounted(t, before, f.counters(t), map[string]uint64{"redirected_ipv4": 1})
+	if n := inFlight(); n != 0 {
+		t.Errorf("a connect that failed with no route left %d original destinations", n)
+	}
+	gw4 := pod.IPv4.As4()
+	gw4[3] = 1
+	pod.Netns.IP(t, "route", "add", "default", "via", netip.AddrFrom4(gw4).String())
+
+	// Refused: the datapath sends to a port nothing listens on.
+	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: datapath.DefaultProxyPort + 7}); err != nil {
+		t.Fatal(err)
+	}
+	r = f.dial(t, pod.Cgroup, pod, dst)[0]
+	if !strings.Contains(r.Err, "connection refused") {
+		t.Fatalf("connect to a closed proxy port: %+v, want ECONNREFUSED", r)
+	}
+	if n := inFlight(); n != 0 {
+		t.Errorf("a connect refused by the proxy address left %d original destinations", n)
 	}
 }
