@@ -739,11 +739,17 @@ static __always_inline void read_view(const struct bpf_sock_ops *skops, __u32 fa
  * port while connections that connect4 sent to the previous proxy's port
  * are still in their handshake, and the previous proxy (draining) accepts
  * them after the switch. Their entries must still be published and
- * claimed, or that proxy gets them with no original destination. Matching
- * any port lets no other socket claim an entry: the key is the client's
- * address, the proxy's and the client's sequence number, which only the
- * connection's own passive end sees, and a pod cannot dial the proxy's
- * address on another port (connect4 refuses it).
+ * claimed, or that proxy gets them with no original destination.
+ *
+ * What keeps another socket from claiming an entry is the key, not the port:
+ * the client's address, the proxy's and the client's ISN + 1, so a claim
+ * needs a handshake from the victim's own address with the victim's ISN
+ * while its entry is pending (see docs/datapath.md). Any listener on the
+ * proxy address can now receive such a forged handshake, where before only
+ * the proxy's could; the forgery is no easier. Selected pods cannot dial
+ * the proxy address on another port at all (connect4 refuses it);
+ * unselected ones and node processes can, and match only keys of their own
+ * address (TestPrivilegedOtherPortsOnTheProxyAddressClaimNothing).
  */
 static __always_inline int is_proxy_sk_addr(const struct proxy_config *cfg, const __be32 a[4])
 {

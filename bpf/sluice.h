@@ -214,7 +214,7 @@ enum counter {
 	COUNTER_PUBLISHED,          /* 4-tuple published at ACTIVE_ESTABLISHED */
 	COUNTER_PUBLISH_FAILED,     /* 4-tuple map update failed */
 	COUNTER_CLAIMED,            /* proxy socket claimed its entry */
-	COUNTER_CLAIM_MISSED,       /* proxy socket established with no entry */
+	COUNTER_CLAIM_MISSED,       /* socket accepted on the proxy address (any port) with no entry */
 	COUNTER_STALE_CLEARED,      /* unredirected connection cleared an old entry */
 	COUNTER_ORIG_ANSWERED,      /* SO_ORIGINAL_DST answered */
 	COUNTER_ORIG_UNKNOWN,       /* SO_ORIGINAL_DST asked on an unknown socket */

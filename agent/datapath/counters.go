@@ -19,7 +19,7 @@ type Counters struct {
 	Published        uint64 // client 4-tuple published at ESTABLISHED
 	PublishFailed    uint64 // 4-tuple or claim storage could not be written
 	Claimed          uint64 // proxy socket claimed its original destination
-	ClaimMissed      uint64 // proxy socket established with no entry (direct connection)
+	ClaimMissed      uint64 // a socket accepted on the proxy address (any port) with no entry: a direct connection
 	StaleCleared     uint64 // an unredirected connection cleared a stale entry
 	OrigDstAnswered  uint64 // SO_ORIGINAL_DST answered
 	OrigDstUnknown   uint64 // SO_ORIGINAL_DST asked on a socket with no entry

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -197,6 +198,10 @@ func TestPrivilegedProxyPortSwitchMidHandshake(t *testing.T) {
 	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: next}); err != nil {
 		t.Fatal(err)
 	}
+	// Still in their handshake after the switch, or the test proves nothing.
+	if c := f.counters(t); c.Published != before.Published {
+		t.Fatalf("a connection was established before the switch")
+	}
 	restore()
 	wg.Wait()
 
@@ -228,4 +233,82 @@ func TestPrivilegedProxyPortSwitchMidHandshake(t *testing.T) {
 	if !ok || rec.OrigDst != hostport(ext4b, serverPort) {
 		t.Errorf("next proxy's record of a connection after the switch: %+v (found %v), want original destination %s", rec, ok, hostport(ext4b, serverPort))
 	}
+}
+
+// From the attacker's side: the handshake hooks recognise the proxy by its
+// address on any port (TestPrivilegedProxyPortSwitchMidHandshake), so every
+// listener on the proxy address runs the claim. While a selected pod's
+// redirected connection is established, its entry published and not yet
+// claimed (its proxy defers accepting it: TCP_DEFER_ACCEPT), an unselected
+// process in the same pod namespace, so with the same source address, makes
+// 50 connections to a listener on the proxy address at another port that
+// asks SO_ORIGINAL_DST. None is answered (each counts claim_missed), and
+// the held connection, accepted afterwards, is answered its own
+// destination.
+func TestPrivilegedOtherPortsOnTheProxyAddressClaimNothing(t *testing.T) {
+	f := setup(t, 1)
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 1, datapath.FailClosed)
+	const deferred, other = datapath.DefaultProxyPort + 2, datapath.DefaultProxyPort + 3
+	dir := t.TempDir()
+	deferredRecords, otherRecords := filepath.Join(dir, "deferred.jsonl"), filepath.Join(dir, "other.jsonl")
+	testbed.StartDaemon(t, f.tb.ProxyCgroup, f.tb.Node, "proxy", "-defer-accept", "3",
+		"-listen", fmt.Sprintf("%s:%d", proxyV4, deferred), "-records", deferredRecords)
+	testbed.StartDaemon(t, f.tb.ProxyCgroup, f.tb.Node, "proxy",
+		"-listen", fmt.Sprintf("%s:%d", proxyV4, other), "-records", otherRecords)
+	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: deferred}); err != nil {
+		t.Fatal(err)
+	}
+
+	// The victim: one redirected connect, held open, sending nothing.
+	before := f.counters(t)
+	victim := netip.AddrPortFrom(ext4, serverPort)
+	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "pending", "-n", "1", "-dst", victim.Addr().String(),
+		"-dst-port-base", strconv.Itoa(int(victim.Port())), "-dst-ports", "1")
+	stdin, stdout := testbed.StartPiped(t, cmd)
+	defer func() { stdin.Close(); cmd.Wait() }()
+	if l := testbed.LineReader(stdout, 5*time.Second)(t); !strings.HasPrefix(l, "READY 1 0") {
+		t.Fatalf("victim: %q, want one connect started", l)
+	}
+	harness.WaitFor(t, "the victim's connection established and its entry published", 5*time.Second, func() bool {
+		return f.counters(t).Published == before.Published+1
+	})
+
+	// The attacker: unselected, in the victim's namespace.
+	attacker := f.tb.Root.Child(t, "attacker")
+	const n = 50
+	specs := make([]string, n)
+	for i := range specs {
+		specs[i] = "tcp4:" + hostport(proxyV4, int(other))
+	}
+	f.dial(t, attacker, pod, specs...)
+	var recs []standin.Record
+	harness.WaitFor(t, "the other listener's records of the attacker's connections", 5*time.Second, func() bool {
+		recs = standin.ReadRecords(otherRecords)
+		return len(recs) == n
+	})
+	for _, r := range recs {
+		if r.OrigDst != "" {
+			t.Errorf("a connection to the proxy address at port %d was answered %s (result %s)", other, r.OrigDst, r.Result)
+		}
+	}
+	mid := f.counters(t)
+	if mid.Claimed != before.Claimed {
+		t.Fatalf("the victim's entry was claimed %d times before its proxy accepted it", mid.Claimed-before.Claimed)
+	}
+	wantCounted(t, before, mid, map[string]uint64{"claim_missed": n, "orig_dst_answered": 0})
+
+	// Its proxy accepts it now: the claim finds the victim's own entry.
+	var rec standin.Record
+	harness.WaitFor(t, "the deferred accept of the victim's connection", 10*time.Second, func() bool {
+		rs := standin.ReadRecords(deferredRecords)
+		if len(rs) > 0 {
+			rec = rs[0]
+		}
+		return len(rs) > 0
+	})
+	if rec.OrigDst != victim.String() {
+		t.Errorf("the held connection was answered %q (%s), want its own destination %s", rec.OrigDst, rec.Result, victim)
+	}
+	wantCounted(t, before, f.counters(t), map[string]uint64{"claimed": 1, "orig_dst_answered": 1, "claim_missed": n})
 }

@@ -214,6 +214,7 @@ func Main(args []string) int {
 	quiet := fs.Bool("quiet", false, "forwarding mode: record nothing (benchmarks)")
 	mark := fs.Int("upstream-mark", 0, "forwarding mode: set this SO_MARK on upstream sockets (a sidecar's REDIRECT rule skips them)")
 	admin := fs.String("admin", "", "serve GET /ready (LIVE) here, as Envoy's admin does, for the agent's health probe")
+	deferAccept := fs.Int("defer-accept", 0, "set TCP_DEFER_ACCEPT (seconds) on the listeners: a handshake's final ACK without data is dropped and the connection accepted only when data or the retransmitted SYN-ACK's ACK comes, so a client stays established, its entry published and unclaimed, that long (tests)")
 	xdsSocket := fs.String("xds", "", "conformance mode: take the listener and clusters from this ADS socket and execute them as Envoy would (test/conformance); the access log goes to -records. The other modes' flags do not apply")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -236,6 +237,17 @@ func Main(args []string) int {
 	lc := net.ListenConfig{}
 	// Go listeners are MPTCP by default since 1.24; Envoy's are plain TCP.
 	lc.SetMultipathTCP(false)
+	if *deferAccept > 0 {
+		lc.Control = func(_, _ string, c syscall.RawConn) error {
+			var serr error
+			if err := c.Control(func(fd uintptr) {
+				serr = syscall.SetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_DEFER_ACCEPT, *deferAccept)
+			}); err != nil {
+				return err
+			}
+			return serr
+		}
+	}
 	for _, a := range strings.Split(*listen, ",") {
 		ap, err := netip.ParseAddrPort(strings.TrimSpace(a))
 		if err != nil {
