@@ -161,8 +161,9 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	failed := 0.0
 	if cs, err := c.bpf.Counters(); err == nil {
+		names := datapath.CounterNames()
 		for i, v := range cs.Values() {
-			ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(v), datapath.CounterNames[i])
+			ch <- prometheus.MustNewConstMetric(descEvents, prometheus.CounterValue, float64(v), names[i])
 		}
 	} else {
 		failed = 1

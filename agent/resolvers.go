@@ -36,8 +36,8 @@ func ParseResolvers(s string) ([]netip.AddrPort, error) {
 			out = append(out, ap)
 		}
 	}
-	if len(out) > datapath.MaxResolvers {
-		return nil, fmt.Errorf("%d DNS resolvers, at most %d", len(out), datapath.MaxResolvers)
+	if len(out) > datapath.MaxResolvers() {
+		return nil, fmt.Errorf("%d DNS resolvers, at most %d", len(out), datapath.MaxResolvers())
 	}
 	return out, nil
 }
@@ -97,8 +97,8 @@ func resolvers(spec string) ([]netip.AddrPort, error) {
 	if err != nil {
 		return nil, fmt.Errorf("DNS resolvers from /etc/resolv.conf: %w", err)
 	}
-	if len(rs) > datapath.MaxResolvers {
-		rs = rs[:datapath.MaxResolvers]
+	if len(rs) > datapath.MaxResolvers() {
+		rs = rs[:datapath.MaxResolvers()]
 	}
 	return rs, nil
 }

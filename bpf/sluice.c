@@ -43,6 +43,8 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 const enum counter *unused_counter __attribute__((unused));
 const enum dst_class *unused_dst_class __attribute__((unused));
 const enum flow_decision *unused_flow_decision __attribute__((unused));
+const enum workload_flag *unused_workload_flag __attribute__((unused));
+const enum proxy_added *unused_proxy_added __attribute__((unused));
 const struct flow_event *unused_flow_event __attribute__((unused));
 
 struct {
@@ -171,7 +173,7 @@ struct {
 /*
  * Flow events (struct flow_event) of every decision that does not reach the
  * proxy; the agent turns them into its flow log. Bounded: when it is full
- * the event is dropped and counted (COUNTER_FLOW_DROPPED), the decision
+ * the event is dropped and counted (COUNTER_FLOW_EVENTS_DROPPED), the decision
  * stands.
  */
 struct {
@@ -214,7 +216,7 @@ static __always_inline void flow(const struct conn *c, const struct workload *w,
 	struct flow_event *ev = bpf_ringbuf_reserve(&flows, sizeof(*ev), 0);
 
 	if (!ev) {
-		count(COUNTER_FLOW_DROPPED);
+		count(COUNTER_FLOW_EVENTS_DROPPED);
 		return;
 	}
 	ev->time_ns = bpf_ktime_get_ns();
@@ -590,7 +592,7 @@ int sl_connect4(struct bpf_sock_addr *ctx)
 	}
 	ctx->user_ip4 = cfg->addr4;
 	ctx->user_port = cfg->port;
-	count(COUNTER_REDIRECTED_V4);
+	count(COUNTER_REDIRECTED_IPV4);
 	return 1;
 }
 
@@ -636,13 +638,13 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	}
 	if (v4) {
 		ctx->user_ip6[3] = cfg->addr4;
-		count(COUNTER_REDIRECTED_V4);
+		count(COUNTER_REDIRECTED_IPV4);
 	} else {
 		ctx->user_ip6[0] = cfg->addr6[0];
 		ctx->user_ip6[1] = cfg->addr6[1];
 		ctx->user_ip6[2] = cfg->addr6[2];
 		ctx->user_ip6[3] = cfg->addr6[3];
-		count(COUNTER_REDIRECTED_V6);
+		count(COUNTER_REDIRECTED_IPV6);
 	}
 	ctx->user_port = cfg->port;
 	return 1;
@@ -1024,7 +1026,7 @@ int sl_getsockopt(struct bpf_sockopt *ctx)
 		return 1;
 	dst = bpf_sk_storage_get(&claimed, ctx->sk, 0, 0);
 	if (!dst) {
-		count(COUNTER_ORIG_UNKNOWN);
+		count(COUNTER_ORIG_DST_UNKNOWN);
 		return 1;
 	}
 
@@ -1063,7 +1065,7 @@ int sl_getsockopt(struct bpf_sockopt *ctx)
 		ctx->optlen = sizeof(*sin6);
 	}
 	ctx->retval = 0;
-	count(COUNTER_ORIG_ANSWERED);
+	count(COUNTER_ORIG_DST_ANSWERED);
 	return 1;
 }
 
@@ -1078,7 +1080,7 @@ int sl_getpeername4(struct bpf_sock_addr *ctx)
 		return 1;
 	ctx->user_ip4 = dst->addr[0];
 	ctx->user_port = dst->port;
-	count(COUNTER_PEER_REWRITTEN);
+	count(COUNTER_PEERNAME_REWRITES);
 	return 1;
 }
 
@@ -1103,6 +1105,6 @@ int sl_getpeername6(struct bpf_sock_addr *ctx)
 		ctx->user_ip6[3] = dst->addr[3];
 	}
 	ctx->user_port = dst->port;
-	count(COUNTER_PEER_REWRITTEN);
+	count(COUNTER_PEERNAME_REWRITES);
 	return 1;
 }

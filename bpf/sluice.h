@@ -49,24 +49,28 @@
  */
 #define COUNTER_SLOTS 64
 
-/* Bits of proxy_config.added. */
-#define PROXY_ADDED_V4 (1U << 0)
-#define PROXY_ADDED_V6 (1U << 1)
+/* Bits of proxy_config.added (an enum, so that the Go side is generated). */
+enum proxy_added {
+	PROXY_ADDED_V4 = 1U << 0,
+	PROXY_ADDED_V6 = 1U << 1,
+};
 
 /* Bits of workload.flags. */
-#define WORKLOAD_FAIL_CLOSED (1U << 0)
-/*
- * Enforce mode: besides TCP through the proxy, the workload may only send DNS
- * to the configured resolvers; every other non-TCP socket (UDP, QUIC, ping,
- * SCTP, MPTCP) is refused at connect() and sendmsg().
- */
-#define WORKLOAD_ENFORCE (1U << 1)
-/*
- * The proxy has not yet accepted a configuration with this workload's
- * addresses: until it has, its connections get what its fail mode says
- * (direct, or EPERM), never a listener that does not know them.
- */
-#define WORKLOAD_AWAITING_PROXY (1U << 2)
+enum workload_flag {
+	WORKLOAD_FAIL_CLOSED = 1U << 0,
+	/*
+	 * Enforce mode: besides TCP through the proxy, the workload may only
+	 * send DNS to the configured resolvers; every other non-TCP socket
+	 * (UDP, QUIC, ping, SCTP, MPTCP) is refused at connect() and sendmsg().
+	 */
+	WORKLOAD_ENFORCE = 1U << 1,
+	/*
+	 * The proxy has not yet accepted a configuration with this workload's
+	 * addresses: until it has, its connections get what its fail mode says
+	 * (direct, or EPERM), never a listener that does not know them.
+	 */
+	WORKLOAD_AWAITING_PROXY = 1U << 2,
+};
 
 /*
  * Classes of the never-dial set (values of never_dial_v4/v6): destinations a
@@ -202,10 +206,14 @@ struct workload_stats {
 	__u64 metadata; /* connects to a metadata address, direct or refused */
 };
 
-/* Indexes of the global per-CPU counters. Keep in sync with docs. */
+/*
+ * Indexes of the global per-CPU counters. The Go side derives each counter's
+ * name from this enum (COUNTER_CLAIMED: "claimed", the metric's kind label),
+ * so a name here is part of the metrics' interface.
+ */
 enum counter {
-	COUNTER_REDIRECTED_V4 = 0,  /* connect rewritten to the IPv4 proxy */
-	COUNTER_REDIRECTED_V6,      /* connect rewritten to the IPv6 proxy */
+	COUNTER_REDIRECTED_IPV4 = 0, /* connect rewritten to the IPv4 proxy */
+	COUNTER_REDIRECTED_IPV6,    /* connect rewritten to the IPv6 proxy */
 	COUNTER_EXCLUDED,           /* selected, destination excluded */
 	COUNTER_PROXY_DIRECT,       /* selected, destination is the proxy itself */
 	COUNTER_FAILED_CLOSED,      /* proxy not ready, connect refused */
@@ -216,9 +224,9 @@ enum counter {
 	COUNTER_CLAIMED,            /* proxy socket claimed its entry */
 	COUNTER_CLAIM_MISSED,       /* socket accepted on the proxy address (any port) with no entry */
 	COUNTER_STALE_CLEARED,      /* unredirected connection cleared an old entry */
-	COUNTER_ORIG_ANSWERED,      /* SO_ORIGINAL_DST answered */
-	COUNTER_ORIG_UNKNOWN,       /* SO_ORIGINAL_DST asked on an unknown socket */
-	COUNTER_PEER_REWRITTEN,     /* getpeername answered the original dst */
+	COUNTER_ORIG_DST_ANSWERED,  /* SO_ORIGINAL_DST answered */
+	COUNTER_ORIG_DST_UNKNOWN,   /* SO_ORIGINAL_DST asked on an unknown socket */
+	COUNTER_PEERNAME_REWRITES,  /* getpeername answered the original dst */
 	COUNTER_DNS_ALLOWED,        /* selected, DNS to a configured resolver: direct */
 	COUNTER_DENIED_NON_TCP,     /* enforce, non-TCP connect/sendmsg refused */
 	COUNTER_LEASE_EXPIRED,      /* ready flag set but its lease ran out */
@@ -226,7 +234,7 @@ enum counter {
 	COUNTER_PROXY_PORT_REFUSED, /* the proxy address on another port: refused */
 	COUNTER_METADATA_DIRECT,    /* metadata address, audit or granted: direct */
 	COUNTER_METADATA_REFUSED,   /* metadata address, enforce, not granted: refused */
-	COUNTER_FLOW_DROPPED,       /* flow event lost: the flows ring buffer was full */
+	COUNTER_FLOW_EVENTS_DROPPED,  /* flow event lost: the flows ring buffer was full */
 	COUNTER_MAX,
 };
 

@@ -107,7 +107,7 @@ func checkNames(t *testing.T, where, expr string, have map[string][]string) {
 			}
 			if m.Name == "event" {
 				for _, v := range strings.Split(m.Value, "|") {
-					if !slices.Contains(datapath.CounterNames, v) {
+					if !slices.Contains(datapath.CounterNames(), v) {
 						t.Errorf("%s: the datapath counts no event %q", where, v)
 					}
 				}

@@ -1,85 +1,133 @@
 package datapath
 
 import (
+	"cmp"
 	"fmt"
+	"reflect"
+	"slices"
+	"strings"
+	"sync"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 )
 
 // Counters are the datapath's global counters, summed over CPUs. Each field
 // counts events since the maps were created (they survive agent restarts).
+//
+// This struct is the one Go table of counters: each field's tag is the name
+// derived from its member of the BPF enum counter (COUNTER_CLAIM_MISSED:
+// "claim_missed"), which is also the metric's kind label; the slot each
+// field reads is looked up by that name in the compiled object's BTF, so a
+// counter renumbered in C needs nothing here, and one added in C without a
+// field here fails TestCountersMatchTheBPFEnum.
 type Counters struct {
-	RedirectedV4     uint64 // connects rewritten to the IPv4 proxy (v4-mapped included)
-	RedirectedV6     uint64 // connects rewritten to the IPv6 proxy
-	Excluded         uint64 // selected, destination excluded
-	ProxyDirect      uint64 // selected, destination is the proxy itself
-	FailedClosed     uint64 // proxy not ready, fail-closed: connect refused
-	BypassNotReady   uint64 // proxy not ready, fail-open: went direct
-	OrigStoreFailed  uint64 // original destination could not be stored
-	Published        uint64 // client 4-tuple published at ESTABLISHED
-	PublishFailed    uint64 // 4-tuple or claim storage could not be written
-	Claimed          uint64 // proxy socket claimed its original destination
-	ClaimMissed      uint64 // a socket accepted on the proxy address (any port) with no entry: a direct connection
-	StaleCleared     uint64 // an unredirected connection cleared a stale entry
-	OrigDstAnswered  uint64 // SO_ORIGINAL_DST answered
-	OrigDstUnknown   uint64 // SO_ORIGINAL_DST asked on a socket with no entry
-	PeernameRewrites uint64 // getpeername answered with the original destination
-	DNSAllowed       uint64 // selected, DNS to a configured resolver: went direct
-	DeniedNonTCP     uint64 // enforce mode: a non-TCP connect or sendmsg refused
-	LeaseExpired     uint64 // ready flag set but its lease ran out: fail mode applied
-	NodeLocalRefused uint64 // a never-dial destination, not excluded: connect refused
-	ProxyPortRefused uint64 // the proxy address on a port other than the listener's: refused
-	MetadataDirect   uint64 // a metadata address, audit mode or granted: went direct
-	MetadataRefused  uint64 // a metadata address, enforce mode, not granted: refused
-	FlowDropped      uint64 // a flow event lost: the flows ring buffer was full
+	RedirectedV4     uint64 `counter:"redirected_ipv4"`     // connects rewritten to the IPv4 proxy (v4-mapped included)
+	RedirectedV6     uint64 `counter:"redirected_ipv6"`     // connects rewritten to the IPv6 proxy
+	Excluded         uint64 `counter:"excluded"`            // selected, destination excluded
+	ProxyDirect      uint64 `counter:"proxy_direct"`        // selected, destination is the proxy itself
+	FailedClosed     uint64 `counter:"failed_closed"`       // proxy not ready, fail-closed: connect refused
+	BypassNotReady   uint64 `counter:"bypass_not_ready"`    // proxy not ready, fail-open: went direct
+	OrigStoreFailed  uint64 `counter:"orig_store_failed"`   // original destination could not be stored
+	Published        uint64 `counter:"published"`           // client 4-tuple published at ESTABLISHED
+	PublishFailed    uint64 `counter:"publish_failed"`      // 4-tuple or claim storage could not be written
+	Claimed          uint64 `counter:"claimed"`             // proxy socket claimed its original destination
+	ClaimMissed      uint64 `counter:"claim_missed"`        // a socket accepted on the proxy address (any port) with no entry: a direct connection
+	StaleCleared     uint64 `counter:"stale_cleared"`       // an unredirected connection cleared a stale entry
+	OrigDstAnswered  uint64 `counter:"orig_dst_answered"`   // SO_ORIGINAL_DST answered
+	OrigDstUnknown   uint64 `counter:"orig_dst_unknown"`    // SO_ORIGINAL_DST asked on a socket with no entry
+	PeernameRewrites uint64 `counter:"peername_rewrites"`   // getpeername answered with the original destination
+	DNSAllowed       uint64 `counter:"dns_allowed"`         // selected, DNS to a configured resolver: went direct
+	DeniedNonTCP     uint64 `counter:"denied_non_tcp"`      // enforce mode: a non-TCP connect or sendmsg refused
+	LeaseExpired     uint64 `counter:"lease_expired"`       // ready flag set but its lease ran out: fail mode applied
+	NodeLocalRefused uint64 `counter:"node_local_refused"`  // a never-dial destination, not excluded: connect refused
+	ProxyPortRefused uint64 `counter:"proxy_port_refused"`  // the proxy address on a port other than the listener's: refused
+	MetadataDirect   uint64 `counter:"metadata_direct"`     // a metadata address, audit mode or granted: went direct
+	MetadataRefused  uint64 `counter:"metadata_refused"`    // a metadata address, enforce mode, not granted: refused
+	FlowDropped      uint64 `counter:"flow_events_dropped"` // a flow event lost: the flows ring buffer was full
 }
 
-// fields lists the counters in the order of the BPF enum counter.
-func (c *Counters) fields() []*uint64 {
-	return []*uint64{
-		sluiceCounterCOUNTER_REDIRECTED_V4:      &c.RedirectedV4,
-		sluiceCounterCOUNTER_REDIRECTED_V6:      &c.RedirectedV6,
-		sluiceCounterCOUNTER_EXCLUDED:           &c.Excluded,
-		sluiceCounterCOUNTER_PROXY_DIRECT:       &c.ProxyDirect,
-		sluiceCounterCOUNTER_FAILED_CLOSED:      &c.FailedClosed,
-		sluiceCounterCOUNTER_BYPASS_NOT_READY:   &c.BypassNotReady,
-		sluiceCounterCOUNTER_ORIG_STORE_FAILED:  &c.OrigStoreFailed,
-		sluiceCounterCOUNTER_PUBLISHED:          &c.Published,
-		sluiceCounterCOUNTER_PUBLISH_FAILED:     &c.PublishFailed,
-		sluiceCounterCOUNTER_CLAIMED:            &c.Claimed,
-		sluiceCounterCOUNTER_CLAIM_MISSED:       &c.ClaimMissed,
-		sluiceCounterCOUNTER_STALE_CLEARED:      &c.StaleCleared,
-		sluiceCounterCOUNTER_ORIG_ANSWERED:      &c.OrigDstAnswered,
-		sluiceCounterCOUNTER_ORIG_UNKNOWN:       &c.OrigDstUnknown,
-		sluiceCounterCOUNTER_PEER_REWRITTEN:     &c.PeernameRewrites,
-		sluiceCounterCOUNTER_DNS_ALLOWED:        &c.DNSAllowed,
-		sluiceCounterCOUNTER_DENIED_NON_TCP:     &c.DeniedNonTCP,
-		sluiceCounterCOUNTER_LEASE_EXPIRED:      &c.LeaseExpired,
-		sluiceCounterCOUNTER_NODE_LOCAL_REFUSED: &c.NodeLocalRefused,
-		sluiceCounterCOUNTER_PROXY_PORT_REFUSED: &c.ProxyPortRefused,
-		sluiceCounterCOUNTER_METADATA_DIRECT:    &c.MetadataDirect,
-		sluiceCounterCOUNTER_METADATA_REFUSED:   &c.MetadataRefused,
-		sluiceCounterCOUNTER_FLOW_DROPPED:       &c.FlowDropped,
+// counterSlot is one counter of the BPF enum: its name and its slot in the
+// counters array.
+type counterSlot struct {
+	name  string
+	slot  uint32
+	field int // index of its Counters field; -1 if Counters has none
+}
+
+// counterSlots are the BPF enum counter's members (COUNTER_MAX aside), in
+// slot order, from the embedded object's BTF.
+var counterSlots = sync.OnceValue(func() []counterSlot {
+	spec, err := loadSpec()
+	if err != nil {
+		panic(err) // the object is part of the binary: a build defect
 	}
+	var e *btf.Enum
+	if err := spec.Types.TypeByName("counter", &e); err != nil {
+		panic(fmt.Sprintf("datapath: embedded object has no enum counter: %v", err))
+	}
+	fields := map[string]int{}
+	t := reflect.TypeFor[Counters]()
+	for i := range t.NumField() {
+		fields[t.Field(i).Tag.Get("counter")] = i
+	}
+	var out []counterSlot
+	for _, v := range e.Values {
+		if v.Name == "COUNTER_MAX" {
+			continue
+		}
+		name := strings.ToLower(strings.TrimPrefix(v.Name, "COUNTER_"))
+		f, ok := fields[name]
+		if !ok {
+			f = -1
+		}
+		out = append(out, counterSlot{name: name, slot: uint32(v.Value), field: f})
+	}
+	slices.SortFunc(out, func(a, b counterSlot) int { return cmp.Compare(a.slot, b.slot) })
+	return out
+})
+
+// CounterNames are the stable snake_case names of the datapath's counters,
+// in Counters.Values order: the metrics' kind label and `sluice status`.
+func CounterNames() []string {
+	var out []string
+	for _, c := range counterSlots() {
+		if c.field >= 0 {
+			out = append(out, c.name)
+		}
+	}
+	return out
 }
 
-// CounterNames are stable snake_case names of the Counters fields, in the
-// same order as Counters.Values; metrics and `sluice status` use them.
-var CounterNames = []string{
-	"redirected_ipv4", "redirected_ipv6", "excluded", "proxy_direct",
-	"failed_closed", "bypass_not_ready", "orig_store_failed", "published",
-	"publish_failed", "claimed", "claim_missed", "stale_cleared",
-	"orig_dst_answered", "orig_dst_unknown", "peername_rewrites",
-	"dns_allowed", "denied_non_tcp", "lease_expired",
-	"node_local_refused", "proxy_port_refused", "metadata_direct", "metadata_refused",
-	"flow_events_dropped",
+// fields lists the Counters fields in CounterNames order, each with the
+// slot it reads.
+func (c *Counters) fields() (slots []uint32, ptrs []*uint64) {
+	v := reflect.ValueOf(c).Elem()
+	for _, s := range counterSlots() {
+		if s.field >= 0 {
+			slots = append(slots, s.slot)
+			ptrs = append(ptrs, v.Field(s.field).Addr().Interface().(*uint64))
+		}
+	}
+	return slots, ptrs
 }
 
 // Values returns the counters in CounterNames order.
 func (c Counters) Values() []uint64 {
-	var out []uint64
-	for _, p := range c.fields() {
-		out = append(out, *p)
+	_, ptrs := c.fields()
+	out := make([]uint64, len(ptrs))
+	for i, p := range ptrs {
+		out[i] = *p
+	}
+	return out
+}
+
+// ByName returns the counters keyed by their CounterNames.
+func (c Counters) ByName() map[string]uint64 {
+	out := map[string]uint64{}
+	names := CounterNames()
+	for i, v := range c.Values() {
+		out[names[i]] = v
 	}
 	return out
 }
@@ -88,9 +136,11 @@ func (c Counters) Values() []uint64 {
 func (d *Datapath) Counters() (Counters, error) {
 	var c Counters
 	var perCPU []uint64
-	for i, p := range c.fields() {
-		if err := d.maps.Counters.Lookup(uint32(i), &perCPU); err != nil {
-			return c, fmt.Errorf("read counter %s: %w", CounterNames[i], err)
+	slots, ptrs := c.fields()
+	names := CounterNames()
+	for i, p := range ptrs {
+		if err := d.maps.Counters.Lookup(slots[i], &perCPU); err != nil {
+			return c, fmt.Errorf("read counter %s: %w", names[i], err)
 		}
 		for _, v := range perCPU {
 			*p += v

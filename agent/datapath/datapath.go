@@ -48,23 +48,28 @@ var (
 	ErrOtherCgroup = errors.New("pinned datapath is attached to another cgroup")
 )
 
-// attachments lists every program and where it hooks. The link pin of each
-// is named "link_<program>" in the pin directory.
-var attachments = []struct {
+// attachment is a program and where it hooks.
+type attachment struct {
 	prog   string
 	attach ebpf.AttachType
-}{
-	{"sl_connect4", ebpf.AttachCGroupInet4Connect},
-	{"sl_connect6", ebpf.AttachCGroupInet6Connect},
-	{"sl_sockops", ebpf.AttachCGroupSockOps},
-	{"sl_getsockopt", ebpf.AttachCGroupGetsockopt},
-	{"sl_getpeername4", ebpf.AttachCgroupInet4GetPeername},
-	{"sl_getpeername6", ebpf.AttachCgroupInet6GetPeername},
-	{"sl_sock_release", ebpf.AttachCgroupInetSockRelease},
-	{"sl_sendmsg4", ebpf.AttachCGroupUDP4Sendmsg},
-	{"sl_sendmsg6", ebpf.AttachCGroupUDP6Sendmsg},
-	{"sl_sock_create", ebpf.AttachCGroupInetSockCreate},
 }
+
+// attachments lists every program of the embedded object and where it hooks,
+// in name order, from the compiled spec (each program's ELF section names its
+// attach type), so a program added in C needs no Go table. The link pin of
+// each is named "link_<program>" in the pin directory.
+var attachments = sync.OnceValue(func() []attachment {
+	spec, err := loadSpec()
+	if err != nil {
+		panic(err) // the object is part of the binary: a build defect
+	}
+	var out []attachment
+	for name, p := range spec.Programs {
+		out = append(out, attachment{name, p.AttachType})
+	}
+	slices.SortFunc(out, func(a, b attachment) int { return strings.Compare(a.prog, b.prog) })
+	return out
+})
 
 func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
 
@@ -209,7 +214,7 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("pin map %s: %w", name, err)
 		}
 	}
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		l, err := attach(cfg.CgroupPath, a.attach, d.progs[a.prog])
 		if err != nil {
 			return nil, err
@@ -341,7 +346,7 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 	}
 
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		pin := linkPin(cfg.PinPath, a.prog)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if errors.Is(err, os.ErrNotExist) {
@@ -400,7 +405,7 @@ func removeDropped(pinPath string, spec *ebpf.CollectionSpec) error {
 		return err
 	}
 	known := map[string]bool{}
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		known[filepath.Base(linkPin(pinPath, a.prog))] = true
 	}
 	var errs []error
@@ -479,19 +484,17 @@ func (d *Datapath) Close() error {
 	return errors.Join(errs...)
 }
 
+// programsOf maps each program name to its field in p, from the generated
+// struct's ebpf tags.
 func programsOf(p *sluicePrograms) map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		"sl_connect4":     p.SlConnect4,
-		"sl_connect6":     p.SlConnect6,
-		"sl_sockops":      p.SlSockops,
-		"sl_getsockopt":   p.SlGetsockopt,
-		"sl_getpeername4": p.SlGetpeername4,
-		"sl_getpeername6": p.SlGetpeername6,
-		"sl_sock_release": p.SlSockRelease,
-		"sl_sendmsg4":     p.SlSendmsg4,
-		"sl_sendmsg6":     p.SlSendmsg6,
-		"sl_sock_create":  p.SlSockCreate,
+	out := map[string]*ebpf.Program{}
+	v := reflect.ValueOf(p).Elem()
+	for i := range v.NumField() {
+		if name := v.Type().Field(i).Tag.Get("ebpf"); name != "" {
+			out[name] = v.Field(i).Interface().(*ebpf.Program)
+		}
 	}
+	return out
 }
 
 // mapFields maps each BPF map name to its field in d.maps, from the

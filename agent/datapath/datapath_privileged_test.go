@@ -60,7 +60,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		if _, err := os.Stat(linkPin(cfg.PinPath, a.prog)); err != nil {
 			t.Errorf("link %s not pinned: %v", a.prog, err)
 		}
@@ -117,7 +117,7 @@ func TestPrivilegedInstallReopenUninstall(t *testing.T) {
 	if _, err := os.Stat(cfg.PinPath); !os.IsNotExist(err) {
 		t.Errorf("pin directory still there: %v", err)
 	}
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		if ids := attachedIDs(t, cfg.CgroupPath, a.attach); len(ids) != 0 {
 			t.Errorf("%s still attached after uninstall: %v", a.attach, ids)
 		}

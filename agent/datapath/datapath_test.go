@@ -2,9 +2,12 @@ package datapath
 
 import (
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/cilium/ebpf"
 )
 
 func TestFindMount(t *testing.T) {
@@ -55,18 +58,48 @@ func TestLPMKeysAreMasked(t *testing.T) {
 	}
 }
 
-func TestCounterNamesCoverEveryCounter(t *testing.T) {
-	var c Counters
-	if n := len(c.fields()); n != int(sluiceCounterCOUNTER_MAX) || n != len(CounterNames) {
-		t.Fatalf("%d counter fields, %d names, BPF has %d", n, len(CounterNames), sluiceCounterCOUNTER_MAX)
+func TestCountersMatchTheBPFEnum(t *testing.T) {
+	slots := counterSlots()
+	if len(slots) != int(sluiceCounterCOUNTER_MAX) {
+		t.Errorf("%d counters read from BTF, the generated enum has %d", len(slots), sluiceCounterCOUNTER_MAX)
 	}
+	spec, err := loadSpec()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint32]string{}
+	for _, s := range slots {
+		if s.field < 0 {
+			t.Errorf("BPF counter %s has no Counters field (tag counter:%q)", s.name, s.name)
+		}
+		if s.slot >= spec.Maps["counters"].MaxEntries {
+			t.Errorf("counter %s is slot %d, beyond the counters array's %d", s.name, s.slot, spec.Maps["counters"].MaxEntries)
+		}
+		if other, dup := seen[s.slot]; dup {
+			t.Errorf("counters %s and %s share slot %d", s.name, other, s.slot)
+		}
+		seen[s.slot] = s.name
+	}
+	ty := reflect.TypeFor[Counters]()
+	if ty.NumField() != len(CounterNames()) {
+		t.Errorf("Counters has %d fields, %d of them match a BPF counter: %v", ty.NumField(), len(CounterNames()), CounterNames())
+	}
+	var c Counters
+	_, ptrs := c.fields()
 	var want []uint64
-	for i, p := range c.fields() {
+	for i, p := range ptrs {
 		*p = uint64(i + 1)
 		want = append(want, uint64(i+1))
 	}
 	if !slices.Equal(c.Values(), want) {
 		t.Errorf("Values out of order: %v", c.Values())
+	}
+	// Names are the metrics' interface: the ones dashboards and alerts use
+	// must stay.
+	for _, n := range []string{"redirected_ipv4", "redirected_ipv6", "failed_closed", "orig_dst_unknown", "claim_missed", "flow_events_dropped", "publish_failed", "orig_store_failed"} {
+		if !slices.Contains(CounterNames(), n) {
+			t.Errorf("counter %s is gone", n)
+		}
 	}
 }
 
@@ -75,10 +108,13 @@ func TestAttachmentsMatchPrograms(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(spec.Programs) != len(attachments) {
-		t.Errorf("object has %d programs, %d attachments", len(spec.Programs), len(attachments))
+	if len(spec.Programs) != len(attachments()) {
+		t.Errorf("object has %d programs, %d attachments", len(spec.Programs), len(attachments()))
 	}
-	for _, a := range attachments {
+	for _, a := range attachments() {
+		if a.attach == ebpf.AttachNone {
+			t.Errorf("%s: its section names no attach type", a.prog)
+		}
 		ps, ok := spec.Programs[a.prog]
 		if !ok {
 			t.Errorf("attachment names unknown program %s", a.prog)

@@ -37,7 +37,7 @@ func TestPrivilegedUpgradeFromEveryLayout(t *testing.T) {
 		}
 		old.Close()
 		before := map[ebpf.AttachType][]ebpf.ProgramID{}
-		for _, a := range attachments {
+		for _, a := range attachments() {
 			before[a.attach] = attachedIDs(t, cfg.CgroupPath, a.attach)
 		}
 
@@ -55,7 +55,7 @@ func TestPrivilegedUpgradeFromEveryLayout(t *testing.T) {
 		if st, err := d.ProxyState(); err != nil || st.Port != 15001 || st.IPv4 != DefaultProxyIPv4 {
 			t.Errorf("proxy after the upgrade from layout %d: %+v, %v", v, st, err)
 		}
-		for _, a := range attachments {
+		for _, a := range attachments() {
 			after := attachedIDs(t, cfg.CgroupPath, a.attach)
 			if len(after) != 1 || slices.Equal(after, before[a.attach]) {
 				t.Errorf("%s: programs %v before, %v after: want one, replaced", a.prog, before[a.attach], after)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -30,13 +31,15 @@ func (m FailMode) String() string {
 	return "open"
 }
 
+// The bits of workload.flags and proxy_config.added, generated from the C
+// enums workload_flag and proxy_added.
 const (
-	flagFailClosed = 1 << 0 // WORKLOAD_FAIL_CLOSED
-	flagEnforce    = 1 << 1 // WORKLOAD_ENFORCE
-	flagAwaiting   = 1 << 2 // WORKLOAD_AWAITING_PROXY
+	flagFailClosed = uint32(sluiceWorkloadFlagWORKLOAD_FAIL_CLOSED)
+	flagEnforce    = uint32(sluiceWorkloadFlagWORKLOAD_ENFORCE)
+	flagAwaiting   = uint32(sluiceWorkloadFlagWORKLOAD_AWAITING_PROXY)
 
-	addedV4 = 1 << 0 // PROXY_ADDED_V4
-	addedV6 = 1 << 1 // PROXY_ADDED_V6
+	addedV4 = uint8(sluiceProxyAddedPROXY_ADDED_V4)
+	addedV6 = uint8(sluiceProxyAddedPROXY_ADDED_V6)
 )
 
 // Workload is the datapath's view of a selected workload.
@@ -585,16 +588,23 @@ func (d *Datapath) ExcludedPorts() ([]uint16, error) {
 	return out, nil
 }
 
-// MaxResolvers is how many DNS resolvers SetResolvers takes (MAX_RESOLVERS).
-const MaxResolvers = 64
+// MaxResolvers is how many DNS resolvers SetResolvers takes: the capacity of
+// the resolvers map in the embedded object (MAX_RESOLVERS).
+var MaxResolvers = sync.OnceValue(func() int {
+	spec, err := loadSpec()
+	if err != nil {
+		panic(err) // the object is part of the binary: a build defect
+	}
+	return int(spec.Maps["resolvers"].MaxEntries)
+})
 
 // SetResolvers makes the DNS resolvers exactly rs: selected workloads reach
 // them directly over UDP and TCP, and they are the only non-TCP destinations
 // an enforce-mode workload may reach. IPv4 resolvers also match v4-mapped
 // destinations.
 func (d *Datapath) SetResolvers(rs []netip.AddrPort) error {
-	if len(rs) > MaxResolvers {
-		return fmt.Errorf("%d DNS resolvers, at most %d", len(rs), MaxResolvers)
+	if max := int(d.maps.Resolvers.MaxEntries()); len(rs) > max {
+		return fmt.Errorf("%d DNS resolvers, at most %d", len(rs), max)
 	}
 	want := map[sluiceResolverKey]bool{}
 	for _, r := range rs {

@@ -23,7 +23,7 @@ type ProgramStatus struct {
 // not an agent is running.
 func Programs(pinPath string) []ProgramStatus {
 	var out []ProgramStatus
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
 		l, err := link.LoadPinnedLink(linkPin(pinPath, a.prog), nil)
 		if err != nil {

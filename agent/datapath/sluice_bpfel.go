@@ -16,30 +16,30 @@ import (
 type sluiceCounter uint32
 
 const (
-	sluiceCounterCOUNTER_REDIRECTED_V4      sluiceCounter = 0
-	sluiceCounterCOUNTER_REDIRECTED_V6      sluiceCounter = 1
-	sluiceCounterCOUNTER_EXCLUDED           sluiceCounter = 2
-	sluiceCounterCOUNTER_PROXY_DIRECT       sluiceCounter = 3
-	sluiceCounterCOUNTER_FAILED_CLOSED      sluiceCounter = 4
-	sluiceCounterCOUNTER_BYPASS_NOT_READY   sluiceCounter = 5
-	sluiceCounterCOUNTER_ORIG_STORE_FAILED  sluiceCounter = 6
-	sluiceCounterCOUNTER_PUBLISHED          sluiceCounter = 7
-	sluiceCounterCOUNTER_PUBLISH_FAILED     sluiceCounter = 8
-	sluiceCounterCOUNTER_CLAIMED            sluiceCounter = 9
-	sluiceCounterCOUNTER_CLAIM_MISSED       sluiceCounter = 10
-	sluiceCounterCOUNTER_STALE_CLEARED      sluiceCounter = 11
-	sluiceCounterCOUNTER_ORIG_ANSWERED      sluiceCounter = 12
-	sluiceCounterCOUNTER_ORIG_UNKNOWN       sluiceCounter = 13
-	sluiceCounterCOUNTER_PEER_REWRITTEN     sluiceCounter = 14
-	sluiceCounterCOUNTER_DNS_ALLOWED        sluiceCounter = 15
-	sluiceCounterCOUNTER_DENIED_NON_TCP     sluiceCounter = 16
-	sluiceCounterCOUNTER_LEASE_EXPIRED      sluiceCounter = 17
-	sluiceCounterCOUNTER_NODE_LOCAL_REFUSED sluiceCounter = 18
-	sluiceCounterCOUNTER_PROXY_PORT_REFUSED sluiceCounter = 19
-	sluiceCounterCOUNTER_METADATA_DIRECT    sluiceCounter = 20
-	sluiceCounterCOUNTER_METADATA_REFUSED   sluiceCounter = 21
-	sluiceCounterCOUNTER_FLOW_DROPPED       sluiceCounter = 22
-	sluiceCounterCOUNTER_MAX                sluiceCounter = 23
+	sluiceCounterCOUNTER_REDIRECTED_IPV4     sluiceCounter = 0
+	sluiceCounterCOUNTER_REDIRECTED_IPV6     sluiceCounter = 1
+	sluiceCounterCOUNTER_EXCLUDED            sluiceCounter = 2
+	sluiceCounterCOUNTER_PROXY_DIRECT        sluiceCounter = 3
+	sluiceCounterCOUNTER_FAILED_CLOSED       sluiceCounter = 4
+	sluiceCounterCOUNTER_BYPASS_NOT_READY    sluiceCounter = 5
+	sluiceCounterCOUNTER_ORIG_STORE_FAILED   sluiceCounter = 6
+	sluiceCounterCOUNTER_PUBLISHED           sluiceCounter = 7
+	sluiceCounterCOUNTER_PUBLISH_FAILED      sluiceCounter = 8
+	sluiceCounterCOUNTER_CLAIMED             sluiceCounter = 9
+	sluiceCounterCOUNTER_CLAIM_MISSED        sluiceCounter = 10
+	sluiceCounterCOUNTER_STALE_CLEARED       sluiceCounter = 11
+	sluiceCounterCOUNTER_ORIG_DST_ANSWERED   sluiceCounter = 12
+	sluiceCounterCOUNTER_ORIG_DST_UNKNOWN    sluiceCounter = 13
+	sluiceCounterCOUNTER_PEERNAME_REWRITES   sluiceCounter = 14
+	sluiceCounterCOUNTER_DNS_ALLOWED         sluiceCounter = 15
+	sluiceCounterCOUNTER_DENIED_NON_TCP      sluiceCounter = 16
+	sluiceCounterCOUNTER_LEASE_EXPIRED       sluiceCounter = 17
+	sluiceCounterCOUNTER_NODE_LOCAL_REFUSED  sluiceCounter = 18
+	sluiceCounterCOUNTER_PROXY_PORT_REFUSED  sluiceCounter = 19
+	sluiceCounterCOUNTER_METADATA_DIRECT     sluiceCounter = 20
+	sluiceCounterCOUNTER_METADATA_REFUSED    sluiceCounter = 21
+	sluiceCounterCOUNTER_FLOW_EVENTS_DROPPED sluiceCounter = 22
+	sluiceCounterCOUNTER_MAX                 sluiceCounter = 23
 )
 
 type sluiceDstClass uint32
@@ -111,6 +111,13 @@ type sluiceOrigDst struct {
 	WorkloadId uint32
 }
 
+type sluiceProxyAdded uint32
+
+const (
+	sluiceProxyAddedPROXY_ADDED_V4 sluiceProxyAdded = 1
+	sluiceProxyAddedPROXY_ADDED_V6 sluiceProxyAdded = 2
+)
+
 type sluiceProxyConfig struct {
 	_          structs.HostLayout
 	Addr4      uint32
@@ -140,6 +147,14 @@ type sluiceWorkload struct {
 	Id    uint32
 	Flags uint32
 }
+
+type sluiceWorkloadFlag uint32
+
+const (
+	sluiceWorkloadFlagWORKLOAD_FAIL_CLOSED    sluiceWorkloadFlag = 1
+	sluiceWorkloadFlagWORKLOAD_ENFORCE        sluiceWorkloadFlag = 2
+	sluiceWorkloadFlagWORKLOAD_AWAITING_PROXY sluiceWorkloadFlag = 4
+)
 
 type sluiceWorkloadStats struct {
 	_            structs.HostLayout
@@ -184,6 +199,8 @@ const (
 	sluiceVarUnusedDstClass     = "unused_dst_class"
 	sluiceVarUnusedFlowDecision = "unused_flow_decision"
 	sluiceVarUnusedFlowEvent    = "unused_flow_event"
+	sluiceVarUnusedProxyAdded   = "unused_proxy_added"
+	sluiceVarUnusedWorkloadFlag = "unused_workload_flag"
 )
 
 // loadSluice returns the embedded CollectionSpec for sluice.
@@ -270,6 +287,8 @@ type sluiceVariableSpecs struct {
 	UnusedDstClass     *ebpf.VariableSpec `ebpf:"unused_dst_class"`
 	UnusedFlowDecision *ebpf.VariableSpec `ebpf:"unused_flow_decision"`
 	UnusedFlowEvent    *ebpf.VariableSpec `ebpf:"unused_flow_event"`
+	UnusedProxyAdded   *ebpf.VariableSpec `ebpf:"unused_proxy_added"`
+	UnusedWorkloadFlag *ebpf.VariableSpec `ebpf:"unused_workload_flag"`
 }
 
 // sluiceObjects contains all objects after they have been loaded into the kernel.
@@ -339,6 +358,8 @@ type sluiceVariables struct {
 	UnusedDstClass     *ebpf.Variable `ebpf:"unused_dst_class"`
 	UnusedFlowDecision *ebpf.Variable `ebpf:"unused_flow_decision"`
 	UnusedFlowEvent    *ebpf.Variable `ebpf:"unused_flow_event"`
+	UnusedProxyAdded   *ebpf.Variable `ebpf:"unused_proxy_added"`
+	UnusedWorkloadFlag *ebpf.Variable `ebpf:"unused_workload_flag"`
 }
 
 // sluicePrograms contains all programs after they have been loaded into the kernel.

@@ -24,7 +24,7 @@ func Uninstall(pinPath string) error {
 		// and say so.
 		errs = append(errs, err)
 	}
-	for _, a := range attachments {
+	for _, a := range attachments() {
 		pin := linkPin(pinPath, a.prog)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if errors.Is(err, os.ErrNotExist) {

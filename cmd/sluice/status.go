@@ -187,8 +187,8 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 	if err != nil {
 		return nil, err
 	}
-	for i, v := range cs.Values() {
-		rep.Counters[datapath.CounterNames[i]] = v
+	for n, v := range cs.ByName() {
+		rep.Counters[n] = v
 	}
 	o, p, err := dp.InFlight()
 	if err != nil {
@@ -285,7 +285,7 @@ func printStatus(w io.Writer, r *statusReport) {
 	}
 	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlightCapacity)
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	for _, n := range datapath.CounterNames {
+	for _, n := range datapath.CounterNames() {
 		fmt.Fprintf(tw, "  %s\t%d\n", n, r.Counters[n])
 	}
 	tw.Flush()

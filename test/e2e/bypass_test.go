@@ -28,11 +28,7 @@ func counters(t *testing.T, e *harness.Env) map[string]uint64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	out := map[string]uint64{}
-	for i, v := range c.Values() {
-		out[datapath.CounterNames[i]] = v
-	}
-	return out
+	return c.ByName()
 }
 
 // secretCanary is an annotation value no output of the agent may carry.
@@ -272,7 +268,7 @@ func TestPrivilegedBypassMatrix(t *testing.T) {
 				t.Errorf("UDP servers received %+v, want %q", newGrams, c.datagram)
 			}
 			after := counters(t, e)
-			for _, name := range datapath.CounterNames {
+			for _, name := range datapath.CounterNames() {
 				d := after[name] - before[name]
 				switch {
 				case name == c.counter && d != 1:

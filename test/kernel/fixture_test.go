@@ -158,14 +158,16 @@ func (f *fixture) counters(t *testing.T) datapath.Counters {
 	return c
 }
 
-// wantCounted checks that each named counter (datapath.CounterNames)
+// wantCounted checks that each named counter (datapath.CounterNames())
 // moved by exactly its count from before to after.
 func wantCounted(t *testing.T, before, after datapath.Counters, want map[string]uint64) {
 	t.Helper()
-	b, a := before.Values(), after.Values()
-	for i, name := range datapath.CounterNames {
-		if w, ok := want[name]; ok && a[i]-b[i] != w {
-			t.Errorf("%s counted %d, want %d", name, a[i]-b[i], w)
+	b, a := before.ByName(), after.ByName()
+	for name, w := range want {
+		if _, ok := a[name]; !ok {
+			t.Errorf("no counter %s (datapath.CounterNames: %v)", name, datapath.CounterNames())
+		} else if a[name]-b[name] != w {
+			t.Errorf("%s counted %d, want %d", name, a[name]-b[name], w)
 		}
 	}
 }
