@@ -38,6 +38,9 @@ type Resources struct {
 	// validated before (see Validator).
 	packed packedAnys
 	parts  []*groupParts
+	// digests, set by Validate, are the SHA-256 of the deterministic
+	// encoding of each chain it encoded, which hash reuses.
+	digests map[*listener.FilterChain][sha256.Size]byte
 }
 
 // Issue is something about one workload the agent should report (as a
@@ -248,8 +251,10 @@ type builder struct {
 	// encoded once, and validated once (Validator remembers an Any by
 	// identity within a validation).
 	shared map[string]*anypb.Any
-	// logs are the access logs built so far (accessLog).
-	logs map[logKey][]*accesslog.AccessLog
+	// logs are the access logs built so far (accessLog), and the
+	// templates they are packed with, by kind.
+	logs         map[logKey][]*accesslog.AccessLog
+	logTemplates map[string]*logTemplate
 }
 
 // sharedAny is b.any(build()) packed once per build under key, which must

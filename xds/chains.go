@@ -11,7 +11,6 @@ import (
 	core "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	router "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
@@ -304,12 +303,23 @@ func (b *builder) newAccessLog(ns, pod, verdict, reason, kind string) []*accessl
 	// makes Envoy refuse the whole listener), so it is written "%%".
 	lit := func(s string) string { return strings.ReplaceAll(s, "%", "%%") }
 	str := structpb.NewStringValue
+	return []*accesslog.AccessLog{{
+		Name: stdoutLoggerName,
+		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: b.logTemplate(kind).pack(b, map[string]*structpb.Value{
+			"namespace": str(lit(ns)),
+			"pod":       str(lit(pod)),
+			"verdict":   str(verdict),
+			"reason":    str(lit(reason)),
+		})},
+	}}
+}
+
+// logFields are the fields of a kind of access log that are the same in
+// every workload's: Envoy's command operators.
+func logFields(kind string) map[string]*structpb.Value {
+	str := structpb.NewStringValue
 	fields := map[string]*structpb.Value{
 		"time":                 str("%START_TIME%"),
-		"namespace":            str(lit(ns)),
-		"pod":                  str(lit(pod)),
-		"verdict":              str(verdict),
-		"reason":               str(lit(reason)),
 		"log_type":             str("%ACCESS_LOG_TYPE%"),
 		"connection_id":        str("%CONNECTION_ID%"),
 		"source":               str("%DOWNSTREAM_REMOTE_ADDRESS%"),
@@ -333,13 +343,5 @@ func (b *builder) newAccessLog(ns, pod, verdict, reason, kind string) []*accessl
 		fields["response_code"] = str("%RESPONSE_CODE%")
 		fields["response_code_details"] = str("%RESPONSE_CODE_DETAILS%")
 	}
-	st := &structpb.Struct{Fields: fields}
-	logger := &stream.StdoutAccessLog{AccessLogFormat: &stream.StdoutAccessLog_LogFormat{LogFormat: &core.SubstitutionFormatString{
-		Format:            &core.SubstitutionFormatString_JsonFormat{JsonFormat: st},
-		JsonFormatOptions: &core.JsonFormatOptions{SortProperties: true},
-	}}}
-	return []*accesslog.AccessLog{{
-		Name:       stdoutLoggerName,
-		ConfigType: &accesslog.AccessLog_TypedConfig{TypedConfig: b.any(logger)},
-	}}
+	return fields
 }

@@ -2,6 +2,7 @@ package xds
 
 import (
 	"bytes"
+	stream "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/stream/v3"
 	"net/netip"
 	"reflect"
 	"strings"
@@ -208,5 +209,43 @@ func TestValidatorChecksNewTrieBranches(t *testing.T) {
 				t.Fatalf("warm Validator: %v, want an error naming %s", err, tc.want)
 			}
 		})
+	}
+}
+
+// Every access log, assembled from its kind's template, is byte for byte
+// the deterministic encoding of the message the validator reads for it, in
+// every kind (listener, TCP, HTTP) and with names that need escaping.
+func TestAccessLogEncoding(t *testing.T) {
+	s := benchStateN(t, 3)
+	s.Workloads = append(s.Workloads,
+		pod("audit", "a%b", "audit", "", "10.99.0.2"),
+		pod("ns%x", "enforced", "enforce", "example.com,10.0.0.0/8", "10.99.0.3"))
+	bad := pod("bad", "p", "enforce", "", "10.99.0.4")
+	bad.PolicyError = `entry "100%" is not a hostname`
+	s.Workloads = append(s.Workloads, bad)
+	r, _, err := Build(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kinds := map[int]int{}
+	for a, m := range r.packed {
+		l, ok := m.(*stream.StdoutAccessLog)
+		if !ok {
+			continue
+		}
+		kinds[len(l.GetLogFormat().GetJsonFormat().GetFields())]++
+		b, err := proto.MarshalOptions{Deterministic: true}.Marshal(l)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(a.GetValue(), b) {
+			t.Errorf("access log of %v: its Any differs from its message's encoding", l.GetLogFormat().GetJsonFormat().GetFields()["pod"])
+		}
+		if a.GetTypeUrl() != "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog" {
+			t.Errorf("type URL %s", a.GetTypeUrl())
+		}
+	}
+	if len(kinds) != 3 {
+		t.Errorf("access logs by field count: %v, want three kinds", kinds)
 	}
 }

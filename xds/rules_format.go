@@ -105,19 +105,27 @@ func checkSubstitution(path string, f *core.SubstitutionFormatString) []error {
 	if t := f.GetTextFormat(); t != "" {
 		errs = append(errs, checkFormat(path+".text_format", t)...)
 	}
-	var walk func(p string, v *structpb.Value)
-	walk = func(p string, v *structpb.Value) {
+	// The path of a JSON field is written only for an error: most formats
+	// have none, and writing every field's path was most of this check.
+	var keys []string
+	var walk func(v *structpb.Value)
+	walk = func(v *structpb.Value) {
 		switch k := v.GetKind().(type) {
 		case *structpb.Value_StringValue:
-			errs = append(errs, checkFormat(p, k.StringValue)...)
+			if len(checkFormat("", k.StringValue)) > 0 {
+				errs = append(errs, checkFormat(path+".json_format."+strings.Join(keys, "."), k.StringValue)...)
+			}
 		case *structpb.Value_StructValue:
 			for key, sub := range k.StructValue.GetFields() {
-				walk(p+"."+key, sub)
+				keys = append(keys, key)
+				walk(sub)
+				keys = keys[:len(keys)-1]
 			}
 		}
 	}
 	for key, v := range f.GetJsonFormat().GetFields() {
-		walk(path+".json_format."+key, v)
+		keys = append(keys[:0], key)
+		walk(v)
 	}
 	return errs
 }

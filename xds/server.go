@@ -245,7 +245,8 @@ func toResources[T types.Resource](in []T) []types.Resource {
 // listener without its filter chains, then a digest of each chain's
 // encoding, then the clusters. chains remembers the digests of chains by
 // identity (a Builder never modifies a chain it handed out), so the chains
-// a previous update encoded are not encoded again; hash replaces its
+// a previous update encoded are not encoded again, nor those the Validator
+// encoded for this one (r.digests); hash replaces its
 // contents with this configuration's chains. r must not be read
 // concurrently meanwhile: the chains are set aside while a listener is
 // encoded.
@@ -271,6 +272,9 @@ func (r *Resources) hash(chains map[*listener.FilterChain][sha256.Size]byte) (st
 		}
 		for _, c := range cs {
 			d, ok := chains[c]
+			if !ok {
+				d, ok = r.digests[c]
+			}
 			if !ok {
 				b, err := opts.Marshal(c)
 				if err != nil {

@@ -495,11 +495,15 @@ func (v *Validator) Validate(r *Resources) error {
 					continue
 				}
 			}
-			key, err := chainKey(c, clusterKey)
+			key, digest, err := chainKey(c, clusterKey)
 			if err != nil {
 				errs = append(errs, fmt.Errorf("%s: %w", path, err))
 				continue
 			}
+			if r.digests == nil {
+				r.digests = make(map[*listener.FilterChain][sha256.Size]byte, len(chains))
+			}
+			r.digests[c] = digest
 			if found, ok := v.chains[key]; ok {
 				next[key] = found
 				nextBuilt[c] = builtChain{clusterKey, key, found}
@@ -533,19 +537,15 @@ func (v *Validator) Validate(r *Resources) error {
 	return nil
 }
 
-// chainKey digests a chain's deterministic encoding with the cluster
-// names it is checked against.
-func chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) ([sha256.Size]byte, error) {
+// chainKey digests a chain's deterministic encoding (digest) and that with
+// the cluster names it is checked against (key).
+func chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) (key, digest [sha256.Size]byte, err error) {
 	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(c)
 	if err != nil {
-		return [sha256.Size]byte{}, err
+		return key, digest, err
 	}
-	h := sha256.New()
-	h.Write(clusterKey[:])
-	h.Write(b)
-	var k [sha256.Size]byte
-	h.Sum(k[:0])
-	return k, nil
+	digest = sha256.Sum256(b)
+	return sha256.Sum256(append(clusterKey[:], digest[:]...)), digest, nil
 }
 
 func quoteName(s string) string { return fmt.Sprintf("%q", s) }

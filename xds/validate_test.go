@@ -145,7 +145,21 @@ func TestValidateRejects(t *testing.T) {
 		}, ".filters[0].typed_config(envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy).access_log[0].typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
 		{"unknown command operator in an access log format", func(t *testing.T, r *Resources) {
 			setLogField(t, r, "bogus", "%UPSTREAM_HOSTNAME_TYPO%")
-		}, "unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
+		}, "log_format.json_format.bogus: unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
+		{"unknown command operator in a nested JSON field", func(t *testing.T, r *Resources) {
+			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
+				var l stream.StdoutAccessLog
+				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
+					t.Fatal(err)
+				}
+				inner, err := structpb.NewStruct(map[string]any{"ok": "%DURATION%", "deep": map[string]any{"bad": "%NOPE%"}})
+				if err != nil {
+					t.Fatal(err)
+				}
+				l.GetLogFormat().GetJsonFormat().Fields["outer"] = structpb.NewStructValue(inner)
+				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
+			})
+		}, "log_format.json_format.outer.deep.bad: unknown command operator %NOPE%"},
 		{"unterminated command operator", func(t *testing.T, r *Resources) { setLogField(t, r, "bogus", "%DURATION") },
 			"unterminated command operator"},
 		{"unknown type URL", func(t *testing.T, r *Resources) {
