@@ -8,7 +8,9 @@ import (
 	"net/netip"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // benchState is a busy node: 250 selected pods, each enforcing 20 allow
@@ -73,6 +75,26 @@ func BenchmarkBuildValidate250x20(b *testing.B) {
 	}
 }
 
+// cpuTime is the process's CPU time so far (user and system, all threads):
+// the benchmarks report it per update beside the wall time, since a build
+// and its validation use every CPU the process may (GOMAXPROCS).
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// timedUpdate is srv.Update(s), its CPU time added to *cpu.
+func timedUpdate(b *testing.B, srv *Server, s State, cpu *time.Duration) {
+	t0 := cpuTime(b)
+	if _, _, err := srv.Update(context.Background(), s); err != nil {
+		b.Fatal(err)
+	}
+	*cpu += cpuTime(b) - t0
+}
+
 func newBenchServer(b *testing.B) *Server {
 	srv, err := NewServer(ServerConfig{SocketPath: filepath.Join(b.TempDir(), "x.sock"), Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -102,13 +124,13 @@ func benchUpdateOneChange(b *testing.B, n int) {
 	}
 	b.ReportAllocs()
 	i := 0
+	var cpu time.Duration
 	for b.Loop() {
 		i++
 		s.Workloads[0].IPs = []netip.Addr{netip.AddrFrom4([4]byte{10, 250, byte(i >> 8), byte(i)})}
-		if _, _, err := srv.Update(context.Background(), s); err != nil {
-			b.Fatal(err)
-		}
+		timedUpdate(b, srv, s, &cpu)
 	}
+	b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
 }
 
 // BenchmarkUpdateFull: the first Update of a new server (a restarted
@@ -118,14 +140,14 @@ func BenchmarkUpdateFull(b *testing.B) {
 		b.Run(fmt.Sprintf("workloads=%d", n), func(b *testing.B) {
 			s := benchStateN(b, n)
 			b.ReportAllocs()
+			var cpu time.Duration
 			for b.Loop() {
 				b.StopTimer()
 				srv := newBenchServer(b)
 				b.StartTimer()
-				if _, _, err := srv.Update(context.Background(), s); err != nil {
-					b.Fatal(err)
-				}
+				timedUpdate(b, srv, s, &cpu)
 			}
+			b.ReportMetric(float64(cpu.Nanoseconds())/float64(b.N), "cpu-ns/op")
 		})
 	}
 }

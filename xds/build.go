@@ -5,6 +5,7 @@ package xds
 
 import (
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -104,33 +105,42 @@ func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 		return nil, nil, fmt.Errorf("invalid state: %w", err)
 	}
 	groups, issues := groupWorkloads(s)
-	b := &builder{state: s}
+	b := &builder{state: s, shared: &sharedAnys{}}
 	gk := globalKey(s)
-	var err error
 	bl.mu.Lock()
 	defer bl.mu.Unlock()
 	next := make(map[[sha256.Size]byte]*groupParts, len(groups))
 	b.parts = make([]*groupParts, len(groups))
+	keys := make([][sha256.Size]byte, len(groups))
+	var todo []int // the groups not built before
 	for i, g := range groups {
-		key := g.digest(gk)
-		p := bl.parts[key]
-		if p == nil {
-			p = &groupParts{chains: b.groupChains(g), onMatch: b.groupOnMatch(g)}
-			p.rangeMatcher = &matcher.IPMatcher_IPRangeMatcher{
-				Ranges:    cidrRanges(hostPrefixes(g.ips)),
-				OnMatch:   p.onMatch,
-				Exclusive: true,
-			}
-			p.rangeBytes, err = proto.MarshalOptions{Deterministic: true}.Marshal(&matcher.IPMatcher{RangeMatchers: []*matcher.IPMatcher_IPRangeMatcher{p.rangeMatcher}})
-			if err != nil {
-				return nil, nil, fmt.Errorf("encode the source matcher of %s: %w", g.key, err)
-			}
-			if b.err != nil {
-				return nil, nil, b.err
-			}
+		keys[i] = g.digest(gk)
+		if p := bl.parts[keys[i]]; p != nil {
+			b.parts[i] = p
+		} else {
+			todo = append(todo, i)
 		}
-		next[key] = p
-		b.parts[i] = p
+	}
+	// Each group's parts depend on nothing but the group and the state:
+	// they are built on every CPU the process may use, each worker with a
+	// builder of its own (its own once-per-build Anys and access logs),
+	// whose records are merged after.
+	errs := make([]error, len(groups))
+	workers := parallel(len(todo), func() *builder { return &builder{state: s, shared: b.shared} }, func(wb *builder, j int) {
+		i := todo[j]
+		b.parts[i], errs[i] = wb.groupParts(groups[i])
+	})
+	if err := errors.Join(errs...); err != nil {
+		return nil, nil, err
+	}
+	for _, wb := range workers {
+		if b.packed == nil {
+			b.packed = packedAnys{}
+		}
+		maps.Copy(b.packed, wb.packed)
+	}
+	for i, p := range b.parts {
+		next[keys[i]] = p
 	}
 	lis := b.listener(groups)
 	clusters := []*cluster.Cluster{b.originalDstCluster(), b.denyCluster(), b.dynamicForwardProxyCluster()}
@@ -139,6 +149,26 @@ func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 	}
 	bl.parts = next
 	return &Resources{Listeners: []*listener.Listener{lis}, Clusters: clusters, packed: b.packed, parts: b.parts}, issues, nil
+}
+
+// groupParts builds g's chains and its branch of the listener's matcher.
+func (b *builder) groupParts(g *group) (*groupParts, error) {
+	p := &groupParts{chains: b.groupChains(g), onMatch: b.groupOnMatch(g)}
+	p.rangeMatcher = &matcher.IPMatcher_IPRangeMatcher{
+		Ranges:    cidrRanges(hostPrefixes(g.ips)),
+		OnMatch:   p.onMatch,
+		Exclusive: true,
+	}
+	var err error
+	p.rangeBytes, err = proto.MarshalOptions{Deterministic: true}.Marshal(&matcher.IPMatcher{RangeMatchers: []*matcher.IPMatcher_IPRangeMatcher{p.rangeMatcher}})
+	if err != nil {
+		return nil, fmt.Errorf("encode the source matcher of %s: %w", g.key, err)
+	}
+	if b.err != nil {
+		err, b.err = b.err, nil
+		return nil, err
+	}
+	return p, nil
 }
 
 func groupWorkloads(s State) ([]*group, []Issue) {
@@ -249,25 +279,36 @@ type builder struct {
 	// state's settings (the router, the DNS filters, matching inputs),
 	// packed once per build and shared by every chain that has one:
 	// encoded once, and validated once (Validator remembers an Any by
-	// identity within a validation).
-	shared map[string]*anypb.Any
+	// identity within a validation). A build's workers share it.
+	shared *sharedAnys
 	// logs are the access logs built so far (accessLog), and the
 	// templates they are packed with, by kind.
 	logs         map[logKey][]*accesslog.AccessLog
 	logTemplates map[string]*logTemplate
 }
 
+// sharedAnys are a build's shared Anys by key, for all its workers.
+type sharedAnys struct {
+	mu sync.Mutex
+	m  map[string]*anypb.Any
+}
+
 // sharedAny is b.any(build()) packed once per build under key, which must
 // name everything the message is built from.
 func (b *builder) sharedAny(key string, build func() proto.Message) *anypb.Any {
-	if a, ok := b.shared[key]; ok {
+	if b.shared == nil {
+		b.shared = &sharedAnys{}
+	}
+	b.shared.mu.Lock()
+	defer b.shared.mu.Unlock()
+	if a, ok := b.shared.m[key]; ok {
 		return a
 	}
-	if b.shared == nil {
-		b.shared = map[string]*anypb.Any{}
+	if b.shared.m == nil {
+		b.shared.m = map[string]*anypb.Any{}
 	}
 	a := b.any(build())
-	b.shared[key] = a
+	b.shared.m[key] = a
 	return a
 }
 

@@ -6,10 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -474,50 +476,48 @@ func (v *Validator) Validate(r *Resources) error {
 	listeners := map[string]bool{}
 	for _, l := range r.Listeners {
 		name := "listener " + quoteName(l.GetName())
-		chains := l.FilterChains
-		l.FilterChains = nil
-		found, lerrs := validateResource(name, l, v.JSONRoundTrip, o)
-		l.FilterChains = chains
-		addCaches(name, found)
-		errs = append(errs, lerrs...)
 		if listeners[l.GetName()] {
 			errs = append(errs, fmt.Errorf("%s: duplicate listener name", name))
 		}
 		listeners[l.GetName()] = true
-		errs = append(errs, checkListener(name, l, clusters, o)...)
+		// The listener around its chains, and each chain not validated
+		// before, are independent checks of read-only messages: they run
+		// on every CPU the process may use (chainChecks), and their
+		// results are merged in order, so errors and caches are reported
+		// as a serial walk would.
+		chains := l.FilterChains
+		var lfound []dnsCacheAt
+		var lerrs []error
+		results := make([]chainCheck, len(chains))
+		parallel(len(chains)+1, func() map[*anypb.Any]*walkedAny { return map[*anypb.Any]*walkedAny{} }, func(seen map[*anypb.Any]*walkedAny, i int) {
+			// The listener first: its matcher tree is the longest job.
+			if i == 0 {
+				ow := o
+				ow.seen = seen
+				l.FilterChains = nil
+				lfound, lerrs = validateResource(name, l, v.JSONRoundTrip, ow)
+				l.FilterChains = chains
+				lerrs = append(lerrs, checkListener(name, l, clusters, ow)...)
+				return
+			}
+			results[i-1] = v.checkFilterChain(name, i-1, chains[i-1], r, clusters, clusterKey, seen)
+		})
+		addCaches(name, lfound)
+		errs = append(errs, lerrs...)
 		for i, c := range chains {
-			path := fmt.Sprintf("%s.filter_chains[%d]", name, i)
-			if r.parts != nil {
-				if bc, ok := v.builtChains[c]; ok && bc.clusterKey == clusterKey {
-					next[bc.key] = bc.caches
-					nextBuilt[c] = bc
-					addCaches(path, bc.caches)
-					continue
+			res := results[i]
+			addCaches(res.path, res.caches)
+			errs = append(errs, res.errs...)
+			if res.encoded {
+				if r.digests == nil {
+					r.digests = make(map[*listener.FilterChain][sha256.Size]byte, len(chains))
 				}
+				r.digests[c] = res.digest
 			}
-			key, digest, err := chainKey(c, clusterKey)
-			if err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", path, err))
-				continue
+			if res.ok {
+				next[res.key] = res.caches
+				nextBuilt[c] = builtChain{clusterKey, res.key, res.caches}
 			}
-			if r.digests == nil {
-				r.digests = make(map[*listener.FilterChain][sha256.Size]byte, len(chains))
-			}
-			r.digests[c] = digest
-			if found, ok := v.chains[key]; ok {
-				next[key] = found
-				nextBuilt[c] = builtChain{clusterKey, key, found}
-				addCaches(path, found)
-				continue
-			}
-			found, chainErrs := validateResource(path, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: seen})
-			chainErrs = append(chainErrs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters, walkOpts{packed: r.packed})...)
-			if len(chainErrs) == 0 {
-				next[key] = found
-				nextBuilt[c] = builtChain{clusterKey, key, found}
-			}
-			addCaches(path, found)
-			errs = append(errs, chainErrs...)
 		}
 	}
 	errs = append(errs, checkDNSCacheSet(caches)...)
@@ -535,6 +535,70 @@ func (v *Validator) Validate(r *Resources) error {
 		}
 	}
 	return nil
+}
+
+// chainCheck is what checkFilterChain found of one filter chain.
+type chainCheck struct {
+	path    string
+	caches  []dnsCacheAt
+	errs    []error
+	ok      bool // valid: remembered under key
+	key     [sha256.Size]byte
+	encoded bool // digest is set
+	digest  [sha256.Size]byte
+}
+
+// checkFilterChain validates listener name's chain i, c, unless v validated it
+// before (the same chain of the same build, or one with the same encoding
+// and cluster names). seen is the calling worker's memo of walked Anys.
+// It only reads v, r and clusters.
+func (v *Validator) checkFilterChain(name string, i int, c *listener.FilterChain, r *Resources, clusters map[string]bool, clusterKey [sha256.Size]byte, seen map[*anypb.Any]*walkedAny) chainCheck {
+	res := chainCheck{path: fmt.Sprintf("%s.filter_chains[%d]", name, i)}
+	if r.parts != nil {
+		if bc, ok := v.builtChains[c]; ok && bc.clusterKey == clusterKey {
+			res.caches, res.ok, res.key = bc.caches, true, bc.key
+			return res
+		}
+	}
+	key, digest, err := chainKey(c, clusterKey)
+	if err != nil {
+		res.errs = []error{fmt.Errorf("%s: %w", res.path, err)}
+		return res
+	}
+	res.key, res.digest, res.encoded = key, digest, true
+	if found, ok := v.chains[key]; ok {
+		res.caches, res.ok = found, true
+		return res
+	}
+	res.caches, res.errs = validateResource(res.path, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: seen})
+	res.errs = append(res.errs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters, walkOpts{packed: r.packed})...)
+	res.ok = len(res.errs) == 0
+	return res
+}
+
+// parallel runs job(w, 0..n-1) on up to GOMAXPROCS goroutines (one of them
+// the caller's), each with its own state w made by worker, and returns the
+// workers' states when every job has run.
+func parallel[W any](n int, worker func() W, job func(w W, i int)) []W {
+	ws := make([]W, max(1, min(runtime.GOMAXPROCS(0), n)))
+	var next atomic.Int64
+	work := func(k int) {
+		ws[k] = worker()
+		for {
+			i := int(next.Add(1)) - 1
+			if i >= n {
+				return
+			}
+			job(ws[k], i)
+		}
+	}
+	var wg sync.WaitGroup
+	for k := 1; k < len(ws); k++ {
+		wg.Go(func() { work(k) })
+	}
+	work(0)
+	wg.Wait()
+	return ws
 }
 
 // chainKey digests a chain's deterministic encoding (digest) and that with
