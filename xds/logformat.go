@@ -80,19 +80,28 @@ func (t *logTemplate) pack(b *builder, own map[string]*structpb.Value) *anypb.An
 		Format:            &core.SubstitutionFormatString_JsonFormat{JsonFormat: &structpb.Struct{Fields: fields}},
 		JsonFormatOptions: logFormatOptions(),
 	}}}
-	st := make([]byte, 0, t.size+256)
+	// Each of the log's own fields as a one-entry Struct, then everything
+	// written once into a buffer of the final size.
+	ownEnc := make(map[string][]byte, len(own))
+	stLen := t.size
+	for k, v := range own {
+		ownEnc[k] = b.marshal(&structpb.Struct{Fields: map[string]*structpb.Value{k: v}})
+		stLen += len(ownEnc[k])
+	}
+	sfsLen := len(t.opts) + protowire.SizeTag(jsonFormatField) + protowire.SizeBytes(stLen)
+	out := make([]byte, 0, protowire.SizeTag(logFormatField)+protowire.SizeBytes(sfsLen))
+	out = protowire.AppendTag(out, logFormatField, protowire.BytesType)
+	out = protowire.AppendVarint(out, uint64(sfsLen))
+	out = append(out, t.opts...)
+	out = protowire.AppendTag(out, jsonFormatField, protowire.BytesType)
+	out = protowire.AppendVarint(out, uint64(stLen))
 	for _, k := range t.keys {
 		if e, ok := t.enc[k]; ok {
-			st = append(st, e...)
+			out = append(out, e...)
 		} else {
-			st = append(st, b.marshal(&structpb.Struct{Fields: map[string]*structpb.Value{k: own[k]}})...)
+			out = append(out, ownEnc[k]...)
 		}
 	}
-	sfs := append(make([]byte, 0, len(st)+len(t.opts)+8), t.opts...)
-	sfs = protowire.AppendTag(sfs, jsonFormatField, protowire.BytesType)
-	sfs = protowire.AppendBytes(sfs, st)
-	out := protowire.AppendTag(make([]byte, 0, len(sfs)+8), logFormatField, protowire.BytesType)
-	out = protowire.AppendBytes(out, sfs)
 	a := &anypb.Any{TypeUrl: stdoutLogURL, Value: out}
 	b.remember(a, logger)
 	return a
