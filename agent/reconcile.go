@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"net/netip"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strings"
@@ -86,6 +87,8 @@ type Reconciler struct {
 	pushed  string            // the last version pushed
 	changed chan struct{}     // the selection changed (for the state file)
 	issues  map[string]string // last reported xDS issue per key
+	// releaseMemory returns freed memory to the kernel (RunXDS).
+	releaseMemory func()
 }
 
 // ReconcilerConfig wires a Reconciler.
@@ -133,6 +136,7 @@ func NewReconciler(cfg ReconcilerConfig) (*Reconciler, error) {
 		dp: cfg.Datapath, xds: cfg.XDS, proxy: cfg.Proxy, local: cfg.NodeLocal, dns: slices.Clone(cfg.DNSResolvers), names: cfg.Names, timeouts: cfg.Timeouts, report: cfg.Reporter, log: cfg.Logger, cgroupID: cfg.CgroupID, metrics: cfg.Metrics,
 		hold:  cfg.Hold,
 		byKey: map[string]*selected{}, byID: map[uint32]string{}, adopt: map[uint64]uint32{}, pending: make(chan struct{}, 1), changed: make(chan struct{}, 1), issues: map[string]string{},
+		releaseMemory: debug.FreeOSMemory,
 	}
 	if r.log == nil {
 		r.log = slog.Default()
@@ -514,11 +518,24 @@ func (r *Reconciler) State() xds.State {
 // batching changes that arrive within debounce of each other (one
 // snapshot costs the same for one change as for a hundred), from the first
 // Sync on: before it the state is a partial view.
+//
+// Once no change has come for quietAfterPush since a push, the memory the
+// push's build and validation left behind is handed back to the kernel
+// (releaseMemory, debug.FreeOSMemory): a configuration is rebuilt in
+// bursts, and Go would otherwise keep a heap of twice the live one mapped
+// (GOGC=100) on every node while nothing happens. It costs one collection
+// per quiet period (a few milliseconds with 250 pods), not the builds' own
+// collections.
 func (r *Reconciler) RunXDS(ctx context.Context, debounce time.Duration) {
+	var quiet <-chan time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return
+		case <-quiet:
+			quiet = nil
+			r.releaseMemory()
+			continue
 		case <-r.pending:
 		}
 		select {
@@ -531,9 +548,14 @@ func (r *Reconciler) RunXDS(ctx context.Context, debounce time.Duration) {
 		r.mu.Unlock()
 		if synced {
 			r.PushXDS(ctx)
+			quiet = time.After(quietAfterPush)
 		}
 	}
 }
+
+// quietAfterPush is how long RunXDS waits after a push, with no change
+// coming, before it releases memory.
+const quietAfterPush = time.Second
 
 // PushXDS builds, validates and publishes the current state once.
 func (r *Reconciler) PushXDS(ctx context.Context) {

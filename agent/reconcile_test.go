@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"sync/atomic"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -470,5 +471,40 @@ func TestReconcilerMetrics(t *testing.T) {
 	// The two refused tries, the select and the deselect.
 	if n := histogramCount(t, m.Reconcile); n != 4 {
 		t.Errorf("reconcile duration count %d, want 4", n)
+	}
+}
+
+// After a push, once no change has come for quietAfterPush, RunXDS hands
+// the freed memory back once; changes that keep coming postpone it.
+func TestReconcileReleasesMemoryWhenQuiet(t *testing.T) {
+	r, _, x, _ := newTestReconciler(t, map[uint64]datapath.Workload{}, cgroups{"/cg/a": 100, "/cg/b": 101})
+	var released atomic.Int32
+	r.releaseMemory = func() { released.Add(1) }
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go r.RunXDS(ctx, time.Millisecond)
+	if err := r.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// Changes every quarter of the quiet period: no release meanwhile.
+	for i := range 6 {
+		if err := r.Upsert(wl("a", "/cg/a", "enforce", fmt.Sprintf("10.%d.0.0/16", i+1))); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(quietAfterPush / 4)
+	}
+	if n := released.Load(); n != 0 {
+		t.Fatalf("memory released %d times while changes kept coming", n)
+	}
+	if len(x.statesCopy()) < 2 {
+		t.Fatalf("%d pushes", len(x.statesCopy()))
+	}
+	deadline := time.Now().Add(5 * quietAfterPush)
+	for released.Load() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(quietAfterPush + 100*time.Millisecond)
+	if n := released.Load(); n != 1 {
+		t.Fatalf("memory released %d times after the changes stopped, want once", n)
 	}
 }
