@@ -279,17 +279,21 @@ func walkedFields(md protoreflect.MessageDescriptor) []protoreflect.FieldDescrip
 		fs := md.Fields()
 		for i := 0; i < fs.Len(); i++ {
 			fd := fs.Get(i)
-			t := fd.Message()
-			if fd.IsMap() {
-				t = fd.MapValue().Message()
-			}
-			if t != nil && mayHoldOrIs(t) {
+			if t := heldType(fd); t != nil && mayHoldOrIs(t) {
 				walked = append(walked, fd)
 			}
 		}
 	}
 	fieldPlans.Store(md, walked)
 	return walked
+}
+
+// heldType is the message type fd holds (a map's values' type), or nil.
+func heldType(fd protoreflect.FieldDescriptor) protoreflect.MessageDescriptor {
+	if fd.IsMap() {
+		return fd.MapValue().Message()
+	}
+	return fd.Message()
 }
 
 // The message types a walk looks for: an Any (whose contents are
@@ -329,10 +333,7 @@ func mayHold(md protoreflect.MessageDescriptor) bool {
 		fs := d.Fields()
 		for i := 0; i < fs.Len(); i++ {
 			fd := fs.Get(i)
-			t := fd.Message()
-			if fd.IsMap() {
-				t = fd.MapValue().Message()
-			}
+			t := heldType(fd)
 			if t == nil {
 				continue
 			}

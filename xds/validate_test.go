@@ -110,15 +110,23 @@ func editDNSCache(t *testing.T, r *Resources, edit func(*dnscache.DnsCacheConfig
 
 // Each rule of the validator, fed a resource that breaks it.
 // setLogField sets one field of the audit chain's access log format.
-func setLogField(t *testing.T, r *Resources, key, value string) {
+// editLog changes the access log of the audit chain's tcp_proxy.
+func editLog(t *testing.T, r *Resources, edit func(*stream.StdoutAccessLog)) {
 	t.Helper()
 	editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
 		var l stream.StdoutAccessLog
 		if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
 			t.Fatal(err)
 		}
-		l.GetLogFormat().GetJsonFormat().Fields[key] = structpb.NewStringValue(value)
+		edit(&l)
 		tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
+	})
+}
+
+func setLogField(t *testing.T, r *Resources, key, value string) {
+	t.Helper()
+	editLog(t, r, func(l *stream.StdoutAccessLog) {
+		l.GetLogFormat().GetJsonFormat().Fields[key] = structpb.NewStringValue(value)
 	})
 }
 
@@ -134,30 +142,18 @@ func TestValidateRejects(t *testing.T) {
 			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) { tp.StatPrefix = "" })
 		}, "invalid TcpProxy.StatPrefix: value length must be at least 1"},
 		{"PGV inside an Any inside an Any (access log format)", func(t *testing.T, r *Resources) {
-			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
-				var l stream.StdoutAccessLog
-				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
-					t.Fatal(err)
-				}
-				l.GetLogFormat().Format = nil
-				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
-			})
+			editLog(t, r, func(l *stream.StdoutAccessLog) { l.GetLogFormat().Format = nil })
 		}, ".filters[0].typed_config(envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy).access_log[0].typed_config(envoy.extensions.access_loggers.stream.v3.StdoutAccessLog): invalid StdoutAccessLog.LogFormat"},
 		{"unknown command operator in an access log format", func(t *testing.T, r *Resources) {
 			setLogField(t, r, "bogus", "%UPSTREAM_HOSTNAME_TYPO%")
 		}, "log_format.json_format.bogus: unknown command operator %UPSTREAM_HOSTNAME_TYPO%"},
 		{"unknown command operator in a nested JSON field", func(t *testing.T, r *Resources) {
-			editTyped(t, chain(t, r, "audit|").GetFilters()[0], &tcpproxy.TcpProxy{}, func(tp *tcpproxy.TcpProxy) {
-				var l stream.StdoutAccessLog
-				if err := tp.AccessLog[0].GetTypedConfig().UnmarshalTo(&l); err != nil {
-					t.Fatal(err)
-				}
-				inner, err := structpb.NewStruct(map[string]any{"ok": "%DURATION%", "deep": map[string]any{"bad": "%NOPE%"}})
-				if err != nil {
-					t.Fatal(err)
-				}
+			inner, err := structpb.NewStruct(map[string]any{"ok": "%DURATION%", "deep": map[string]any{"bad": "%NOPE%"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			editLog(t, r, func(l *stream.StdoutAccessLog) {
 				l.GetLogFormat().GetJsonFormat().Fields["outer"] = structpb.NewStructValue(inner)
-				tp.AccessLog[0].ConfigType = &accesslog.AccessLog_TypedConfig{TypedConfig: mustAny(t, &l)}
 			})
 		}, "log_format.json_format.outer.deep.bad: unknown command operator %NOPE%"},
 		{"unterminated command operator", func(t *testing.T, r *Resources) { setLogField(t, r, "bogus", "%DURATION") },
