@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"sync/atomic"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -11,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
