@@ -64,7 +64,7 @@ deps-k8s:
 .PHONY: test
 test: deps-test
 	apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
-	$(GO) test $(GOTEST_FLAGS) -race ./xds/
+	CGO_ENABLED=1 $(GO) test $(GOTEST_FLAGS) -race ./xds/
 	$(MAKE) --no-print-directory fuzz
 
 # The fuzz targets: every parser of input from outside the agent, and the

@@ -294,7 +294,8 @@ type sharedAnys struct {
 }
 
 // sharedAny is b.any(build()) packed once per build under key, which must
-// name everything the message is built from.
+// name everything the message is built from. build runs under the shared
+// lock: it must not call sharedAny itself.
 func (b *builder) sharedAny(key string, build func() proto.Message) *anypb.Any {
 	if b.shared == nil {
 		b.shared = &sharedAnys{}

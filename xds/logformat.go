@@ -73,6 +73,11 @@ func (t *logTemplate) pack(b *builder, own map[string]*structpb.Value) *anypb.An
 	fields := make(map[string]*structpb.Value, len(t.fields)+len(own))
 	maps.Copy(fields, t.fields)
 	maps.Copy(fields, own)
+	for k := range own {
+		if _, constant := t.fields[k]; (constant || !slices.Contains(perLogFields, k)) && b.err == nil {
+			b.err = fmt.Errorf("access log: field %q is not one of a log's own", k)
+		}
+	}
 	if len(fields) != len(t.keys) && b.err == nil {
 		b.err = fmt.Errorf("access log: %d fields, the template has %d", len(fields), len(t.keys))
 	}
@@ -101,6 +106,9 @@ func (t *logTemplate) pack(b *builder, own map[string]*structpb.Value) *anypb.An
 		} else {
 			out = append(out, ownEnc[k]...)
 		}
+	}
+	if len(out) != cap(out) && b.err == nil {
+		b.err = fmt.Errorf("access log: encoded %d bytes, sized %d", len(out), cap(out))
 	}
 	a := &anypb.Any{TypeUrl: stdoutLogURL, Value: out}
 	b.remember(a, logger)

@@ -216,11 +216,13 @@ func (w *walker) walk(rm protoreflect.Message) {
 			w.errs = append(w.errs, fmt.Errorf("%s: typed_config %q: %w (Envoy rejects type URLs it does not know)", w.path(), x.GetTypeUrl(), err))
 			return
 		}
-		found := len(w.caches)
+		found, failed := len(w.caches), len(w.errs)
 		w.steps = append(w.steps, step{index: -1, any: inner.ProtoReflect().Descriptor().FullName()})
 		w.message(inner)
 		w.steps = w.steps[:len(w.steps)-1]
-		if w.o.seen != nil {
+		// An Any with errors is not remembered: every chain holding it
+		// reports them, whichever worker validates it first.
+		if w.o.seen != nil && len(w.errs) == failed {
 			seen := &walkedAny{}
 			if len(w.caches) > found {
 				at := w.relPath()
@@ -439,7 +441,9 @@ type builtChain struct {
 
 // Validate checks r as the package's Validate does. It sets each listener's
 // filter_chains aside while it validates the rest of the listener and puts
-// them back: r must not be read concurrently meanwhile.
+// them back: r must not be read concurrently meanwhile. It records the
+// digest of each chain it encoded in r (hash reuses them): r's chains must
+// not change between Validate and hash.
 func (v *Validator) Validate(r *Resources) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
