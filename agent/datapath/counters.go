@@ -6,7 +6,6 @@ import (
 	"reflect"
 	"slices"
 	"strings"
-	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -55,13 +54,9 @@ type counterSlot struct {
 	field int // index of its Counters field; -1 if Counters has none
 }
 
-// counterSlots are the BPF enum counter's members (COUNTER_MAX aside), in
-// slot order, from the embedded object's BTF.
-var counterSlots = sync.OnceValue(func() []counterSlot {
-	spec, err := loadSpec()
-	if err != nil {
-		panic(err) // the object is part of the binary: a build defect
-	}
+// counterSlotsOf reads spec's enum counter (COUNTER_MAX aside) in slot
+// order, each member matched with its Counters field by name.
+func counterSlotsOf(spec *ebpf.CollectionSpec) []counterSlot {
 	var e *btf.Enum
 	if err := spec.Types.TypeByName("counter", &e); err != nil {
 		panic(fmt.Sprintf("datapath: embedded object has no enum counter: %v", err))
@@ -85,7 +80,11 @@ var counterSlots = sync.OnceValue(func() []counterSlot {
 	}
 	slices.SortFunc(out, func(a, b counterSlot) int { return cmp.Compare(a.slot, b.slot) })
 	return out
-})
+}
+
+// counterSlots are the BPF enum counter's members, from the embedded
+// object (objectTables).
+func counterSlots() []counterSlot { return tables().counters }
 
 // CounterNames are the stable snake_case names of the datapath's counters,
 // in Counters.Values order: the metrics' kind label and `sluice status`.

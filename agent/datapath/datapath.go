@@ -54,22 +54,21 @@ type attachment struct {
 	attach ebpf.AttachType
 }
 
-// attachments lists every program of the embedded object and where it hooks,
-// in name order, from the compiled spec (each program's ELF section names its
-// attach type), so a program added in C needs no Go table. The link pin of
-// each is named "link_<program>" in the pin directory.
-var attachments = sync.OnceValue(func() []attachment {
-	spec, err := loadSpec()
-	if err != nil {
-		panic(err) // the object is part of the binary: a build defect
-	}
+// attachmentsOf lists every program of spec and where it hooks, in name
+// order (each program's ELF section names its attach type), so a program
+// added in C needs no Go table.
+func attachmentsOf(spec *ebpf.CollectionSpec) []attachment {
 	var out []attachment
 	for name, p := range spec.Programs {
 		out = append(out, attachment{name, p.AttachType})
 	}
 	slices.SortFunc(out, func(a, b attachment) int { return strings.Compare(a.prog, b.prog) })
 	return out
-})
+}
+
+// attachments are the embedded object's programs (objectTables). The link
+// pin of each is named "link_<program>" in the pin directory.
+func attachments() []attachment { return tables().attachments }
 
 func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) }
 

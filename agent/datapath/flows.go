@@ -5,12 +5,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"strings"
-	"sync"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/ringbuf"
 	"golang.org/x/sys/unix"
@@ -34,16 +35,10 @@ type Flow struct {
 // FlowDecision is a value of the BPF enum flow_decision.
 type FlowDecision uint8
 
-var (
-	flowNamesOnce sync.Once
-	flowNames     map[FlowDecision]string
-)
-
 // String is the decision's name, derived from the compiled enum
 // (FLOW_DIRECT_NOT_READY: "direct_not_ready"), so C and Go cannot drift.
 func (d FlowDecision) String() string {
-	flowNamesOnce.Do(func() { flowNames = FlowDecisionNames() })
-	if n, ok := flowNames[d]; ok {
+	if n, ok := tables().flowNames[d]; ok {
 		return n
 	}
 	return fmt.Sprintf("decision_%d", uint8(d))
@@ -51,15 +46,14 @@ func (d FlowDecision) String() string {
 
 // FlowDecisionNames maps every flow decision to its name, from the BTF of
 // the embedded object.
-func FlowDecisionNames() map[FlowDecision]string {
+func FlowDecisionNames() map[FlowDecision]string { return maps.Clone(tables().flowNames) }
+
+// flowNamesOf reads spec's enum flow_decision.
+func flowNamesOf(spec *ebpf.CollectionSpec) map[FlowDecision]string {
 	out := map[FlowDecision]string{}
-	spec, err := loadSpec()
-	if err != nil {
-		return out
-	}
 	var e *btf.Enum
 	if err := spec.Types.TypeByName("flow_decision", &e); err != nil {
-		return out
+		panic(fmt.Sprintf("datapath: embedded object has no enum flow_decision: %v", err))
 	}
 	for _, v := range e.Values {
 		out[FlowDecision(v.Value)] = strings.ToLower(strings.TrimPrefix(v.Name, "FLOW_"))

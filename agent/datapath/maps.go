@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -590,13 +589,7 @@ func (d *Datapath) ExcludedPorts() ([]uint16, error) {
 
 // MaxResolvers is how many DNS resolvers SetResolvers takes: the capacity of
 // the resolvers map in the embedded object (MAX_RESOLVERS).
-var MaxResolvers = sync.OnceValue(func() int {
-	spec, err := loadSpec()
-	if err != nil {
-		panic(err) // the object is part of the binary: a build defect
-	}
-	return int(spec.Maps["resolvers"].MaxEntries)
-})
+func MaxResolvers() int { return tables().maxResolvers }
 
 // SetResolvers makes the DNS resolvers exactly rs: selected workloads reach
 // them directly over UDP and TCP, and they are the only non-TCP destinations
