@@ -133,10 +133,8 @@ func (bl *Builder) Build(s State) (*Resources, []Issue, error) {
 	if err := errors.Join(errs...); err != nil {
 		return nil, nil, err
 	}
+	b.packed = packedAnys{}
 	for _, wb := range workers {
-		if b.packed == nil {
-			b.packed = packedAnys{}
-		}
 		maps.Copy(b.packed, wb.packed)
 	}
 	for i, p := range b.parts {
@@ -316,10 +314,7 @@ func (b *builder) sharedAny(key string, build func() proto.Message) *anypb.Any {
 // any packs m deterministically: map fields (access log formats are
 // protobuf Structs) are ordered, so the same input gives the same bytes.
 func (b *builder) any(m proto.Message) *anypb.Any {
-	a := &anypb.Any{}
-	if err := anypb.MarshalFrom(a, m, proto.MarshalOptions{Deterministic: true}); err != nil && b.err == nil {
-		b.err = fmt.Errorf("pack %s: %w", m.ProtoReflect().Descriptor().FullName(), err)
-	}
+	a := &anypb.Any{TypeUrl: typeURL(m), Value: b.marshal(m)}
 	b.remember(a, m)
 	return a
 }

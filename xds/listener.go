@@ -159,7 +159,7 @@ func (b *builder) sourceTrie() *xdscore.TypedExtensionConfig {
 	for _, p := range b.parts {
 		value = append(value, p.rangeBytes...)
 	}
-	a := &anypb.Any{TypeUrl: "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName()), Value: value}
+	a := &anypb.Any{TypeUrl: typeURL(m), Value: value}
 	b.remember(a, m)
 	return &xdscore.TypedExtensionConfig{Name: trieMatcherName, TypedConfig: a}
 }

@@ -37,7 +37,7 @@ func logFormatOptions() *core.JsonFormatOptions { return &core.JsonFormatOptions
 var (
 	jsonFormatField = (&core.SubstitutionFormatString{}).ProtoReflect().Descriptor().Fields().ByName("json_format").Number()
 	logFormatField  = (&stream.StdoutAccessLog{}).ProtoReflect().Descriptor().Fields().ByName("log_format").Number()
-	stdoutLogURL    = "type.googleapis.com/" + string((&stream.StdoutAccessLog{}).ProtoReflect().Descriptor().FullName())
+	stdoutLogURL    = typeURL(&stream.StdoutAccessLog{})
 )
 
 var deterministic = proto.MarshalOptions{Deterministic: true}

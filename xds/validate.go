@@ -73,7 +73,7 @@ func (o walkOpts) unpack(a *anypb.Any) (proto.Message, error) {
 	// The builder packed m into a with anypb.MarshalFrom: a's bytes are
 	// m's deterministic encoding, unless a was changed since (its type is
 	// checked; nothing in the package changes an Any's value).
-	if m, ok := o.packed[a]; ok && a.GetTypeUrl() == "type.googleapis.com/"+string(m.ProtoReflect().Descriptor().FullName()) {
+	if m, ok := o.packed[a]; ok && a.GetTypeUrl() == typeURL(m) {
 		return m, nil
 	}
 	return a.UnmarshalNew()
@@ -487,9 +487,9 @@ func (v *Validator) Validate(r *Resources) error {
 		listeners[l.GetName()] = true
 		// The listener around its chains, and each chain not validated
 		// before, are independent checks of read-only messages: they run
-		// on every CPU the process may use (chainChecks), and their
-		// results are merged in order, so errors and caches are reported
-		// as a serial walk would.
+		// on every CPU the process may use (parallel), and their results
+		// are merged in order, so errors and caches come in the same order
+		// whatever the scheduling.
 		chains := l.FilterChains
 		var lfound []dnsCacheAt
 		var lerrs []error
