@@ -67,7 +67,7 @@ type Config struct {
 	// within this time (a node whose agent and proxy are gone falls back to
 	// each workload's fail mode); zero: no lease.
 	ReadinessLease time.Duration
-	// InFlightMapSize: capacity of each in-flight map when the datapath is
+	// InFlightMapSize: capacity of the in-flight map (pending_tuples) when the datapath is
 	// installed (datapath.Config.InFlightEntries); zero: the default.
 	InFlightMapSize int
 	// AllowDowngrade adopts pins of a newer layout (datapath.Config).

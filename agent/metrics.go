@@ -121,10 +121,10 @@ var (
 		"Connections of a selected workload by outcome: redirected, refused because the proxy was not ready (failed_closed), non-TCP sockets refused in enforce mode (denied_non_tcp), never-dial destinations refused (node_local_refused), or connects to a metadata address, direct or refused (metadata).",
 		[]string{"workload_namespace", "workload_pod", "outcome"}, nil)
 	descInFlight = prometheus.NewDesc("sluice_datapath_inflight_entries",
-		"Entries in the datapath's connection maps: original destinations of open redirected sockets, and 4-tuples awaiting the proxy.",
+		"Entries in the datapath's connection maps: 4-tuples of redirected connections awaiting the proxy (pending_tuples), and original destinations stored by socket cookie before an upgrade from a release before layout 5 (orig_dsts; since then original destinations live in each socket's storage).",
 		[]string{"map"}, nil)
 	descInFlightCap = prometheus.NewDesc("sluice_datapath_inflight_capacity",
-		"Capacity of each in-flight map (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with sluice_datapath_inflight_entries.",
+		"Capacity of the in-flight map pending_tuples (--inflight-map-size when the datapath was installed). Entries beyond it evict the least recently used: compare with sluice_datapath_inflight_entries.",
 		nil, nil)
 	descLeaseLeft = prometheus.NewDesc("sluice_readiness_lease_remaining_seconds",
 		"While the proxy-ready flag is set: how long its lease still holds unless the agent renews it (every probe does). Falling towards 0 means the agent's probe loop stalled; at 0 the datapath treats the proxy as not ready. Absent without a lease or with the flag clear.",

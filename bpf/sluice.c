@@ -125,12 +125,30 @@ struct {
 } metadata_grants SEC(".maps");
 
 /*
- * Original destination per client socket cookie, from connect() until the
- * socket is released (cgroup/sock_release deletes it). Socket cookies are
- * never reused, so an entry can only ever answer for its own socket. LRU as a
- * second line of defence: should an entry escape deletion, it is evicted
- * rather than filling the map; an evicted entry only ever means "unknown",
- * never a wrong answer.
+ * The original destination of a redirected client socket, from connect()
+ * for the socket's life: its ESTABLISHED callback publishes it, getpeername
+ * answers it. It dies with the socket, so nothing deletes it (no
+ * sock_release program) and nothing can evict it. The kernel charges it to
+ * the socket's option memory (net.core.optmem_max); a socket that has used
+ * all of it cannot get one, and its connect is refused (remember()).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct orig_dst);
+} redirects SEC(".maps");
+
+/*
+ * Layouts 1-4 kept the original destination here, by socket cookie. Layout
+ * 5's programs never write it; they read it only where redirects has
+ * nothing, for sockets that the previous release's connect4 redirected
+ * before an upgrade switched the programs (their handshake, and later
+ * getpeername calls). A fresh install creates it with the smallest
+ * capacity; an upgrade keeps the pinned map and its entries. No program
+ * deletes them any more; socket cookies are never reused, so a leftover
+ * entry can only ever answer for its own socket, and `sluice uninstall`
+ * removes the map.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -205,6 +223,7 @@ static __always_inline void count(enum counter c)
  */
 struct conn {
 	void *ctx;
+	struct bpf_sock *sk; /* connect4/6 only: the connecting socket */
 	const __be32 *a;
 	__be16 port;
 	__u8 v4;
@@ -399,24 +418,27 @@ static __always_inline enum verdict not_ready(const struct conn *c, const struct
 	return REFUSE;
 }
 
-/* Remember dst for this socket; on failure follow the workload's fail mode. */
-static __always_inline enum verdict remember(const struct conn *c, const struct workload *w,
-					     struct orig_dst *dst)
+/*
+ * Remember dst in the socket's storage. When the kernel cannot allocate it
+ * (the socket's option memory is full, or memory is short) the connect is
+ * refused whatever the fail mode: the pod can fill its own socket's option
+ * memory (TCP MD5 keys, a socket filter), and letting that socket go direct
+ * would be a way around the proxy.
+ */
+static __always_inline enum verdict remember(struct bpf_sock *sk, const struct conn *c,
+					     const struct workload *w, const struct orig_dst *dst)
 {
-	__u64 cookie = bpf_get_socket_cookie(c->ctx);
 	struct workload_stats *s;
+	struct orig_dst *slot;
 
-	dst->workload_id = w->id;
-	if (bpf_map_update_elem(&orig_dsts, &cookie, dst, BPF_ANY)) {
+	slot = bpf_sk_storage_get(&redirects, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!slot) {
 		count(COUNTER_ORIG_STORE_FAILED);
-		return not_ready(c, w);
+		flow(c, w, FLOW_REFUSED_STORE_FAILED);
+		return REFUSE;
 	}
-	/*
-	 * Looked up once, so the kernel's LRU counts the entry as used: it
-	 * evicts entries never looked up first, and this one is not read
-	 * again before the handshake completes.
-	 */
-	bpf_map_lookup_elem(&orig_dsts, &cookie);
+	*slot = *dst;
+	slot->workload_id = w->id;
 	s = stats_of(w);
 	if (s)
 		s->redirected++;
@@ -504,6 +526,12 @@ static __always_inline enum verdict classify(const struct conn *c, const struct 
 
 	if (is_proxy_addr(cfg, a, v4)) {
 		if (port == cfg->port) {
+			/*
+			 * A socket whose earlier connect was redirected and
+			 * failed still holds that destination: its handshake
+			 * must not publish it for this one.
+			 */
+			bpf_sk_storage_delete(&redirects, c->sk);
 			count(COUNTER_PROXY_DIRECT);
 			return DIRECT;
 		}
@@ -558,7 +586,7 @@ static __always_inline enum verdict decide(const struct conn *c, const struct wo
 		dst.addr[2] = a[2];
 		dst.addr[3] = a[3];
 	}
-	return remember(c, w, &dst);
+	return remember(c->sk, c, w, &dst);
 }
 
 SEC("cgroup/connect4")
@@ -575,7 +603,7 @@ int sl_connect4(struct bpf_sock_addr *ctx)
 		return 1;
 	port = (__be16)ctx->user_port; /* user_port: network order, low 16 bits */
 	set_v4mapped(mapped, ctx->user_ip4);
-	struct conn c = { .ctx = ctx, .a = mapped, .port = port, .v4 = 1, .protocol = protocol };
+	struct conn c = { .ctx = ctx, .sk = ctx->sk, .a = mapped, .port = port, .v4 = 1, .protocol = protocol };
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
 		return side_door(&c, w);
 	cfg = get_config();
@@ -615,7 +643,7 @@ int sl_connect6(struct bpf_sock_addr *ctx)
 	daddr[3] = ctx->user_ip6[3];
 	port = (__be16)ctx->user_port;
 	v4 = is_v4mapped(daddr);
-	struct conn c = { .ctx = ctx, .a = daddr, .port = port, .v4 = v4, .protocol = protocol };
+	struct conn c = { .ctx = ctx, .sk = ctx->sk, .a = daddr, .port = port, .v4 = v4, .protocol = protocol };
 	/* v4-mapped destinations are keyed v4-mapped, as resolvers are. */
 	if (type != SOCK_STREAM || protocol != IPPROTO_TCP)
 		return side_door(&c, w);
@@ -790,6 +818,7 @@ static __always_inline void tuple_key_v3(const struct sk_view *v, int client_sid
 }
 
 static __always_inline void on_active_established(struct bpf_sock_ops *skops,
+						  struct bpf_sock *sk,
 						  const struct sk_view *v,
 						  const struct proxy_config *cfg)
 {
@@ -801,8 +830,12 @@ static __always_inline void on_active_established(struct bpf_sock_ops *skops,
 
 	if (!client_tuple(skops, v, cfg, &key))
 		return;
-	cookie = bpf_get_socket_cookie(skops);
-	dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+	dst = sk ? bpf_sk_storage_get(&redirects, sk, 0, 0) : NULL;
+	if (!dst) {
+		/* Redirected by the previous release's connect4 (layouts 1-4). */
+		cookie = bpf_get_socket_cookie(skops);
+		dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+	}
 	if (!dst) {
 		/*
 		 * A connection straight to the proxy (not redirected). It owns
@@ -911,7 +944,7 @@ int sl_sockops(struct bpf_sock_ops *skops)
 	switch (op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
-		on_active_established(skops, &v, cfg);
+		on_active_established(skops, sk, &v, cfg);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		read_view(skops, family, &v);
@@ -948,44 +981,6 @@ int sl_sock_create(struct bpf_sock *sk)
 		return 1;
 	struct conn c = { .ctx = sk, .protocol = protocol };
 	return deny_non_tcp(&c, w);
-}
-
-/*
- * A TCP socket connect4 redirected drops its original destination when it is
- * released: this covers connects that failed after connect4 ran
- * (EADDRNOTAVAIL, no route), which never reach a sockops callback. Only such
- * a socket has an entry, and its peer is the proxy, or none when connect()
- * failed before the kernel set it; every other TCP socket (connected
- * elsewhere, or accepted) is skipped before its cookie is taken.
- */
-SEC("cgroup/sock_release")
-int sl_sock_release(struct bpf_sock *sk)
-{
-	struct proxy_config *cfg;
-	__be32 peer[4];
-	__u64 cookie;
-	int unset;
-
-	if (sk->type != SOCK_STREAM)
-		return 1;
-	if (sk->family == AF_INET) {
-		unset = !sk->dst_ip4;
-		set_v4mapped(peer, sk->dst_ip4);
-	} else if (sk->family == AF_INET6) {
-		peer[0] = sk->dst_ip6[0];
-		peer[1] = sk->dst_ip6[1];
-		peer[2] = sk->dst_ip6[2];
-		peer[3] = sk->dst_ip6[3];
-		unset = !(peer[0] | peer[1] | peer[2] | peer[3]);
-	} else {
-		return 1;
-	}
-	cfg = get_config();
-	if (!unset && cfg && !is_proxy_addr(cfg, peer, is_v4mapped(peer)))
-		return 1;
-	cookie = bpf_get_socket_cookie(sk);
-	bpf_map_delete_elem(&orig_dsts, &cookie);
-	return 1;
 }
 
 struct sockaddr_in_ {
@@ -1069,13 +1064,34 @@ int sl_getsockopt(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-/* Transparency: a redirected socket's peer is its original destination. */
+/*
+ * Transparency: a redirected socket's peer is its original destination.
+ * Only a socket whose peer is the proxy's address can have one; every other
+ * getpeername returns before touching a map.
+ */
+static __always_inline struct orig_dst *redirected_to(struct bpf_sock_addr *ctx)
+{
+	struct orig_dst *dst = bpf_sk_storage_get(&redirects, ctx->sk, 0, 0);
+	__u64 cookie;
+
+	if (dst)
+		return dst;
+	/* Redirected by the previous release's connect4 (layouts 1-4). */
+	cookie = bpf_get_socket_cookie(ctx);
+	return bpf_map_lookup_elem(&orig_dsts, &cookie);
+}
+
 SEC("cgroup/getpeername4")
 int sl_getpeername4(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+	__be32 peer = ctx->user_ip4;
+	struct proxy_config *cfg;
+	struct orig_dst *dst;
 
+	cfg = get_config();
+	if (!cfg || !cfg->addr4 || peer != cfg->addr4)
+		return 1;
+	dst = redirected_to(ctx);
 	if (!dst || dst->family != AF_INET)
 		return 1;
 	ctx->user_ip4 = dst->addr[0];
@@ -1087,9 +1103,18 @@ int sl_getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int sl_getpeername6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_socket_cookie(ctx);
-	struct orig_dst *dst = bpf_map_lookup_elem(&orig_dsts, &cookie);
+	struct proxy_config *cfg;
+	struct orig_dst *dst;
+	__be32 peer[4];
 
+	peer[0] = ctx->user_ip6[0];
+	peer[1] = ctx->user_ip6[1];
+	peer[2] = ctx->user_ip6[2];
+	peer[3] = ctx->user_ip6[3];
+	cfg = get_config();
+	if (!cfg || !is_proxy_addr(cfg, peer, is_v4mapped(peer)))
+		return 1;
+	dst = redirected_to(ctx);
 	if (!dst)
 		return 1;
 	if (dst->family == AF_INET) {

@@ -218,7 +218,7 @@ enum counter {
 	COUNTER_PROXY_DIRECT,       /* selected, destination is the proxy itself */
 	COUNTER_FAILED_CLOSED,      /* proxy not ready, connect refused */
 	COUNTER_BYPASS_NOT_READY,   /* proxy not ready, fail-open: went direct */
-	COUNTER_ORIG_STORE_FAILED,  /* could not remember the original dst */
+	COUNTER_ORIG_STORE_FAILED,  /* could not remember the original dst: connect refused */
 	COUNTER_PUBLISHED,          /* 4-tuple published at ACTIVE_ESTABLISHED */
 	COUNTER_PUBLISH_FAILED,     /* 4-tuple map update failed */
 	COUNTER_CLAIMED,            /* proxy socket claimed its entry */
@@ -252,6 +252,7 @@ enum flow_decision {
 	FLOW_REFUSED_PROXY_PORT = 5, /* the proxy address on another port: refused */
 	FLOW_DIRECT_METADATA = 6,   /* metadata address, audit or granted: direct */
 	FLOW_REFUSED_METADATA = 7,  /* metadata address, enforce, not granted: refused */
+	FLOW_REFUSED_STORE_FAILED = 8, /* no socket storage for the original destination: refused */
 };
 
 /* Capacity of the flows ring buffer: 16384 events of 64 bytes (header included). */

@@ -242,8 +242,8 @@ var alertCases = map[string][]alertCase{
 		// Lost while the maps are full; still lost, maps no longer full:
 		// not this alert.
 		series: `sluice_datapath_events_total{event="orig_dst_unknown",instance="n1"} 0 5 10 15 20 25 30 35
-sluice_datapath_inflight_entries{map="orig_dsts",instance="n1"} 100 64000 64000 64000 100 100 100 100
-sluice_datapath_inflight_entries{map="pending_tuples",instance="n1"} 0 0 0 0 0 0 0 0
+sluice_datapath_inflight_entries{map="orig_dsts",instance="n1"} 0 0 0 0 0 0 0 0
+sluice_datapath_inflight_entries{map="pending_tuples",instance="n1"} 100 64000 64000 64000 100 100 100 100
 sluice_datapath_inflight_capacity{instance="n1"} 65536 65536 65536 65536 65536 65536 65536 65536`,
 		firing: []int{1, 2, 3}, quiet: []int{0, 4, 5, 7},
 	}},

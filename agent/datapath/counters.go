@@ -182,14 +182,16 @@ func (d *Datapath) WorkloadStats() (map[uint32]WorkloadStats, error) {
 	return out, nil
 }
 
-// InFlightCapacity is the capacity of each in-flight map in effect: the
-// one the pinned datapath was created with.
-func (d *Datapath) InFlightCapacity() int { return int(d.maps.OrigDsts.MaxEntries()) }
+// InFlightCapacity is the capacity of the in-flight map (pending_tuples)
+// in effect: the one the pinned datapath was created with.
+func (d *Datapath) InFlightCapacity() int { return int(d.maps.PendingTuples.MaxEntries()) }
 
-// InFlight reports how many entries the connection-tracking maps hold: the
-// original destinations of open redirected sockets, and 4-tuples published
+// InFlight reports how many entries the connection-tracking maps hold:
+// original destinations kept by cookie in orig_dsts (since layout 5 only
+// those of sockets the previous release redirected; 0 on a fresh install:
+// a redirected socket keeps its own in its storage), and 4-tuples published
 // but not yet claimed by the proxy. Tests and status use it to show that no
-// entry outlives its socket.
+// entry outlives its handshake.
 func (d *Datapath) InFlight() (origDsts, pendingTuples int, err error) {
 	count := func(m *ebpf.Map) (int, error) {
 		n := 0

@@ -25,17 +25,25 @@ const (
 	DefaultBPFFS   = "/sys/fs/bpf"
 	DefaultPinPath = DefaultBPFFS + "/sluice"
 
-	// DefaultInFlightEntries is the capacity of each in-flight map
-	// (orig_dsts, pending_tuples): redirected sockets open at once on the
-	// node, and handshakes between client and proxy.
+	// DefaultInFlightEntries is the capacity of the in-flight map
+	// (pending_tuples): handshakes between client and proxy in flight at
+	// once on the node.
 	DefaultInFlightEntries = 65536
 	// MinInFlightEntries and MaxInFlightEntries bound Config.InFlightEntries.
 	MinInFlightEntries = 1024
 	MaxInFlightEntries = 1 << 22
 )
 
-// inFlightMaps are the LRU maps whose capacity Config.InFlightEntries sets.
+// inFlightMaps are the LRU maps whose capacity is the operator's, not the
+// layout's: a pinned map keeps the capacity it was created with.
+// Config.InFlightEntries sets pending_tuples'; orig_dsts is only read since
+// layout 5 (for sockets redirected by the release before), so a fresh
+// install creates it with legacyEntries.
 var inFlightMaps = []string{"orig_dsts", "pending_tuples"}
+
+// legacyEntries is the capacity orig_dsts gets when layout 5 or later is
+// installed fresh: nothing writes it.
+const legacyEntries = 1
 
 var (
 	// ErrNotInstalled is returned when no pinned datapath exists.
@@ -80,12 +88,12 @@ type Config struct {
 	// PinPath is the bpffs directory holding our pins (DefaultPinPath).
 	// Its parent must be on a bpffs; see EnsureBPFFS.
 	PinPath string
-	// InFlightEntries is the capacity of each in-flight map when the
-	// datapath is installed (0: DefaultInFlightEntries). A datapath that
-	// is already pinned keeps the capacity it was created with: maps
-	// cannot be resized in place, and replacing them would lose the
-	// original destinations of open connections. Datapath.InFlightCapacity
-	// says what is in effect.
+	// InFlightEntries is the capacity of the in-flight map
+	// (pending_tuples) when the datapath is installed (0:
+	// DefaultInFlightEntries). A datapath that is already pinned keeps the
+	// capacity it was created with: maps cannot be resized in place, and
+	// replacing one would lose the entries of handshakes in flight.
+	// Datapath.InFlightCapacity says what is in effect.
 	InFlightEntries int
 	// AllowDowngrade lets this version adopt pins of a newer layout
 	// (ErrNewerLayout otherwise): the maps it knows are used, the others
@@ -163,9 +171,8 @@ func Open(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, name := range inFlightMaps {
-		spec.Maps[name].MaxEntries = entries
-	}
+	spec.Maps["pending_tuples"].MaxEntries = entries
+	spec.Maps["orig_dsts"].MaxEntries = legacyEntries
 	for range 2 {
 		if _, err := os.Stat(cfg.PinPath); err == nil {
 			return reopen(spec, cfg)
@@ -345,7 +352,7 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 	}
 
-	for _, a := range attachments() {
+	for _, a := range switchOrder(attachments()) {
 		pin := linkPin(cfg.PinPath, a.prog)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if errors.Is(err, os.ErrNotExist) {
@@ -385,6 +392,31 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 	}
 	return d, nil
+}
+
+// switchOrder is the order in which reopen switches the programs: the
+// connect programs last. They write what the others read later in a
+// connection's life (its original destination), and a newer layout may
+// keep it elsewhere (layout 5: in the socket's storage, not in orig_dsts);
+// every newer program also reads where the older ones wrote. Switched
+// first, a new connect4 would redirect connections whose handshake the old
+// sockops program then completes without finding their destination (seen:
+// about one connection in 900 across an upgrade from layout 4).
+func switchOrder(as []attachment) []attachment {
+	out := slices.Clone(as)
+	last := func(a attachment) bool {
+		return a.attach == ebpf.AttachCGroupInet4Connect || a.attach == ebpf.AttachCGroupInet6Connect
+	}
+	slices.SortStableFunc(out, func(a, b attachment) int {
+		switch {
+		case last(a) && !last(b):
+			return 1
+		case !last(a) && last(b):
+			return -1
+		}
+		return 0
+	})
+	return out
 }
 
 // writeLayout records this binary's layout version in the pins.

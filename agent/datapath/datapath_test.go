@@ -161,3 +161,27 @@ func TestKernelVersion(t *testing.T) {
 		t.Error("garbage parsed, or not taken as accounted")
 	}
 }
+
+// An upgrade switches the connect programs after every program that reads
+// what they write (switchOrder), and switches every program.
+func TestSwitchOrderPutsConnectLast(t *testing.T) {
+	as := attachments()
+	got := switchOrder(as)
+	if len(got) != len(as) {
+		t.Fatalf("switchOrder returned %d of %d attachments", len(got), len(as))
+	}
+	seen := map[string]bool{}
+	connects := 0
+	for i, a := range got {
+		seen[a.prog] = true
+		isConnect := a.attach == ebpf.AttachCGroupInet4Connect || a.attach == ebpf.AttachCGroupInet6Connect
+		if isConnect {
+			connects++
+		} else if connects > 0 {
+			t.Errorf("%s (%s) switched at %d, after a connect program", a.prog, a.attach, i)
+		}
+	}
+	if connects != 2 || len(seen) != len(as) {
+		t.Errorf("order %v: want every program once and both connect programs last", got)
+	}
+}

@@ -22,13 +22,13 @@ type Requirement struct {
 // Requirements is everything the programs in bpf/ use, probed without
 // attaching anything: program and map types, the helpers each program type
 // calls, and the attach types (the kernel refuses an expected attach type
-// it does not know at load time). Together they make Linux 5.9 the floor;
+// it does not know at load time). Together they make Linux 5.8 the floor;
 // `make test-kernels` shows which Debian kernels pass.
 var Requirements = []Requirement{
 	{"program type cgroup_sock_addr (cgroup/connect4, connect6)", "4.17", progType(ebpf.CGroupSockAddr)},
 	{"program type sock_ops", "4.13", progType(ebpf.SockOps)},
 	{"program type cgroup_sockopt (cgroup/getsockopt)", "5.3", progType(ebpf.CGroupSockopt)},
-	{"program type cgroup_sock (cgroup/sock_release)", "4.10", progType(ebpf.CGroupSock)},
+	{"program type cgroup_sock (cgroup/sock_create)", "4.10", progType(ebpf.CGroupSock)},
 	{"map type sk_storage (socket-local storage)", "5.2", func() error { return features.HaveMapType(ebpf.SkStorage) }},
 	{"map type lpm_trie (exclusions)", "4.11", func() error { return features.HaveMapType(ebpf.LPMTrie) }},
 	{"attach type cgroup/connect6", "4.17", attachType(ebpf.CGroupSockAddr, ebpf.AttachCGroupInet6Connect)},
@@ -37,11 +37,12 @@ var Requirements = []Requirement{
 	{"attach type cgroup/getsockopt", "5.3", attachType(ebpf.CGroupSockopt, ebpf.AttachCGroupGetsockopt)},
 	{"attach type cgroup/getpeername4", "5.8", attachType(ebpf.CGroupSockAddr, ebpf.AttachCgroupInet4GetPeername)},
 	{"attach type cgroup/getpeername6", "5.8", attachType(ebpf.CGroupSockAddr, ebpf.AttachCgroupInet6GetPeername)},
-	{"attach type cgroup/sock_release", "5.9", attachType(ebpf.CGroupSock, ebpf.AttachCgroupInetSockRelease)},
 	{"helper bpf_get_current_ancestor_cgroup_id in cgroup/connect", "5.7", helper(ebpf.CGroupSockAddr, asm.FnGetCurrentAncestorCgroupId)},
 	{"helper bpf_get_current_ancestor_cgroup_id in cgroup/sock_create", "5.7", helper(ebpf.CGroupSock, asm.FnGetCurrentAncestorCgroupId)},
 	{"helper bpf_get_socket_cookie in cgroup/connect", "4.12", helper(ebpf.CGroupSockAddr, asm.FnGetSocketCookie)},
 	{"helper bpf_get_socket_cookie in sock_ops", "5.4", helper(ebpf.SockOps, asm.FnGetSocketCookie)},
+	{"helper bpf_sk_storage_get in cgroup/connect and getpeername", "5.3", helper(ebpf.CGroupSockAddr, asm.FnSkStorageGet)},
+	{"helper bpf_sk_storage_delete in cgroup/connect", "5.3", helper(ebpf.CGroupSockAddr, asm.FnSkStorageDelete)},
 	{"helper bpf_sk_storage_get in sock_ops", "5.3", helper(ebpf.SockOps, asm.FnSkStorageGet)},
 	{"helper bpf_sk_storage_get in cgroup/getsockopt", "5.3", helper(ebpf.CGroupSockopt, asm.FnSkStorageGet)},
 	{"helper bpf_sock_ops_cb_flags_set", "4.16", helper(ebpf.SockOps, asm.FnSockOpsCbFlagsSet)},
@@ -60,7 +61,7 @@ func (e *MissingFeatureError) Error() string {
 	for _, r := range e.Missing {
 		fmt.Fprintf(&b, "\n  - %s (Linux %s+)", r.Name, r.Since)
 	}
-	b.WriteString("\nsluice needs Linux 5.9 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (see docs/install.md)")
+	b.WriteString("\nsluice needs Linux 5.8 or later with CONFIG_BPF_SYSCALL and CONFIG_CGROUP_BPF (see docs/install.md)")
 	return b.String()
 }
 

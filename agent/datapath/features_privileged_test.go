@@ -32,7 +32,7 @@ func TestPrivilegedAttachTypeProbeCanFail(t *testing.T) {
 func TestMissingFeatureErrorNamesEach(t *testing.T) {
 	var missing []Requirement
 	for _, r := range Requirements {
-		if strings.Contains(r.Name, "getpeername4") || strings.Contains(r.Name, "sock_release") && strings.HasPrefix(r.Name, "attach") {
+		if strings.Contains(r.Name, "getpeername4") || strings.Contains(r.Name, "sk_storage_delete") {
 			missing = append(missing, r)
 		}
 	}
@@ -41,7 +41,7 @@ func TestMissingFeatureErrorNamesEach(t *testing.T) {
 	if !errors.As(err, &mf) {
 		t.Fatal("not a MissingFeatureError")
 	}
-	for _, want := range []string{"kernel 5.4.0-1", "cgroup/getpeername4 (Linux 5.8+)", "cgroup/sock_release (Linux 5.9+)", "Linux 5.9 or later"} {
+	for _, want := range []string{"kernel 5.4.0-1", "cgroup/getpeername4 (Linux 5.8+)", "bpf_sk_storage_delete in cgroup/connect (Linux 5.3+)", "Linux 5.8 or later"} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("error lacks %q:\n%s", want, err)
 		}

@@ -24,11 +24,15 @@ import (
 //	3  adds the flows ring buffer (flow_event)
 //	4  keys pending_tuples by the client's first sequence number instead
 //	   of its port (the same sizes: the map is reused; see tuple_key_v3)
+//	5  keeps a redirected socket's original destination in its own storage
+//	   (the redirects sk_storage map) instead of orig_dsts, which stays
+//	   for the sockets the previous release redirected and is no longer
+//	   written; drops the sock_release program
 //
 // An agent that finds an older layout migrates it in place (see reopen); one
 // that finds a newer layout refuses it unless Config.AllowDowngrade says
 // otherwise.
-const LayoutVersion = 4
+const LayoutVersion = 5
 
 // ErrNewerLayout is returned when the pins were made by a newer release than
 // this binary: a downgrade.

@@ -53,13 +53,14 @@ const (
 type sluiceFlowDecision uint32
 
 const (
-	sluiceFlowDecisionFLOW_DIRECT_NOT_READY   sluiceFlowDecision = 1
-	sluiceFlowDecisionFLOW_REFUSED_NOT_READY  sluiceFlowDecision = 2
-	sluiceFlowDecisionFLOW_REFUSED_NON_TCP    sluiceFlowDecision = 3
-	sluiceFlowDecisionFLOW_REFUSED_NODE_LOCAL sluiceFlowDecision = 4
-	sluiceFlowDecisionFLOW_REFUSED_PROXY_PORT sluiceFlowDecision = 5
-	sluiceFlowDecisionFLOW_DIRECT_METADATA    sluiceFlowDecision = 6
-	sluiceFlowDecisionFLOW_REFUSED_METADATA   sluiceFlowDecision = 7
+	sluiceFlowDecisionFLOW_DIRECT_NOT_READY     sluiceFlowDecision = 1
+	sluiceFlowDecisionFLOW_REFUSED_NOT_READY    sluiceFlowDecision = 2
+	sluiceFlowDecisionFLOW_REFUSED_NON_TCP      sluiceFlowDecision = 3
+	sluiceFlowDecisionFLOW_REFUSED_NODE_LOCAL   sluiceFlowDecision = 4
+	sluiceFlowDecisionFLOW_REFUSED_PROXY_PORT   sluiceFlowDecision = 5
+	sluiceFlowDecisionFLOW_DIRECT_METADATA      sluiceFlowDecision = 6
+	sluiceFlowDecisionFLOW_REFUSED_METADATA     sluiceFlowDecision = 7
+	sluiceFlowDecisionFLOW_REFUSED_STORE_FAILED sluiceFlowDecision = 8
 )
 
 type sluiceFlowEvent struct {
@@ -182,6 +183,7 @@ const (
 	sluiceMapNeverDialV6        = "never_dial_v6"
 	sluiceMapOrigDsts           = "orig_dsts"
 	sluiceMapPendingTuples      = "pending_tuples"
+	sluiceMapRedirects          = "redirects"
 	sluiceMapResolvers          = "resolvers"
 	sluiceMapWlStats            = "wl_stats"
 	sluiceMapWorkloads          = "workloads"
@@ -193,7 +195,6 @@ const (
 	sluiceProgSlSendmsg4        = "sl_sendmsg4"
 	sluiceProgSlSendmsg6        = "sl_sendmsg6"
 	sluiceProgSlSockCreate      = "sl_sock_create"
-	sluiceProgSlSockRelease     = "sl_sock_release"
 	sluiceProgSlSockops         = "sl_sockops"
 	sluiceVarUnusedCounter      = "unused_counter"
 	sluiceVarUnusedDstClass     = "unused_dst_class"
@@ -253,7 +254,6 @@ type sluiceProgramSpecs struct {
 	SlSendmsg4     *ebpf.ProgramSpec `ebpf:"sl_sendmsg4"`
 	SlSendmsg6     *ebpf.ProgramSpec `ebpf:"sl_sendmsg6"`
 	SlSockCreate   *ebpf.ProgramSpec `ebpf:"sl_sock_create"`
-	SlSockRelease  *ebpf.ProgramSpec `ebpf:"sl_sock_release"`
 	SlSockops      *ebpf.ProgramSpec `ebpf:"sl_sockops"`
 }
 
@@ -274,6 +274,7 @@ type sluiceMapSpecs struct {
 	NeverDialV6    *ebpf.MapSpec `ebpf:"never_dial_v6"`
 	OrigDsts       *ebpf.MapSpec `ebpf:"orig_dsts"`
 	PendingTuples  *ebpf.MapSpec `ebpf:"pending_tuples"`
+	Redirects      *ebpf.MapSpec `ebpf:"redirects"`
 	Resolvers      *ebpf.MapSpec `ebpf:"resolvers"`
 	WlStats        *ebpf.MapSpec `ebpf:"wl_stats"`
 	Workloads      *ebpf.MapSpec `ebpf:"workloads"`
@@ -324,6 +325,7 @@ type sluiceMaps struct {
 	NeverDialV6    *ebpf.Map `ebpf:"never_dial_v6"`
 	OrigDsts       *ebpf.Map `ebpf:"orig_dsts"`
 	PendingTuples  *ebpf.Map `ebpf:"pending_tuples"`
+	Redirects      *ebpf.Map `ebpf:"redirects"`
 	Resolvers      *ebpf.Map `ebpf:"resolvers"`
 	WlStats        *ebpf.Map `ebpf:"wl_stats"`
 	Workloads      *ebpf.Map `ebpf:"workloads"`
@@ -344,6 +346,7 @@ func (m *sluiceMaps) Close() error {
 		m.NeverDialV6,
 		m.OrigDsts,
 		m.PendingTuples,
+		m.Redirects,
 		m.Resolvers,
 		m.WlStats,
 		m.Workloads,
@@ -374,7 +377,6 @@ type sluicePrograms struct {
 	SlSendmsg4     *ebpf.Program `ebpf:"sl_sendmsg4"`
 	SlSendmsg6     *ebpf.Program `ebpf:"sl_sendmsg6"`
 	SlSockCreate   *ebpf.Program `ebpf:"sl_sock_create"`
-	SlSockRelease  *ebpf.Program `ebpf:"sl_sock_release"`
 	SlSockops      *ebpf.Program `ebpf:"sl_sockops"`
 }
 
@@ -388,7 +390,6 @@ func (p *sluicePrograms) Close() error {
 		p.SlSendmsg4,
 		p.SlSendmsg6,
 		p.SlSockCreate,
-		p.SlSockRelease,
 		p.SlSockops,
 	)
 }

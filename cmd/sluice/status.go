@@ -29,7 +29,7 @@ type statusReport struct {
 	Resolvers        []netip.AddrPort    `json:"dns_resolvers"`
 	Counters         map[string]uint64   `json:"counters"`
 	InFlight         map[string]int      `json:"in_flight"`          // entries, by map
-	InFlightCapacity int                 `json:"in_flight_capacity"` // of each in-flight map
+	InFlightCapacity int                 `json:"in_flight_capacity"` // of pending_tuples
 	Agent            *agent.State        `json:"agent,omitempty"`
 	AgentNote        string              `json:"agent_note"`
 }
@@ -283,7 +283,11 @@ func printStatus(w io.Writer, r *statusReport) {
 		}
 		printNames(w, r.Agent.Names, r.Agent.Updated)
 	}
-	fmt.Fprintf(w, "\nin flight: %d original destinations, %d pending tuples (capacity %d each)\ncounters:\n", r.InFlight["orig_dsts"], r.InFlight["pending_tuples"], r.InFlightCapacity)
+	fmt.Fprintf(w, "\nin flight: %d pending tuples (capacity %d)", r.InFlight["pending_tuples"], r.InFlightCapacity)
+	if n := r.InFlight["orig_dsts"]; n > 0 {
+		fmt.Fprintf(w, ", %d original destinations kept by a release before layout 5", n)
+	}
+	fmt.Fprintf(w, "\ncounters:\n")
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, n := range datapath.CounterNames() {
 		fmt.Fprintf(tw, "  %s\t%d\n", n, r.Counters[n])

@@ -18,6 +18,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -55,19 +56,20 @@ func flood(ctx context.Context, t *testing.T, m *ebpf.Map, inserted *int) {
 	}
 }
 
-// The original-destination and 4-tuple maps driven to exhaustion: junk
-// entries (whose answer would be a wrong destination) are written as fast
-// as the machine allows while a pod makes a thousand redirected
-// connections. The LRU maps stay full and evict; a connection whose entry
-// was evicted reaches the proxy with no known original destination, which
-// is counted (orig_dst_unknown) and closed; no connection is ever answered
-// a wrong destination.
+// The 4-tuple map (pending_tuples, the one in-flight map that can fill:
+// original destinations live in each socket's storage) driven to
+// exhaustion: junk entries (whose answer would be a wrong destination) are
+// written as fast as the machine allows while a pod makes a thousand
+// redirected connections. The LRU map stays full and evicts; a connection
+// whose entry was evicted reaches the proxy with no known original
+// destination, which is counted (orig_dst_unknown) and closed; no
+// connection is ever answered a wrong destination.
 func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	f := setup(t, 1, "-verify")
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailClosed)
 	var maps []*ebpf.Map
-	for _, name := range []string{"orig_dsts", "pending_tuples"} {
+	for _, name := range []string{"pending_tuples"} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, name), nil)
 		if err != nil {
 			t.Fatal(err)
@@ -105,7 +107,10 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	full := []int{orig, pending}
+	if orig != 0 {
+		t.Errorf("orig_dsts holds %d entries: layout %d's programs must not write it", orig, datapath.LayoutVersion)
+	}
+	full := []int{pending}
 	after := f.counters(t)
 
 	var st testbed.ReuseStats
@@ -113,7 +118,7 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 		t.Fatalf("reuse output %q: %v", b, err)
 	}
 	unknown := after.OrigDstUnknown - before.OrigDstUnknown
-	t.Logf("junk inserted: %d original destinations, %d tuples (maps at %v of %d after the run)", inserted[0], inserted[1], full, maps[0].MaxEntries())
+	t.Logf("junk inserted: %d tuples (map at %v of %d after the run)", inserted[0], full, maps[0].MaxEntries())
 	t.Logf("connections: %+v; orig_dst_unknown +%d, claim_missed +%d, claimed +%d", st, unknown, after.ClaimMissed-before.ClaimMissed, after.Claimed-before.Claimed)
 	if st.Mismatch != 0 {
 		t.Errorf("%d connections were answered a wrong original destination", st.Mismatch)
@@ -133,9 +138,10 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	}
 }
 
-// origDstsTo counts the entries of orig_dsts whose original destination is
-// dst (IPv4); the map must not change meanwhile.
-func origDstsTo(t *testing.T, m *ebpf.Map, dst netip.AddrPort) int {
+// entriesTo counts the entries of m (pending_tuples: struct orig_dst
+// values) whose original destination is dst (IPv4); the map must not
+// change meanwhile.
+func entriesTo(t *testing.T, m *ebpf.Map, dst netip.AddrPort) int {
 	t.Helper()
 	var k, v []byte
 	n := 0
@@ -151,154 +157,186 @@ func origDstsTo(t *testing.T, m *ebpf.Map, dst netip.AddrPort) int {
 	return n
 }
 
-// Live connections' original destinations evicted before their handshakes
-// complete: the documented outcome of a full orig_dsts map, forced. The
-// in-flight maps are made small (1,024 entries). The pod's gateway
-// neighbour points at a MAC nobody has, so k connects have run connect4 (an
-// entry each) while their SYNs are dropped and retransmitted. Then:
+// Live connections' published 4-tuples evicted before the proxy claims
+// them: the documented outcome of a full pending_tuples map, forced. (The
+// original destinations themselves live in each socket's storage, which
+// nothing evicts.) The map is made small (1,024 entries), and the proxy
+// defers accepting (TCP_DEFER_ACCEPT): the final ACK of a handshake without
+// data is dropped, so a client is established and its entry published
+// while the proxy's side, whose creation claims the entry, waits for the
+// client's first bytes. Then:
 //
-//   - junk written from user space, four times the capacity, evicts none of
-//     them: the kernel's LRU keeps entries a program has looked up (every
-//     redirected connect is) over entries never used;
-//   - real redirected connects, also held in SYN-SENT, evict them (eight
-//     times the capacity has evicted all of them in one round on every run
-//     so far; three times, about half);
-//   - the neighbour is restored and the handshakes complete. Each reaches
-//     the proxy with no original destination: claim_missed and
-//     orig_dst_unknown count it, the proxy closes it, and nothing is ever
-//     answered a wrong destination.
+//   - k victims connect, are established, and hold, sending nothing;
+//   - rounds of 8 × capacity more redirected connections, held the same
+//     way, evict their entries (each round runs on the next CPU: the
+//     kernel's LRU keeps a CPU's newest entries on that CPU's pending list
+//     until that CPU inserts again, and only then can another CPU's inserts
+//     evict them, kernel/bpf/bpf_lru_list.c);
+//   - the victims send what they dialed. Each reaches the proxy with no
+//     entry: claim_missed and orig_dst_unknown count it, the proxy answers
+//     "unknown" and would close it; nothing is answered a wrong
+//     destination.
 func TestPrivilegedInFlightEntryEvicted(t *testing.T) {
 	const capacity = datapath.MinInFlightEntries
-	f := setupWith(t, 1, datapath.Config{InFlightEntries: capacity}, "-verify")
+	f := setupWith(t, 1, datapath.Config{InFlightEntries: capacity})
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailClosed)
-	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "orig_dsts"), nil)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "pending_tuples"), nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer m.Close()
 	if m.MaxEntries() != capacity {
-		t.Fatalf("orig_dsts holds %d entries, want the configured %d", m.MaxEntries(), capacity)
+		t.Fatalf("pending_tuples holds %d entries, want the configured %d", m.MaxEntries(), capacity)
 	}
-	gw4 := pod.IPv4.As4()
-	gw4[3] = 1 // the testbed's pod gateway, x.y.z.1
-	gw := netip.AddrFrom4(gw4).String()
-	pod.Netns.IP(t, "neigh", "replace", gw, "lladdr", "02:00:00:00:00:01", "dev", "eth0", "nud", "permanent")
-	restored := false
-	restore := func() {
-		if !restored {
-			restored = true
-			pod.Netns.IP(t, "neigh", "del", gw, "dev", "eth0")
-		}
+	// Every held handshake waits in the deferred listener's queue, whose
+	// length the node namespace's somaxconn bounds (Go listens with it).
+	f.tb.Node.Sysctl(t, "net.core.somaxconn", "65535")
+	const deferred = datapath.DefaultProxyPort + 4
+	testbed.StartDaemon(t, f.tb.ProxyCgroup, f.tb.Node, "proxy", "-verify", "-defer-accept", "120",
+		"-listen", fmt.Sprintf("%s:%d", proxyV4, deferred), "-records", filepath.Join(t.TempDir(), "deferred.jsonl"))
+	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: deferred}); err != nil {
+		t.Fatal(err)
 	}
 
 	before := f.counters(t)
 	const k = 8
 	victim := netip.AddrPortFrom(ext4, serverPort)
-	outs := make([][]byte, k)
-	errs := make([]error, k)
-	var wg sync.WaitGroup
-	defer wg.Wait()
-	defer restore() // before waiting for the clients
-	for i := range k {
-		cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "reuse", "-n", "1", "-port-base", strconv.Itoa(43000+i), "-ports", "1",
-			"-dst", victim.Addr().String(), "-dst-port-base", strconv.Itoa(int(victim.Port())), "-dst-ports", "1")
-		wg.Add(1)
-		go func() { defer wg.Done(); outs[i], errs[i] = cmd.Output() }()
+	vcmd := testbed.Command(t, pod.Cgroup, pod.Netns, "pending", "-verify", "-n", strconv.Itoa(k), "-dst", victim.Addr().String(),
+		"-dst-port-base", strconv.Itoa(int(victim.Port())), "-dst-ports", "1")
+	vin, vout := testbed.StartPiped(t, vcmd)
+	vlines := bufio.NewReader(vout)
+	defer func() { vin.Close(); vcmd.Wait() }()
+	if l, _ := vlines.ReadString('\n'); !strings.HasPrefix(l, fmt.Sprintf("READY %d 0", k)) {
+		t.Fatalf("victims: %q, want %d connects started", l, k)
 	}
-	for deadline := time.Now().Add(20 * time.Second); origDstsTo(t, m, victim) < k; time.Sleep(20 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatalf("only %d of %d connects stored an original destination in 20s", origDstsTo(t, m, victim), k)
-		}
+	harness.WaitFor(t, "the victims established, their entries published", 10*time.Second, func() bool {
+		return f.counters(t).Published-before.Published == k
+	})
+	if n := entriesTo(t, m, victim); n != k {
+		t.Fatalf("%d of the %d victims' entries pending, want all", n, k)
 	}
-	if c := f.counters(t); c.Published != before.Published {
-		t.Fatalf("a connection was established while its SYNs were to be dropped")
-	}
-
-	// Junk never looked up by a program does not push them out.
-	ctx, cancel := context.WithCancel(context.Background())
-	inserted := 0
-	done := make(chan struct{})
-	go func() { defer close(done); flood(ctx, t, m, &inserted) }()
-	for deadline := time.Now().Add(60 * time.Second); inserted < 4*capacity && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	cancel()
-	<-done
-	if inserted < 4*capacity {
-		t.Fatalf("only %d junk entries inserted in 60s, want %d", inserted, 4*capacity)
-	}
-	if n := origDstsTo(t, m, victim); n != k {
-		t.Errorf("%d junk entries (never looked up) evicted %d of the %d live ones; the LRU should keep used entries", inserted, k-n, k)
+	if c := f.counters(t); c.Claimed != before.Claimed || c.ClaimMissed != before.ClaimMissed {
+		t.Fatalf("the deferred proxy's side was created before the victims sent (claimed +%d, claim_missed +%d)",
+			c.Claimed-before.Claimed, c.ClaimMissed-before.ClaimMissed)
 	}
 
-	// Real redirected connects do: rounds of 8 × capacity held in
-	// SYN-SENT (then closed) until every live entry is gone. Each round
-	// runs on the next CPU: the kernel's LRU keeps a CPU's newest entries
-	// on that CPU's pending list until that CPU inserts again, and only
-	// then can another CPU's inserts evict them (kernel/bpf/bpf_lru_list.c),
-	// so connects all on one CPU leave live entries made on another in
-	// place (seen here: 4 of 8, round after round).
+	// Rounds of 8 × capacity redirected connections, established and
+	// held, until every victim's entry is gone.
+	const per = 8 * capacity
 	started := 0
-	for round := 1; origDstsTo(t, m, victim) > 0; round++ {
+	for round := 1; entriesTo(t, m, victim) > 0; round++ {
 		if round > 4*runtime.NumCPU() {
-			t.Fatalf("%d redirected connects in %d rounds over %d CPUs left %d of the %d live entries", started, round-1, runtime.NumCPU(), origDstsTo(t, m, victim), k)
+			t.Fatalf("%d held connections in %d rounds over %d CPUs left %d of the %d victims' entries", started, round-1, runtime.NumCPU(), entriesTo(t, m, victim), k)
 		}
-		cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "pending", "-n", strconv.Itoa(8*capacity), "-dst", ext4.String(),
+		published := f.counters(t).Published
+		cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "pending", "-n", strconv.Itoa(per), "-dst", ext4.String(),
 			"-cpu", strconv.Itoa((round-1)%runtime.NumCPU()))
 		stdin, stdout := testbed.StartPiped(t, cmd)
 		line, _ := bufio.NewReader(stdout).ReadString('\n')
-		left := origDstsTo(t, m, victim)
-		stdin.Close()
+		if !strings.HasPrefix(line, fmt.Sprintf("READY %d 0", per)) {
+			stdin.Close()
+			cmd.Wait()
+			t.Fatalf("held connects reported %q, want all %d started", line, per)
+		}
+		harness.WaitFor(t, "a round's connections established", 60*time.Second, func() bool {
+			return f.counters(t).Published-published == per
+		})
+		left := entriesTo(t, m, victim)
+		stdin.Close() // resets them all; their CLOSE callbacks delete their entries
 		if err := cmd.Wait(); err != nil {
-			t.Fatalf("pending connects: %v", err)
+			t.Fatalf("held connects: %v", err)
 		}
-		if !strings.HasPrefix(line, fmt.Sprintf("READY %d 0", 8*capacity)) {
-			t.Fatalf("pending connects reported %q, want all %d started", line, 8*capacity)
-		}
-		started += 8 * capacity
-		t.Logf("round %d: %d redirected connects held, %d of %d live entries left", round, 8*capacity, left, k)
+		started += per
+		t.Logf("round %d: %d redirected connections held, %d of %d victims' entries left", round, per, left, k)
 	}
 
-	restore()
-	wg.Wait()
+	vin.Close()
+	vres, _ := vlines.ReadString('\n')
+	if err := vcmd.Wait(); err != nil {
+		t.Fatalf("victims: %v", err)
+	}
+	var st testbed.ReuseStats
+	if err := json.Unmarshal([]byte(vres), &st); err != nil {
+		t.Fatalf("victims' output %q: %v", vres, err)
+	}
 	after := f.counters(t)
-	var total testbed.ReuseStats
-	for i := range k {
-		if errs[i] != nil {
-			t.Fatalf("client %d: %v", i, errs[i])
-		}
-		var st testbed.ReuseStats
-		if err := json.Unmarshal(outs[i], &st); err != nil {
-			t.Fatalf("client %d output %q: %v", i, outs[i], err)
-		}
-		total.Connected += st.Connected
-		total.Match += st.Match
-		total.Mismatch += st.Mismatch
-		total.Unknown += st.Unknown
-		total.NoAnswer += st.NoAnswer
-		total.Errors += st.Errors
-	}
 	d := func(a, b uint64) uint64 { return a - b }
-	t.Logf("victims %+v; redirected +%d, published +%d, claim_missed +%d, orig_dst_unknown +%d",
-		total, d(after.RedirectedV4, before.RedirectedV4), d(after.Published, before.Published),
-		d(after.ClaimMissed, before.ClaimMissed), d(after.OrigDstUnknown, before.OrigDstUnknown))
-	if total.Mismatch != 0 {
-		t.Errorf("%d connections were answered a wrong original destination", total.Mismatch)
+	t.Logf("victims %+v; redirected +%d, published +%d, claimed +%d, claim_missed +%d, orig_dst_unknown +%d",
+		st, d(after.RedirectedV4, before.RedirectedV4), d(after.Published, before.Published),
+		d(after.Claimed, before.Claimed), d(after.ClaimMissed, before.ClaimMissed), d(after.OrigDstUnknown, before.OrigDstUnknown))
+	if st.Mismatch != 0 {
+		t.Errorf("%d connections were answered a wrong original destination", st.Mismatch)
 	}
-	if total.Connected != k || total.Unknown != k {
-		t.Errorf("victims %+v: want all %d connected and unknown to the proxy", total, k)
+	if st.Connected != k || st.Unknown != k {
+		t.Errorf("victims %+v: want all %d connected and unknown to the proxy", st, k)
 	}
-	if got := d(after.RedirectedV4, before.RedirectedV4); got != uint64(k+started) {
-		t.Errorf("redirected counted %d, want %d", got, k+started)
+	wantCounted(t, before, after, map[string]uint64{
+		"redirected_ipv4": uint64(k + started), "published": uint64(k + started),
+		"claimed": 0, "claim_missed": k, "orig_dst_unknown": k, "orig_dst_answered": 0})
+}
+
+// From the attacker's side: the original destination is kept in the
+// connecting socket's storage, which the kernel charges to the socket's
+// option memory (net.core.optmem_max), and a pod can fill that memory
+// itself, here with TCP MD5 keys. Such a socket's connect is refused,
+// whatever the pod's fail mode: letting it go direct would be a way around
+// the proxy. Counted orig_store_failed, logged refused_store_failed, and
+// nothing arrives at the destination or the proxy. The same filled socket
+// in an unselected cgroup connects, so the refusal is the datapath's.
+func TestPrivilegedOptionMemoryFullIsRefused(t *testing.T) {
+	f := setup(t, 2)
+	open, closed := f.tb.Pods[0], f.tb.Pods[1]
+	f.selectPod(t, open, 1, datapath.FailOpen)
+	f.selectPod(t, closed, 2, datapath.FailClosed)
+	rd, err := f.dp.Flows()
+	if err != nil {
+		t.Fatal(err)
 	}
-	if got := d(after.OrigDstUnknown, before.OrigDstUnknown); got != k {
-		t.Errorf("orig_dst_unknown counted %d, want %d", got, k)
+	defer rd.Close()
+	dst := netip.AddrPortFrom(ext4, serverPort)
+	spec := "tcp4:" + dst.String()
+	before := f.counters(t)
+	arrived, proxied := len(f.echo.Peers()), len(f.proxyRecords(t))
+	cookies := map[uint64]*testbed.Pod{}
+	for _, p := range []*testbed.Pod{open, closed} {
+		r := testbed.Dial(t, testbed.Run(t, 30*time.Second, p.Cgroup, p.Netns, "client", "-fill-optmem", spec))[0]
+		if r.MD5Keys == 0 {
+			t.Fatalf("%s: no MD5 key added before the option memory was full: %+v", p.Name, r)
+		}
+		if !strings.Contains(r.Err, "operation not permitted") {
+			t.Errorf("%s (%d MD5 keys filling its option memory): %+v, want EPERM", p.Name, r.MD5Keys, r)
+		}
+		cookies[r.Cookie] = p
 	}
-	if got := d(after.ClaimMissed, before.ClaimMissed); got != k {
-		t.Errorf("claim_missed counted %d, want %d: the proxy side found no published entry", got, k)
+	wantCounted(t, before, f.counters(t), map[string]uint64{
+		"orig_store_failed": 2, "redirected_ipv4": 0, "bypass_not_ready": 0, "failed_closed": 0})
+	if n := len(f.echo.Peers()) - arrived; n != 0 {
+		t.Errorf("%d connections arrived at the destination from sockets whose original destination could not be stored", n)
 	}
-	if got := d(after.Published, before.Published); got != 0 {
-		t.Errorf("published counted %d, want 0: nothing was left to publish", got)
+	if n := len(f.proxyRecords(t)) - proxied; n != 0 {
+		t.Errorf("the proxy got %d connections", n)
+	}
+	for len(cookies) > 0 {
+		rd.SetDeadline(time.Now().Add(2 * time.Second))
+		fl, err := rd.Read()
+		if err != nil {
+			t.Fatalf("flow events: %v; no event for %d refused sockets", err, len(cookies))
+		}
+		p, ok := cookies[fl.Cookie]
+		if !ok {
+			continue
+		}
+		delete(cookies, fl.Cookie)
+		if fl.Decision.String() != "refused_store_failed" || fl.Dst != dst {
+			t.Errorf("%s: flow event %s to %v, want refused_store_failed to %v", p.Name, fl.Decision, fl.Dst, dst)
+		}
+	}
+
+	// Control: the same filled socket, unselected, connects directly.
+	other := f.tb.Root.Child(t, "unselected")
+	r := testbed.Dial(t, testbed.Run(t, 30*time.Second, other, open.Netns, "client", "-fill-optmem", spec))[0]
+	if r.MD5Keys == 0 || r.Reply != "peer="+open.IPv4.String() {
+		t.Errorf("unselected, option memory full: %+v, want it direct", r)
 	}
 }

@@ -1,12 +1,13 @@
 package kernel
 
 import (
-	"net/netip"
+	"encoding/json"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -206,51 +207,39 @@ func TestPrivilegedAwaitingProxy(t *testing.T) {
 	}
 }
 
-// Redirected connects that fail leave no original destination behind,
-// whichever way they fail: with no route to the proxy (connect() fails
-// before the kernel sets the socket's peer) and refused by a closed proxy
-// port (the peer is the proxy). sock_release deletes the entry of a TCP
-// socket whose peer is the proxy or unset, and skips every other socket.
-func TestPrivilegedFailedConnectsLeaveNothing(t *testing.T) {
-	f := setup(t, 1)
+// A redirected connect that fails leaves its original destination in the
+// socket's storage, which lives as long as the socket: a later connect of
+// that socket straight to the proxy must not publish it. The failed connect
+// is refused with EADDRNOTAVAIL (another socket of the pod holds the
+// redirected 4-tuple, bound to the same port); that socket closes, and the
+// failed one connects to the proxy itself and says so ("WANT none"). Were
+// the leftover published, the proxy would recover the first destination
+// for it, a mismatch. Nothing is written to orig_dsts, the previous
+// layouts' map.
+func TestPrivilegedFailedConnectLeavesNothingToPublish(t *testing.T) {
+	f := setup(t, 1, "-verify")
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailOpen)
-	inFlight := func() int {
-		n, _, err := f.dp.InFlight()
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	if n := inFlight(); n != 0 {
-		t.Fatalf("%d original destinations before any connect", n)
-	}
-	dst := "tcp4:" + hostport(ext4, serverPort)
-
-	// No route: the pod's default route is gone.
-	pod.Netns.IP(t, "route", "del", "default")
 	before := f.counters(t)
-	r := f.dial(t, pod.Cgroup, pod, dst)[0]
-	if !strings.Contains(r.Err, "network is unreachable") {
-		t.Fatalf("connect with no route: %+v, want ENETUNREACH", r)
+	out := testbed.Run(t, 30*time.Second, pod.Cgroup, pod.Netns, "stale",
+		"-dst", hostport(ext4, serverPort), "-proxy", hostport(proxyV4, int(datapath.DefaultProxyPort)))
+	var r testbed.StaleResult
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("stale output %q: %v", out, err)
 	}
-	wantCounted(t, before, f.counters(t), map[string]uint64{"redirected_ipv4": 1})
-	if n := inFlight(); n != 0 {
-		t.Errorf("a connect that failed with no route left %d original destinations", n)
+	if r.Err != "" {
+		t.Fatalf("stale: %+v", r)
 	}
-	gw4 := pod.IPv4.As4()
-	gw4[3] = 1
-	pod.Netns.IP(t, "route", "add", "default", "via", netip.AddrFrom4(gw4).String())
-
-	// Refused: the datapath sends to a port nothing listens on.
-	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: datapath.DefaultProxyPort + 7}); err != nil {
-		t.Fatal(err)
+	if !strings.Contains(r.Redirected, "cannot assign requested address") {
+		t.Fatalf("redirected connect onto a taken 4-tuple: %q, want EADDRNOTAVAIL", r.Redirected)
 	}
-	r = f.dial(t, pod.Cgroup, pod, dst)[0]
-	if !strings.Contains(r.Err, "connection refused") {
-		t.Fatalf("connect to a closed proxy port: %+v, want ECONNREFUSED", r)
+	if r.Holder != "match" || r.Reconnected != "match" {
+		t.Errorf("proxy verdicts: holder %q, the failed socket reconnected %q; want both match (no original destination)", r.Holder, r.Reconnected)
 	}
-	if n := inFlight(); n != 0 {
-		t.Errorf("a connect refused by the proxy address left %d original destinations", n)
-	}
+	wantCounted(t, before, f.counters(t), map[string]uint64{
+		"redirected_ipv4": 1, "proxy_direct": 2, "published": 0, "orig_dst_unknown": 2, "orig_dst_answered": 0})
+	harness.WaitFor(t, "the in-flight maps empty", 5*time.Second, func() bool {
+		orig, pending, err := f.dp.InFlight()
+		return err == nil && orig == 0 && pending == 0
+	})
 }

@@ -188,9 +188,9 @@ func TestPrivilegedProxyPortSwitchMidHandshake(t *testing.T) {
 		wg.Add(1)
 		go func() { defer wg.Done(); outs[i], errs[i] = cmd.Output() }()
 	}
-	harness.WaitFor(t, "both connects to store their original destinations", 10*time.Second, func() bool {
-		n, _, err := f.dp.InFlight()
-		return err == nil && n >= len(dsts)
+	harness.WaitFor(t, "both connects redirected, their original destinations stored", 10*time.Second, func() bool {
+		c := f.counters(t)
+		return c.RedirectedV4-before.RedirectedV4+c.RedirectedV6-before.RedirectedV6 >= uint64(len(dsts))
 	})
 	if c := f.counters(t); c.Published != before.Published {
 		t.Fatalf("a connection was established while its SYNs were to be dropped")

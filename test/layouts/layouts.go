@@ -21,7 +21,7 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 )
 
-//go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o layout3/sluice_bpfel.o
+//go:embed layout1/sluice_bpfel.o layout2/sluice_bpfel.o layout3/sluice_bpfel.o layout4/sluice_bpfel.o
 var objects embed.FS
 
 // attachment is where one program of a release hooks.
@@ -41,6 +41,10 @@ var releases = map[int][]attachment{
 	// Layout 3 (the flows ring buffer): frozen from commit 5517e85, the
 	// last whose in-flight key held the client's port; the same programs.
 	3: layout1,
+	// Layout 4 (pending_tuples keyed by the client's first sequence
+	// number): frozen from commit 1463f3c, the last that kept original
+	// destinations in orig_dsts; the same programs.
+	4: layout1,
 }
 
 var layout1 = []attachment{
@@ -57,7 +61,7 @@ var layout1 = []attachment{
 }
 
 // Versions are the frozen layouts, oldest first.
-func Versions() []int { return []int{1, 2, 3} }
+func Versions() []int { return []int{1, 2, 3, 4} }
 
 // Spec is layout version's compiled collection, as its release loaded it
 // (minus the .bss section its loader dropped).

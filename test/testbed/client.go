@@ -14,6 +14,7 @@ import (
 	"os"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +35,9 @@ type DialResult struct {
 	// Header is an HTTP reply's header (Reply is then "<status line> |
 	// <first body line>").
 	Header http.Header `json:"header,omitempty"`
+	// MD5Keys is how many TCP MD5 keys -fill-optmem added before the
+	// socket's option memory ran out (ENOMEM).
+	MD5Keys int `json:"md5_keys,omitempty"`
 }
 
 // Dial runs the client role in a pod and returns one result per spec. A spec
@@ -55,12 +59,13 @@ func clientMain(args []string) int {
 	fs := flag.NewFlagSet("client", flag.ContinueOnError)
 	send := fs.String("send", "", `line to send after connecting; "tls-client-hello:NAME" sends a TLS ClientHello for server name NAME instead`)
 	timeout := fs.Duration("timeout", 3*time.Second, "per-connection timeout")
+	fill := fs.Bool("fill-optmem", false, "before connecting a TCP socket, add TCP MD5 keys until its option memory (net.core.optmem_max) is full")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
 	var out []DialResult
 	for _, spec := range fs.Args() {
-		out = append(out, dialOne(spec, *send, *timeout))
+		out = append(out, dialOne(spec, *send, *timeout, *fill))
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
 	return 0
@@ -120,7 +125,7 @@ var clientKinds = map[string]struct {
 // udp6, udpmapped connect a UDP socket and send "ping"; sendto4, sendto6,
 // sendtomapped send "ping" with sendto() on an unconnected UDP socket. UDP
 // kinds wait briefly for a reply datagram.
-func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
+func dialOne(spec, send string, timeout time.Duration, fill bool) (r DialResult) {
 	r.Spec = spec
 	kind, addr, ok := strings.Cut(spec, ":")
 	if !ok {
@@ -156,6 +161,12 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 	}
 	tv := unix.NsecToTimeval(timeout.Nanoseconds())
 	unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_SNDTIMEO, &tv)
+	if fill && k.typ == unix.SOCK_STREAM {
+		if r.MD5Keys, err = fillOptmem(fd); err != nil {
+			r.Err = "fill option memory: " + err.Error()
+			return r
+		}
+	}
 	sa := sockaddr(ap, k.family)
 	switch k.how {
 	case "connect":
@@ -254,6 +265,27 @@ func dialOne(spec, send string, timeout time.Duration) (r DialResult) {
 		}
 	}
 	return r
+}
+
+// fillOptmem adds TCP MD5 keys (one per peer address, 10.255.0.0/16) to
+// the socket until the kernel refuses one for want of option memory, as
+// an application may; it returns how many it added.
+func fillOptmem(fd int) (int, error) {
+	for i := 0; i < 1<<16; i++ {
+		sig := unix.TCPMD5Sig{Keylen: 16}
+		sin := (*unix.RawSockaddrInet4)(unsafe.Pointer(&sig.Addr))
+		sin.Family = unix.AF_INET
+		sin.Addr = [4]byte{10, 255, byte(i >> 8), byte(i)}
+		copy(sig.Key[:], "sixteen byte key")
+		err := unix.SetsockoptTCPMD5Sig(fd, unix.IPPROTO_TCP, unix.TCP_MD5SIG, &sig)
+		if err == unix.ENOMEM {
+			return i, nil
+		}
+		if err != nil {
+			return i, err
+		}
+	}
+	return 0, fmt.Errorf("65536 keys added and the option memory is not full")
 }
 
 // ClientHello returns the first flight of a Go TLS client for server name

@@ -2,12 +2,16 @@ package testbed
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"runtime"
+	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,7 +21,13 @@ import (
 // without waiting for them: with the pod's packets dropped, they stay in
 // SYN-SENT, each a redirected socket whose original destination is stored
 // in the datapath. It prints "READY <started> <errors>", holds the sockets
-// until stdin closes, then closes them all.
+// until stdin closes, then closes them all, with a reset (SO_LINGER 0), so
+// rounds of them leave no TIME_WAIT behind to run out of source ports.
+//
+// With -verify the connections are established, to a proxy in -verify mode
+// that defers accepting them (TCP_DEFER_ACCEPT) until they send: when stdin
+// closes, each says what it dialed ("WANT <addr>") and reads the proxy's
+// verdict; the role prints the tally as a ReuseStats line.
 func pendingMain(args []string) int {
 	fs := flag.NewFlagSet("pending", flag.ContinueOnError)
 	n := fs.Int("n", 1000, "connects to start")
@@ -25,6 +35,7 @@ func pendingMain(args []string) int {
 	dstPortBase := fs.Int("dst-port-base", 20000, "first destination port")
 	dstPorts := fs.Int("dst-ports", 1000, "destination ports to cycle through")
 	cpu := fs.Int("cpu", -1, "connect from this CPU only (the connecting thread is pinned to it); -1: any")
+	verify := fs.Bool("verify", false, "when stdin closes, ask a -verify proxy about each connection and print the verdicts (ReuseStats)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -57,6 +68,7 @@ func pendingMain(args []string) int {
 		}
 	}
 	fds := make([]int, 0, *n)
+	dsts := make([]netip.AddrPort, 0, *n)
 	errs := 0
 	for i := range *n {
 		fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
@@ -64,9 +76,11 @@ func pendingMain(args []string) int {
 			errs++
 			continue
 		}
+		unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1, Linger: 0})
 		fds = append(fds, fd)
-		sa := sockaddr(netip.AddrPortFrom(addr, uint16(*dstPortBase+i%*dstPorts)), family)
-		if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		dst := netip.AddrPortFrom(addr, uint16(*dstPortBase+i%*dstPorts))
+		dsts = append(dsts, dst)
+		if err := unix.Connect(fd, sockaddr(dst, family)); err != nil && !errors.Is(err, unix.EINPROGRESS) {
 			errs++
 		}
 	}
@@ -74,8 +88,48 @@ func pendingMain(args []string) int {
 	in := bufio.NewScanner(os.Stdin)
 	for in.Scan() {
 	}
+	if *verify {
+		var st ReuseStats
+		for i, fd := range fds {
+			st.Attempts++
+			verifyHeld(&st, fd, dsts[i])
+		}
+		json.NewEncoder(os.Stdout).Encode(st)
+		return 0
+	}
 	for _, fd := range fds {
 		unix.Close(fd)
 	}
 	return 0
+}
+
+// verifyHeld asks a -verify proxy about one held connection: it says what
+// it dialed and counts the verdict, as reuseOne does, then closes.
+func verifyHeld(st *ReuseStats, fd int, dst netip.AddrPort) {
+	f := os.NewFile(uintptr(fd), "pending")
+	defer f.Close()
+	if _, err := unix.Getpeername(fd); err != nil {
+		st.Errors++ // never established
+		return
+	}
+	st.Connected++
+	c, err := net.FileConn(f)
+	if err != nil {
+		st.Errors++
+		return
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(c, "WANT %s\n", dst)
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	switch strings.TrimSpace(line) {
+	case "match":
+		st.Match++
+	case "mismatch":
+		st.Mismatch++
+	case "unknown":
+		st.Unknown++
+	default:
+		st.NoAnswer++
+	}
 }

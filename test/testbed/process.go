@@ -25,7 +25,7 @@ const roleEnv = "SLUICE_TESTBED_ROLE"
 // The "client" role is always available.
 func Main(m interface{ Run() int }, roles map[string]Role) {
 	if name := os.Getenv(roleEnv); name != "" {
-		all := map[string]Role{"client": clientMain, "hold": holdMain, "stream": streamMain, "reuse": reuseMain, "pending": pendingMain, "httpget": httpgetMain}
+		all := map[string]Role{"client": clientMain, "hold": holdMain, "stream": streamMain, "reuse": reuseMain, "pending": pendingMain, "httpget": httpgetMain, "stale": staleMain}
 		for k, v := range roles {
 			all[k] = v
 		}

@@ -38,7 +38,7 @@ func streamMain(args []string) int {
 	fmt.Println("READY")
 	for time.Since(start) < *duration {
 		at := time.Since(start)
-		out = append(out, Attempt{At: at, DialResult: dialOne(fs.Arg(0), *send, *timeout)})
+		out = append(out, Attempt{At: at, DialResult: dialOne(fs.Arg(0), *send, *timeout, false)})
 		time.Sleep(*interval)
 	}
 	json.NewEncoder(os.Stdout).Encode(out)
