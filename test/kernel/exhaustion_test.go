@@ -333,8 +333,17 @@ func TestPrivilegedOptionMemoryFullIsRefused(t *testing.T) {
 		}
 	}
 
-	// Control: the same filled socket, unselected, connects directly.
+	// What the storage costs a redirected socket, and that it is what the
+	// kernel charges: an unselected socket has none.
 	other := f.tb.Root.Child(t, "unselected")
+	redirected := f.dial(t, open.Cgroup, open, spec)[0]
+	direct := f.dial(t, other, open, spec)[0]
+	t.Logf("option memory in use: redirected socket %d bytes, unselected %d", redirected.OptMem, direct.OptMem)
+	if redirected.Reply != "peer="+testbed.NodeV4.String() || redirected.OptMem == 0 || direct.OptMem != 0 {
+		t.Errorf("redirected %+v, unselected %+v: want the redirected socket's storage charged to its option memory, none on the other", redirected, direct)
+	}
+
+	// Control: the same filled socket, unselected, connects directly.
 	r := testbed.Dial(t, testbed.Run(t, 30*time.Second, other, open.Netns, "client", "-fill-optmem", spec))[0]
 	if r.MD5Keys == 0 || r.Reply != "peer="+open.IPv4.String() {
 		t.Errorf("unselected, option memory full: %+v, want it direct", r)

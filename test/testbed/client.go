@@ -38,6 +38,9 @@ type DialResult struct {
 	// MD5Keys is how many TCP MD5 keys -fill-optmem added before the
 	// socket's option memory ran out (ENOMEM).
 	MD5Keys int `json:"md5_keys,omitempty"`
+	// OptMem is the socket's option memory in use once connected
+	// (SO_MEMINFO): where the kernel charges socket storage.
+	OptMem uint32 `json:"optmem,omitempty"`
 }
 
 // Dial runs the client role in a pod and returns one result per spec. A spec
@@ -198,6 +201,9 @@ func dialOne(spec, send string, timeout time.Duration, fill bool) (r DialResult)
 	if sa, err := unix.Getpeername(fd); err == nil {
 		r.Peer = fromSockaddr(sa)
 	}
+	if k.typ == unix.SOCK_STREAM {
+		r.OptMem = optmem(fd)
+	}
 	if k.typ == unix.SOCK_DGRAM || k.typ == unix.SOCK_RAW {
 		if k.how == "connect" {
 			payload := []byte("ping\n")
@@ -286,6 +292,19 @@ func fillOptmem(fd int) (int, error) {
 		}
 	}
 	return 0, fmt.Errorf("65536 keys added and the option memory is not full")
+}
+
+// optmem reads the socket's option memory in use (SO_MEMINFO's
+// SK_MEMINFO_OPTMEM); 0 when it cannot.
+func optmem(fd int) uint32 {
+	var mi [unix.SK_MEMINFO_VARS]uint32
+	l := uint32(unsafe.Sizeof(mi))
+	_, _, e := unix.Syscall6(unix.SYS_GETSOCKOPT, uintptr(fd), unix.SOL_SOCKET, unix.SO_MEMINFO,
+		uintptr(unsafe.Pointer(&mi[0])), uintptr(unsafe.Pointer(&l)), 0)
+	if e != 0 {
+		return 0
+	}
+	return mi[unix.SK_MEMINFO_OPTMEM]
 }
 
 // ClientHello returns the first flight of a Go TLS client for server name
