@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"os"
 	"runtime"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -119,17 +118,5 @@ func verifyHeld(st *ReuseStats, fd int, dst netip.AddrPort) {
 		return
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(10 * time.Second))
-	fmt.Fprintf(c, "WANT %s\n", dst)
-	line, _ := bufio.NewReader(c).ReadString('\n')
-	switch strings.TrimSpace(line) {
-	case "match":
-		st.Match++
-	case "mismatch":
-		st.Mismatch++
-	case "unknown":
-		st.Unknown++
-	default:
-		st.NoAnswer++
-	}
+	st.ask(c, dst.String(), 10*time.Second)
 }

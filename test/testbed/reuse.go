@@ -105,7 +105,13 @@ func reuseOne(st *ReuseStats, sport int, target netip.AddrPort, want string, abo
 	}
 	defer c.Close()
 	c.(*net.TCPConn).SetLinger(0)
-	c.SetDeadline(time.Now().Add(5 * time.Second))
+	st.ask(c, want, 5*time.Second)
+}
+
+// ask tells a -verify proxy what c dialed ("WANT <want>") and counts its
+// verdict.
+func (st *ReuseStats) ask(c net.Conn, want string, timeout time.Duration) {
+	c.SetDeadline(time.Now().Add(timeout))
 	fmt.Fprintf(c, "WANT %s\n", want)
 	line, _ := bufio.NewReader(c).ReadString('\n')
 	switch strings.TrimSpace(line) {
