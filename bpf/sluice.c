@@ -144,11 +144,12 @@ struct {
  * 5's programs never write it; they read it only where redirects has
  * nothing, for sockets that the previous release's connect4 redirected
  * before an upgrade switched the programs (their handshake, and later
- * getpeername calls). A fresh install creates it with the smallest
- * capacity; an upgrade keeps the pinned map and its entries. No program
- * deletes them any more; socket cookies are never reused, so a leftover
- * entry can only ever answer for its own socket, and `sluice uninstall`
- * removes the map.
+ * getpeername calls). An upgrade keeps the pinned map and its entries;
+ * a fresh install still gives it the full capacity, for a rollback to a
+ * layout 4 release, whose connect4 writes it. Only a direct connect to
+ * the proxy deletes an entry now (classify()); socket cookies are never
+ * reused, so a leftover entry can only ever answer for its own socket,
+ * and `sluice uninstall` removes the map.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -529,9 +530,13 @@ static __always_inline enum verdict classify(const struct conn *c, const struct 
 			/*
 			 * A socket whose earlier connect was redirected and
 			 * failed still holds that destination: its handshake
-			 * must not publish it for this one.
+			 * must not publish it for this one. Also where a
+			 * layout 1-4 connect4 left it, before an upgrade.
 			 */
+			__u64 cookie = bpf_get_socket_cookie(c->ctx);
+
 			bpf_sk_storage_delete(&redirects, c->sk);
+			bpf_map_delete_elem(&orig_dsts, &cookie);
 			count(COUNTER_PROXY_DIRECT);
 			return DIRECT;
 		}

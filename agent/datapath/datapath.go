@@ -36,14 +36,12 @@ const (
 
 // inFlightMaps are the LRU maps whose capacity is the operator's, not the
 // layout's: a pinned map keeps the capacity it was created with.
-// Config.InFlightEntries sets pending_tuples'; orig_dsts is only read since
-// layout 5 (for sockets redirected by the release before), so a fresh
-// install creates it with legacyEntries.
+// Config.InFlightEntries sets both. Layout 5's programs only read
+// orig_dsts (for sockets redirected by the release before), but a fresh
+// install still gives it the full capacity: a rollback to a layout 4
+// release (--allow-downgrade) keeps the pinned map, and its connect4
+// writes every redirected socket there.
 var inFlightMaps = []string{"orig_dsts", "pending_tuples"}
-
-// legacyEntries is the capacity orig_dsts gets when layout 5 or later is
-// installed fresh: nothing writes it.
-const legacyEntries = 1
 
 var (
 	// ErrNotInstalled is returned when no pinned datapath exists.
@@ -172,7 +170,7 @@ func Open(cfg Config) (*Datapath, error) {
 		return nil, err
 	}
 	spec.Maps["pending_tuples"].MaxEntries = entries
-	spec.Maps["orig_dsts"].MaxEntries = legacyEntries
+	spec.Maps["orig_dsts"].MaxEntries = entries
 	for range 2 {
 		if _, err := os.Stat(cfg.PinPath); err == nil {
 			return reopen(spec, cfg)
