@@ -1,11 +1,16 @@
 package kernel
 
 import (
+	"bufio"
+	"encoding/binary"
 	"encoding/json"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
@@ -242,4 +247,54 @@ func TestPrivilegedFailedConnectLeavesNothingToPublish(t *testing.T) {
 		orig, pending, err := f.dp.InFlight()
 		return err == nil && orig == 0 && pending == 0
 	})
+}
+
+// The same for what a layout 1-4 connect4 left in orig_dsts for a socket
+// whose redirected connect failed before an upgrade: layout 5's programs
+// still read it (by cookie) for such sockets, so a direct connect to the
+// proxy must delete it. The test plants the entry (192.0.2.1:9) for a
+// socket's cookie before that socket connects straight to the proxy.
+func TestPrivilegedDirectConnectDropsLegacyEntry(t *testing.T) {
+	f := setup(t, 1, "-verify")
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 1, datapath.FailOpen)
+	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "orig_dsts"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	before := f.counters(t)
+	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "stale", "-planted", "-proxy", hostport(proxyV4, int(datapath.DefaultProxyPort)))
+	stdin, stdout := testbed.StartPiped(t, cmd)
+	lines := bufio.NewReader(stdout)
+	line, _ := lines.ReadString('\n')
+	cookie, err := strconv.ParseUint(strings.TrimPrefix(strings.TrimSpace(line), "COOKIE "), 10, 64)
+	if err != nil {
+		stdin.Close()
+		cmd.Wait()
+		t.Fatalf("stale -planted: %q, want its cookie", line)
+	}
+	junk := junkOrigDst(int(m.ValueSize()))
+	binary.NativeEndian.PutUint32(junk[20:], 1) // the pod's workload id
+	if err := m.Put(cookie, junk); err != nil {
+		t.Fatal(err)
+	}
+	stdin.Write([]byte("go\n"))
+	out, _ := lines.ReadString('\n')
+	stdin.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("stale -planted: %v", err)
+	}
+	var r testbed.StaleResult
+	if err := json.Unmarshal([]byte(out), &r); err != nil || r.Err != "" {
+		t.Fatalf("stale -planted output %q: %v", out, err)
+	}
+	if r.Reconnected != "match" {
+		t.Errorf("direct connect of a socket with a leftover orig_dsts entry: proxy said %q, want match (no original destination)", r.Reconnected)
+	}
+	var v []byte
+	if err := m.Lookup(cookie, &v); err == nil {
+		t.Errorf("the leftover entry for cookie %d outlived the socket's direct connect", cookie)
+	}
+	wantCounted(t, before, f.counters(t), map[string]uint64{"proxy_direct": 1, "published": 0, "orig_dst_answered": 0})
 }

@@ -42,8 +42,20 @@ func staleMain(args []string) int {
 	dst := fs.String("dst", "", "a destination the datapath redirects (IPv4 address:port)")
 	proxy := fs.String("proxy", "", "the proxy's listener (IPv4 address:port)")
 	sport := fs.Int("sport", 41999, "the source port both sockets bind")
+	planted := fs.Bool("planted", false, "instead: open one socket, print \"COOKIE <SO_COOKIE>\", wait for a line on stdin (the test plants an orig_dsts entry for that cookie meanwhile), then connect it straight to -proxy and ask")
 	if err := fs.Parse(args); err != nil {
 		return 2
+	}
+	if *planted {
+		p, err := netip.ParseAddrPort(*proxy)
+		if err != nil || !p.Addr().Is4() {
+			fmt.Fprintln(os.Stderr, "stale: -proxy must be an IPv4 address:port")
+			return 2
+		}
+		var r StaleResult
+		r.Err = plantedConnect(&r, p)
+		json.NewEncoder(os.Stdout).Encode(r)
+		return 0
 	}
 	d, err1 := netip.ParseAddrPort(*dst)
 	p, err2 := netip.ParseAddrPort(*proxy)
@@ -98,6 +110,30 @@ func stale(r *StaleResult, dst, proxy netip.AddrPort, sport int) string {
 		return "reconnect: " + err.Error()
 	}
 	r.Reconnected = askNone(ff)
+	return ""
+}
+
+// plantedConnect is -planted: the socket's connect straight to the proxy
+// must not publish what a layout 1-4 connect4 would have left for its
+// cookie.
+func plantedConnect(r *StaleResult, proxy netip.AddrPort) string {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return "socket: " + err.Error()
+	}
+	f := os.NewFile(uintptr(fd), "planted")
+	cookie, err := unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		f.Close()
+		return "SO_COOKIE: " + err.Error()
+	}
+	fmt.Printf("COOKIE %d\n", cookie)
+	bufio.NewReader(os.Stdin).ReadString('\n')
+	if err := unix.Connect(fd, &unix.SockaddrInet4{Addr: proxy.Addr().As4(), Port: int(proxy.Port())}); err != nil {
+		f.Close()
+		return "connect: " + err.Error()
+	}
+	r.Reconnected = askNone(f)
 	return ""
 }
 
