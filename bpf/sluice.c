@@ -127,8 +127,9 @@ struct {
 /*
  * The original destination of a redirected client socket, from connect()
  * for the socket's life: its ESTABLISHED callback publishes it, getpeername
- * answers it. It dies with the socket, so nothing deletes it (no
- * sock_release program) and nothing can evict it. The kernel charges it to
+ * answers it. It dies with the socket, so nothing has to delete it (no
+ * sock_release program; only a later direct connect to the proxy drops a
+ * failed connect's leftover, classify()) and nothing can evict it. The kernel charges it to
  * the socket's option memory (net.core.optmem_max); a socket that has used
  * all of it cannot get one, and its connect is refused (remember()).
  */
@@ -426,13 +427,13 @@ static __always_inline enum verdict not_ready(const struct conn *c, const struct
  * memory (TCP MD5 keys, a socket filter), and letting that socket go direct
  * would be a way around the proxy.
  */
-static __always_inline enum verdict remember(struct bpf_sock *sk, const struct conn *c,
-					     const struct workload *w, const struct orig_dst *dst)
+static __always_inline enum verdict remember(const struct conn *c, const struct workload *w,
+					     const struct orig_dst *dst)
 {
 	struct workload_stats *s;
 	struct orig_dst *slot;
 
-	slot = bpf_sk_storage_get(&redirects, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	slot = bpf_sk_storage_get(&redirects, c->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!slot) {
 		count(COUNTER_ORIG_STORE_FAILED);
 		flow(c, w, FLOW_REFUSED_STORE_FAILED);
@@ -591,7 +592,7 @@ static __always_inline enum verdict decide(const struct conn *c, const struct wo
 		dst.addr[2] = a[2];
 		dst.addr[3] = a[3];
 	}
-	return remember(c->sk, c, w, &dst);
+	return remember(c, w, &dst);
 }
 
 SEC("cgroup/connect4")

@@ -169,8 +169,9 @@ func Open(cfg Config) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	spec.Maps["pending_tuples"].MaxEntries = entries
-	spec.Maps["orig_dsts"].MaxEntries = entries
+	for _, name := range inFlightMaps {
+		spec.Maps[name].MaxEntries = entries
+	}
 	for range 2 {
 		if _, err := os.Stat(cfg.PinPath); err == nil {
 			return reopen(spec, cfg)
@@ -402,19 +403,21 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 // about one connection in 900 across an upgrade from layout 4).
 func switchOrder(as []attachment) []attachment {
 	out := slices.Clone(as)
-	last := func(a attachment) bool {
-		return a.attach == ebpf.AttachCGroupInet4Connect || a.attach == ebpf.AttachCGroupInet6Connect
-	}
 	slices.SortStableFunc(out, func(a, b attachment) int {
 		switch {
-		case last(a) && !last(b):
+		case a.isConnect() && !b.isConnect():
 			return 1
-		case !last(a) && last(b):
+		case !a.isConnect() && b.isConnect():
 			return -1
 		}
 		return 0
 	})
 	return out
+}
+
+// isConnect reports whether a hooks connect(2): cgroup/connect4 or 6.
+func (a attachment) isConnect() bool {
+	return a.attach == ebpf.AttachCGroupInet4Connect || a.attach == ebpf.AttachCGroupInet6Connect
 }
 
 // writeLayout records this binary's layout version in the pins.

@@ -174,8 +174,7 @@ func TestSwitchOrderPutsConnectLast(t *testing.T) {
 	connects := 0
 	for i, a := range got {
 		seen[a.prog] = true
-		isConnect := a.attach == ebpf.AttachCGroupInet4Connect || a.attach == ebpf.AttachCGroupInet6Connect
-		if isConnect {
+		if a.isConnect() {
 			connects++
 		} else if connects > 0 {
 			t.Errorf("%s (%s) switched at %d, after a connect program", a.prog, a.attach, i)

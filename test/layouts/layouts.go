@@ -13,8 +13,10 @@ import (
 	"bytes"
 	"embed"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -61,7 +63,7 @@ var layout1 = []attachment{
 }
 
 // Versions are the frozen layouts, oldest first.
-func Versions() []int { return []int{1, 2, 3, 4} }
+func Versions() []int { return slices.Sorted(maps.Keys(releases)) }
 
 // Spec is layout version's compiled collection, as its release loaded it
 // (minus the .bss section its loader dropped).
