@@ -68,32 +68,20 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	f := setup(t, 1, "-verify")
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailClosed)
-	var maps []*ebpf.Map
-	for _, name := range []string{"pending_tuples"} {
-		m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, name), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer m.Close()
-		maps = append(maps, m)
-	}
+	m := f.pinnedMap(t, "pending_tuples")
 	ctx, cancel := context.WithCancel(context.Background())
-	inserted := make([]int, len(maps))
+	inserted := 0
 	var wg sync.WaitGroup
-	for i, m := range maps {
-		wg.Add(1)
-		go func() { defer wg.Done(); flood(ctx, t, m, &inserted[i]) }()
-	}
+	wg.Add(1)
+	go func() { defer wg.Done(); flood(ctx, t, m, &inserted) }()
 	// Full before the first connection: twice the capacity in distinct keys
-	// fills an LRU map whatever it evicted. (The maps cannot be iterated
-	// while they change; inserted is read racily, as a progress hint.)
-	for i, m := range maps {
-		for deadline := time.Now().Add(60 * time.Second); inserted[i] < 2*int(m.MaxEntries()); {
-			if time.Now().After(deadline) {
-				t.Fatalf("map %d: only %d junk entries inserted in 60s", i, inserted[i])
-			}
-			time.Sleep(100 * time.Millisecond)
+	// fills an LRU map whatever it evicted. (The map cannot be iterated
+	// while it changes; inserted is read racily, as a progress hint.)
+	for deadline := time.Now().Add(60 * time.Second); inserted < 2*int(m.MaxEntries()); {
+		if time.Now().After(deadline) {
+			t.Fatalf("only %d junk entries inserted in 60s", inserted)
 		}
+		time.Sleep(100 * time.Millisecond)
 	}
 	before := f.counters(t)
 	// A count, not a rate: under qemu's emulation with the flood beside it
@@ -110,7 +98,6 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	if orig != 0 {
 		t.Errorf("orig_dsts holds %d entries: layout %d's programs must not write it", orig, datapath.LayoutVersion)
 	}
-	full := []int{pending}
 	after := f.counters(t)
 
 	var st testbed.ReuseStats
@@ -118,7 +105,7 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 		t.Fatalf("reuse output %q: %v", b, err)
 	}
 	unknown := after.OrigDstUnknown - before.OrigDstUnknown
-	t.Logf("junk inserted: %d tuples (map at %v of %d after the run)", inserted[0], full, maps[0].MaxEntries())
+	t.Logf("junk inserted: %d tuples (map at %d of %d after the run)", inserted, pending, m.MaxEntries())
 	t.Logf("connections: %+v; orig_dst_unknown +%d, claim_missed +%d, claimed +%d", st, unknown, after.ClaimMissed-before.ClaimMissed, after.Claimed-before.Claimed)
 	if st.Mismatch != 0 {
 		t.Errorf("%d connections were answered a wrong original destination", st.Mismatch)
@@ -129,12 +116,10 @@ func TestPrivilegedInFlightMapsExhausted(t *testing.T) {
 	if unknown != uint64(st.Unknown) {
 		t.Errorf("orig_dst_unknown counted %d, the proxy saw %d unknown connections", unknown, st.Unknown)
 	}
-	for i, m := range maps {
-		// Full but for the entries of the run's own sockets, deleted as
-		// they closed after the flood stopped.
-		if full[i] < int(m.MaxEntries())*99/100 {
-			t.Errorf("map %d held %d entries after the run, want it full (%d)", i, full[i], m.MaxEntries())
-		}
+	// Full but for the entries of the run's own sockets, deleted as they
+	// closed after the flood stopped.
+	if pending < int(m.MaxEntries())*99/100 {
+		t.Errorf("pending_tuples held %d entries after the run, want it full (%d)", pending, m.MaxEntries())
 	}
 }
 
@@ -181,11 +166,7 @@ func TestPrivilegedInFlightEntryEvicted(t *testing.T) {
 	f := setupWith(t, 1, datapath.Config{InFlightEntries: capacity})
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailClosed)
-	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "pending_tuples"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := f.pinnedMap(t, "pending_tuples")
 	if m.MaxEntries() != capacity {
 		t.Fatalf("pending_tuples holds %d entries, want the configured %d", m.MaxEntries(), capacity)
 	}

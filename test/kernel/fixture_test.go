@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/standin"
@@ -147,6 +148,17 @@ func (f *fixture) recordFor(t *testing.T, client string) standin.Record {
 		t.Fatalf("proxy recorded no connection from %s; records: %+v", client, f.proxyRecords(t))
 	}
 	return r
+}
+
+// pinnedMap opens the datapath's pinned map name, closed when the test ends.
+func (f *fixture) pinnedMap(t *testing.T, name string) *ebpf.Map {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
 }
 
 func (f *fixture) counters(t *testing.T) datapath.Counters {

@@ -4,13 +4,11 @@ import (
 	"bufio"
 	"encoding/binary"
 	"encoding/json"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
@@ -258,11 +256,7 @@ func TestPrivilegedDirectConnectDropsLegacyEntry(t *testing.T) {
 	f := setup(t, 1, "-verify")
 	pod := f.tb.Pods[0]
 	f.selectPod(t, pod, 1, datapath.FailOpen)
-	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "orig_dsts"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := f.pinnedMap(t, "orig_dsts")
 	before := f.counters(t)
 	cmd := testbed.Command(t, pod.Cgroup, pod.Netns, "stale", "-planted", "-proxy", hostport(proxyV4, int(datapath.DefaultProxyPort)))
 	stdin, stdout := testbed.StartPiped(t, cmd)

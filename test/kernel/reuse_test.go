@@ -4,12 +4,10 @@ import (
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/test/testbed"
 )
@@ -104,11 +102,7 @@ func TestPrivilegedStaleTupleNeverAnswers(t *testing.T) {
 
 	// Plant an unclaimed entry for pod:42042 -> proxy, as a redirected
 	// connection whose proxy side never completed would leave it.
-	m, err := ebpf.LoadPinnedMap(filepath.Join(f.cfg.PinPath, "pending_tuples"), nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer m.Close()
+	m := f.pinnedMap(t, "pending_tuples")
 	key := make([]byte, 36)
 	mapped := func(b []byte, v4 [4]byte) {
 		b[10], b[11] = 0xff, 0xff

@@ -108,13 +108,9 @@ func reuseOne(st *ReuseStats, sport int, target netip.AddrPort, want string, abo
 	st.ask(c, want, 5*time.Second)
 }
 
-// ask tells a -verify proxy what c dialed ("WANT <want>") and counts its
-// verdict.
+// ask tells a -verify proxy what c dialed and counts its verdict.
 func (st *ReuseStats) ask(c net.Conn, want string, timeout time.Duration) {
-	c.SetDeadline(time.Now().Add(timeout))
-	fmt.Fprintf(c, "WANT %s\n", want)
-	line, _ := bufio.NewReader(c).ReadString('\n')
-	switch strings.TrimSpace(line) {
+	switch verdict(c, want, timeout) {
 	case "match":
 		st.Match++
 	case "mismatch":
@@ -124,4 +120,13 @@ func (st *ReuseStats) ask(c net.Conn, want string, timeout time.Duration) {
 	default:
 		st.NoAnswer++
 	}
+}
+
+// verdict tells a -verify proxy what c dialed ("WANT <want>", "none" for
+// the proxy itself) and returns the proxy's answer line, "" if none came.
+func verdict(c net.Conn, want string, timeout time.Duration) string {
+	c.SetDeadline(time.Now().Add(timeout))
+	fmt.Fprintf(c, "WANT %s\n", want)
+	line, _ := bufio.NewReader(c).ReadString('\n')
+	return strings.TrimSpace(line)
 }

@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -83,15 +82,12 @@ func stale(r *StaleResult, dst, proxy netip.AddrPort, sport int) string {
 		}
 		return fd, nil
 	}
-	to := func(ap netip.AddrPort) unix.Sockaddr {
-		return &unix.SockaddrInet4{Addr: ap.Addr().As4(), Port: int(ap.Port())}
-	}
 	holder, err := bound()
 	if err != nil {
 		return "holder: " + err.Error()
 	}
 	hf := os.NewFile(uintptr(holder), "holder")
-	if err := unix.Connect(holder, to(proxy)); err != nil {
+	if err := unix.Connect(holder, sockaddr(proxy, unix.AF_INET)); err != nil {
 		hf.Close()
 		return "holder connect: " + err.Error()
 	}
@@ -102,11 +98,11 @@ func stale(r *StaleResult, dst, proxy netip.AddrPort, sport int) string {
 	}
 	ff := os.NewFile(uintptr(failed), "failed")
 	defer ff.Close()
-	if err := unix.Connect(failed, to(dst)); err != nil {
+	if err := unix.Connect(failed, sockaddr(dst, unix.AF_INET)); err != nil {
 		r.Redirected = err.Error()
 	}
 	r.Holder = askNone(hf) // closes the holder with a reset
-	if err := unix.Connect(failed, to(proxy)); err != nil {
+	if err := unix.Connect(failed, sockaddr(proxy, unix.AF_INET)); err != nil {
 		return "reconnect: " + err.Error()
 	}
 	r.Reconnected = askNone(ff)
@@ -129,7 +125,7 @@ func plantedConnect(r *StaleResult, proxy netip.AddrPort) string {
 	}
 	fmt.Printf("COOKIE %d\n", cookie)
 	bufio.NewReader(os.Stdin).ReadString('\n')
-	if err := unix.Connect(fd, &unix.SockaddrInet4{Addr: proxy.Addr().As4(), Port: int(proxy.Port())}); err != nil {
+	if err := unix.Connect(fd, sockaddr(proxy, unix.AF_INET)); err != nil {
 		f.Close()
 		return "connect: " + err.Error()
 	}
@@ -146,11 +142,5 @@ func askNone(f *os.File) string {
 		return "error: " + err.Error()
 	}
 	defer c.Close()
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	fmt.Fprintln(c, "WANT none")
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil && line == "" {
-		return "error: " + err.Error()
-	}
-	return strings.TrimSpace(line)
+	return verdict(c, "none", 5*time.Second)
 }
