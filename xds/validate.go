@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"reflect"
 	"runtime"
 	"slices"
 	"strconv"
@@ -193,14 +194,14 @@ func (w *walker) message(m proto.Message) {
 			w.errs = append(w.errs, fmt.Errorf("%s: %w", w.path(), err))
 		}
 	}
-	w.walk(m.ProtoReflect())
+	w.walk(m)
 }
 
-func (w *walker) walk(rm protoreflect.Message) {
-	if w.o.skips(rm.Interface()) {
+func (w *walker) walk(m proto.Message) {
+	if w.o.skips(m) {
 		return
 	}
-	switch x := rm.Interface().(type) {
+	switch x := m.(type) {
 	case *anypb.Any:
 		if seen, ok := w.o.seen[x]; ok {
 			if len(seen.caches) > 0 {
@@ -237,6 +238,11 @@ func (w *walker) walk(rm protoreflect.Message) {
 		w.caches = append(w.caches, dnsCacheAt{w.relPath(), x})
 		w.errs = append(w.errs, checkDNSCache(w.path(), x, w.o)...)
 	}
+	rm := m.ProtoReflect()
+	if p := structPlanOf(m, rm.Descriptor()); p != nil && !reflectiveWalk {
+		w.walkStruct(m, p)
+		return
+	}
 	for _, fd := range walkedFields(rm.Descriptor()) {
 		if !rm.Has(fd) {
 			continue
@@ -245,24 +251,189 @@ func (w *walker) walk(rm protoreflect.Message) {
 		switch {
 		case fd.IsMap():
 			v.Map().Range(func(k protoreflect.MapKey, mv protoreflect.Value) bool {
-				w.steps = append(w.steps, step{field: fd.Name(), index: -1, key: &k})
-				w.walk(mv.Message())
-				w.steps = w.steps[:len(w.steps)-1]
+				w.into(fd, -1, &k, mv.Message().Interface())
 				return true
 			})
 		case fd.IsList():
 			l := v.List()
 			for i := 0; i < l.Len(); i++ {
-				w.steps = append(w.steps, step{field: fd.Name(), index: i})
-				w.walk(l.Get(i).Message())
-				w.steps = w.steps[:len(w.steps)-1]
+				w.into(fd, i, nil, l.Get(i).Message().Interface())
 			}
 		default:
-			w.steps = append(w.steps, step{field: fd.Name(), index: -1})
-			w.walk(v.Message())
-			w.steps = w.steps[:len(w.steps)-1]
+			w.into(fd, -1, nil, v.Message().Interface())
 		}
 	}
+}
+
+// into walks m, the value of fd (its element index, or its map value
+// under key), one step below where the walk is.
+func (w *walker) into(fd protoreflect.FieldDescriptor, index int, key *protoreflect.MapKey, m proto.Message) {
+	w.steps = append(w.steps, step{field: fd.Name(), index: index, key: key})
+	w.walk(m)
+	w.steps = w.steps[:len(w.steps)-1]
+}
+
+// reflectiveWalk makes every walk read fields through protoreflect, as it
+// does for a type without a structPlan: the tests compare the two.
+var reflectiveWalk = false
+
+// walkStruct is walk's loop over the fields walkedFields names, read from
+// m's generated Go struct as plan says (see structPlan).
+func (w *walker) walkStruct(m proto.Message, plan *structPlan) {
+	v := reflect.ValueOf(m).Elem()
+	for _, f := range plan.fields {
+		fv := v.Field(f.index)
+		switch {
+		case f.oneof != nil:
+			// The oneof's interface holds a pointer to a wrapper struct
+			// whose one field is the member's value.
+			if fv.IsNil() {
+				continue
+			}
+			wrapper := fv.Elem()
+			if wrapperNumber(wrapper.Type()) != f.fd.Number() {
+				continue
+			}
+			w.intoValue(f.fd, -1, nil, wrapper.Elem().Field(0))
+		case f.fd.IsMap():
+			for it := fv.MapRange(); it.Next(); {
+				k := protoreflect.ValueOf(it.Key().Interface()).MapKey()
+				w.intoValue(f.fd, -1, &k, it.Value())
+			}
+		case f.fd.IsList():
+			for i := range fv.Len() {
+				w.intoValue(f.fd, i, nil, fv.Index(i))
+			}
+		default:
+			w.intoValue(f.fd, -1, nil, fv)
+		}
+	}
+}
+
+// intoValue is into for a field's Go value: a pointer to a generated
+// message, nil when the field is unset.
+func (w *walker) intoValue(fd protoreflect.FieldDescriptor, index int, key *protoreflect.MapKey, v reflect.Value) {
+	if v.IsNil() {
+		return
+	}
+	if m, ok := v.Interface().(proto.Message); ok {
+		w.into(fd, index, key, m)
+	}
+}
+
+// structPlan is how a walk reads the fields walkedFields names straight
+// from a generated message's Go struct. protoreflect wraps every message
+// it hands out (a reflect.NewAt per field), which was most of a
+// validation's cost; the struct's fields are the same values, read with
+// reflect.Value.Field. The plan is derived from the struct tags that
+// protoc-gen-go writes (the field number in "protobuf", the oneof's name in
+// "protobuf_oneof"), so it follows the library's types; a type whose tags
+// do not account for every walked field has no plan and is walked through
+// protoreflect.
+type structPlan struct {
+	fields []structField
+}
+
+type structField struct {
+	fd    protoreflect.FieldDescriptor
+	index int // the Go struct field holding fd (for a oneof member, the oneof's interface)
+	oneof protoreflect.OneofDescriptor
+}
+
+var structPlans sync.Map // reflect.Type -> *structPlan (nil: none)
+
+var wrapperNumbers sync.Map // reflect.Type -> protoreflect.FieldNumber
+
+// wrapperNumber is the field number of the oneof member whose wrapper
+// struct t points to (protoc-gen-go writes one wrapper type per member,
+// its one field tagged with the member's number), 0 if t is not one.
+func wrapperNumber(t reflect.Type) protoreflect.FieldNumber {
+	if v, ok := wrapperNumbers.Load(t); ok {
+		return v.(protoreflect.FieldNumber)
+	}
+	var n protoreflect.FieldNumber
+	if t.Kind() == reflect.Pointer && t.Elem().Kind() == reflect.Struct && t.Elem().NumField() == 1 {
+		n = tagNumber(t.Elem().Field(0).Tag)
+	}
+	wrapperNumbers.Store(t, n)
+	return n
+}
+
+// tagNumber is the field number in a protoc-gen-go "protobuf" struct tag
+// ("bytes,4,opt,name=typed_config,json=typedConfig,proto3"), 0 if none.
+func tagNumber(tag reflect.StructTag) protoreflect.FieldNumber {
+	v, ok := tag.Lookup("protobuf")
+	if !ok {
+		return 0
+	}
+	parts := strings.Split(v, ",")
+	if len(parts) < 2 {
+		return 0
+	}
+	n, err := strconv.Atoi(parts[1])
+	if err != nil || n <= 0 {
+		return 0
+	}
+	return protoreflect.FieldNumber(n)
+}
+
+func structPlanOf(m proto.Message, md protoreflect.MessageDescriptor) *structPlan {
+	t := reflect.TypeOf(m)
+	if v, ok := structPlans.Load(t); ok {
+		return v.(*structPlan)
+	}
+	p := newStructPlan(t, md)
+	structPlans.Store(t, p)
+	return p
+}
+
+func newStructPlan(t reflect.Type, md protoreflect.MessageDescriptor) *structPlan {
+	if t.Kind() != reflect.Pointer || t.Elem().Kind() != reflect.Struct {
+		return nil
+	}
+	st := t.Elem()
+	byNumber := map[protoreflect.FieldNumber]int{}
+	byOneof := map[protoreflect.Name]int{}
+	for i := range st.NumField() {
+		sf := st.Field(i)
+		if _, ok := sf.Tag.Lookup("protobuf"); ok {
+			n := tagNumber(sf.Tag)
+			if n == 0 {
+				return nil
+			}
+			byNumber[n] = i
+		}
+		if name, ok := sf.Tag.Lookup("protobuf_oneof"); ok {
+			byOneof[protoreflect.Name(name)] = i
+		}
+	}
+	p := &structPlan{}
+	for _, fd := range walkedFields(md) {
+		if od := fd.ContainingOneof(); od != nil && !od.IsSynthetic() {
+			i, ok := byOneof[od.Name()]
+			if !ok || st.Field(i).Type.Kind() != reflect.Interface {
+				return nil
+			}
+			p.fields = append(p.fields, structField{fd: fd, index: i, oneof: od})
+			continue
+		}
+		i, ok := byNumber[fd.Number()]
+		if !ok {
+			return nil
+		}
+		want := reflect.Pointer
+		switch {
+		case fd.IsMap():
+			want = reflect.Map
+		case fd.IsList():
+			want = reflect.Slice
+		}
+		if st.Field(i).Type.Kind() != want {
+			return nil
+		}
+		p.fields = append(p.fields, structField{fd: fd, index: i})
+	}
+	return p
 }
 
 // fieldPlans memoises walkedFields per message type, keyed by the
