@@ -60,10 +60,11 @@ verify: generate
 deps-k8s:
 	@test/k8s/build.sh >/dev/null
 
-## test: run every test, the xDS package's again under the race detector (it builds and validates on every CPU), then fuzz each parser of outside input briefly; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
+## test: run every test, the datapath's kernel tests again in the workloads attach scope, the xDS package's again under the race detector (it builds and validates on every CPU), then fuzz each parser of outside input briefly; as root the privileged kernel tests and the real API server tests run too (under CI=true they must)
 .PHONY: test
 test: deps-test
 	apiserver=$$(test/k8s/build.sh) && SLUICE_KUBE_APISERVER=$$apiserver $(GO) test $(GOTEST_FLAGS) ./...
+	SLUICE_TEST_SCOPE=workloads $(GO) test $(GOTEST_FLAGS) ./test/kernel/
 	CGO_ENABLED=1 $(GO) test $(GOTEST_FLAGS) -race ./xds/
 	$(MAKE) --no-print-directory fuzz
 

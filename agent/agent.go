@@ -36,8 +36,16 @@ type Config struct {
 	// AttachCgroup is where the programs attach: the cgroup v2 root on a
 	// node (every pod is below it).
 	AttachCgroup string
-	PinPath      string
-	Proxy        xds.Proxy
+	// AttachScope is where the programs attach (datapath.Scope): node
+	// attaches them all to AttachCgroup; workloads attaches the client
+	// programs to each selected workload's cgroup and the proxy's to
+	// ProxyCgroup, so that unselected cgroups run none.
+	AttachScope datapath.Scope
+	// ProxyCgroup is the proxy's cgroup v2 directory (AttachScope
+	// workloads).
+	ProxyCgroup string
+	PinPath     string
+	Proxy       xds.Proxy
 	// ProxyAdmin is Envoy's admin address whose /ready drives the
 	// datapath's proxy-ready flag; empty: the proxy is taken as ready.
 	ProxyAdmin string
@@ -155,6 +163,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := resolveCgroupDirs(&cfg, log); err != nil {
 		return err
 	}
+	if cfg.ProxyCgroup != "" && !filepath.IsAbs(cfg.ProxyCgroup) {
+		cfg.ProxyCgroup = filepath.Join(cfg.CgroupMount, cfg.ProxyCgroup)
+	}
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
 	}
@@ -230,7 +241,7 @@ func Run(ctx context.Context, cfg Config) error {
 	defer lock.Unlock()
 	health.locked.Store(true)
 
-	dp, err := datapath.Open(datapath.Config{CgroupPath: cfg.AttachCgroup, PinPath: cfg.PinPath, InFlightEntries: cfg.InFlightMapSize, AllowDowngrade: cfg.AllowDowngrade})
+	dp, err := datapath.Open(datapath.Config{Scope: cfg.AttachScope, CgroupPath: cfg.AttachCgroup, ProxyCgroupPath: cfg.ProxyCgroup, PinPath: cfg.PinPath, InFlightEntries: cfg.InFlightMapSize, AllowDowngrade: cfg.AllowDowngrade})
 	if err != nil {
 		return err
 	}
@@ -281,7 +292,7 @@ func Run(ctx context.Context, cfg Config) error {
 		log.Warn("no DNS resolvers: enforce-mode pods can reach no DNS server, and the proxy resolves hostname entries with the nameservers of its own resolv.conf",
 			"dns_resolvers", cfg.DNSResolvers)
 	}
-	log.Info("datapath ready", "exclusions", exclude, "node_local", nodeLocal.Prefixes(), "metadata", nodeLocal.MetadataAddrs(), "dns_resolvers", dns, "pins", cfg.PinPath, "cgroup", cfg.AttachCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
+	log.Info("datapath ready", "exclusions", exclude, "node_local", nodeLocal.Prefixes(), "metadata", nodeLocal.MetadataAddrs(), "dns_resolvers", dns, "pins", cfg.PinPath, "attach_scope", cfg.AttachScope.String(), "cgroup", cfg.AttachCgroup, "proxy_cgroup", cfg.ProxyCgroup, "proxy", cfg.Proxy.Addrs(), "port", cfg.Proxy.Port, "interface", ifname)
 
 	reg := prometheus.NewRegistry()
 	m := NewMetrics(reg)

@@ -189,7 +189,7 @@ func (r *Reconciler) Upsert(w Workload) error {
 	default:
 		awaiting = r.xds.Connected()
 	}
-	dw := r.datapathWorkload(id, pol, awaiting)
+	dw := r.datapathWorkload(w, id, pol, awaiting)
 	defer func() { r.metrics.observeReconcile(time.Since(start)) }()
 	if err := r.dp.SetWorkload(cg, dw); err != nil {
 		r.metrics.datapathFailed(err)
@@ -417,13 +417,13 @@ func (r *Reconciler) Refuse(a netip.Addr) bool {
 
 // datapathWorkload is what the datapath is told of a workload with this
 // policy. r.mu held.
-func (r *Reconciler) datapathWorkload(id uint32, pol policy.Policy, awaiting bool) datapath.Workload {
+func (r *Reconciler) datapathWorkload(w Workload, id uint32, pol policy.Policy, awaiting bool) datapath.Workload {
 	fail := datapath.FailOpen
 	if pol.FailClosed {
 		fail = datapath.FailClosed
 	}
 	return datapath.Workload{ID: id, FailMode: fail, Enforce: pol.Mode == policy.Enforce, AwaitingProxy: awaiting,
-		MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs())}
+		MetadataGrants: pol.MetadataGrants(r.local.MetadataAddrs()), CgroupPath: w.CgroupPath}
 }
 
 // inAny reports whether a (unmapped) is in one of ps.
@@ -444,7 +444,7 @@ func (r *Reconciler) ProxyAccepted() {
 		if !s.awaiting || s.version == "" || !r.xds.AckedAtLeast(resource.ListenerType, s.version) {
 			continue
 		}
-		if err := r.dp.SetWorkload(s.cgroupID, r.datapathWorkload(s.id, s.policy, false)); err != nil {
+		if err := r.dp.SetWorkload(s.cgroupID, r.datapathWorkload(s.w, s.id, s.policy, false)); err != nil {
 			r.log.Warn("redirect after the proxy accepted the workload", "workload", key, "error", err)
 			continue
 		}

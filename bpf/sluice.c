@@ -41,6 +41,16 @@ char __license[] SEC("license") = "Dual BSD/GPL";
 
 /* Keep the enums in BTF so bpf2go can mirror them. */
 const enum counter *unused_counter __attribute__((unused));
+
+/*
+ * Whether the proxy's claim falls back to the port-keyed form of layouts
+ * 1-3 (tuple_key_v3). Set by the agent before loading: only pins upgraded
+ * from those layouts, in the node attach scope, can hold such entries.
+ * Anywhere else no program writes them, and in the workloads scope an
+ * unselected socket, which runs no sluice program, would not clear one
+ * left under its port.
+ */
+const volatile __u8 legacy_port_keys = 1;
 const enum dst_class *unused_dst_class __attribute__((unused));
 const enum flow_decision *unused_flow_decision __attribute__((unused));
 const enum workload_flag *unused_workload_flag __attribute__((unused));
@@ -886,7 +896,7 @@ static __always_inline void on_passive_established(struct bpf_sock_ops *skops,
 	key.client_seq = skops->rcv_nxt;
 
 	dst = bpf_map_lookup_elem(&pending_tuples, &key);
-	if (!dst) {
+	if (!dst && legacy_port_keys) {
 		/*
 		 * Published by the previous release's programs just before an
 		 * upgrade switched them (layouts 1-3 keyed by the ports). After

@@ -80,9 +80,18 @@ func linkPin(dir, prog string) string { return filepath.Join(dir, "link_"+prog) 
 
 // Config says where to attach and where to pin.
 type Config struct {
-	// CgroupPath is the cgroup v2 directory the programs attach to: the
-	// cgroup2 mount root on a node (see Cgroup2Mount), a child in tests.
+	// Scope says where the programs attach (ScopeNode by default).
+	Scope Scope
+	// CgroupPath is the cgroup v2 directory the programs attach to in
+	// ScopeNode: the cgroup2 mount root on a node (see Cgroup2Mount), a
+	// child in tests. Unused in ScopeWorkloads.
 	CgroupPath string
+	// ProxyCgroupPath is the proxy's cgroup v2 directory in ScopeWorkloads,
+	// where its sockops and getsockopt programs attach. It has to outlive
+	// the proxy process (a slice, or the proxy's pod; not a systemd
+	// service's own cgroup, which is made anew at every start), and no
+	// selected workload may be in it, above it or below it.
+	ProxyCgroupPath string
 	// PinPath is the bpffs directory holding our pins (DefaultPinPath).
 	// Its parent must be on a bpffs; see EnsureBPFFS.
 	PinPath string
@@ -122,6 +131,13 @@ type Datapath struct {
 	// when it installed them.
 	adopted int
 
+	// scope, proxyCgroup: Config's; wlPaths the cgroup path of every
+	// workload attachWorkload attached to (ScopeWorkloads), under wlMu.
+	scope       Scope
+	proxyCgroup string
+	wlMu        sync.Mutex
+	wlPaths     map[uint64]string
+
 	mu sync.Mutex // serialises read-modify-write of the config entry
 }
 
@@ -155,8 +171,20 @@ func loadSpec() (*ebpf.CollectionSpec, error) {
 // restart or upgrade never detaches anything. Links missing from the pins (a
 // program added by an upgrade) are attached.
 func Open(cfg Config) (*Datapath, error) {
-	if cfg.CgroupPath == "" || cfg.PinPath == "" {
-		return nil, errors.New("datapath: CgroupPath and PinPath are required")
+	if cfg.PinPath == "" {
+		return nil, errors.New("datapath: PinPath is required")
+	}
+	switch cfg.Scope {
+	case ScopeNode:
+		if cfg.CgroupPath == "" {
+			return nil, errors.New("datapath: CgroupPath is required in the node attach scope")
+		}
+	case ScopeWorkloads:
+		if cfg.ProxyCgroupPath == "" {
+			return nil, errors.New("datapath: ProxyCgroupPath is required in the workloads attach scope")
+		}
+	default:
+		return nil, fmt.Errorf("datapath: unknown attach scope %d", cfg.Scope)
 	}
 	entries, err := cfg.inFlightEntries()
 	if err != nil {
@@ -199,7 +227,7 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("create temporary pin directory: %w", err)
 	}
-	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}}
+	d := cfg.handle()
 	defer func() {
 		if err != nil {
 			// Unpin before closing so that closing the links detaches them.
@@ -208,6 +236,9 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 	}()
 
+	if err := spec.Variables["legacy_port_keys"].Set(legacyPortKeys(0, cfg.Scope)); err != nil {
+		return nil, fmt.Errorf("set legacy_port_keys: %w", err)
+	}
 	var objs objects
 	if err := spec.LoadAndAssign(&objs, nil); err != nil {
 		return nil, fmt.Errorf("load BPF programs: %w", describeVerifierError(err))
@@ -219,14 +250,19 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			return nil, fmt.Errorf("pin map %s: %w", name, err)
 		}
 	}
-	for _, a := range attachments() {
-		l, err := attach(cfg.CgroupPath, a.attach, d.progs[a.prog])
+	for _, a := range rootAttachments(cfg.Scope) {
+		l, err := attach(cfg.rootCgroup(), a.attach, d.progs[a.prog])
 		if err != nil {
 			return nil, err
 		}
 		d.links[a.prog] = l
 		if err := l.Pin(linkPin(tmp, a.prog)); err != nil {
 			return nil, fmt.Errorf("pin link %s: %w", a.prog, err)
+		}
+	}
+	if cfg.Scope == ScopeWorkloads {
+		if err := os.Mkdir(filepath.Join(tmp, workloadsDir), 0o700); err != nil {
+			return nil, fmt.Errorf("create %s: %w", workloadsDir, err)
 		}
 	}
 	if err := d.writeLayout(); err != nil {
@@ -239,6 +275,29 @@ func install(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		return nil, fmt.Errorf("move pins into %s: %w", cfg.PinPath, err)
 	}
 	return d, nil
+}
+
+// legacyPortKeys is the legacy_port_keys constant for programs taking over
+// pins of layout pinned (0: a fresh install) in scope: 1 only when
+// programs of layouts 1-3 may have published port-keyed entries.
+func legacyPortKeys(pinned int, scope Scope) uint8 {
+	if pinned >= 1 && pinned <= 3 && scope == ScopeNode {
+		return 1
+	}
+	return 0
+}
+
+// handle is a Datapath for cfg with nothing loaded yet.
+func (cfg Config) handle() *Datapath {
+	return &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}, scope: cfg.Scope, proxyCgroup: cfg.ProxyCgroupPath, wlPaths: map[uint64]string{}}
+}
+
+// rootCgroup is where the pin directory's own links attach.
+func (cfg Config) rootCgroup() string {
+	if cfg.Scope == ScopeWorkloads {
+		return cfg.ProxyCgroupPath
+	}
+	return cfg.CgroupPath
 }
 
 func attach(cgroupPath string, typ ebpf.AttachType, prog *ebpf.Program) (link.Link, error) {
@@ -267,9 +326,12 @@ func attach(cgroupPath string, typ ebpf.AttachType, prog *ebpf.Program) (link.Li
 // the switch are lost: those of connections mid-handshake, never those of
 // established connections (their entries are older than the copy).
 func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
-	cgroupID, err := CgroupID(cfg.CgroupPath)
+	cgroupID, err := CgroupID(cfg.rootCgroup())
 	if err != nil {
 		return nil, err
+	}
+	if s := pinnedScope(cfg.PinPath); s != cfg.Scope {
+		return nil, fmt.Errorf("%s: %w (%s, this agent's is %s): run 'sluice uninstall' first, or keep the scope", cfg.PinPath, ErrOtherScope, s, cfg.Scope)
 	}
 	pinned, err := PinnedLayout(cfg.PinPath)
 	if err != nil {
@@ -279,7 +341,8 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		return nil, fmt.Errorf("%s has layout %d, this version makes layout %d: %w; run a release that knows layout %d, or allow the downgrade (--allow-downgrade: the maps this version does not know stay pinned, unused)",
 			cfg.PinPath, pinned, LayoutVersion, ErrNewerLayout, pinned)
 	}
-	d := &Datapath{pinPath: cfg.PinPath, links: map[string]link.Link{}, adopted: pinned}
+	d := cfg.handle()
+	d.adopted = pinned
 	defer func() {
 		if err != nil {
 			d.Close()
@@ -297,7 +360,15 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 			m.Close()
 		}
 	}()
+	// Only pins from layouts 1-3, in the node scope, can hold port-keyed
+	// entries (legacy_port_keys in bpf/sluice.c).
+	if err := spec.Variables["legacy_port_keys"].Set(legacyPortKeys(pinned, cfg.Scope)); err != nil {
+		return nil, fmt.Errorf("set legacy_port_keys: %w", err)
+	}
 	for name, ms := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue // .rodata: the load's constants, never pinned
+		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(cfg.PinPath, name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			created = append(created, name)
@@ -351,12 +422,22 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 	}
 
-	for _, a := range switchOrder(attachments()) {
+	if cfg.Scope == ScopeWorkloads {
+		for _, a := range attachments() {
+			if a.onProxy() {
+				continue
+			}
+			if _, err := os.Stat(linkPin(cfg.PinPath, a.prog)); err == nil {
+				return nil, fmt.Errorf("%s has link_%s: %w (node)", cfg.PinPath, a.prog, ErrOtherScope)
+			}
+		}
+	}
+	for _, a := range switchOrder(rootAttachments(cfg.Scope)) {
 		pin := linkPin(cfg.PinPath, a.prog)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if errors.Is(err, os.ErrNotExist) {
 			// A program this version adds: attach it now.
-			if l, err = attach(cfg.CgroupPath, a.attach, d.progs[a.prog]); err != nil {
+			if l, err = attach(cfg.rootCgroup(), a.attach, d.progs[a.prog]); err != nil {
 				return nil, err
 			}
 			d.links[a.prog] = l
@@ -375,11 +456,20 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 		}
 		if cg := info.Cgroup(); cg != nil && cg.CgroupId != cgroupID {
 			return nil, fmt.Errorf("link %s: %w (cgroup id %d, want %d for %s)",
-				a.prog, ErrOtherCgroup, cg.CgroupId, cgroupID, cfg.CgroupPath)
+				a.prog, ErrOtherCgroup, cg.CgroupId, cgroupID, cfg.rootCgroup())
 		}
 		// Atomic replacement: the hook never runs without a program.
 		if err := l.Update(d.progs[a.prog]); err != nil {
 			return nil, fmt.Errorf("upgrade program %s: %w", a.prog, err)
+		}
+	}
+	if cfg.Scope == ScopeWorkloads {
+		// The workloads' programs after the proxy's: the proxy's claim
+		// reads what the workloads' sockops publishes, and a newer claim
+		// reads the older key forms too (the connect programs' rule,
+		// switchOrder, across both sets).
+		if err := d.switchWorkloads(); err != nil {
+			return nil, err
 		}
 	}
 	if err := d.writeLayout(); err != nil {
@@ -443,7 +533,7 @@ func removeDropped(pinPath string, spec *ebpf.CollectionSpec) error {
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
-		if _, ok := spec.Maps[name]; ok || known[name] {
+		if _, ok := spec.Maps[name]; ok || known[name] || name == workloadsDir {
 			continue
 		}
 		p := filepath.Join(pinPath, name)
@@ -473,12 +563,15 @@ func OpenPinned(pinPath string) (*Datapath, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &Datapath{pinPath: pinPath}
+	d := &Datapath{pinPath: pinPath, scope: pinnedScope(pinPath), wlPaths: map[uint64]string{}}
 	ms := map[string]**ebpf.Map{}
 	for name, p := range d.mapFields() {
 		ms[name] = p
 	}
 	for name := range spec.Maps {
+		if strings.HasPrefix(name, ".") {
+			continue
+		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(pinPath, name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			continue // an older layout's pins (the agent migrates them)

@@ -131,6 +131,9 @@ func TestAttachmentsMatchPrograms(t *testing.T) {
 		t.Error(".bss should be dropped from the spec")
 	}
 	for name := range spec.Maps {
+		if name == ".rodata" {
+			continue // the load's constants (legacy_port_keys), in no pin
+		}
 		if _, ok := (&Datapath{}).mapFields()[name]; !ok {
 			t.Errorf("map %s has no field: it would be neither pinned nor uninstalled", name)
 		}

@@ -59,6 +59,10 @@ type Workload struct {
 	// enforce-mode workload may reach, directly from its own network; port
 	// 0 means any port. Without a grant its connects to them are refused.
 	MetadataGrants []netip.AddrPort
+	// CgroupPath is the workload's cgroup v2 directory, where the client
+	// programs attach in ScopeWorkloads (unused in ScopeNode). Not stored:
+	// Workloads returns it empty.
+	CgroupPath string
 }
 
 // Proxy is the node-local proxy's address. An invalid address disables that
@@ -264,8 +268,14 @@ func (d *Datapath) ProxyState() (ProxyState, error) {
 
 // SetWorkload selects the cgroup with the given id (see CgroupID), or updates
 // its settings. Its counters are created first, so the programs never see a
-// workload without them.
+// workload without them. In ScopeWorkloads the client programs are attached
+// to w.CgroupPath before its entry is written: attached without an entry
+// they let everything through as for an unselected cgroup, so neither
+// order of a failure half-way opens anything.
 func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
+	if err := d.attachWorkload(cgroupID, w.CgroupPath); err != nil {
+		return fmt.Errorf("select cgroup %d: %w", cgroupID, err)
+	}
 	zero := make([]sluiceWorkloadStats, ebpf.MustPossibleCPU())
 	if err := d.maps.WlStats.Update(w.ID, zero, ebpf.UpdateNoExist); err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
 		return fmt.Errorf("create counters of workload %d: %w", w.ID, err)
@@ -290,8 +300,12 @@ func (d *Datapath) SetWorkload(cgroupID uint64, w Workload) error {
 }
 
 // DeleteWorkload deselects a cgroup. The workload's counters go with it unless
-// another selected cgroup carries the same workload id.
+// another selected cgroup carries the same workload id. In ScopeWorkloads its
+// programs are detached first, the connect programs before the others.
 func (d *Datapath) DeleteWorkload(cgroupID uint64) error {
+	if err := d.detachWorkload(cgroupID); err != nil {
+		return fmt.Errorf("deselect cgroup %d: %w", cgroupID, err)
+	}
 	var v sluiceWorkload
 	if err := d.maps.Workloads.Lookup(cgroupID, &v); errors.Is(err, ebpf.ErrKeyNotExist) {
 		return nil

@@ -20,14 +20,31 @@ type ProgramStatus struct {
 }
 
 // Programs reports the pinned links of the datapath at pinPath, whether or
-// not an agent is running.
+// not an agent is running: those attached to its cgroup (every program in
+// the node attach scope, the proxy's in the workloads scope), then, in the
+// workloads scope, those of every selected cgroup.
 func Programs(pinPath string) []ProgramStatus {
-	var out []ProgramStatus
-	for _, a := range attachments() {
-		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
-		l, err := link.LoadPinnedLink(linkPin(pinPath, a.prog), nil)
+	scope := pinnedScope(pinPath)
+	out := programsIn(pinPath, rootAttachments(scope))
+	if scope == ScopeWorkloads {
+		ids, err := workloadDirs(pinPath)
 		if err != nil {
-			s.Err = fmt.Errorf("open %s: %w", filepath.Base(linkPin(pinPath, a.prog)), err)
+			out = append(out, ProgramStatus{Name: workloadsDir, Err: err})
+		}
+		for _, id := range ids {
+			out = append(out, programsIn(workloadPinDir(pinPath, id), workloadAttachments())...)
+		}
+	}
+	return out
+}
+
+func programsIn(dir string, as []attachment) []ProgramStatus {
+	var out []ProgramStatus
+	for _, a := range as {
+		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
+		l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
+		if err != nil {
+			s.Err = fmt.Errorf("open %s: %w", filepath.Base(linkPin(dir, a.prog)), err)
 			out = append(out, s)
 			continue
 		}

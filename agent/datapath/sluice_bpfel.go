@@ -196,6 +196,7 @@ const (
 	sluiceProgSlSendmsg6        = "sl_sendmsg6"
 	sluiceProgSlSockCreate      = "sl_sock_create"
 	sluiceProgSlSockops         = "sl_sockops"
+	sluiceVarLegacyPortKeys     = "legacy_port_keys"
 	sluiceVarUnusedCounter      = "unused_counter"
 	sluiceVarUnusedDstClass     = "unused_dst_class"
 	sluiceVarUnusedFlowDecision = "unused_flow_decision"
@@ -284,6 +285,7 @@ type sluiceMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type sluiceVariableSpecs struct {
+	LegacyPortKeys     *ebpf.VariableSpec `ebpf:"legacy_port_keys"`
 	UnusedCounter      *ebpf.VariableSpec `ebpf:"unused_counter"`
 	UnusedDstClass     *ebpf.VariableSpec `ebpf:"unused_dst_class"`
 	UnusedFlowDecision *ebpf.VariableSpec `ebpf:"unused_flow_decision"`
@@ -357,6 +359,7 @@ func (m *sluiceMaps) Close() error {
 //
 // It can be passed to loadSluiceObjects or ebpf.CollectionSpec.LoadAndAssign.
 type sluiceVariables struct {
+	LegacyPortKeys     *ebpf.Variable `ebpf:"legacy_port_keys"`
 	UnusedCounter      *ebpf.Variable `ebpf:"unused_counter"`
 	UnusedDstClass     *ebpf.Variable `ebpf:"unused_dst_class"`
 	UnusedFlowDecision *ebpf.Variable `ebpf:"unused_flow_decision"`

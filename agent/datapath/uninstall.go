@@ -45,6 +45,20 @@ func Uninstall(pinPath string) error {
 		}
 		l.Close()
 	}
+	// The workloads attach scope's per-cgroup links (detachDir: the
+	// connect programs first).
+	if ids, err := workloadDirs(pinPath); err != nil {
+		errs = append(errs, err)
+	} else {
+		for _, id := range ids {
+			if err := detachDir(workloadPinDir(pinPath, id)); err != nil {
+				errs = append(errs, fmt.Errorf("cgroup %d: %w", id, err))
+			}
+		}
+		if err := os.Remove(filepath.Join(pinPath, workloadsDir)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
 	for name := range (&Datapath{}).mapFields() {
 		if err := os.Remove(filepath.Join(pinPath, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("unpin map %s: %w", name, err))

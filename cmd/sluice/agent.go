@@ -153,6 +153,8 @@ docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.CgroupLayout.KubeletRoot, "kubelet-cgroup-root", "/", "the kubelet's --cgroup-root (kind: /kubelet)")
 	fs.StringVar(&cfg.AttachCgroup, "cgroup-attach", mount, "cgroup v2 directory the programs attach to; every selected workload must be below it (default: the cgroup v2 mount)")
 	fs.StringVar(&cfg.CgroupMount, "cgroup-mount", mount, "cgroup v2 mount that workload cgroup paths are relative to")
+	scope := fs.String("attach-scope", "node", "where the programs attach: node (all of them to --cgroup-attach: every socket below it runs them) or workloads (the client programs to each selected workload's cgroup, the proxy's to --proxy-cgroup: unselected cgroups run nothing; see docs/datapath.md)")
+	fs.StringVar(&cfg.ProxyCgroup, "proxy-cgroup", "", "with --attach-scope=workloads: the proxy's cgroup v2 directory (absolute, or relative to --cgroup-mount); it must outlive the proxy process (a slice, or its pod), and no workload may be in it, above it or below it")
 	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for sluice's pinned programs and maps")
 	proxy := proxyFlags(fs)
 	fs.StringVar(&cfg.ProxyAdmin, "proxy-admin", xds.DefaultAdminAddress.String(), `Envoy admin address whose /ready drives fail-open/fail-closed; "" treats the proxy as always ready`)
@@ -199,7 +201,18 @@ docs/agent.md.`, stderr)
 	if cfg.AttachCgroup == "" || cfg.CgroupMount == "" {
 		return agent.Config{}, "", fmt.Errorf("no cgroup v2 mount found; pass --cgroup-attach and --cgroup-mount")
 	}
-	mode, err := strconv.ParseUint(*socketMode, 8, 32)
+	var err error
+	if cfg.AttachScope, err = datapath.ParseScope(*scope); err != nil {
+		return agent.Config{}, "", fmt.Errorf("--attach-scope: %w", err)
+	}
+	switch {
+	case cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyCgroup == "":
+		return agent.Config{}, "", errors.New("--attach-scope=workloads needs --proxy-cgroup: the cgroup the proxy runs in, where its programs attach")
+	case cfg.AttachScope == datapath.ScopeNode && cfg.ProxyCgroup != "":
+		return agent.Config{}, "", errors.New("--proxy-cgroup is only used with --attach-scope=workloads")
+	}
+	var mode uint64
+	mode, err = strconv.ParseUint(*socketMode, 8, 32)
 	if err != nil || (mode != 0o600 && mode != 0o660) {
 		return agent.Config{}, "", fmt.Errorf("--xds-socket-mode %q: want 0600 or 0660 (octal; never world-accessible, always owner read-write)", *socketMode)
 	}

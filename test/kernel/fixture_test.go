@@ -6,6 +6,7 @@ package kernel
 import (
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -52,11 +53,14 @@ func setup(t *testing.T, pods int, proxyArgs ...string) *fixture {
 // fills in).
 func setupWith(t *testing.T, pods int, cfg datapath.Config, proxyArgs ...string) *fixture {
 	t.Helper()
-	return setupOpen(t, pods, cfg, datapath.Open, proxyArgs...)
+	return setupOpen(t, pods, cfg, nil, proxyArgs...)
 }
 
 // setupOpen is setupWith with the datapath installed by open (a frozen
-// earlier layout's installer, say).
+// earlier layout's installer, say); nil is datapath.Open, in the scope
+// cfg asks for or, when it asks for none, SLUICE_TEST_SCOPE's (node or
+// workloads: `make test` runs this package a second time in the workloads
+// attach scope).
 func setupOpen(t *testing.T, pods int, cfg datapath.Config, open func(datapath.Config) (*datapath.Datapath, error), proxyArgs ...string) *fixture {
 	t.Helper()
 	tb := testbed.New(t, pods)
@@ -66,7 +70,14 @@ func setupOpen(t *testing.T, pods int, cfg datapath.Config, open func(datapath.C
 		t.Fatal(err)
 	}
 	f.cfg = cfg
+	if os.Getenv("SLUICE_TEST_SCOPE") == "workloads" && open == nil {
+		f.cfg.Scope = datapath.ScopeWorkloads
+	}
+	if open == nil {
+		open = datapath.Open
+	}
 	f.cfg.CgroupPath = tb.Root.Path
+	f.cfg.ProxyCgroupPath = tb.ProxyCgroup.Path
 	f.cfg.PinPath = filepath.Join(datapath.DefaultBPFFS, "sluice-test-"+tb.ID)
 	dp, err := open(f.cfg)
 	if err != nil {
@@ -119,6 +130,7 @@ func (f *fixture) selectWorkload(t *testing.T, p *testbed.Pod, w datapath.Worklo
 	if err != nil {
 		t.Fatal(err)
 	}
+	w.CgroupPath = p.Cgroup.Path
 	if err := f.dp.SetWorkload(cgid, w); err != nil {
 		t.Fatal(err)
 	}

@@ -227,10 +227,10 @@ func TestPrivilegedMetadataGrantsFollowWorkload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := f.dp.SetWorkload(ocg, datapath.Workload{ID: 8, Enforce: true, MetadataGrants: flood}); err != nil {
+	if err := f.dp.SetWorkload(ocg, datapath.Workload{ID: 8, Enforce: true, MetadataGrants: flood, CgroupPath: other.Path}); err != nil {
 		t.Fatalf("fill the grants map: %v", err)
 	}
-	if err := f.dp.SetWorkload(cg, datapath.Workload{ID: 7, FailMode: datapath.FailClosed, Enforce: true, MetadataGrants: grant}); err == nil {
+	if err := f.dp.SetWorkload(cg, datapath.Workload{ID: 7, FailMode: datapath.FailClosed, Enforce: true, MetadataGrants: grant, CgroupPath: pod.Cgroup.Path}); err == nil {
 		t.Fatal("a grant into a full map was accepted")
 	}
 	if got := f.dial(t, pod.Cgroup, pod, spec)[0]; !strings.Contains(got.Err, "operation not permitted") {

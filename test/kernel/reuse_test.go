@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/layouts"
 	"github.com/sluice-io/sluice/test/testbed"
 )
 
@@ -94,9 +95,32 @@ func TestPrivilegedTupleReuse(t *testing.T) {
 
 // An entry that nobody claimed (the DESIGN's stale-entry hazard: listen
 // backlog overflow, a proxy that never asked) must not answer a later,
-// unredirected connection that reuses its 4-tuple.
+// unredirected connection that reuses its 4-tuple. The entry is planted in
+// the port-keyed form of layouts 1-3, the only one a 4-tuple can reuse.
+// On pins upgraded from layout 3 the claim still falls back to that form,
+// and the direct connection's own sockops clears it; on a fresh install no
+// program consults the form at all (legacy_port_keys), which is what holds
+// in the workloads attach scope, where the unselected socket runs nothing.
 func TestPrivilegedStaleTupleNeverAnswers(t *testing.T) {
-	f := setup(t, 1, "-verify")
+	t.Run("fresh", func(t *testing.T) {
+		f := setup(t, 1, "-verify")
+		testStaleTuple(t, f, f.cfg.Scope == datapath.ScopeNode)
+	})
+	t.Run("upgraded-from-layout-3", func(t *testing.T) {
+		f := setupOpen(t, 1, datapath.Config{}, func(cfg datapath.Config) (*datapath.Datapath, error) {
+			if err := layouts.Install(3, cfg.CgroupPath, cfg.PinPath); err != nil {
+				return nil, err
+			}
+			return datapath.Open(cfg)
+		}, "-verify")
+		testStaleTuple(t, f, true)
+	})
+}
+
+// testStaleTuple plants the entry and connects straight to the proxy on
+// its port from an unselected cgroup; cleared says whether that
+// connection's sockops (node scope) removes the entry.
+func testStaleTuple(t *testing.T, f *fixture, cleared bool) {
 	pod := f.tb.Pods[0]
 	other := f.tb.Root.Child(t, "unselected")
 
@@ -130,11 +154,15 @@ func TestPrivilegedStaleTupleNeverAnswers(t *testing.T) {
 	if st.Match != 1 || st.Mismatch != 0 {
 		t.Fatalf("direct connection reusing a stale 4-tuple: %+v; want the proxy to get no original destination", st)
 	}
-	if d := f.counters(t).StaleCleared - before.StaleCleared; d != 1 {
-		t.Errorf("stale_cleared counted %d, want 1", d)
+	want := uint64(0)
+	if cleared {
+		want = 1
+	}
+	if d := f.counters(t).StaleCleared - before.StaleCleared; d != want {
+		t.Errorf("stale_cleared counted %d, want %d", d, want)
 	}
 	var v []byte
-	if err := m.Lookup(key, &v); err == nil {
+	if err := m.Lookup(key, &v); cleared && err == nil {
 		t.Errorf("stale entry still present")
 	}
 }

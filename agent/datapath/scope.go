@@ -1,0 +1,281 @@
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+)
+
+// Scope says where the programs are attached.
+type Scope uint8
+
+const (
+	// ScopeNode attaches every program to Config.CgroupPath (the cgroup2
+	// root on a node): every socket below it runs them, selected or not.
+	ScopeNode Scope = iota
+	// ScopeWorkloads attaches the client programs to each selected
+	// workload's own cgroup when SetWorkload selects it, and the proxy's
+	// two (sockops for the accepted side of the handshake, getsockopt for
+	// SO_ORIGINAL_DST) to Config.ProxyCgroupPath: a socket in any other
+	// cgroup runs no sluice program at all.
+	ScopeWorkloads
+)
+
+func (s Scope) String() string {
+	if s == ScopeWorkloads {
+		return "workloads"
+	}
+	return "node"
+}
+
+// ParseScope parses "node" or "workloads".
+func ParseScope(s string) (Scope, error) {
+	switch s {
+	case "node":
+		return ScopeNode, nil
+	case "workloads":
+		return ScopeWorkloads, nil
+	}
+	return 0, fmt.Errorf("attach scope %q: want node or workloads", s)
+}
+
+// ErrOtherScope is returned when the pins were made in another Scope: the
+// programs of one scope would run beside the other's, so the datapath has
+// to be uninstalled before the scope changes.
+var ErrOtherScope = errors.New("pinned datapath is attached in another scope")
+
+// workloadsDir (cgroups/) holds, in ScopeWorkloads, one directory per selected
+// cgroup (named by its id) with the links attached to it. Its presence is
+// what marks pins as ScopeWorkloads.
+const workloadsDir = "cgroups"
+
+func workloadPinDir(pinPath string, cgroupID uint64) string {
+	return filepath.Join(pinPath, workloadsDir, strconv.FormatUint(cgroupID, 10))
+}
+
+// onProxy reports whether a runs on the proxy's sockets: the accepted
+// side's handshake claims the original destination (sockops), and the
+// proxy asks for it (getsockopt).
+func (a attachment) onProxy() bool {
+	return a.attach == ebpf.AttachCGroupSockOps || a.attach == ebpf.AttachCGroupGetsockopt
+}
+
+// onWorkload reports whether a runs on a selected workload's sockets:
+// every program but getsockopt, which only the proxy calls.
+func (a attachment) onWorkload() bool { return a.attach != ebpf.AttachCGroupGetsockopt }
+
+// rootAttachments are the programs attached to the pin directory's own
+// cgroup (Config.CgroupPath in ScopeNode, ProxyCgroupPath in
+// ScopeWorkloads), pinned as link_<program> in it.
+func rootAttachments(s Scope) []attachment {
+	if s == ScopeNode {
+		return attachments()
+	}
+	return slices.DeleteFunc(slices.Clone(attachments()), func(a attachment) bool { return !a.onProxy() })
+}
+
+func workloadAttachments() []attachment {
+	return slices.DeleteFunc(slices.Clone(attachments()), func(a attachment) bool { return !a.onWorkload() })
+}
+
+// pinnedScope says which scope the pins at pinPath were made in.
+func pinnedScope(pinPath string) Scope {
+	if fi, err := os.Stat(filepath.Join(pinPath, workloadsDir)); err == nil && fi.IsDir() {
+		return ScopeWorkloads
+	}
+	return ScopeNode
+}
+
+// within reports whether cgroup directory p is dir or below it.
+func within(p, dir string) bool {
+	p, dir = filepath.Clean(p), filepath.Clean(dir)
+	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+// attachWorkload attaches the client programs to a selected workload's
+// cgroup (ScopeWorkloads; nothing in ScopeNode) unless they are attached
+// already, and pins them under cgroups/<id>. The connect programs go
+// last, as in an upgrade (switchOrder): a connect redirected before
+// sockops runs for its socket would publish nothing. On failure whatever
+// this call attached is detached again.
+func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
+	if d.scope != ScopeWorkloads {
+		return nil
+	}
+	if d.progs == nil {
+		return errors.New("a read-only datapath handle cannot attach programs")
+	}
+	if path == "" {
+		return fmt.Errorf("cgroup %d: the attach scope is workloads, and the workload has no cgroup path to attach to", cgroupID)
+	}
+	if id, err := CgroupID(path); err != nil {
+		return err
+	} else if id != cgroupID {
+		return fmt.Errorf("cgroup %s has id %d, not %d (recreated?)", path, id, cgroupID)
+	}
+	if within(path, d.proxyCgroup) || within(d.proxyCgroup, path) {
+		return fmt.Errorf("cgroup %s: the proxy's cgroup %s is it, or above or below it; with the workloads attach scope the proxy's programs would run twice for its sockets: run the proxy in a cgroup of its own", path, d.proxyCgroup)
+	}
+	d.wlMu.Lock()
+	defer d.wlMu.Unlock()
+	for other, p := range d.wlPaths {
+		if other != cgroupID && (within(path, p) || within(p, path)) {
+			return fmt.Errorf("cgroup %s is nested with the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, p)
+		}
+	}
+	// Ancestors selected before an agent restart, not yet selected again.
+	for anc := filepath.Dir(path); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
+		if id, err := CgroupID(anc); err == nil {
+			if _, err := os.Stat(workloadPinDir(d.pinPath, id)); err == nil {
+				return fmt.Errorf("cgroup %s is below the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, anc)
+			}
+		}
+	}
+	dir := workloadPinDir(d.pinPath, cgroupID)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	var added []link.Link
+	defer func() {
+		if err != nil {
+			for _, l := range slices.Backward(added) {
+				l.Unpin()
+				l.Detach()
+				l.Close()
+			}
+			os.Remove(dir) // only if empty: links attached before stay
+		}
+	}()
+	for _, a := range switchOrder(workloadAttachments()) {
+		pin := linkPin(dir, a.prog)
+		if _, err := os.Stat(pin); err == nil {
+			continue
+		}
+		l, err := attach(path, a.attach, d.progs[a.prog])
+		if err != nil {
+			return err
+		}
+		added = append(added, l)
+		if err := l.Pin(pin); err != nil {
+			return fmt.Errorf("pin link %s of cgroup %d: %w", a.prog, cgroupID, err)
+		}
+	}
+	for _, l := range added {
+		l.Close() // the pin holds it
+	}
+	added = nil
+	d.wlPaths[cgroupID] = path
+	return nil
+}
+
+// detachWorkload detaches and unpins what attachWorkload attached to a
+// cgroup, the connect programs first.
+func (d *Datapath) detachWorkload(cgroupID uint64) error {
+	if d.scope != ScopeWorkloads {
+		return nil
+	}
+	d.wlMu.Lock()
+	defer d.wlMu.Unlock()
+	if err := detachDir(workloadPinDir(d.pinPath, cgroupID)); err != nil {
+		return fmt.Errorf("cgroup %d: %w", cgroupID, err)
+	}
+	delete(d.wlPaths, cgroupID)
+	return nil
+}
+
+// detachDir detaches and unpins the links of one workload's pin
+// directory, connect programs first, and removes it.
+func detachDir(dir string) error {
+	as := switchOrder(workloadAttachments())
+	slices.Reverse(as)
+	var errs []error
+	for _, a := range as {
+		l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open pinned link %s: %w", a.prog, err))
+			continue
+		}
+		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) && !errors.Is(err, syscall.ENOLINK) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", a.prog, err))
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", a.prog, err))
+		}
+		l.Close()
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// workloadDirs lists the cgroup ids with a pin directory under cgroups/.
+func workloadDirs(pinPath string) ([]uint64, error) {
+	entries, err := os.ReadDir(filepath.Join(pinPath, workloadsDir))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []uint64
+	for _, e := range entries {
+		if id, err := strconv.ParseUint(e.Name(), 10, 64); err == nil && e.IsDir() {
+			out = append(out, id)
+		}
+	}
+	return out, nil
+}
+
+// switchWorkloads is reopen's step for ScopeWorkloads: every selected
+// cgroup's links are switched to this binary's programs, connect last. A
+// cgroup that is gone (its links are defunct: the kernel detached them
+// when it was removed) loses its pin directory. A link missing from a
+// directory (a program an upgrade adds) is attached when the agent
+// selects the cgroup again, which it does for every workload it keeps.
+func (d *Datapath) switchWorkloads() error {
+	ids, err := workloadDirs(d.pinPath)
+	if err != nil {
+		return err
+	}
+	for _, id := range ids {
+		dir := workloadPinDir(d.pinPath, id)
+		for _, a := range switchOrder(workloadAttachments()) {
+			l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
+			if errors.Is(err, os.ErrNotExist) {
+				continue
+			}
+			if err != nil {
+				return fmt.Errorf("open pinned link %s of cgroup %d: %w", a.prog, id, err)
+			}
+			err = nil
+			if info, ierr := l.Info(); ierr == nil && (info.Cgroup() == nil || info.Cgroup().CgroupId == 0) {
+				err = syscall.ENOLINK // the kernel released the cgroup
+			} else {
+				err = l.Update(d.progs[a.prog])
+			}
+			l.Close()
+			if errors.Is(err, syscall.ENOLINK) {
+				if err := detachDir(dir); err != nil {
+					return fmt.Errorf("remove the pins of removed cgroup %d: %w", id, err)
+				}
+				break
+			}
+			if err != nil {
+				return fmt.Errorf("upgrade program %s of cgroup %d: %w", a.prog, id, err)
+			}
+		}
+	}
+	return nil
+}

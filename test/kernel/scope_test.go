@@ -1,0 +1,336 @@
+package kernel
+
+import (
+	"errors"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/testbed"
+	"golang.org/x/sys/unix"
+)
+
+// hookTypes are the attach types of every program of the object.
+var hookTypes = []ebpf.AttachType{
+	ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
+	ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
+	ebpf.AttachCGroupInetSockCreate, ebpf.AttachCGroupSockOps,
+	ebpf.AttachCGroupGetsockopt, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
+}
+
+// effective returns, per attach type, how many of the datapath's programs
+// (those of its pinned links) a socket of cgroup cg runs: the kernel's
+// effective array, whatever is attached at the cgroup or its ancestors.
+func (f *fixture) effective(t *testing.T, cg string) map[ebpf.AttachType]int {
+	t.Helper()
+	return effectiveOf(t, cg, f.ourPrograms(t))
+}
+
+// ourPrograms are the ids of the programs of the datapath's pinned links.
+func (f *fixture) ourPrograms(t *testing.T) map[ebpf.ProgramID]bool {
+	t.Helper()
+	ours := map[ebpf.ProgramID]bool{}
+	for _, p := range datapath.Programs(f.cfg.PinPath) {
+		if p.Err == nil {
+			ours[p.ProgramID] = true
+		}
+	}
+	if len(ours) == 0 {
+		t.Fatal("the datapath has no pinned links")
+	}
+	return ours
+}
+
+// effectiveOf counts, per attach type, the programs of ours in cgroup cg's
+// effective arrays.
+func effectiveOf(t *testing.T, cg string, ours map[ebpf.ProgramID]bool) map[ebpf.AttachType]int {
+	t.Helper()
+	dir, err := os.Open(cg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dir.Close()
+	out := map[ebpf.AttachType]int{}
+	for _, typ := range hookTypes {
+		res, err := link.QueryPrograms(link.QueryOptions{Target: int(dir.Fd()), Attach: typ, QueryFlags: unix.BPF_F_QUERY_EFFECTIVE})
+		if err != nil {
+			t.Fatalf("query %s of %s: %v", typ, cg, err)
+		}
+		for _, p := range res.Programs {
+			if ours[p.ID] {
+				out[typ]++
+			}
+		}
+	}
+	return out
+}
+
+func total(m map[ebpf.AttachType]int) int {
+	n := 0
+	for _, v := range m {
+		n += v
+	}
+	return n
+}
+
+// In the workloads attach scope nothing of sluice runs for a cgroup no
+// workload selects: the kernel's effective program arrays of an unselected
+// pod are empty, while a selected pod, and a cgroup a process of it makes
+// below its own (a container, or an attempt to step out of the pod's
+// cgroup), run every client program once, and the proxy's cgroup the two
+// it needs. Through that, the datapath does what it does in the node
+// scope: the selected pod's connections reach the proxy with their
+// original destination (IPv4, IPv6, v4-mapped), getpeername names it, and
+// an enforce-mode pod's side doors stay closed.
+func TestPrivilegedWorkloadsScope(t *testing.T) {
+	f := setupWith(t, 3, datapath.Config{Scope: datapath.ScopeWorkloads})
+	f.sideDoors(t)
+	sel, enforced, unsel := f.tb.Pods[0], f.tb.Pods[1], f.tb.Pods[2]
+	f.selectPod(t, sel, 1, datapath.FailClosed)
+	f.selectWorkload(t, enforced, datapath.Workload{ID: 2, FailMode: datapath.FailClosed, Enforce: true})
+	inner := sel.Cgroup.Child(t, "container")
+
+	client := len(hookTypes) - 1 // all but getsockopt
+	for _, c := range []struct {
+		name string
+		cg   string
+		want int
+	}{
+		{"unselected pod", unsel.Cgroup.Path, 0},
+		{"the testbed's root", f.tb.Root.Path, 0},
+		{"selected pod", sel.Cgroup.Path, client},
+		{"a cgroup below the selected pod", inner.Path, client},
+		{"the proxy", f.tb.ProxyCgroup.Path, 2},
+	} {
+		eff := f.effective(t, c.cg)
+		if total(eff) != c.want {
+			t.Errorf("%s runs %d of the datapath's programs (%v), want %d", c.name, total(eff), eff, c.want)
+		}
+		for typ, n := range eff {
+			if n > 1 {
+				t.Errorf("%s runs %d %s programs, want one", c.name, n, typ)
+			}
+		}
+	}
+
+	before := f.counters(t)
+	for _, c := range []struct {
+		name     string
+		cg       *testbed.Cgroup
+		spec     string
+		wantOrig string
+	}{
+		{"IPv4", sel.Cgroup, "tcp4:" + hostport(ext4, serverPort), hostport(ext4, serverPort)},
+		{"IPv6", sel.Cgroup, "tcp6:" + hostport(ext6, serverPort), hostport(ext6, serverPort)},
+		{"v4-mapped", sel.Cgroup, "mapped:" + hostport(ext4b, serverPort), hostport(ext4b, serverPort)},
+		{"from a cgroup below the pod's", inner, "tcp4:" + hostport(ext4, serverPort), hostport(ext4, serverPort)},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			r := f.dial(t, c.cg, sel, c.spec)[0]
+			if r.Err != "" {
+				t.Fatalf("dial %s: %s", c.spec, r.Err)
+			}
+			if r.Reply != "peer="+testbed.NodeV4.String() && r.Reply != "peer="+testbed.NodeV6.String() {
+				t.Errorf("server saw %q, want the node's address (the proxy forwarded it)", r.Reply)
+			}
+			rec := f.recordFor(t, r.Local)
+			if rec.OrigDst != c.wantOrig || rec.Result != "forwarded" {
+				t.Errorf("proxy recovered %q (%s, err %q), want %s", rec.OrigDst, rec.Result, rec.Err, c.wantOrig)
+			}
+			if r.Peer != c.wantOrig && r.Peer != hostport(netip.AddrFrom16(ext4b.As16()), serverPort) {
+				t.Errorf("getpeername = %s, want the original destination %s", r.Peer, c.wantOrig)
+			}
+		})
+	}
+	t.Run("unselected pod", func(t *testing.T) {
+		r := f.dial(t, unsel.Cgroup, unsel, "tcp4:"+hostport(ext4, serverPort))[0]
+		if r.Err != "" || r.Reply != "peer="+unsel.IPv4.String() {
+			t.Errorf("unselected pod: %+v, want the server to see the pod itself", r)
+		}
+	})
+	t.Run("enforce side doors", func(t *testing.T) {
+		seen := len(f.echo.Datagrams())
+		for _, spec := range []string{"udp4:" + hostport(ext4, 443), "sendto6:" + hostport(ext6, 443), "ping4:" + hostport(ext4, 0), "raw4:" + hostport(ext4, 0)} {
+			if r := f.dial(t, enforced.Cgroup, enforced, spec)[0]; r.Err == "" || r.Reply != "" {
+				t.Errorf("%s from the enforce-mode pod: %+v, want it refused", spec, r)
+			}
+		}
+		if got := f.echo.Datagrams()[seen:]; len(got) != 0 {
+			t.Errorf("UDP servers received %+v from the enforce-mode pod, want nothing", got)
+		}
+		if r := f.dial(t, enforced.Cgroup, enforced, "udp4:"+hostport(ext4b, 53))[0]; r.Err != "" {
+			t.Errorf("DNS to the resolver: %+v, want it through", r)
+		}
+	})
+	wantCounted(t, before, f.counters(t), map[string]uint64{"redirected_ipv4": 3, "redirected_ipv6": 1, "orig_dst_answered": 4})
+
+	// Deselected, the pod runs nothing again and goes direct.
+	cgid, err := datapath.CgroupID(sel.Cgroup.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.dp.DeleteWorkload(cgid); err != nil {
+		t.Fatal(err)
+	}
+	if eff := f.effective(t, inner.Path); total(eff) != 0 {
+		t.Errorf("deselected pod still runs %v", eff)
+	}
+	if _, err := os.Stat(filepath.Join(f.cfg.PinPath, "cgroups", fmtID(cgid))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("deselected pod's pin directory: %v, want it gone", err)
+	}
+	if r := f.dial(t, sel.Cgroup, sel, "tcp4:"+hostport(ext4, serverPort))[0]; r.Reply != "peer="+sel.IPv4.String() {
+		t.Errorf("deselected pod: %+v, want direct", r)
+	}
+}
+
+func fmtID(id uint64) string { return strconv.FormatUint(id, 10) }
+
+// A restart reopens the pins in the workloads scope: every selected
+// cgroup's links are switched to the new programs in place (the program
+// ids change, the links do not), a cgroup removed while no agent ran loses
+// its pins, and connections are redirected throughout. The pins refuse the
+// other scope, and the proxy's cgroup and the workloads' must not overlap
+// or nest, which would run programs twice.
+func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
+	f := setupWith(t, 2, datapath.Config{Scope: datapath.ScopeWorkloads})
+	pod, gone := f.tb.Pods[0], f.tb.Pods[1]
+	f.selectPod(t, pod, 1, datapath.FailClosed)
+	goneCg := gone.Cgroup.Child(t, "short-lived")
+	goneID, err := datapath.CgroupID(goneCg.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.dp.SetWorkload(goneID, datapath.Workload{ID: 2, CgroupPath: goneCg.Path}); err != nil {
+		t.Fatal(err)
+	}
+	progsOf := func() map[string]ebpf.ProgramID {
+		out := map[string]ebpf.ProgramID{}
+		for _, p := range datapath.Programs(f.cfg.PinPath) {
+			if p.Err != nil {
+				t.Errorf("%s: %v", p.Name, p.Err)
+			}
+			out[p.Name+"@"+fmtID(p.CgroupID)] = p.ProgramID
+		}
+		return out
+	}
+	old := progsOf()
+	if len(old) != 2+2*(len(hookTypes)-1) {
+		t.Fatalf("pinned links: %v, want the proxy's 2 and %d for each of the two workloads", old, len(hookTypes)-1)
+	}
+
+	f.dp.Close()
+	if err := os.Remove(goneCg.Path); err != nil {
+		t.Fatal(err)
+	}
+	// The kernel releases a removed cgroup's links shortly after the rmdir
+	// (they turn defunct: no cgroup); an agent restart takes longer.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		n := 0
+		for _, p := range datapath.Programs(f.cfg.PinPath) {
+			if p.Err == nil && p.CgroupID == goneID {
+				n++
+			}
+		}
+		if n == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the removed cgroup's %d links still name it after 5 s", n)
+		}
+	}
+	// Another scope refuses the pins, and changes nothing.
+	node := f.cfg
+	node.Scope = datapath.ScopeNode
+	if d, err := datapath.Open(node); !errors.Is(err, datapath.ErrOtherScope) {
+		if d != nil {
+			d.Close()
+		}
+		t.Fatalf("open in the node scope: %v, want ErrOtherScope", err)
+	}
+	dp, err := datapath.Open(f.cfg)
+	if err != nil {
+		t.Fatalf("reopen: %v", err)
+	}
+	f.dp = dp
+	now := progsOf()
+	if _, err := os.Stat(filepath.Join(f.cfg.PinPath, "cgroups", fmtID(goneID))); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("removed cgroup's pins: %v, want them removed by the reopen", err)
+	}
+	switched := 0
+	for k, id := range now {
+		was, ok := old[k]
+		if !ok {
+			t.Errorf("link %s appeared at the reopen", k)
+		} else if was != id {
+			switched++
+		}
+	}
+	if want := 2 + len(hookTypes) - 1; switched != want || len(now) != want {
+		t.Errorf("reopen switched %d of %d links (%v -> %v), want all %d of the live cgroups'", switched, len(now), old, now, want)
+	}
+	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+hostport(ext4, serverPort))[0]
+	if rec := f.recordFor(t, r.Local); rec.OrigDst != hostport(ext4, serverPort) {
+		t.Errorf("after the reopen the proxy recovered %q, want %s", rec.OrigDst, hostport(ext4, serverPort))
+	}
+
+	// Nesting and overlap are refused, and attach nothing.
+	podID, _ := datapath.CgroupID(pod.Cgroup.Path)
+	below := pod.Cgroup.Child(t, "below")
+	belowID, _ := datapath.CgroupID(below.Path)
+	proxyChild := f.tb.ProxyCgroup.Child(t, "beside-envoy")
+	proxyChildID, _ := datapath.CgroupID(proxyChild.Path)
+	inner := gone.Cgroup.Child(t, "inner")
+	innerID, _ := datapath.CgroupID(inner.Path)
+	if err := f.dp.SetWorkload(innerID, datapath.Workload{ID: 3, CgroupPath: inner.Path}); err != nil {
+		t.Fatal(err)
+	}
+	outerID, _ := datapath.CgroupID(gone.Cgroup.Path)
+	for _, c := range []struct {
+		name string
+		id   uint64
+		path string
+	}{
+		{"below a selected cgroup", belowID, below.Path},
+		{"above a selected cgroup", outerID, gone.Cgroup.Path},
+		{"in the proxy's cgroup", proxyChildID, proxyChild.Path},
+		{"the wrong id for the path", podID + 1, pod.Cgroup.Path},
+		{"no path", belowID, ""},
+	} {
+		before := 0
+		if c.path != "" {
+			before = total(f.effective(t, c.path))
+		}
+		err := f.dp.SetWorkload(c.id, datapath.Workload{ID: 9, CgroupPath: c.path})
+		if err == nil {
+			t.Errorf("%s: selected, want an error", c.name)
+		} else {
+			t.Logf("%s: %v", c.name, err)
+		}
+		if c.path != "" && total(f.effective(t, c.path)) != before {
+			t.Errorf("%s: the refused selection attached programs", c.name)
+		}
+		ws, _ := f.dp.Workloads()
+		if _, ok := ws[c.id]; ok {
+			t.Errorf("%s: the refused selection wrote a workload entry", c.name)
+		}
+	}
+	ours := f.ourPrograms(t)
+	f.dp.Close()
+	if err := datapath.Uninstall(f.cfg.PinPath); err != nil {
+		t.Fatal(err)
+	}
+	for _, cg := range []string{pod.Cgroup.Path, f.tb.ProxyCgroup.Path} {
+		if eff := effectiveOf(t, cg, ours); total(eff) != 0 {
+			t.Errorf("after uninstall %s runs %v", cg, eff)
+		}
+	}
+	if _, err := os.Stat(f.cfg.PinPath); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pins after uninstall: %v", err)
+	}
+}
