@@ -99,14 +99,14 @@ bench: deps-test
 	set -o pipefail; GOMAXPROCS=1 $(GO) test -count=1 -run '^$$' -bench 'UpdateFull' -benchmem -benchtime 10x ./xds/ 2>&1 | grep -E '^Benchmark' | tee -a bench/out/xds.txt
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench 'Update250x20|UpdateUnchanged' -benchmem -benchtime 200x ./xds/ 2>&1 | grep -E '^Benchmark' | tee -a bench/out/xds.txt
 	set -o pipefail; $(GO) test -count=1 -run '^$$' -bench BenchmarkConnection -benchtime 1000x ./test/conformance/ 2>&1 | tee bench/out/conformance.txt
-	{ cat bench/out/connect.md; echo; cat bench/out/http.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; cat bench/out/clash.md; echo; cat bench/out/controlplane.md; echo; \
+	{ cat bench/out/connect.md; echo; cat bench/out/scope.md; echo; cat bench/out/http.md; echo; cat bench/out/bulk.md; cat bench/out/flows.md; cat bench/out/clash.md; echo; cat bench/out/controlplane.md; echo; \
 	  echo '# xDS: build, validate and publish for 250 workloads x 20 allow entries'; echo; \
 	  echo 'Go benchmarks in xds/bench_test.go on the same machine: builds and full rebuilds 10 iterations each (full rebuilds with GOMAXPROCS 2, the -2 suffix, and 1, none: a build and its validation use every CPU the process may; the testing flag -cpu does not hold GOMAXPROCS at 1 here, the environment does), one change and no change among 250 workloads 200 each (a few milliseconds or less, so 10 were noise); cpu-ns/op is the CPU time of the process per update, ns/op the wall time.'; echo; \
 	  echo '```'; grep -E '^(cpu:|Benchmark)' bench/out/xds.txt; echo '```'; echo; \
 	  echo '# One connection through the conformance proxy, by the rule that allows it'; echo; \
 	  echo 'test/conformance/bench_test.go, 1,000 connections each, side by side; the conformance proxy, not Envoy.'; echo; \
 	  echo '```'; grep -E '^Benchmark' bench/out/conformance.txt; echo '```'; } > bench/out/report.md
-	{ echo '{"connect":'; cat bench/out/connect.json; echo ',"http":'; cat bench/out/http.json; echo ',"bulk":'; cat bench/out/bulk.json; \
+	{ echo '{"connect":'; cat bench/out/connect.json; echo ',"scope":'; cat bench/out/scope.json; echo ',"http":'; cat bench/out/http.json; echo ',"bulk":'; cat bench/out/bulk.json; \
 	  echo ',"control_plane":'; cat bench/out/controlplane.json; echo ',"xds_benchmarks":'; \
 	  grep -E '^Benchmark' bench/out/xds.txt | awk 'BEGIN{printf "["} {if (NR>1) printf ","; printf "{\"name\":\"%s\",\"iterations\":%s", $$1, $$2; for (i = 3; i < NF; i += 2) { u = $$(i+1); sub(/\/op$$/, "_per_op", u); gsub(/-/, "_", u); if (u == "B_per_op") u = "bytes_per_op"; printf ",\"%s\":%s", u, $$i }; printf "}"} END{print "]"}'; \
 	  echo '}'; } > bench/out/report.json
