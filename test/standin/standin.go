@@ -305,13 +305,21 @@ func ReadRecords(path string) []Record {
 // the client saw as its local one; v4-mapped or not), waiting up to wait for
 // the proxy to write it.
 func FindRecord(path, client string, wait time.Duration) (Record, bool) {
+	return FindRecordFrom(path, client, 0, wait)
+}
+
+// FindRecordFrom is FindRecord among the records after the first from
+// (the count before a dial): a client port is reused across a long stream
+// of connections, and an earlier connection's record would match it.
+func FindRecordFrom(path, client string, from int, wait time.Duration) (Record, bool) {
 	want, err := netip.ParseAddrPort(client)
 	if err != nil {
 		return Record{}, false
 	}
 	deadline := time.Now().Add(wait)
 	for {
-		for _, r := range ReadRecords(path) {
+		recs := ReadRecords(path)
+		for _, r := range recs[min(from, len(recs)):] {
 			got, err := netip.ParseAddrPort(r.Client)
 			if err == nil && got.Addr().Unmap() == want.Addr().Unmap() && got.Port() == want.Port() {
 				return r, true
