@@ -121,9 +121,7 @@ func TestPrivilegedBenchConnect(t *testing.T) {
 	// proxy listens on one of the node's own addresses, not the proxy's:
 	// to an unselected pod it is any destination (the programs treat
 	// connections to the proxy address specially, on every port).
-	detached := testbed.NewRootCgroup(t, "sluice-test-"+tb.ID+"-detached")
-	bare := fmt.Sprintf("%s:%d", testbed.NodeV4, bareProxyPort)
-	testbed.StartDaemon(t, detached, tb.Node, "proxy", "-sink", "-listen", bare)
+	detached, bare := startBareProxy(t, tb)
 	unselected := tb.Root.Child(t, "unselected")
 
 	const perRound, rounds = 1000, 5
@@ -478,6 +476,18 @@ func must(t *testing.T, err error) {
 // bareProxyPort is the port of the no-programs variant's proxy (on the
 // node's address, outside the attach point).
 const bareProxyPort = 15099
+
+// startBareProxy starts the no-programs baseline: a stand-in proxy that
+// sinks connections, on one of the node's addresses, in a cgroup beside
+// the datapath's attach point (no sluice program runs in it), which
+// clients of the baseline join too. It returns the cgroup and the address.
+func startBareProxy(t *testing.T, tb *testbed.Testbed) (*testbed.Cgroup, string) {
+	t.Helper()
+	detached := testbed.NewRootCgroup(t, "sluice-test-"+tb.ID+"-detached")
+	bare := fmt.Sprintf("%s:%d", testbed.NodeV4, bareProxyPort)
+	testbed.StartDaemon(t, detached, tb.Node, "proxy", "-sink", "-listen", bare)
+	return detached, bare
+}
 
 // connlat runs the connlat role in cgroup cg and namespace ns.
 func connlat(t *testing.T, cg *testbed.Cgroup, ns *testbed.Netns, n int, variants ...string) Latencies {

@@ -45,9 +45,7 @@ func TestPrivilegedBenchScope(t *testing.T) {
 	e := setupBench(t, "-sink")
 	tb, pod := e.tb, e.pod
 	unselected := tb.Root.Child(t, "unselected")
-	detached := testbed.NewRootCgroup(t, "sluice-test-"+tb.ID+"-detached")
-	bare := fmt.Sprintf("%s:%d", testbed.NodeV4, bareProxyPort)
-	testbed.StartDaemon(t, detached, tb.Node, "proxy", "-sink", "-listen", bare)
+	detached, bare := startBareProxy(t, tb)
 
 	scoped := testbed.NewRootCgroup(t, "sluice-test-"+tb.ID+"-scoped")
 	scopedProxy, scopedPod, scopedUnsel := scoped.Child(t, "proxy"), scoped.Child(t, "pod"), scoped.Child(t, "unselected")

@@ -116,6 +116,13 @@ func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
 	if path == "" {
 		return fmt.Errorf("cgroup %d: the attach scope is workloads, and the workload has no cgroup path to attach to", cgroupID)
 	}
+	d.wlMu.Lock()
+	defer d.wlMu.Unlock()
+	if d.wlPaths[cgroupID] == path {
+		// Attached, and checked, by this handle already: an update of
+		// the workload's settings (a cgroup made anew has a new id).
+		return nil
+	}
 	if id, err := CgroupID(path); err != nil {
 		return err
 	} else if id != cgroupID {
@@ -124,8 +131,6 @@ func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
 	if within(path, d.proxyCgroup) || within(d.proxyCgroup, path) {
 		return fmt.Errorf("cgroup %s: the proxy's cgroup %s is it, or above or below it; with the workloads attach scope the proxy's programs would run twice for its sockets: run the proxy in a cgroup of its own", path, d.proxyCgroup)
 	}
-	d.wlMu.Lock()
-	defer d.wlMu.Unlock()
 	for other, p := range d.wlPaths {
 		if other != cgroupID && (within(path, p) || within(p, path)) {
 			return fmt.Errorf("cgroup %s is nested with the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, p)
@@ -192,28 +197,12 @@ func (d *Datapath) detachWorkload(cgroupID uint64) error {
 }
 
 // detachDir detaches and unpins the links of one workload's pin
-// directory, connect programs first, and removes it.
+// directory, connect programs first, and removes it. (A defunct link, of
+// a removed cgroup, detaches without error.)
 func detachDir(dir string) error {
 	as := switchOrder(workloadAttachments())
 	slices.Reverse(as)
-	var errs []error
-	for _, a := range as {
-		l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("open pinned link %s: %w", a.prog, err))
-			continue
-		}
-		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) && !errors.Is(err, syscall.ENOLINK) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", a.prog, err))
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", a.prog, err))
-		}
-		l.Close()
-	}
+	errs := detachLinks(dir, as)
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, err)
 	}

@@ -24,27 +24,7 @@ func Uninstall(pinPath string) error {
 		// and say so.
 		errs = append(errs, err)
 	}
-	for _, a := range attachments() {
-		pin := linkPin(pinPath, a.prog)
-		l, err := link.LoadPinnedLink(pin, nil)
-		if errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("open pinned link %s: %w", a.prog, err))
-			continue
-		}
-		// Detach now, even if a running agent still holds the link open;
-		// kernels without BPF_LINK_DETACH detach when the last reference
-		// (the pin and our fd) goes.
-		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
-			errs = append(errs, fmt.Errorf("detach %s: %w", a.prog, err))
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", a.prog, err))
-		}
-		l.Close()
-	}
+	errs = append(errs, detachLinks(pinPath, attachments())...)
 	// The workloads attach scope's per-cgroup links (detachDir: the
 	// connect programs first).
 	if ids, err := workloadDirs(pinPath); err != nil {
@@ -73,4 +53,30 @@ func Uninstall(pinPath string) error {
 		errs = append(errs, fmt.Errorf("remove %s (left: %v): %w", pinPath, names, err))
 	}
 	return errors.Join(errs...)
+}
+
+// detachLinks detaches and unpins the links pinned in dir of the programs
+// as, in that order; missing pins are skipped. It detaches now, even if a
+// running agent still holds a link open; kernels without BPF_LINK_DETACH
+// detach when the last reference (the pin and our fd) goes.
+func detachLinks(dir string, as []attachment) []error {
+	var errs []error
+	for _, a := range as {
+		l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			errs = append(errs, fmt.Errorf("open pinned link %s: %w", a.prog, err))
+			continue
+		}
+		if err := l.Detach(); err != nil && !errors.Is(err, link.ErrNotSupported) {
+			errs = append(errs, fmt.Errorf("detach %s: %w", a.prog, err))
+		}
+		if err := l.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", a.prog, err))
+		}
+		l.Close()
+	}
+	return errs
 }
