@@ -44,6 +44,11 @@ type Config struct {
 	// ProxyCgroup is the proxy's cgroup v2 directory (AttachScope
 	// workloads).
 	ProxyCgroup string
+	// ProxyPodUID, with AttachScope workloads and no ProxyCgroup, is the
+	// uid of the pod the agent and its proxy run in (the DaemonSet's,
+	// from the downward API): the proxy cgroup is that pod's cgroup,
+	// found through CgroupLayout. Unused in the node scope.
+	ProxyPodUID string
 	PinPath     string
 	Proxy       xds.Proxy
 	// ProxyAdmin is Envoy's admin address whose /ready drives the
@@ -165,6 +170,19 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if cfg.ProxyCgroup != "" && !filepath.IsAbs(cfg.ProxyCgroup) {
 		cfg.ProxyCgroup = filepath.Join(cfg.CgroupMount, cfg.ProxyCgroup)
+	}
+	if cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyCgroup == "" && cfg.ProxyPodUID != "" {
+		cg, err := cfg.CgroupLayout.FindPodCgroup(cfg.ProxyPodUID)
+		if err != nil {
+			return fmt.Errorf("the proxy's cgroup (this agent's pod): %w", err)
+		}
+		if b, err := os.ReadFile("/proc/self/cgroup"); err == nil {
+			if err := checkOwnCgroup(cg, cfg.CgroupLayout.Mount, string(b)); err != nil {
+				return err
+			}
+		}
+		log.Info("the proxy's cgroup is this agent's pod's", "pod_uid", cfg.ProxyPodUID, "proxy_cgroup", cg)
+		cfg.ProxyCgroup = cg
 	}
 	if err := datapath.EnsureBPFFS(filepath.Dir(cfg.PinPath)); err != nil {
 		return err
@@ -585,6 +603,23 @@ func (m *memDatapath) Workloads() (map[uint64]datapath.Workload, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	return maps.Clone(m.ws), nil
+}
+
+// checkOwnCgroup makes sure this process runs in podCgroup (below mount),
+// where its /proc/self/cgroup tells: in a cgroup namespace (the default of
+// container runtimes on cgroup v2 hosts) that names the namespace's root,
+// "/", and tells nothing.
+func checkOwnCgroup(podCgroup, mount, procSelfCgroup string) error {
+	for _, line := range strings.Split(procSelfCgroup, "\n") {
+		own, ok := strings.CutPrefix(line, "0::")
+		if !ok || own == "/" {
+			continue
+		}
+		if p := filepath.Join(mount, own); !strings.HasPrefix(p+"/", strings.TrimSuffix(podCgroup, "/")+"/") {
+			return fmt.Errorf("the proxy's cgroup: this agent runs in cgroup %s, not in its pod's cgroup %s: check --cgroup-driver, --kubelet-cgroup-root and --proxy-pod-uid", p, podCgroup)
+		}
+	}
+	return nil
 }
 
 // resolveCgroupDirs points the cgroup mount (and the attach cgroup and pod

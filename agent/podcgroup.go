@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"os"
 	"path/filepath"
 	"strings"
 )
@@ -79,6 +80,24 @@ func (l PodCgroupLayout) PodCgroup(uid, qosClass string) (string, error) {
 	default:
 		return "", fmt.Errorf("cgroup driver %q: want %s or %s", l.Driver, DriverSystemd, DriverCgroupfs)
 	}
+}
+
+// FindPodCgroup returns the cgroup v2 directory of the pod with uid, a pod
+// of this node whose QoS class is not known: the one of PodCgroup's three
+// candidates that exists.
+func (l PodCgroupLayout) FindPodCgroup(uid string) (string, error) {
+	var tried []string
+	for _, q := range []string{QoSGuaranteed, QoSBurstable, QoSBestEffort} {
+		p, err := l.PodCgroup(uid, q)
+		if err != nil {
+			return "", err
+		}
+		if fi, err := os.Stat(p); err == nil && fi.IsDir() {
+			return p, nil
+		}
+		tried = append(tried, p)
+	}
+	return "", fmt.Errorf("pod %s has no cgroup at %s: check the kubelet's cgroup driver and root (--cgroup-driver, --kubelet-cgroup-root) and the cgroup mount", uid, strings.Join(tried, ", "))
 }
 
 // rootComponents turns a kubelet --cgroup-root into cgroup name components,

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -48,6 +50,40 @@ func TestPodCgroupErrors(t *testing.T) {
 	} {
 		if _, err := tc.layout.PodCgroup(tc.uid, tc.qos); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("PodCgroup(%q, %q) = %v, want %q", tc.uid, tc.qos, err, tc.want)
+		}
+	}
+}
+
+// The agent finds its own pod's cgroup from its uid alone (the downward
+// API gives no QoS class), and refuses a pod cgroup it does not run in.
+func TestFindPodCgroup(t *testing.T) {
+	mount := t.TempDir()
+	l := PodCgroupLayout{Mount: mount, KubeletRoot: "/", Driver: DriverCgroupfs}
+	burstable, _ := l.PodCgroup("uid-1", QoSBurstable)
+	if err := os.MkdirAll(filepath.Join(burstable, "container-a"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := l.FindPodCgroup("uid-1"); err != nil || got != burstable {
+		t.Errorf("FindPodCgroup: %q, %v, want %q", got, err, burstable)
+	}
+	if _, err := l.FindPodCgroup("uid-2"); err == nil || !strings.Contains(err.Error(), "--kubelet-cgroup-root") {
+		t.Errorf("a pod with no cgroup: %v, want an error naming the flags to check", err)
+	}
+	if _, err := l.FindPodCgroup("../x"); err == nil {
+		t.Error("a uid with a path in it was accepted")
+	}
+	for _, c := range []struct {
+		self string
+		ok   bool
+	}{
+		{"0::/\n", true}, // a cgroup namespace: nothing to check
+		{"0::/kubepods/burstable/poduid-1/container-a\n", true},
+		{"12:pids:/x\n0::/kubepods/burstable/poduid-1\n", true},
+		{"0::/kubepods/burstable/poduid-10/container-a\n", false},
+		{"0::/system.slice/other.service\n", false},
+	} {
+		if err := checkOwnCgroup(burstable, mount, c.self); (err == nil) != c.ok {
+			t.Errorf("own cgroup %q: %v, want ok %v", c.self, err, c.ok)
 		}
 	}
 }

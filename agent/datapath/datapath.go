@@ -90,7 +90,9 @@ type Config struct {
 	// where its sockops and getsockopt programs attach. It has to outlive
 	// the proxy process (a slice, or the proxy's pod; not a systemd
 	// service's own cgroup, which is made anew at every start), and no
-	// selected workload may be in it, above it or below it.
+	// selected workload may be in it, above it or below it. Pins made for
+	// another proxy cgroup (an update's previous pod) keep that cgroup's
+	// links attached, retired, until it goes: its proxy drains meanwhile.
 	ProxyCgroupPath string
 	// PinPath is the bpffs directory holding our pins (DefaultPinPath).
 	// Its parent must be on a bpffs; see EnsureBPFFS.
@@ -431,6 +433,11 @@ func reopen(spec *ebpf.CollectionSpec, cfg Config) (_ *Datapath, err error) {
 				return nil, fmt.Errorf("%s has link_%s: %w (node)", cfg.PinPath, a.prog, ErrOtherScope)
 			}
 		}
+		// A proxy of another cgroup (the previous pod's) keeps its
+		// links, retired, while it drains.
+		if err := adoptProxy(cfg.PinPath, cfg.ProxyCgroupPath, cgroupID); err != nil {
+			return nil, err
+		}
 	}
 	for _, a := range switchOrder(rootAttachments(cfg.Scope)) {
 		pin := linkPin(cfg.PinPath, a.prog)
@@ -533,7 +540,7 @@ func removeDropped(pinPath string, spec *ebpf.CollectionSpec) error {
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
-		if _, ok := spec.Maps[name]; ok || known[name] || name == workloadsDir {
+		if _, ok := spec.Maps[name]; ok || known[name] || name == workloadsDir || name == retiredDir {
 			continue
 		}
 		p := filepath.Join(pinPath, name)

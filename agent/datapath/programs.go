@@ -22,17 +22,24 @@ type ProgramStatus struct {
 // Programs reports the pinned links of the datapath at pinPath, whether or
 // not an agent is running: those attached to its cgroup (every program in
 // the node attach scope, the proxy's in the workloads scope), then, in the
-// workloads scope, those of every selected cgroup.
+// workloads scope, those of every earlier proxy cgroup still pinned
+// (retired: an update's previous proxy, draining) and of every selected
+// cgroup.
 func Programs(pinPath string) []ProgramStatus {
 	scope := pinnedScope(pinPath)
 	out := programsIn(pinPath, rootAttachments(scope))
 	if scope == ScopeWorkloads {
-		ids, err := workloadDirs(pinPath)
-		if err != nil {
-			out = append(out, ProgramStatus{Name: workloadsDir, Err: err})
-		}
-		for _, id := range ids {
-			out = append(out, programsIn(workloadPinDir(pinPath, id), workloadAttachments())...)
+		for _, sub := range []struct {
+			dir string
+			as  []attachment
+		}{{retiredDir, rootAttachments(ScopeWorkloads)}, {workloadsDir, workloadAttachments()}} {
+			ids, err := cgroupDirs(pinPath, sub.dir)
+			if err != nil {
+				out = append(out, ProgramStatus{Name: sub.dir, Err: err})
+			}
+			for _, id := range ids {
+				out = append(out, programsIn(cgroupPinDir(pinPath, sub.dir, id), sub.as)...)
+			}
 		}
 	}
 	return out

@@ -57,8 +57,21 @@ var ErrOtherScope = errors.New("pinned datapath is attached in another scope")
 // what marks pins as ScopeWorkloads.
 const workloadsDir = "cgroups"
 
+// retiredDir (proxies/) holds, in ScopeWorkloads, one directory per cgroup
+// (named by its id) that was the proxy's before the running agent's, with
+// the proxy's links attached to it: on Kubernetes, the previous DaemonSet
+// pod's, whose Envoy drains after an update, and is sent every new
+// connection until the new agent's proxy is ready (docs/install.md). They
+// stay attached, switched to the running agent's programs, until the kernel
+// detaches them as the cgroup goes; the next start removes their pins.
+const retiredDir = "proxies"
+
 func workloadPinDir(pinPath string, cgroupID uint64) string {
-	return filepath.Join(pinPath, workloadsDir, strconv.FormatUint(cgroupID, 10))
+	return cgroupPinDir(pinPath, workloadsDir, cgroupID)
+}
+
+func cgroupPinDir(pinPath, sub string, cgroupID uint64) string {
+	return filepath.Join(pinPath, sub, strconv.FormatUint(cgroupID, 10))
 }
 
 // onProxy reports whether a runs on the proxy's sockets: the accepted
@@ -136,11 +149,18 @@ func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
 			return fmt.Errorf("cgroup %s is nested with the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, p)
 		}
 	}
-	// Ancestors selected before an agent restart, not yet selected again.
+	// Ancestors selected before an agent restart, not yet selected again,
+	// and an earlier proxy's cgroup that is this one or above it.
+	if _, err := os.Stat(cgroupPinDir(d.pinPath, retiredDir, cgroupID)); err == nil {
+		return fmt.Errorf("cgroup %s was the proxy's cgroup, and its proxy programs are still attached: with the workloads attach scope they would run twice for its sockets", path)
+	}
 	for anc := filepath.Dir(path); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
 		if id, err := CgroupID(anc); err == nil {
 			if _, err := os.Stat(workloadPinDir(d.pinPath, id)); err == nil {
 				return fmt.Errorf("cgroup %s is below the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, anc)
+			}
+			if _, err := os.Stat(cgroupPinDir(d.pinPath, retiredDir, id)); err == nil {
+				return fmt.Errorf("cgroup %s is below %s, an earlier proxy's cgroup whose proxy programs are still attached: with the workloads attach scope they would run twice for its sockets", path, anc)
 			}
 		}
 	}
@@ -189,18 +209,19 @@ func (d *Datapath) detachWorkload(cgroupID uint64) error {
 	}
 	d.wlMu.Lock()
 	defer d.wlMu.Unlock()
-	if err := detachDir(workloadPinDir(d.pinPath, cgroupID)); err != nil {
+	if err := detachDir(workloadPinDir(d.pinPath, cgroupID), workloadAttachments()); err != nil {
 		return fmt.Errorf("cgroup %d: %w", cgroupID, err)
 	}
 	delete(d.wlPaths, cgroupID)
 	return nil
 }
 
-// detachDir detaches and unpins the links of one workload's pin
-// directory, connect programs first, and removes it. (A defunct link, of
-// a removed cgroup, detaches without error.)
-func detachDir(dir string) error {
-	as := switchOrder(workloadAttachments())
+// detachDir detaches and unpins the links of one cgroup's pin directory
+// (programs as: a workload's, or a retired proxy's), connect programs
+// first, and removes it. (A defunct link, of a removed cgroup, detaches
+// without error.)
+func detachDir(dir string, as []attachment) error {
+	as = switchOrder(as)
 	slices.Reverse(as)
 	errs := detachLinks(dir, as)
 	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -210,8 +231,11 @@ func detachDir(dir string) error {
 }
 
 // workloadDirs lists the cgroup ids with a pin directory under cgroups/.
-func workloadDirs(pinPath string) ([]uint64, error) {
-	entries, err := os.ReadDir(filepath.Join(pinPath, workloadsDir))
+func workloadDirs(pinPath string) ([]uint64, error) { return cgroupDirs(pinPath, workloadsDir) }
+
+// cgroupDirs lists the cgroup ids with a pin directory under sub.
+func cgroupDirs(pinPath, sub string) ([]uint64, error) {
+	entries, err := os.ReadDir(filepath.Join(pinPath, sub))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, nil
 	}
@@ -227,20 +251,115 @@ func workloadDirs(pinPath string) ([]uint64, error) {
 	return out, nil
 }
 
-// switchWorkloads is reopen's step for ScopeWorkloads: every selected
-// cgroup's links are switched to this binary's programs, connect last. A
-// cgroup that is gone (its links are defunct: the kernel detached them
-// when it was removed) loses its pin directory. A link missing from a
-// directory (a program an upgrade adds) is attached when the agent
-// selects the cgroup again, which it does for every workload it keeps.
+// pinnedLinkCgroup returns the id of the cgroup the link pinned at pin is
+// attached to: 0 for a defunct link (the kernel released its cgroup).
+func pinnedLinkCgroup(pin string) (uint64, error) {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	info, err := l.Info()
+	if err != nil {
+		return 0, fmt.Errorf("inspect pinned link %s: %w", pin, err)
+	}
+	if cg := info.Cgroup(); cg != nil {
+		return cg.CgroupId, nil
+	}
+	return 0, nil
+}
+
+// adoptProxy is reopen's first step for ScopeWorkloads' own links: it makes
+// the pin directory's links those of the proxy cgroup want. A proxy link
+// pinned for another cgroup (the previous agent's proxy, draining) moves to
+// proxies/<its id>/ and stays attached; a defunct one (its cgroup went) is
+// unpinned; links of want retired earlier (a cgroup that is the proxy's
+// again) move back. Each move is one rename on bpffs: a crash part way
+// leaves every link pinned once, and the next start finishes the moves.
+// reopen then switches the root links and attaches the missing ones.
+func adoptProxy(pinPath, wantPath string, want uint64) error {
+	as := rootAttachments(ScopeWorkloads)
+	// Below an earlier proxy's cgroup, whose links stay attached, the
+	// proxy's sockets would run its programs twice.
+	for anc := filepath.Dir(wantPath); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
+		id, err := CgroupID(anc)
+		if err != nil {
+			continue
+		}
+		_, rerr := os.Stat(cgroupPinDir(pinPath, retiredDir, id))
+		pinned, _ := pinnedLinkCgroup(linkPin(pinPath, as[0].prog))
+		if rerr == nil || pinned == id {
+			return fmt.Errorf("the proxy's cgroup %s is below %s, an earlier proxy's cgroup whose proxy programs are still attached: its sockets would run them twice; use a cgroup beside it", wantPath, anc)
+		}
+	}
+	for _, a := range as {
+		pin := linkPin(pinPath, a.prog)
+		id, err := pinnedLinkCgroup(pin)
+		switch {
+		case errors.Is(err, os.ErrNotExist) || err == nil && id == want:
+			continue
+		case err != nil:
+			return fmt.Errorf("open pinned link %s: %w", a.prog, err)
+		case id == 0:
+			if err := os.Remove(pin); err != nil {
+				return fmt.Errorf("unpin defunct link %s: %w", a.prog, err)
+			}
+		default:
+			dir := cgroupPinDir(pinPath, retiredDir, id)
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				return fmt.Errorf("create %s: %w", dir, err)
+			}
+			if err := os.Rename(pin, linkPin(dir, a.prog)); err != nil {
+				return fmt.Errorf("retire link %s of the previous proxy cgroup %d: %w", a.prog, id, err)
+			}
+		}
+	}
+	dir := cgroupPinDir(pinPath, retiredDir, want)
+	for _, a := range as {
+		from, to := linkPin(dir, a.prog), linkPin(pinPath, a.prog)
+		if _, err := os.Stat(from); err != nil {
+			continue
+		}
+		if _, err := os.Stat(to); err == nil {
+			// Attached to want twice (a crash between attaching anew
+			// and retiring): one is enough.
+			if errs := detachLinks(dir, []attachment{a}); len(errs) > 0 {
+				return errors.Join(errs...)
+			}
+			continue
+		}
+		if err := os.Rename(from, to); err != nil {
+			return fmt.Errorf("take back link %s of proxy cgroup %d: %w", a.prog, want, err)
+		}
+	}
+	if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTEMPTY) {
+		return err
+	}
+	return nil
+}
+
+// switchWorkloads is reopen's step for ScopeWorkloads: every retired
+// proxy's links, then every selected cgroup's, are switched to this
+// binary's programs, connect last. A cgroup that is gone (its links are
+// defunct: the kernel detached them when it was removed) loses its pin
+// directory. A link missing from a workload's directory (a program an
+// upgrade adds) is attached when the agent selects the cgroup again, which
+// it does for every workload it keeps.
 func (d *Datapath) switchWorkloads() error {
-	ids, err := workloadDirs(d.pinPath)
+	if err := d.switchDirs(retiredDir, rootAttachments(ScopeWorkloads)); err != nil {
+		return err
+	}
+	return d.switchDirs(workloadsDir, workloadAttachments())
+}
+
+func (d *Datapath) switchDirs(sub string, as []attachment) error {
+	ids, err := cgroupDirs(d.pinPath, sub)
 	if err != nil {
 		return err
 	}
 	for _, id := range ids {
-		dir := workloadPinDir(d.pinPath, id)
-		for _, a := range switchOrder(workloadAttachments()) {
+		dir := cgroupPinDir(d.pinPath, sub, id)
+		for _, a := range switchOrder(as) {
 			l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
 			if errors.Is(err, os.ErrNotExist) {
 				continue
@@ -256,7 +375,7 @@ func (d *Datapath) switchWorkloads() error {
 			}
 			l.Close()
 			if errors.Is(err, syscall.ENOLINK) {
-				if err := detachDir(dir); err != nil {
+				if err := detachDir(dir, as); err != nil {
 					return fmt.Errorf("remove the pins of removed cgroup %d: %w", id, err)
 				}
 				break

@@ -26,16 +26,22 @@ func Uninstall(pinPath string) error {
 	}
 	errs = append(errs, detachLinks(pinPath, attachments())...)
 	// The workloads attach scope's per-cgroup links (detachDir: the
-	// connect programs first).
-	if ids, err := workloadDirs(pinPath); err != nil {
-		errs = append(errs, err)
-	} else {
+	// connect programs first), and earlier proxies' links.
+	for _, sub := range []struct {
+		dir string
+		as  []attachment
+	}{{workloadsDir, workloadAttachments()}, {retiredDir, rootAttachments(ScopeWorkloads)}} {
+		ids, err := cgroupDirs(pinPath, sub.dir)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
 		for _, id := range ids {
-			if err := detachDir(workloadPinDir(pinPath, id)); err != nil {
+			if err := detachDir(cgroupPinDir(pinPath, sub.dir, id), sub.as); err != nil {
 				errs = append(errs, fmt.Errorf("cgroup %d: %w", id, err))
 			}
 		}
-		if err := os.Remove(filepath.Join(pinPath, workloadsDir)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		if err := os.Remove(filepath.Join(pinPath, sub.dir)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, err)
 		}
 	}

@@ -155,6 +155,7 @@ docs/agent.md.`, stderr)
 	fs.StringVar(&cfg.CgroupMount, "cgroup-mount", mount, "cgroup v2 mount that workload cgroup paths are relative to")
 	scope := fs.String("attach-scope", "node", "where the programs attach: node (all of them to --cgroup-attach: every socket below it runs them) or workloads (the client programs to each selected workload's cgroup, the proxy's to --proxy-cgroup: unselected cgroups run nothing; see docs/datapath.md)")
 	fs.StringVar(&cfg.ProxyCgroup, "proxy-cgroup", "", "with --attach-scope=workloads: the proxy's cgroup v2 directory (absolute, or relative to --cgroup-mount); it must outlive the proxy process (a slice, or its pod), and no workload may be in it, above it or below it")
+	fs.StringVar(&cfg.ProxyPodUID, "proxy-pod-uid", "", "with --attach-scope=workloads and the Kubernetes source, instead of --proxy-cgroup: the uid of the pod this agent and its proxy run in (the DaemonSet passes its own, $(POD_UID)); the proxy's cgroup is that pod's, found as the kubelet names it (--cgroup-driver, --kubelet-cgroup-root). Ignored in the node scope, so one set of flags serves both")
 	fs.StringVar(&cfg.PinPath, "pin-path", datapath.DefaultPinPath, "bpffs directory for sluice's pinned programs and maps")
 	proxy := proxyFlags(fs)
 	fs.StringVar(&cfg.ProxyAdmin, "proxy-admin", xds.DefaultAdminAddress.String(), `Envoy admin address whose /ready drives fail-open/fail-closed; "" treats the proxy as always ready`)
@@ -206,8 +207,12 @@ docs/agent.md.`, stderr)
 		return agent.Config{}, "", fmt.Errorf("--attach-scope: %w", err)
 	}
 	switch {
-	case cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyCgroup == "":
-		return agent.Config{}, "", errors.New("--attach-scope=workloads needs --proxy-cgroup: the cgroup the proxy runs in, where its programs attach")
+	case cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyCgroup == "" && cfg.ProxyPodUID == "":
+		return agent.Config{}, "", errors.New("--attach-scope=workloads needs --proxy-cgroup (the cgroup the proxy runs in, where its programs attach) or, on Kubernetes, --proxy-pod-uid")
+	case cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyCgroup != "" && cfg.ProxyPodUID != "":
+		return agent.Config{}, "", errors.New("--proxy-cgroup and --proxy-pod-uid both say where the proxy runs: give one")
+	case cfg.AttachScope == datapath.ScopeWorkloads && cfg.ProxyPodUID != "" && cfg.WorkloadsFile != "":
+		return agent.Config{}, "", errors.New("--proxy-pod-uid needs the Kubernetes source (pod cgroups as the kubelet names them); with --workloads-file give --proxy-cgroup")
 	case cfg.AttachScope == datapath.ScopeNode && cfg.ProxyCgroup != "":
 		return agent.Config{}, "", errors.New("--proxy-cgroup is only used with --attach-scope=workloads")
 	}

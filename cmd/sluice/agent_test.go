@@ -19,8 +19,13 @@ func TestAgentFlagErrors(t *testing.T) {
 		{"--readiness-lease=-1s", "--readiness-lease"},
 		{"--dns-resolvers=10.0.0.1:0", "--dns-resolvers"},
 		{"--xds-socket-mode=0666", "--xds-socket-mode"},
+		{"--attach-scope=pods", "--attach-scope"},
+		{"--attach-scope=workloads", "needs --proxy-cgroup"},
+		{"--attach-scope=workloads --proxy-cgroup=proxy.slice --proxy-pod-uid=u", "give one"},
+		{"--attach-scope=workloads --proxy-pod-uid=u", "needs the Kubernetes source"},
+		{"--proxy-cgroup=proxy.slice", "only used with --attach-scope=workloads"},
 	} {
-		_, _, err := parseAgentFlags(append(append([]string{}, base...), c.arg), io.Discard)
+		_, _, err := parseAgentFlags(append(append([]string{}, base...), strings.Fields(c.arg)...), io.Discard)
 		if err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%s: error %v, want one containing %q", c.arg, err, c.want)
 		}

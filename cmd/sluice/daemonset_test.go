@@ -2,12 +2,14 @@ package main
 
 import (
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
 	bootstrap "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/daemonset"
 	"google.golang.org/protobuf/encoding/protojson"
 	"sigs.k8s.io/yaml"
@@ -30,7 +32,7 @@ func TestDaemonSetAgentArgsParse(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	env := map[string]string{"NODE_NAME": "node-a", "HOST_IP": "10.0.0.7"}
+	env := map[string]string{"NODE_NAME": "node-a", "HOST_IP": "10.0.0.7", "POD_UID": "0b9e3c1a-5d2f-4c47-9a61-6f0e1c2d3b4a"}
 	for k, v := range in.ConfigByKey {
 		env[k] = v
 	}
@@ -44,8 +46,16 @@ func TestDaemonSetAgentArgsParse(t *testing.T) {
 	}
 	if cfg.Source != "kubernetes" || cfg.NodeName != "node-a" || cfg.CgroupMount != "/host/sys/fs/cgroup" ||
 		cfg.AttachCgroup != "/host/sys/fs/cgroup" || cfg.XDSSocketMode != 0o660 || cfg.MetricsAddr != "10.0.0.7:9464" ||
-		cfg.Selector != in.ConfigByKey["SELECTOR"] {
+		cfg.Selector != in.ConfigByKey["SELECTOR"] || cfg.AttachScope != datapath.ScopeNode {
 		t.Errorf("parsed configuration differs from the manifest's intent: %+v", cfg)
+	}
+	// ATTACH_SCOPE=workloads: the proxy's cgroup is the agent's pod's.
+	ws := maps.Clone(env)
+	ws["ATTACH_SCOPE"] = "workloads"
+	if cfg, _, err := parseAgentFlags(expand(t, c.Args, ws), io.Discard); err != nil {
+		t.Errorf("ATTACH_SCOPE=workloads: %v", err)
+	} else if cfg.AttachScope != datapath.ScopeWorkloads || cfg.ProxyPodUID != env["POD_UID"] || cfg.ProxyCgroup != "" {
+		t.Errorf("ATTACH_SCOPE=workloads: scope %v, proxy pod uid %q, proxy cgroup %q", cfg.AttachScope, cfg.ProxyPodUID, cfg.ProxyCgroup)
 	}
 
 	// A user's ConfigMap edit with a typo is refused at start, not ignored.

@@ -2,81 +2,34 @@ package kernel
 
 import (
 	"errors"
+	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/sluice-io/sluice/agent/datapath"
+	"github.com/sluice-io/sluice/test/harness"
+	"github.com/sluice-io/sluice/test/standin"
 	"github.com/sluice-io/sluice/test/testbed"
-	"golang.org/x/sys/unix"
 )
 
-// hookTypes are the attach types of every program of the object.
-var hookTypes = []ebpf.AttachType{
-	ebpf.AttachCGroupInet4Connect, ebpf.AttachCGroupInet6Connect,
-	ebpf.AttachCGroupUDP4Sendmsg, ebpf.AttachCGroupUDP6Sendmsg,
-	ebpf.AttachCGroupInetSockCreate, ebpf.AttachCGroupSockOps,
-	ebpf.AttachCGroupGetsockopt, ebpf.AttachCgroupInet4GetPeername, ebpf.AttachCgroupInet6GetPeername,
-}
-
 // effective returns, per attach type, how many of the datapath's programs
-// (those of its pinned links) a socket of cgroup cg runs: the kernel's
-// effective array, whatever is attached at the cgroup or its ancestors.
+// (those of its pinned links) a socket of cgroup cg runs.
 func (f *fixture) effective(t *testing.T, cg string) map[ebpf.AttachType]int {
 	t.Helper()
-	return effectiveOf(t, cg, f.ourPrograms(t))
+	return harness.Effective(t, cg, f.ourPrograms(t))
 }
 
-// ourPrograms are the ids of the programs of the datapath's pinned links.
 func (f *fixture) ourPrograms(t *testing.T) map[ebpf.ProgramID]bool {
 	t.Helper()
-	ours := map[ebpf.ProgramID]bool{}
-	for _, p := range datapath.Programs(f.cfg.PinPath) {
-		if p.Err == nil {
-			ours[p.ProgramID] = true
-		}
-	}
-	if len(ours) == 0 {
-		t.Fatal("the datapath has no pinned links")
-	}
-	return ours
-}
-
-// effectiveOf counts, per attach type, the programs of ours in cgroup cg's
-// effective arrays.
-func effectiveOf(t *testing.T, cg string, ours map[ebpf.ProgramID]bool) map[ebpf.AttachType]int {
-	t.Helper()
-	dir, err := os.Open(cg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dir.Close()
-	out := map[ebpf.AttachType]int{}
-	for _, typ := range hookTypes {
-		res, err := link.QueryPrograms(link.QueryOptions{Target: int(dir.Fd()), Attach: typ, QueryFlags: unix.BPF_F_QUERY_EFFECTIVE})
-		if err != nil {
-			t.Fatalf("query %s of %s: %v", typ, cg, err)
-		}
-		for _, p := range res.Programs {
-			if ours[p.ID] {
-				out[typ]++
-			}
-		}
-	}
-	return out
-}
-
-func total(m map[ebpf.AttachType]int) int {
-	n := 0
-	for _, v := range m {
-		n += v
-	}
-	return n
+	return harness.OurPrograms(t, f.cfg.PinPath)
 }
 
 // In the workloads attach scope nothing of sluice runs for a cgroup no
@@ -96,7 +49,7 @@ func TestPrivilegedWorkloadsScope(t *testing.T) {
 	f.selectWorkload(t, enforced, datapath.Workload{ID: 2, FailMode: datapath.FailClosed, Enforce: true})
 	inner := sel.Cgroup.Child(t, "container")
 
-	client := len(hookTypes) - 1 // all but getsockopt
+	client := len(harness.HookTypes) - 1 // all but getsockopt
 	for _, c := range []struct {
 		name string
 		cg   string
@@ -109,8 +62,8 @@ func TestPrivilegedWorkloadsScope(t *testing.T) {
 		{"the proxy", f.tb.ProxyCgroup.Path, 2},
 	} {
 		eff := f.effective(t, c.cg)
-		if total(eff) != c.want {
-			t.Errorf("%s runs %d of the datapath's programs (%v), want %d", c.name, total(eff), eff, c.want)
+		if harness.Total(eff) != c.want {
+			t.Errorf("%s runs %d of the datapath's programs (%v), want %d", c.name, harness.Total(eff), eff, c.want)
 		}
 		for typ, n := range eff {
 			if n > 1 {
@@ -178,7 +131,7 @@ func TestPrivilegedWorkloadsScope(t *testing.T) {
 	if err := f.dp.DeleteWorkload(cgid); err != nil {
 		t.Fatal(err)
 	}
-	if eff := f.effective(t, inner.Path); total(eff) != 0 {
+	if eff := f.effective(t, inner.Path); harness.Total(eff) != 0 {
 		t.Errorf("deselected pod still runs %v", eff)
 	}
 	if _, err := os.Stat(filepath.Join(f.cfg.PinPath, "cgroups", fmtID(cgid))); !errors.Is(err, os.ErrNotExist) {
@@ -220,8 +173,8 @@ func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
 		return out
 	}
 	old := progsOf()
-	if len(old) != 2+2*(len(hookTypes)-1) {
-		t.Fatalf("pinned links: %v, want the proxy's 2 and %d for each of the two workloads", old, len(hookTypes)-1)
+	if len(old) != 2+2*(len(harness.HookTypes)-1) {
+		t.Fatalf("pinned links: %v, want the proxy's 2 and %d for each of the two workloads", old, len(harness.HookTypes)-1)
 	}
 
 	f.dp.Close()
@@ -271,7 +224,7 @@ func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
 			switched++
 		}
 	}
-	if want := 2 + len(hookTypes) - 1; switched != want || len(now) != want {
+	if want := 2 + len(harness.HookTypes) - 1; switched != want || len(now) != want {
 		t.Errorf("reopen switched %d of %d links (%v -> %v), want all %d of the live cgroups'", switched, len(now), old, now, want)
 	}
 	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+hostport(ext4, serverPort))[0]
@@ -304,7 +257,7 @@ func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
 	} {
 		before := 0
 		if c.path != "" {
-			before = total(f.effective(t, c.path))
+			before = harness.Total(f.effective(t, c.path))
 		}
 		err := f.dp.SetWorkload(c.id, datapath.Workload{ID: 9, CgroupPath: c.path})
 		if err == nil {
@@ -312,7 +265,7 @@ func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
 		} else {
 			t.Logf("%s: %v", c.name, err)
 		}
-		if c.path != "" && total(f.effective(t, c.path)) != before {
+		if c.path != "" && harness.Total(f.effective(t, c.path)) != before {
 			t.Errorf("%s: the refused selection attached programs", c.name)
 		}
 		ws, _ := f.dp.Workloads()
@@ -326,11 +279,194 @@ func TestPrivilegedWorkloadsScopeRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, cg := range []string{pod.Cgroup.Path, f.tb.ProxyCgroup.Path} {
-		if eff := effectiveOf(t, cg, ours); total(eff) != 0 {
+		if eff := harness.Effective(t, cg, ours); harness.Total(eff) != 0 {
 			t.Errorf("after uninstall %s runs %v", cg, eff)
 		}
 	}
 	if _, err := os.Stat(f.cfg.PinPath); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("pins after uninstall: %v", err)
 	}
+}
+
+// An update moves the proxy to another cgroup (on Kubernetes, the new
+// DaemonSet pod's): the agent opening the pins with the new proxy cgroup
+// keeps the previous one's two programs attached (retired under
+// proxies/<id>/, switched to the new agent's programs) while its proxy
+// drains and still takes every connection sent to its port, and attaches
+// them to the new cgroup too. Once the datapath sends connections to the
+// new proxy's port, they reach it with their original destination. A
+// workload in a retired proxy's cgroup is refused (the proxy's programs
+// would run twice). When the previous cgroup goes, the next start removes
+// its pins; a cgroup that is the proxy's again takes its retired links
+// back instead of attaching a second set.
+func TestPrivilegedWorkloadsScopeProxyMoves(t *testing.T) {
+	f := setupWith(t, 1, datapath.Config{Scope: datapath.ScopeWorkloads})
+	pod := f.tb.Pods[0]
+	f.selectPod(t, pod, 1, datapath.FailClosed)
+	prev, next, third := f.tb.ProxyCgroup, f.tb.Root.Child(t, "proxy-next"), f.tb.Root.Child(t, "proxy-third")
+	id := func(cg *testbed.Cgroup) uint64 {
+		n, err := datapath.CgroupID(cg.Path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	prevID, nextID, thirdID := id(prev), id(next), id(third)
+	reopen := func(proxy *testbed.Cgroup) {
+		t.Helper()
+		f.dp.Close()
+		f.cfg.ProxyCgroupPath = proxy.Path
+		dp, err := datapath.Open(f.cfg)
+		if err != nil {
+			t.Fatalf("reopen with proxy cgroup %s: %v", proxy.Path, err)
+		}
+		f.dp = dp
+	}
+	proxyRuns := harness.ProxyRuns
+	checkProxy := func(cg *testbed.Cgroup, ours map[ebpf.ProgramID]bool) {
+		t.Helper()
+		if eff := harness.Effective(t, cg.Path, ours); !maps.Equal(eff, proxyRuns) {
+			t.Errorf("proxy cgroup %s runs %v, want %v", cg.Path, eff, proxyRuns)
+		}
+	}
+	retired := func(cgid uint64) string { return filepath.Join(f.cfg.PinPath, "proxies", fmtID(cgid)) }
+
+	// Below the proxy's cgroup, the proxy's sockets would run both sets.
+	f.dp.Close()
+	inner := prev.Child(t, "inner-proxy")
+	f.cfg.ProxyCgroupPath = inner.Path
+	if d, err := datapath.Open(f.cfg); err == nil {
+		d.Close()
+		t.Error("a proxy cgroup below the previous proxy's was accepted")
+	} else {
+		t.Logf("below the previous proxy's cgroup: %v", err)
+	}
+	f.cfg.ProxyCgroupPath = prev.Path
+	dp, err := datapath.Open(f.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.dp = dp
+	if eff := harness.Effective(t, inner.Path, f.ourPrograms(t)); !maps.Equal(eff, proxyRuns) {
+		t.Errorf("the refused proxy cgroup runs %v, want the previous proxy's %v", eff, proxyRuns)
+	}
+	if err := os.Remove(inner.Path); err != nil {
+		t.Fatal(err)
+	}
+
+	reopen(next)
+	ours := f.ourPrograms(t)
+	checkProxy(prev, ours)
+	checkProxy(next, ours)
+	if _, err := os.Stat(retired(prevID)); err != nil {
+		t.Errorf("the previous proxy's links are not retired: %v", err)
+	}
+	byName := map[string]map[ebpf.ProgramID]bool{}
+	for _, p := range datapath.Programs(f.cfg.PinPath) {
+		if p.CgroupID == prevID || p.CgroupID == nextID {
+			if byName[p.Name] == nil {
+				byName[p.Name] = map[ebpf.ProgramID]bool{}
+			}
+			byName[p.Name][p.ProgramID] = true
+		}
+	}
+	for name, ids := range byName {
+		if len(ids) != 1 {
+			t.Errorf("%s runs programs %v on the two proxy cgroups, want the new agent's one", name, ids)
+		}
+	}
+	if len(byName) != 2 {
+		t.Errorf("proxy programs pinned: %v, want sockops and getsockopt", byName)
+	}
+
+	// The previous proxy, draining, still takes what is sent to its port.
+	dst := hostport(ext4, serverPort)
+	for _, spec := range []string{"tcp4:" + dst, "tcp6:" + hostport(ext6, serverPort)} {
+		r := f.dial(t, pod.Cgroup, pod, spec)[0]
+		if rec := f.recordFor(t, r.Local); rec.OrigDst != spec[5:] {
+			t.Errorf("%s through the previous proxy: it recovered %q", spec, rec.OrigDst)
+		}
+	}
+	// The new proxy, once the datapath sends connections to its port.
+	const takeover = datapath.DefaultProxyPort + 1
+	records := filepath.Join(t.TempDir(), "next.jsonl")
+	testbed.StartDaemon(t, next, f.tb.Node, "proxy", "-listen", fmt.Sprintf("%s:%d,[%s]:%d", proxyV4, takeover, proxyV6, takeover), "-records", records)
+	if err := f.dp.SetProxy(datapath.Proxy{IPv4: proxyV4, IPv6: proxyV6, Port: takeover}); err != nil {
+		t.Fatal(err)
+	}
+	for _, spec := range []string{"tcp4:" + dst, "tcp6:" + hostport(ext6, serverPort)} {
+		r := f.dial(t, pod.Cgroup, pod, spec)[0]
+		rec, ok := standin.FindRecord(records, r.Local, 3*time.Second)
+		if !ok || rec.OrigDst != spec[5:] {
+			t.Errorf("%s through the new proxy: recorded %v, recovered %q", spec, ok, rec.OrigDst)
+		}
+	}
+	// A workload in the retired proxy's cgroup would run its programs twice.
+	beside := prev.Child(t, "beside-old-envoy")
+	if err := f.dp.SetWorkload(id(beside), datapath.Workload{ID: 7, CgroupPath: beside.Path}); err == nil {
+		t.Error("a workload in the retired proxy's cgroup was selected")
+	} else {
+		t.Logf("in the retired proxy's cgroup: %v", err)
+	}
+
+	// The previous proxy's pod goes; the next start drops its pins.
+	f.proxy.Signal(syscall.SIGKILL, 5*time.Second)
+	for _, cg := range []string{beside.Path, prev.Path} {
+		if err := os.Remove(cg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	harness.WaitFor(t, "the removed proxy cgroup's links defunct", 5*time.Second, func() bool {
+		for _, p := range datapath.Programs(f.cfg.PinPath) {
+			if p.CgroupID == prevID {
+				return false
+			}
+		}
+		return true
+	})
+	reopen(next)
+	if _, err := os.Stat(retired(prevID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the removed proxy cgroup's pins: %v, want them removed", err)
+	}
+	// next -> third -> next: next's retired links come back, once, as the
+	// same links (never detached in between).
+	linksOf := func(cgid uint64) map[string]link.ID {
+		out := map[string]link.ID{}
+		for _, p := range datapath.Programs(f.cfg.PinPath) {
+			if p.CgroupID == cgid {
+				out[p.Name] = p.LinkID
+			}
+		}
+		return out
+	}
+	before := linksOf(nextID)
+	reopen(third)
+	reopen(next)
+	if after := linksOf(nextID); !maps.Equal(before, after) || len(after) != 2 {
+		t.Errorf("proxy cgroup %d's links %v after next -> third -> next, want the same two links %v", nextID, after, before)
+	}
+	ours = f.ourPrograms(t)
+	checkProxy(next, ours)
+	checkProxy(third, ours)
+	if _, err := os.Stat(retired(nextID)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("proxy cgroup %d is the proxy's again, yet its retired pins stay: %v", nextID, err)
+	}
+	if _, err := os.Stat(retired(thirdID)); err != nil {
+		t.Errorf("the proxy cgroup before it is not retired: %v", err)
+	}
+	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+dst)[0]
+	if rec, ok := standin.FindRecord(records, r.Local, 3*time.Second); !ok || rec.OrigDst != dst {
+		t.Errorf("after next -> third -> next: recorded %v, recovered %q", ok, rec.OrigDst)
+	}
+	ours = f.ourPrograms(t)
+	f.dp.Close()
+	if err := datapath.Uninstall(f.cfg.PinPath); err != nil {
+		t.Fatal(err)
+	}
+	for _, cg := range []*testbed.Cgroup{next, third, pod.Cgroup} {
+		if eff := harness.Effective(t, cg.Path, ours); harness.Total(eff) != 0 {
+			t.Errorf("after uninstall %s runs %v", cg.Path, eff)
+		}
+	}
+	f.dp, _ = datapath.Open(f.cfg) // the fixture's cleanup closes and uninstalls
 }

@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -110,9 +111,12 @@ func (e *external) dial(t *testing.T, p inPod, port int) (testbed.DialResult, st
 // (through the proxy) and getpeername is the original destination, its
 // other connection is closed with nothing arriving; an audit pod is
 // redirected; an unlabelled pod goes direct; a hostNetwork pod is enforced
-// too; relabelling and deleting take effect; sluice status lists them. It
-// returns what stays selected, for the uninstall.
-func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) *afterApps {
+// too; relabelling and deleting take effect; sluice status lists them. In
+// the workloads attach scope, the kernel's effective program arrays of each
+// pod's container say that the selected ones run each client program once
+// and the unlabelled one none. It returns what stays selected, for the
+// uninstall.
+func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile, scope string) *afterApps {
 	ctx := context.Background()
 	ext := n.external(t)
 	q := func(cpu, mem string) corev1.ResourceList {
@@ -156,6 +160,19 @@ func appPods(t *testing.T, n *Node, sluice, pinPath, stateFile string) *afterApp
 	t.Run("audit (Burstable)", func(t *testing.T) {
 		harness.WaitFor(t, "the audit pod redirected", 30*time.Second, func() bool { _, from := ext.dial(t, audit, 8081); return from == node })
 	})
+	if scope == "workloads" {
+		t.Run("programs per pod", func(t *testing.T) {
+			ours := harness.OurPrograms(t, pinPath)
+			for name, p := range map[string]inPod{"enforce": enforce, "audit": audit, "hostnet": hostnet} {
+				if eff := harness.Effective(t, p.cg.Path, ours); !maps.Equal(eff, harness.WorkloadRuns()) {
+					t.Errorf("selected pod %s runs %v, want %v", name, eff, harness.WorkloadRuns())
+				}
+			}
+			if eff := harness.Effective(t, plain.cg.Path, ours); harness.Total(eff) != 0 {
+				t.Errorf("the unlabelled pod runs %v, want none of sluice's programs", eff)
+			}
+		})
+	}
 	t.Run("unlabelled (BestEffort)", func(t *testing.T) {
 		if _, from := ext.dial(t, plain, 8080); from != plain.ip.String() {
 			t.Errorf("server saw %q, want the pod's own %s", from, plain.ip)

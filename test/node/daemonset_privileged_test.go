@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,7 +43,7 @@ const (
 // DNS_RESOLVERS stays the default (resolv.conf): the node has no cluster
 // DNS, so the agent finds no nameserver there, and the proxy none in its
 // own resolv.conf either (hostname lookups fail, as they must).
-func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
+func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath, scope string) string {
 	t.Helper()
 	base, err := daemonset.Load()
 	if err != nil {
@@ -82,6 +83,7 @@ func (n *Node) overlay(t testing.TB, kubeconfigDir, pinPath string) string {
 	cmPatch, err := json.Marshal([]map[string]any{
 		{"op": "replace", "path": "/data/CGROUP_DRIVER", "value": "cgroupfs"},
 		{"op": "replace", "path": "/data/KUBELET_CGROUP_ROOT", "value": n.CgroupRoot},
+		{"op": "replace", "path": "/data/ATTACH_SCOPE", "value": scope},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -140,9 +142,21 @@ func writeOverlay(t testing.TB, resource string, patches []map[string]any) strin
 // through its own probes: the bpffs init container, the bootstrap, the
 // agent's capabilities, mounts and probes, and the ADS socket the proxy
 // shares with it.
-func TestPrivilegedDaemonSetOnRealNode(t *testing.T) {
+func TestPrivilegedDaemonSetOnRealNode(t *testing.T) { daemonSetOnRealNode(t, "node") }
+
+// TestPrivilegedRealNodeWorkloads is the same with the
+// ConfigMap's ATTACH_SCOPE=workloads: the agent finds its own pod's cgroup
+// (Envoy's) from its uid, an unselected pod's sockets run none of the
+// programs, a selected pod's run each client program once, and across the
+// rolling update the old pod's cgroup keeps the proxy's programs while its
+// Envoy drains, the new pod's gets them, and not one connection fails.
+func TestPrivilegedRealNodeWorkloads(t *testing.T) {
+	daemonSetOnRealNode(t, "workloads")
+}
+
+func daemonSetOnRealNode(t *testing.T, scope string) {
 	var pinPath string
-	t.Run("install", func(t *testing.T) { pinPath = installOnNode(t) })
+	t.Run("install", func(t *testing.T) { pinPath = installOnNode(t, scope) })
 	if pinPath == "" {
 		return
 	}
@@ -151,7 +165,7 @@ func TestPrivilegedDaemonSetOnRealNode(t *testing.T) {
 	}
 }
 
-func installOnNode(t *testing.T) (pinPath string) {
+func installOnNode(t *testing.T, scope string) (pinPath string) {
 	dir := t.TempDir()
 	sluice := harness.Sluice(t)
 	standin := buildStatic(t, dir, "./test/cmd/standin-proxy")
@@ -201,7 +215,7 @@ func installOnNode(t *testing.T) (pinPath string) {
 	if err := os.WriteFile(filepath.Join(kcDir, "kubeconfig"), b, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	n.applyKustomization(t, n.overlay(t, kcDir, pinPath))
+	n.applyKustomization(t, n.overlay(t, kcDir, pinPath, scope))
 	t.Cleanup(func() {
 		if !t.Failed() {
 			return
@@ -274,14 +288,27 @@ func installOnNode(t *testing.T) (pinPath string) {
 	if !strings.Contains(string(agentLog), `"dns_resolvers":`+string(wantJSON)) {
 		t.Errorf("the agent's DNS resolvers are not its container's resolv.conf nameservers %s; its log:\n%s", wantJSON, agentLog)
 	}
-	if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
-		t.Errorf("the agent has not pinned its programs at %s: %v", pinPath, err)
+	switch scope {
+	case "node":
+		if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
+			t.Errorf("the agent has not pinned its programs at %s: %v", pinPath, err)
+		}
+	case "workloads":
+		// The agent's pod's cgroup, where Envoy runs, and nothing else
+		// yet: no pod is selected.
+		cg := n.podCgroup(t, pod)
+		if !strings.Contains(string(agentLog), `"msg":"the proxy's cgroup is this agent's pod's"`) || !strings.Contains(string(agentLog), `"proxy_cgroup":"/host`+cg+`"`) {
+			t.Errorf("the agent did not find its pod's cgroup %s; its log:\n%s", cg, agentLog)
+		}
+		if eff := harness.Effective(t, cg, harness.OurPrograms(t, pinPath)); !maps.Equal(eff, harness.ProxyRuns) {
+			t.Errorf("the agent's pod runs %v, want the proxy's %v", eff, harness.ProxyRuns)
+		}
 	}
 	t.Run("app pods", func(t *testing.T) {
-		apps := appPods(t, n, sluice, pinPath, n.stateFile(t, pod))
+		apps := appPods(t, n, sluice, pinPath, n.stateFile(t, pod), scope)
 		if !t.Failed() {
 			// Inside: the pods' netns handles last as long as this test.
-			t.Run("rolling update", func(t *testing.T) { updateOnNode(t, n, install, pinPath, apps) })
+			t.Run("rolling update", func(t *testing.T) { updateOnNode(t, n, install, pinPath, scope, apps) })
 			t.Run("uninstall", func(t *testing.T) { uninstallOnNode(t, n, install, pinPath, apps) })
 		}
 	})
@@ -312,8 +339,12 @@ func uninstallOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath 
 		ps, err := n.Cluster.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{})
 		return err == nil && len(ps.Items) == 0
 	})
+	// The node scope's links, or the workloads scope's, of the pods still
+	// selected: the proxy's links went with the agent's pod's cgroup.
 	if _, err := os.Stat(filepath.Join(pinPath, "link_sl_connect4")); err != nil {
-		t.Fatalf("the agent's pins went with it (%v): a stopped agent must leave the datapath", err)
+		if _, werr := os.Stat(filepath.Join(pinPath, "cgroups")); werr != nil || harness.Total(harness.Effective(t, apps.hostnet.cg.Path, harness.OurPrograms(t, pinPath))) == 0 {
+			t.Fatalf("the agent's pins went with it (%v): a stopped agent must leave the datapath", err)
+		}
 	}
 	for _, port := range []int{8080, 8081} {
 		if res, from := apps.ext.dial(t, apps.hostnet, port); from != "" || res.Reply != "" {

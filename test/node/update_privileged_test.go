@@ -3,10 +3,15 @@ package node
 import (
 	"context"
 	"fmt"
+	"maps"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/sluice-io/sluice/agent/datapath"
 	"github.com/sluice-io/sluice/daemonset"
 	"github.com/sluice-io/sluice/test/harness"
 	"github.com/sluice-io/sluice/test/testbed"
@@ -22,8 +27,11 @@ import (
 // surges beside the old one and turns Ready as a standby, the controller
 // deletes the old pod, whose agent exits at once while its proxy drains
 // (preStop), and the new agent takes the node over on the other proxy
-// port. Not one connection of the stream fails or is refused.
-func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath string, apps *afterApps) {
+// port. Not one connection of the stream fails or is refused. In the
+// workloads attach scope the old pod's cgroup keeps the proxy's programs
+// (retired) while its Envoy drains, and the new pod's has them once it
+// took the node over.
+func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath, scope string, apps *afterApps) {
 	ctx := context.Background()
 	ns := install.Namespace.Name
 	agents := func() []corev1.Pod {
@@ -40,7 +48,9 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 	if len(list.Items) != 1 {
 		t.Fatalf("%d agent pods before the update, want 1", len(list.Items))
 	}
-	old := list.Items[0].Name
+	old, oldPod := list.Items[0].Name, list.Items[0]
+	var newPodObj *corev1.Pod
+	var retiredID uint64 // the old pod's cgroup, in the workloads scope
 	portBefore := harness.PinnedProxyPort(t, pinPath)
 	// A watch, not polling: its events come in the API server's order, so
 	// "the new pod turned Ready before the old one was deleted" is read
@@ -85,6 +95,7 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 				if newPod == "" {
 					newPod, surged = p.Name, time.Now()
 				}
+				newPodObj = p
 				if standbyReady.IsZero() && oldDeleting.IsZero() && podReady(p) {
 					standbyReady = time.Now()
 				}
@@ -110,6 +121,27 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 		newPod, since(surged), since(standbyReady), old, since(oldDeleting), portBefore, harness.PinnedProxyPort(t, pinPath), since(switched))
 	if !oldDeleting.IsZero() {
 		t.Logf("takeover: %v from the old pod's deletion to the switch", switched.Sub(oldDeleting).Round(10*time.Millisecond))
+	}
+
+	if scope == "workloads" {
+		ours := harness.OurPrograms(t, pinPath)
+		if eff := harness.Effective(t, n.podCgroup(t, newPodObj), ours); !maps.Equal(eff, harness.ProxyRuns) {
+			t.Errorf("after the takeover the new pod runs %v, want the proxy's %v", eff, harness.ProxyRuns)
+		}
+		// The old pod drains for proxy.drainSeconds: its cgroup is
+		// still there, and still runs the proxy's programs.
+		oldCg := n.podCgroup(t, &oldPod)
+		if eff := harness.Effective(t, oldCg, ours); !maps.Equal(eff, harness.ProxyRuns) {
+			t.Errorf("while its Envoy drains the old pod runs %v, want the proxy's %v", eff, harness.ProxyRuns)
+		}
+		id, err := datapath.CgroupID(oldCg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(filepath.Join(pinPath, "proxies", strconv.FormatUint(id, 10))); err != nil {
+			t.Errorf("the old pod's proxy links are not retired: %v", err)
+		}
+		retiredID = id
 	}
 
 	as := wait()
@@ -147,6 +179,19 @@ func updateOnNode(t *testing.T, n *Node, install *daemonset.Install, pinPath str
 		return true
 	})
 	t.Logf("old pod gone +%s after the update", since(time.Now()))
+	if scope == "workloads" {
+		// The kernel detaches the retired links with the old pod's
+		// cgroup; the next agent start removes their pins.
+		oldID := retiredID
+		harness.WaitFor(t, "the old pod's proxy links defunct", 30*time.Second, func() bool {
+			for _, p := range datapath.Programs(pinPath) {
+				if p.CgroupID == oldID {
+					return false
+				}
+			}
+			return true
+		})
+	}
 }
 
 func podReady(p *corev1.Pod) bool {
