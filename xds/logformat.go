@@ -90,7 +90,7 @@ func (t *logTemplate) pack(b *builder, own map[string]*structpb.Value) *anypb.An
 	ownEnc := make(map[string][]byte, len(own))
 	stLen := t.size
 	for k, v := range own {
-		ownEnc[k] = b.marshal(&structpb.Struct{Fields: map[string]*structpb.Value{k: v}})
+		ownEnc[k] = b.structEntry(k, v)
 		stLen += len(ownEnc[k])
 	}
 	sfsLen := len(t.opts) + protowire.SizeTag(jsonFormatField) + protowire.SizeBytes(stLen)
@@ -113,6 +113,36 @@ func (t *logTemplate) pack(b *builder, own map[string]*structpb.Value) *anypb.An
 	a := &anypb.Any{TypeUrl: stdoutLogURL, Value: out}
 	b.remember(a, logger)
 	return a
+}
+
+var (
+	structFieldsField = (&structpb.Struct{}).ProtoReflect().Descriptor().Fields().ByName("fields").Number()
+	stringValueField  = (&structpb.Value{}).ProtoReflect().Descriptor().Fields().ByName("string_value").Number()
+)
+
+// structEntry is the encoding of a Struct with the one field k: v, as
+// deterministic proto.Marshal writes it: the map entry's key (field 1),
+// then its value (field 2), a Value whose string_value is set. It writes
+// the string case by hand (every field of a log's own is a string: one
+// allocation, not a map and a marshal per field), and leaves any other
+// kind of value to proto.Marshal.
+func (b *builder) structEntry(k string, v *structpb.Value) []byte {
+	sv, ok := v.GetKind().(*structpb.Value_StringValue)
+	if !ok {
+		return b.marshal(&structpb.Struct{Fields: map[string]*structpb.Value{k: v}})
+	}
+	valLen := protowire.SizeTag(stringValueField) + protowire.SizeBytes(len(sv.StringValue))
+	entryLen := protowire.SizeTag(1) + protowire.SizeBytes(len(k)) + protowire.SizeTag(2) + protowire.SizeBytes(valLen)
+	out := make([]byte, 0, protowire.SizeTag(structFieldsField)+protowire.SizeBytes(entryLen))
+	out = protowire.AppendTag(out, structFieldsField, protowire.BytesType)
+	out = protowire.AppendVarint(out, uint64(entryLen))
+	out = protowire.AppendTag(out, 1, protowire.BytesType)
+	out = protowire.AppendString(out, k)
+	out = protowire.AppendTag(out, 2, protowire.BytesType)
+	out = protowire.AppendVarint(out, uint64(valLen))
+	out = protowire.AppendTag(out, stringValueField, protowire.BytesType)
+	out = protowire.AppendString(out, sv.StringValue)
+	return out
 }
 
 // marshal is deterministic proto.Marshal, recording the first error in b.err.

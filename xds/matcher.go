@@ -92,6 +92,13 @@ func (b *builder) groupOnMatch(g *group) *matcher.Matcher_OnMatch {
 // TCP-hostname rules are neither: they allow only what Policy.Expand
 // turned them into.
 func splitRules(rules []policy.Rule) (cidrs, hosts []policy.Rule) {
+	nh := 0
+	for _, r := range rules {
+		if r.IsHost() {
+			nh++
+		}
+	}
+	cidrs, hosts = make([]policy.Rule, 0, len(rules)-nh), make([]policy.Rule, 0, nh)
 	for _, r := range rules {
 		switch {
 		case r.IsResolved():

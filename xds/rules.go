@@ -2,8 +2,8 @@ package xds
 
 import (
 	"fmt"
-	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	"net/netip"
+	"sync"
 
 	xdscore "github.com/cncf/xds/go/xds/core/v3"
 	matcher "github.com/cncf/xds/go/xds/type/matcher/v3"
@@ -20,6 +20,7 @@ import (
 	originaldst "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	proxyprotocol "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/proxy_protocol/v3"
 	tlsinspector "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
+	connlimit "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/connection_limit/v3"
 	directresponse "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/direct_response/v3"
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
@@ -42,8 +43,18 @@ type extension struct {
 }
 
 func typeURL(m proto.Message) string {
-	return "type.googleapis.com/" + string(m.ProtoReflect().Descriptor().FullName())
+	d := m.ProtoReflect().Descriptor()
+	if u, ok := typeURLs.Load(d); ok {
+		return u.(string)
+	}
+	u := "type.googleapis.com/" + string(d.FullName())
+	typeURLs.Store(d, u)
+	return u
 }
+
+// typeURLs memoizes typeURL by message descriptor: a build asks for one per
+// packed message, and the handful of types it packs are always the same.
+var typeURLs sync.Map
 
 // The extensions per category that sluice generates or that a hand-made
 // configuration beside it plausibly uses. A type URL outside its category
