@@ -612,8 +612,8 @@ func (m *memDatapath) Workloads() (map[uint64]datapath.Workload, error) {
 func checkOwnCgroup(podCgroup, mount, procSelfCgroup string) error {
 	for _, line := range strings.Split(procSelfCgroup, "\n") {
 		own, ok := strings.CutPrefix(line, "0::")
-		if !ok || own == "/" {
-			continue
+		if !ok || own == "/" || strings.HasPrefix(own, "/..") {
+			continue // a cgroup namespace's root, or outside it: says nothing
 		}
 		if p := filepath.Join(mount, own); !strings.HasPrefix(p+"/", strings.TrimSuffix(podCgroup, "/")+"/") {
 			return fmt.Errorf("the proxy's cgroup: this agent runs in cgroup %s, not in its pod's cgroup %s: check --cgroup-driver, --kubelet-cgroup-root and --proxy-pod-uid", p, podCgroup)

@@ -149,18 +149,19 @@ func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
 			return fmt.Errorf("cgroup %s is nested with the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, p)
 		}
 	}
-	// Ancestors selected before an agent restart, not yet selected again,
-	// and an earlier proxy's cgroup that is this one or above it.
-	if _, err := os.Stat(cgroupPinDir(d.pinPath, retiredDir, cgroupID)); err == nil {
-		return fmt.Errorf("cgroup %s was the proxy's cgroup, and its proxy programs are still attached: with the workloads attach scope they would run twice for its sockets", path)
+	// An earlier proxy's cgroup that is this one, above or below it, and
+	// ancestors selected before an agent restart, not yet selected again.
+	if proxies, err := pinnedIDs(d.pinPath, retiredDir); err != nil {
+		return err
+	} else if p, err := nestedWith(path, cgroupID, proxies); err != nil {
+		return err
+	} else if p != "" {
+		return fmt.Errorf("cgroup %s is nested with %s, an earlier proxy's cgroup whose proxy programs are still attached: with the workloads attach scope its sockets would run programs twice", path, p)
 	}
 	for anc := filepath.Dir(path); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
 		if id, err := CgroupID(anc); err == nil {
 			if _, err := os.Stat(workloadPinDir(d.pinPath, id)); err == nil {
 				return fmt.Errorf("cgroup %s is below the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, anc)
-			}
-			if _, err := os.Stat(cgroupPinDir(d.pinPath, retiredDir, id)); err == nil {
-				return fmt.Errorf("cgroup %s is below %s, an earlier proxy's cgroup whose proxy programs are still attached: with the workloads attach scope they would run twice for its sockets", path, anc)
 			}
 		}
 	}
@@ -251,6 +252,54 @@ func cgroupDirs(pinPath, sub string) ([]uint64, error) {
 	return out, nil
 }
 
+// pinnedIDs is the set of cgroup ids with a pin directory under sub.
+func pinnedIDs(pinPath, sub string) (map[uint64]bool, error) {
+	ids, err := cgroupDirs(pinPath, sub)
+	if err != nil {
+		return nil, err
+	}
+	out := make(map[uint64]bool, len(ids))
+	for _, id := range ids {
+		out[id] = true
+	}
+	return out, nil
+}
+
+// nestedWith returns the cgroup, in ids, that is dir (of id self), above it
+// or below it: "" if none. It walks dir's subtree only when ids is not
+// empty (a pod's is a handful of directories).
+func nestedWith(dir string, self uint64, ids map[uint64]bool) (string, error) {
+	if len(ids) == 0 {
+		return "", nil
+	}
+	if ids[self] {
+		return dir, nil
+	}
+	for anc := filepath.Dir(dir); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
+		if id, err := CgroupID(anc); err == nil && ids[id] {
+			return anc, nil
+		}
+	}
+	var found string
+	err := filepath.WalkDir(dir, func(p string, e os.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil // removed meanwhile
+			}
+			return err
+		}
+		if !e.IsDir() || p == dir {
+			return nil
+		}
+		if id, err := CgroupID(p); err == nil && ids[id] {
+			found = p
+			return filepath.SkipAll
+		}
+		return nil
+	})
+	return found, err
+}
+
 // pinnedLinkCgroup returns the id of the cgroup the link pinned at pin is
 // attached to: 0 for a defunct link (the kernel released its cgroup).
 func pinnedLinkCgroup(pin string) (uint64, error) {
@@ -279,17 +328,31 @@ func pinnedLinkCgroup(pin string) (uint64, error) {
 // reopen then switches the root links and attaches the missing ones.
 func adoptProxy(pinPath, wantPath string, want uint64) error {
 	as := rootAttachments(ScopeWorkloads)
-	// Below an earlier proxy's cgroup, whose links stay attached, the
-	// proxy's sockets would run its programs twice.
-	for anc := filepath.Dir(wantPath); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
-		id, err := CgroupID(anc)
-		if err != nil {
-			continue
+	// Nested with an earlier proxy's cgroup (its links stay attached) or
+	// with a selected workload, the proxy's sockets would run programs
+	// twice, or a workload's: refused, before anything moves.
+	proxies, err := pinnedIDs(pinPath, retiredDir)
+	if err != nil {
+		return err
+	}
+	for _, a := range as {
+		if id, err := pinnedLinkCgroup(linkPin(pinPath, a.prog)); err == nil && id != 0 {
+			proxies[id] = true
 		}
-		_, rerr := os.Stat(cgroupPinDir(pinPath, retiredDir, id))
-		pinned, _ := pinnedLinkCgroup(linkPin(pinPath, as[0].prog))
-		if rerr == nil || pinned == id {
-			return fmt.Errorf("the proxy's cgroup %s is below %s, an earlier proxy's cgroup whose proxy programs are still attached: its sockets would run them twice; use a cgroup beside it", wantPath, anc)
+	}
+	delete(proxies, want) // the proxy's again: taken back below
+	workloads, err := pinnedIDs(pinPath, workloadsDir)
+	if err != nil {
+		return err
+	}
+	for _, c := range []struct {
+		ids  map[uint64]bool
+		what string
+	}{{proxies, "an earlier proxy's cgroup, whose proxy programs are still attached"}, {workloads, "a selected workload's cgroup"}} {
+		if p, err := nestedWith(wantPath, want, c.ids); err != nil {
+			return err
+		} else if p != "" {
+			return fmt.Errorf("the proxy's cgroup %s is nested with %s, %s: sockets would run the programs twice; use a cgroup beside it", wantPath, p, c.what)
 		}
 	}
 	for _, a := range as {
@@ -349,6 +412,12 @@ func (d *Datapath) switchWorkloads() error {
 	if err := d.switchDirs(retiredDir, rootAttachments(ScopeWorkloads)); err != nil {
 		return err
 	}
+	// Kept only while a retired proxy is: a release that does not know
+	// proxies/ takes it for a dropped pin (same layout) and fails to
+	// remove it if it holds anything.
+	if err := os.Remove(filepath.Join(d.pinPath, retiredDir)); err != nil && !errors.Is(err, os.ErrNotExist) && !errors.Is(err, syscall.ENOTEMPTY) {
+		return err
+	}
 	return d.switchDirs(workloadsDir, workloadAttachments())
 }
 
@@ -359,6 +428,11 @@ func (d *Datapath) switchDirs(sub string, as []attachment) error {
 	}
 	for _, id := range ids {
 		dir := cgroupPinDir(d.pinPath, sub, id)
+		// A directory with no link (a crash between its mkdir and its
+		// first pin) would only refuse its cgroup: removed.
+		if err := os.Remove(dir); err == nil || errors.Is(err, os.ErrNotExist) {
+			continue
+		}
 		for _, a := range switchOrder(as) {
 			l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
 			if errors.Is(err, os.ErrNotExist) {

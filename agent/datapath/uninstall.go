@@ -24,9 +24,8 @@ func Uninstall(pinPath string) error {
 		// and say so.
 		errs = append(errs, err)
 	}
-	errs = append(errs, detachLinks(pinPath, attachments())...)
-	// The workloads attach scope's per-cgroup links (detachDir: the
-	// connect programs first), and earlier proxies' links.
+	// The workloads attach scope's per-cgroup links first (detachDir: the
+	// connect programs first), then earlier proxies' links.
 	for _, sub := range []struct {
 		dir string
 		as  []attachment
@@ -45,6 +44,9 @@ func Uninstall(pinPath string) error {
 			errs = append(errs, err)
 		}
 	}
+	// The root's links last: in the workloads scope they are the proxy's,
+	// which must outlive the workloads' connect programs.
+	errs = append(errs, detachLinks(pinPath, attachments())...)
 	for name := range (&Datapath{}).mapFields() {
 		if err := os.Remove(filepath.Join(pinPath, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("unpin map %s: %w", name, err))

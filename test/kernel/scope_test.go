@@ -454,6 +454,48 @@ func TestPrivilegedWorkloadsScopeProxyMoves(t *testing.T) {
 	if _, err := os.Stat(retired(thirdID)); err != nil {
 		t.Errorf("the proxy cgroup before it is not retired: %v", err)
 	}
+	// Nesting in either direction is refused, before anything moves: a
+	// proxy cgroup above a retired one or in a selected workload, and a
+	// workload above a retired proxy's cgroup.
+	wrap := f.tb.Root.Child(t, "wrap")
+	wrapped := wrap.Child(t, "proxy")
+	reopen(wrapped) // next retired, wrapped the proxy's
+	reopen(next)    // wrapped retired, next's links taken back
+	for _, c := range []struct{ name, path string }{
+		{"above a retired proxy's cgroup", wrap.Path},
+		{"in a selected workload", pod.Cgroup.Child(t, "proxy-in-pod").Path},
+	} {
+		f.dp.Close()
+		cfg := f.cfg
+		cfg.ProxyCgroupPath = c.path
+		if d, err := datapath.Open(cfg); err == nil {
+			d.Close()
+			t.Errorf("a proxy cgroup %s was accepted", c.name)
+		} else {
+			t.Logf("proxy cgroup %s: %v", c.name, err)
+		}
+		reopen(next)
+	}
+	if after := linksOf(nextID); !maps.Equal(before, after) {
+		t.Errorf("the refused proxy cgroups changed the proxy's links: %v, want %v", after, before)
+	}
+	if err := f.dp.SetWorkload(id(wrap), datapath.Workload{ID: 8, CgroupPath: wrap.Path}); err == nil {
+		t.Error("a workload above a retired proxy's cgroup was selected")
+	} else {
+		t.Logf("above a retired proxy's cgroup: %v", err)
+	}
+	// A retired proxy's directory with no link (a crash between its mkdir
+	// and its first pin) would only refuse its cgroup: the next start
+	// removes it.
+	empty := retired(id(wrap))
+	if err := os.Mkdir(empty, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	reopen(next)
+	if _, err := os.Stat(empty); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("an empty retired proxy directory: %v, want it removed", err)
+	}
+
 	r := f.dial(t, pod.Cgroup, pod, "tcp4:"+dst)[0]
 	if rec, ok := standin.FindRecord(records, r.Local, 3*time.Second); !ok || rec.OrigDst != dst {
 		t.Errorf("after next -> third -> next: recorded %v, recovered %q", ok, rec.OrigDst)
@@ -463,7 +505,7 @@ func TestPrivilegedWorkloadsScopeProxyMoves(t *testing.T) {
 	if err := datapath.Uninstall(f.cfg.PinPath); err != nil {
 		t.Fatal(err)
 	}
-	for _, cg := range []*testbed.Cgroup{next, third, pod.Cgroup} {
+	for _, cg := range []*testbed.Cgroup{next, third, wrapped, pod.Cgroup} {
 		if eff := harness.Effective(t, cg.Path, ours); harness.Total(eff) != 0 {
 			t.Errorf("after uninstall %s runs %v", cg.Path, eff)
 		}
