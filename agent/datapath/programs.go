@@ -16,8 +16,23 @@ type ProgramStatus struct {
 	ProgramID  ebpf.ProgramID
 	Tag        string // the kernel's hash of the loaded instructions
 	CgroupID   uint64
-	Err        error // set when the pinned link could not be read
+	// Role says whose link it is: RoleNode (the node scope's), RoleProxy
+	// (the proxy's, in the workloads scope), RoleRetiredProxy (an earlier
+	// proxy's, draining) or RoleWorkload (a selected workload's).
+	Role string
+	Err  error // set when the pinned link could not be read
 }
+
+// The roles of a pinned link (ProgramStatus.Role).
+const (
+	RoleNode         = "node"
+	RoleProxy        = "proxy"
+	RoleRetiredProxy = "retired proxy"
+	RoleWorkload     = "workload"
+)
+
+// PinnedScope says which attach scope the pins at pinPath were made in.
+func PinnedScope(pinPath string) Scope { return pinnedScope(pinPath) }
 
 // Programs reports the pinned links of the datapath at pinPath, whether or
 // not an agent is running: those attached to its cgroup (every program in
@@ -27,28 +42,29 @@ type ProgramStatus struct {
 // cgroup.
 func Programs(pinPath string) []ProgramStatus {
 	scope := pinnedScope(pinPath)
-	out := programsIn(pinPath, rootAttachments(scope))
-	if scope == ScopeWorkloads {
-		for _, sub := range []struct {
-			dir string
-			as  []attachment
-		}{{retiredDir, rootAttachments(ScopeWorkloads)}, {workloadsDir, workloadAttachments()}} {
-			ids, err := cgroupDirs(pinPath, sub.dir)
-			if err != nil {
-				out = append(out, ProgramStatus{Name: sub.dir, Err: err})
-			}
-			for _, id := range ids {
-				out = append(out, programsIn(cgroupPinDir(pinPath, sub.dir, id), sub.as)...)
-			}
+	if scope == ScopeNode {
+		return programsIn(pinPath, rootAttachments(scope), RoleNode)
+	}
+	out := programsIn(pinPath, rootAttachments(scope), RoleProxy)
+	for _, sub := range []struct {
+		dir, role string
+		as        []attachment
+	}{{retiredDir, RoleRetiredProxy, rootAttachments(ScopeWorkloads)}, {workloadsDir, RoleWorkload, workloadAttachments()}} {
+		ids, err := cgroupDirs(pinPath, sub.dir)
+		if err != nil {
+			out = append(out, ProgramStatus{Name: sub.dir, Role: sub.role, Err: err})
+		}
+		for _, id := range ids {
+			out = append(out, programsIn(cgroupPinDir(pinPath, sub.dir, id), sub.as, sub.role)...)
 		}
 	}
 	return out
 }
 
-func programsIn(dir string, as []attachment) []ProgramStatus {
+func programsIn(dir string, as []attachment, role string) []ProgramStatus {
 	var out []ProgramStatus
 	for _, a := range as {
-		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String()}
+		s := ProgramStatus{Name: a.prog, AttachType: a.attach.String(), Role: role}
 		l, err := link.LoadPinnedLink(linkPin(dir, a.prog), nil)
 		if err != nil {
 			s.Err = fmt.Errorf("open %s: %w", filepath.Base(linkPin(dir, a.prog)), err)

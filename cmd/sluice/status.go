@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"sort"
 	"strings"
 	"text/tabwriter"
@@ -19,6 +20,7 @@ import (
 // statusReport is what `sluice status` shows; --format json prints it.
 type statusReport struct {
 	PinPath          string              `json:"pin_path"`
+	AttachScope      string              `json:"attach_scope"`
 	Programs         []programStatus     `json:"programs"`
 	Proxy            datapath.ProxyState `json:"proxy"`
 	Workloads        []workloadStatus    `json:"workloads"`
@@ -105,6 +107,8 @@ type programStatus struct {
 	LinkID     uint32 `json:"link_id,omitempty"`
 	ProgramID  uint32 `json:"program_id,omitempty"`
 	Tag        string `json:"tag,omitempty"`
+	CgroupID   uint64 `json:"cgroup_id,omitempty"`
+	Role       string `json:"role"`
 	Error      string `json:"error,omitempty"`
 }
 
@@ -160,9 +164,9 @@ func collectStatus(pin, stateFile string) (*statusReport, error) {
 		return nil, err
 	}
 	defer dp.Close()
-	rep := &statusReport{PinPath: pin, Counters: map[string]uint64{}, InFlight: map[string]int{}}
+	rep := &statusReport{PinPath: pin, AttachScope: datapath.PinnedScope(pin).String(), Counters: map[string]uint64{}, InFlight: map[string]int{}}
 	for _, p := range datapath.Programs(pin) {
-		ps := programStatus{Name: p.Name, AttachType: p.AttachType, LinkID: uint32(p.LinkID), ProgramID: uint32(p.ProgramID), Tag: p.Tag}
+		ps := programStatus{Name: p.Name, AttachType: p.AttachType, LinkID: uint32(p.LinkID), ProgramID: uint32(p.ProgramID), Tag: p.Tag, CgroupID: p.CgroupID, Role: p.Role}
 		if p.Err != nil {
 			ps.Error = p.Err.Error()
 		}
@@ -255,6 +259,21 @@ func printStatus(w io.Writer, r *statusReport) {
 		fmt.Fprintf(w, " (lease %v left)", r.Proxy.LeaseLeft.Round(time.Second))
 	}
 	fmt.Fprintln(w)
+	fmt.Fprintf(w, "attach scope: %s", r.AttachScope)
+	if r.AttachScope == datapath.ScopeWorkloads.String() {
+		byRole := map[string][]uint64{}
+		for _, p := range r.Programs {
+			if ids := byRole[p.Role]; p.Error == "" && !slices.Contains(ids, p.CgroupID) {
+				byRole[p.Role] = append(ids, p.CgroupID)
+			}
+		}
+		fmt.Fprintf(w, " (the proxy's programs on cgroup %v; %d selected cgroups", byRole[datapath.RoleProxy], len(byRole[datapath.RoleWorkload]))
+		if rs := byRole[datapath.RoleRetiredProxy]; len(rs) > 0 {
+			fmt.Fprintf(w, "; an earlier proxy's still on cgroup %v, until it goes", rs)
+		}
+		fmt.Fprint(w, ")")
+	}
+	fmt.Fprintln(w)
 	if len(r.Resolvers) > 0 {
 		fmt.Fprintf(w, "DNS resolvers: %v\n", r.Resolvers)
 	}
@@ -300,7 +319,7 @@ func printStatus(w io.Writer, r *statusReport) {
 			fmt.Fprintf(tw, "  %s\t%s\tERROR %s\n", p.Name, p.AttachType, p.Error)
 			continue
 		}
-		fmt.Fprintf(tw, "  %s\t%s\tlink %d\tprog %d\t%s\n", p.Name, p.AttachType, p.LinkID, p.ProgramID, p.Tag)
+		fmt.Fprintf(tw, "  %s\t%s\tlink %d\tprog %d\t%s\t%s, cgroup %d\n", p.Name, p.AttachType, p.LinkID, p.ProgramID, p.Tag, p.Role, p.CgroupID)
 	}
 	tw.Flush()
 }

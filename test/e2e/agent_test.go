@@ -31,7 +31,13 @@ type status struct {
 		FailMode   string `json:"fail_mode"`
 		Redirected uint64 `json:"redirected"`
 	} `json:"workloads"`
-	AgentNote        string   `json:"agent_note"`
+	AgentNote   string `json:"agent_note"`
+	AttachScope string `json:"attach_scope"`
+	Programs    []struct {
+		Name     string `json:"name"`
+		CgroupID uint64 `json:"cgroup_id"`
+		Role     string `json:"role"`
+	} `json:"programs"`
 	Exclusions       []string `json:"exclusions"`
 	NodeLocal        []string `json:"node_local"`
 	InFlightCapacity int      `json:"in_flight_capacity"`

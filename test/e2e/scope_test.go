@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
+	"strings"
 	"testing"
 	"time"
 
@@ -53,6 +55,19 @@ func TestPrivilegedAgentWorkloadsScope(t *testing.T) {
 	links := linksByCgroup(t, e.PinPath)
 	if links[ids["root"]] != 0 || links[ids["other"]] != 0 || links[ids["proxy"]] != 2 || links[ids["web"]] != 8 {
 		t.Fatalf("links per cgroup %v (ids %v): want the proxy's 2 and the selected pod's 8, none on the root or the unselected pod", links, ids)
+	}
+	// sluice status says where each link is, by role.
+	st := readStatus(t, e)
+	roles := map[string]int{}
+	for _, p := range st.Programs {
+		roles[fmt.Sprintf("%s@%d", p.Role, p.CgroupID)]++
+	}
+	wantRoles := map[string]int{fmt.Sprintf("proxy@%d", ids["proxy"]): 2, fmt.Sprintf("workload@%d", ids["web"]): 8}
+	if st.AttachScope != "workloads" || !maps.Equal(roles, wantRoles) {
+		t.Errorf("sluice status: scope %q, links by role %v; want workloads, %v", st.AttachScope, roles, wantRoles)
+	}
+	if text := e.Status(t); !strings.Contains(text, fmt.Sprintf("attach scope: workloads (the proxy's programs on cgroup [%d]; 1 selected cgroups)", ids["proxy"])) {
+		t.Errorf("sluice status does not say the scope:\n%s", text)
 	}
 	if !redirected(t, e, web, dst) {
 		t.Fatal("selected pod's connection was not redirected")
