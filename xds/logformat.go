@@ -49,7 +49,7 @@ func (b *builder) logTemplate(kind string) *logTemplate {
 	}
 	t := &logTemplate{fields: logFields(kind), enc: map[string][]byte{}}
 	for k, v := range t.fields {
-		t.enc[k] = b.marshal(&structpb.Struct{Fields: map[string]*structpb.Value{k: v}})
+		t.enc[k] = b.structEntry(k, v)
 		t.size += len(t.enc[k])
 	}
 	t.keys = append(slices.Collect(maps.Keys(t.fields)), perLogFields...)

@@ -335,8 +335,18 @@ func adoptProxy(pinPath, wantPath string, want uint64) error {
 	if err != nil {
 		return err
 	}
+	// Each root link's cgroup, read once: 0 for a defunct link.
+	rootIDs := map[string]uint64{}
 	for _, a := range as {
-		if id, err := pinnedLinkCgroup(linkPin(pinPath, a.prog)); err == nil && id != 0 {
+		id, err := pinnedLinkCgroup(linkPin(pinPath, a.prog))
+		if errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("open pinned link %s: %w", a.prog, err)
+		}
+		rootIDs[a.prog] = id
+		if id != 0 {
 			proxies[id] = true
 		}
 	}
@@ -357,12 +367,10 @@ func adoptProxy(pinPath, wantPath string, want uint64) error {
 	}
 	for _, a := range as {
 		pin := linkPin(pinPath, a.prog)
-		id, err := pinnedLinkCgroup(pin)
+		id, pinned := rootIDs[a.prog]
 		switch {
-		case errors.Is(err, os.ErrNotExist) || err == nil && id == want:
+		case !pinned || id == want:
 			continue
-		case err != nil:
-			return fmt.Errorf("open pinned link %s: %w", a.prog, err)
 		case id == 0:
 			if err := os.Remove(pin); err != nil {
 				return fmt.Errorf("unpin defunct link %s: %w", a.prog, err)
