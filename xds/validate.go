@@ -665,18 +665,18 @@ func (v *Validator) Validate(r *Resources) error {
 		var lfound []dnsCacheAt
 		var lerrs []error
 		results := make([]chainCheck, len(chains))
-		parallel(len(chains)+1, func() map[*anypb.Any]*walkedAny { return map[*anypb.Any]*walkedAny{} }, func(seen map[*anypb.Any]*walkedAny, i int) {
+		parallel(len(chains)+1, newValidateWorker, func(w *validateWorker, i int) {
 			// The listener first: its matcher tree is the longest job.
 			if i == 0 {
 				ow := o
-				ow.seen = seen
+				ow.seen = w.seen
 				l.FilterChains = nil
 				lfound, lerrs = validateResource(name, l, v.JSONRoundTrip, ow)
 				l.FilterChains = chains
 				lerrs = append(lerrs, checkListener(name, l, clusters, ow)...)
 				return
 			}
-			results[i-1] = v.checkFilterChain(name, i-1, chains[i-1], r, clusters, clusterKey, seen)
+			results[i-1] = v.checkFilterChain(name, i-1, chains[i-1], r, clusters, clusterKey, w)
 		})
 		addCaches(name, lfound)
 		errs = append(errs, lerrs...)
@@ -726,9 +726,10 @@ type chainCheck struct {
 
 // checkFilterChain validates listener name's chain i, c, unless v validated it
 // before (the same chain of the same build, or one with the same encoding
-// and cluster names). seen is the calling worker's memo of walked Anys.
+// and cluster names). w is the calling worker (its memo of walked Anys,
+// its encoding buffer).
 // It only reads v, r and clusters.
-func (v *Validator) checkFilterChain(name string, i int, c *listener.FilterChain, r *Resources, clusters map[string]bool, clusterKey [sha256.Size]byte, seen map[*anypb.Any]*walkedAny) chainCheck {
+func (v *Validator) checkFilterChain(name string, i int, c *listener.FilterChain, r *Resources, clusters map[string]bool, clusterKey [sha256.Size]byte, w *validateWorker) chainCheck {
 	res := chainCheck{path: fmt.Sprintf("%s.filter_chains[%d]", name, i)}
 	if r.parts != nil {
 		if bc, ok := v.builtChains[c]; ok && bc.clusterKey == clusterKey {
@@ -736,7 +737,7 @@ func (v *Validator) checkFilterChain(name string, i int, c *listener.FilterChain
 			return res
 		}
 	}
-	key, digest, err := chainKey(c, clusterKey)
+	key, digest, err := w.chainKey(c, clusterKey)
 	if err != nil {
 		res.errs = []error{fmt.Errorf("%s: %w", res.path, err)}
 		return res
@@ -746,7 +747,7 @@ func (v *Validator) checkFilterChain(name string, i int, c *listener.FilterChain
 		res.caches, res.ok = found, true
 		return res
 	}
-	res.caches, res.errs = validateResource(res.path, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: seen})
+	res.caches, res.errs = validateResource(res.path, c, v.JSONRoundTrip, walkOpts{packed: r.packed, seen: w.seen})
 	res.errs = append(res.errs, checkChain(fmt.Sprintf("%s: filter chain %q", name, c.GetName()), c, clusters, walkOpts{packed: r.packed})...)
 	res.ok = len(res.errs) == 0
 	return res
@@ -777,14 +778,25 @@ func parallel[W any](n int, worker func() W, job func(w W, i int)) []W {
 	return ws
 }
 
+// validateWorker is one Validate worker's state: its memo of walked Anys
+// (walkOpts.seen) and the buffer it encodes chains in.
+type validateWorker struct {
+	seen map[*anypb.Any]*walkedAny
+	buf  []byte
+}
+
+func newValidateWorker() *validateWorker {
+	return &validateWorker{seen: map[*anypb.Any]*walkedAny{}}
+}
+
 // chainKey digests a chain's deterministic encoding (digest) and that with
 // the cluster names it is checked against (key).
-func chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) (key, digest [sha256.Size]byte, err error) {
-	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(c)
+func (w *validateWorker) chainKey(c *listener.FilterChain, clusterKey [sha256.Size]byte) (key, digest [sha256.Size]byte, err error) {
+	w.buf, err = proto.MarshalOptions{Deterministic: true}.MarshalAppend(w.buf[:0], c)
 	if err != nil {
 		return key, digest, err
 	}
-	digest = sha256.Sum256(b)
+	digest = sha256.Sum256(w.buf)
 	return sha256.Sum256(append(clusterKey[:], digest[:]...)), digest, nil
 }
 
