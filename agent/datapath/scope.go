@@ -158,12 +158,11 @@ func (d *Datapath) attachWorkload(cgroupID uint64, path string) (err error) {
 	} else if p != "" {
 		return fmt.Errorf("cgroup %s is nested with %s, an earlier proxy's cgroup whose proxy programs are still attached: with the workloads attach scope its sockets would run programs twice", path, p)
 	}
-	for anc := filepath.Dir(path); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
-		if id, err := CgroupID(anc); err == nil {
-			if _, err := os.Stat(workloadPinDir(d.pinPath, id)); err == nil {
-				return fmt.Errorf("cgroup %s is below the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, anc)
-			}
-		}
+	if anc := ancestorWith(path, func(id uint64) bool {
+		_, err := os.Stat(workloadPinDir(d.pinPath, id))
+		return err == nil
+	}); anc != "" {
+		return fmt.Errorf("cgroup %s is below the selected cgroup %s: with the workloads attach scope its sockets would run the programs twice; select one of them, or use the node attach scope", path, anc)
 	}
 	dir := workloadPinDir(d.pinPath, cgroupID)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -275,10 +274,8 @@ func nestedWith(dir string, self uint64, ids map[uint64]bool) (string, error) {
 	if ids[self] {
 		return dir, nil
 	}
-	for anc := filepath.Dir(dir); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
-		if id, err := CgroupID(anc); err == nil && ids[id] {
-			return anc, nil
-		}
+	if anc := ancestorWith(dir, func(id uint64) bool { return ids[id] }); anc != "" {
+		return anc, nil
 	}
 	var found string
 	err := filepath.WalkDir(dir, func(p string, e os.DirEntry, err error) error {
@@ -298,6 +295,17 @@ func nestedWith(dir string, self uint64, ids map[uint64]bool) (string, error) {
 		return nil
 	})
 	return found, err
+}
+
+// ancestorWith returns the nearest cgroup above dir, up to the cgroup2
+// mount, whose id has(): "" if none.
+func ancestorWith(dir string, has func(id uint64) bool) string {
+	for anc := filepath.Dir(dir); anc != filepath.Dir(anc) && IsCgroup2(anc); anc = filepath.Dir(anc) {
+		if id, err := CgroupID(anc); err == nil && has(id) {
+			return anc
+		}
+	}
+	return ""
 }
 
 // pinnedLinkCgroup returns the id of the cgroup the link pinned at pin is
